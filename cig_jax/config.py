@@ -1,0 +1,333 @@
+"""Configuration: typed dataclasses for every section, YAML loading with `base:` files, dotted overrides.
+
+Owns: the shape of a run's configuration and its validation. A config is plain data: a tree of frozen-free
+dataclasses built from YAML, then overridden from the command line (`--set model.llm.num_layers=4`).
+Errors name the key and the file they came from, so a user can fix the YAML without reading this module.
+
+Does not own: what the values mean (models, mesh, trainer read their own sections).
+
+YAML files may name a `base:` file (relative to themselves); the base is loaded first and the file's keys
+are merged over it, recursively for mappings. Lists are replaced, not merged.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem a user can fix: the message names the file and the key."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sections
+# ----------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class RopeScalingConfig:
+    """RoPE frequency scaling. `type`: 'llama3' (Llama 3.1 style) or 'linear' (position interpolation)."""
+
+    type: str = "llama3"
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass
+class LLMConfig:
+    """A LLaMA-family decoder (LLaMA 2/3, Qwen2 with `qkv_bias` and `tie_word_embeddings`)."""
+
+    vocab_size: int = 512
+    hidden_size: int = 64
+    intermediate_size: int = 176
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: Optional[int] = None  # default hidden_size // num_heads
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[RopeScalingConfig] = None
+    max_position_embeddings: int = 2048
+    qkv_bias: bool = False
+    tie_word_embeddings: bool = False
+    # Execution.
+    scan_layers: bool = True  # stack layers and run them under lax.scan (fast compiles at depth)
+    remat_policy: str = "nothing_saveable"  # none | full | nothing_saveable | dots_saveable | dots_with_no_batch_dims_saveable
+    attention_impl: Optional[str] = None  # None (XLA picks), 'xla', or 'cudnn' (flash attention on GPU)
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+
+    def resolved_head_dim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    llm: LLMConfig = dataclasses.field(default_factory=LLMConfig)
+
+
+@dataclasses.dataclass
+class MeshConfig:
+    """Device mesh with axes (data, fsdp, tensor). A size of -1 takes the remaining devices.
+
+    `axis_rules` maps logical axis names (on parameters and activations) to mesh axes, MaxText style:
+    a list of [logical_name, mesh_axis | [mesh_axes...] | null]. The first rule whose mesh axes are not
+    yet used by the same array wins.
+    """
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+    axis_rules: list = dataclasses.field(
+        default_factory=lambda: [
+            ["batch", ["data", "fsdp"]],
+            ["activation_length", None],
+            ["activation_embed", None],
+            ["embed", "fsdp"],
+            ["vocab", "tensor"],
+            ["mlp", "tensor"],
+            ["heads", "tensor"],
+            ["kv_heads", "tensor"],
+            ["head_dim", None],
+            ["layers", None],
+            ["norm", None],
+        ]
+    )
+
+
+@dataclasses.dataclass
+class OptimizerConfig:
+    learning_rate: float = 3e-4
+    warmup_steps: int = 10
+    decay_steps: int = 0  # 0: cosine over the whole run
+    end_learning_rate_ratio: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip_norm: float = 1.0
+
+
+@dataclasses.dataclass
+class DataConfig:
+    source: str = "random_tokens"  # random_tokens (smoke), synthetic, tfds
+    seq_len: int = 64
+    global_batch_size: int = 8
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    steps: int = 20
+    log_every: int = 5
+    workdir: str = "workdir/default"
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class SampleConfig:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class Config:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Dict -> dataclass with type checks
+# ----------------------------------------------------------------------------------------------------------
+def _is_optional(tp) -> tuple[bool, Any]:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(tp)) == 2:
+            return True, args[0]
+    return False, tp
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    optional, inner = _is_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{source}: '{key}' may not be null")
+    tp = inner
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: '{key}' must be a mapping, got {type(value).__name__} {value!r}")
+        return from_dict(tp, value, source=source, prefix=key)
+    origin = typing.get_origin(tp) or tp
+    if origin is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: '{key}' must be true or false, got {value!r}")
+        return value
+    if origin is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: '{key}' must be an integer, got {value!r}")
+        return value
+    if origin is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: '{key}' must be a number, got {value!r}")
+        return float(value)
+    if origin is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: '{key}' must be a string, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: '{key}' must be a list, got {value!r}")
+        args = typing.get_args(tp)
+        if args and args[0] is not Ellipsis:
+            value = [_coerce(v, args[0], f"{key}[{i}]", source) for i, v in enumerate(value)]
+        return list(value) if origin is list else tuple(value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: '{key}' must be a mapping, got {value!r}")
+        return dict(value)
+    return value
+
+
+def from_dict(cls, data: dict, *, source: str = "<dict>", prefix: str = ""):
+    """Builds dataclass `cls` from a mapping, rejecting unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(
+            f"{source}: unknown key '{where}{unknown[0]}' (known keys under '{prefix or '<top>'}': {sorted(names)})"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _coerce(value, hints[name], key, source)
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# YAML with `base:` and dotted overrides
+# ----------------------------------------------------------------------------------------------------------
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_yaml_tree(path: str | Path, _seen: tuple = ()) -> dict:
+    """Reads a YAML config and the chain of `base:` files under it into one merged mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in _seen:
+        raise ConfigError(f"{path}: 'base' files form a cycle: {[str(p) for p in _seen]}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    bases = base if isinstance(base, list) else [base]
+    merged: dict = {}
+    for b in bases:
+        merged = _merge(merged, load_yaml_tree(path.parent / b, _seen + (path.resolve(),)))
+    return _merge(merged, data)
+
+
+def apply_override(tree: dict, dotted: str, source: str = "command line") -> dict:
+    """`a.b.c=value` (value parsed as YAML) set into a nested mapping; returns the new mapping."""
+    if "=" not in dotted:
+        raise ConfigError(f"{source}: override '{dotted}' must look like key.path=value")
+    key, raw = dotted.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    parts = key.strip().split(".")
+    out = dict(tree)
+    node = out
+    for p in parts[:-1]:
+        child = node.get(p)
+        child = dict(child) if isinstance(child, dict) else {}
+        node[p] = child
+        node = child
+    node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), cls=Config):
+    """The one config loader: YAML (with bases) + dotted overrides -> validated dataclass tree."""
+    tree = load_yaml_tree(path) if path else {}
+    source = str(path) if path else "<defaults>"
+    for ov in overrides:
+        tree = apply_override(tree, ov)
+        source = f"{source} + overrides"
+    cfg = from_dict(cls, tree, source=source)
+    validate(cfg, source)
+    return cfg
+
+
+def validate(cfg: Config, source: str = "<config>") -> None:
+    llm = cfg.model.llm
+    if llm.num_heads % llm.num_kv_heads:
+        raise ConfigError(
+            f"{source}: 'model.llm.num_heads' ({llm.num_heads}) must be a multiple of 'model.llm.num_kv_heads' ({llm.num_kv_heads})"
+        )
+    if llm.head_dim is None and llm.hidden_size % llm.num_heads:
+        raise ConfigError(f"{source}: 'model.llm.hidden_size' must be divisible by 'model.llm.num_heads' or set head_dim")
+    if llm.remat_policy not in REMAT_POLICIES:
+        raise ConfigError(f"{source}: 'model.llm.remat_policy' must be one of {sorted(REMAT_POLICIES)}, got {llm.remat_policy!r}")
+    for name in ("dtype", "param_dtype"):
+        if getattr(llm, name) not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"{source}: 'model.llm.{name}' must be float32, bfloat16 or float16")
+    for axis in ("data", "fsdp", "tensor"):
+        size = getattr(cfg.mesh, axis)
+        if size == 0 or size < -1:
+            raise ConfigError(f"{source}: 'mesh.{axis}' must be a positive size or -1, got {size}")
+
+
+REMAT_POLICIES = {"none", "full", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable"}
+
+
+def parse_cli(argv: list[str]) -> tuple[str | None, list[str], list[str]]:
+    """Splits `--config F --set k=v [--set ...]` from the rest of argv."""
+    path, overrides, rest = None, [], []
+    it = iter(argv)
+    for a in it:
+        if a == "--config":
+            path = next(it, None)
+        elif a.startswith("--config="):
+            path = a.split("=", 1)[1]
+        elif a == "--set":
+            overrides.append(next(it, ""))
+        elif a.startswith("--set="):
+            overrides.append(a.split("=", 1)[1])
+        else:
+            rest.append(a)
+    return path, overrides, rest

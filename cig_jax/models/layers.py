@@ -1,0 +1,107 @@
+"""Small shared layers: annotated initializers, Dense, norms, attention core, dtype names.
+
+Owns: the one way a parameter gets its logical axis names (`logical`), and the few layers every model
+file uses. Parameters are created with *logical* names only (never eagerly sharded); `cig_jax.sharding`
+maps those names to mesh axes from the config rules when the model state is placed on a mesh.
+
+Does not own: any model family (those live one per file beside this one).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def dtype_of(name) -> jnp.dtype:
+    """'bfloat16' -> jnp.bfloat16 (dtypes pass through)."""
+    if isinstance(name, str):
+        return DTYPES[name]
+    return name
+
+
+def logical(init, *names: Optional[str]):
+    """Wraps an initializer so the parameter it makes carries logical axis names (one per dimension)."""
+    return nnx.with_metadata(init, sharding_names=tuple(names), eager_sharding=False)
+
+
+def param(rngs: nnx.Rngs, init, shape: Sequence[int], names: Sequence[Optional[str]], dtype=jnp.float32) -> nnx.Param:
+    """A parameter with logical axis names, initialised from `init(key, shape, dtype)`."""
+    return nnx.Param(init(rngs.params(), tuple(shape), dtype), sharding_names=tuple(names), eager_sharding=False)
+
+
+def dense(
+    in_features: int,
+    out_features: int,
+    names: tuple[Optional[str], Optional[str]],
+    *,
+    rngs: nnx.Rngs,
+    use_bias: bool = False,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    kernel_init=nnx.initializers.lecun_normal(),
+    bias_init=nnx.initializers.zeros_init(),
+) -> nnx.Linear:
+    """nnx.Linear whose kernel is [in, out] with logical names `names` and bias named like the output."""
+    return nnx.Linear(
+        in_features,
+        out_features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=logical(kernel_init, *names),
+        bias_init=logical(bias_init, names[1]),
+        rngs=rngs,
+    )
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm computed in fp32 (LLaMA/Qwen convention: normalise in fp32, scale, cast back)."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-6, param_dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), sharding_names=("norm",), eager_sharding=False)
+
+    def __call__(self, x):
+        dtype = x.dtype
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (self.scale.value.astype(jnp.float32) * x32).astype(dtype)
+
+
+def layer_norm(dim: int, *, eps: float = 1e-5, use_bias: bool = True, use_scale: bool = True, dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    """nnx.LayerNorm with logical names on scale and bias."""
+    return nnx.LayerNorm(
+        dim,
+        epsilon=eps,
+        use_bias=use_bias,
+        use_scale=use_scale,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        scale_init=logical(nnx.initializers.ones_init(), "norm"),
+        bias_init=logical(nnx.initializers.zeros_init(), "norm"),
+        rngs=rngs,
+    )
+
+
+def attention(q, k, v, *, mask=None, bias=None, is_causal: bool = False, scale: float | None = None,
+              implementation: str | None = None):
+    """Scaled dot-product attention through `jax.nn.dot_product_attention` (cuDNN flash attention on GPU).
+
+    q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, kv_heads, head_dim] (kv_heads divides heads,
+    grouped-query attention). mask: bool, broadcastable to [batch, heads, q_len, kv_len], True = attend.
+    """
+    # Rows that see no key at all (e.g. padding queries) would produce NaN in softmax; give them one
+    # harmless key so the output stays finite. Their values are masked out downstream anyway.
+    if mask is not None:
+        any_key = jnp.any(mask, axis=-1, keepdims=True)
+        first = jnp.arange(mask.shape[-1]) == 0
+        mask = jnp.logical_or(mask, jnp.logical_and(~any_key, first))
+    return jax.nn.dot_product_attention(
+        q, k, v, bias=bias, mask=mask, is_causal=is_causal, scale=scale, implementation=implementation
+    )

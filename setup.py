@@ -1,0 +1,36 @@
+"""cig_jax: conversational, multi-round personalized image generation in JAX/Flax NNX."""
+from setuptools import find_packages, setup
+
+setup(
+    name="cig_jax",
+    version="0.1.0",
+    description="Conversational image generation with a multimodal LLM and a personalization DiT, in JAX/Flax NNX.",
+    packages=find_packages(include=["cig_jax", "cig_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.10.2",
+        "flax>=0.12",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.11",
+        "grain>=0.2.12",
+        "tensorflow-datasets>=4.9.8",
+        "array-record>=0.8",
+        "safetensors>=0.4",
+        "tokenizers>=0.20",
+        "pyyaml>=6",
+        "numpy",
+        "pillow",
+        "tqdm",
+        "tensorboardX>=2.6",
+    ],
+    extras_require={
+        # Reference implementations for parity tests and benchmarks. torch is pinned: the
+        # CPU build of 2.13.0 is what the test machines carry; an unpinned torch pulls CUDA.
+        "test": [
+            "torch==2.13.0",
+            "transformers>=4.50",
+            "diffusers>=0.32",
+            "pytest>=8",
+        ],
+    },
+)
