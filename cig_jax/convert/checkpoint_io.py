@@ -1,0 +1,151 @@
+"""Reading and writing Hugging Face-style checkpoint directories, and filling NNX state from named tensors.
+
+Owns: the file side of every converter: config.json, one or many `*.safetensors` shards with an index,
+clear errors for missing files, and `fill_state`, which puts converted arrays into an abstract NNX state
+and reports every missing, unexpected or mis-shaped tensor at once.
+
+Does not own: name mappings of any model family (one `convert/<family>.py` each).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable, Iterable, Mapping
+
+import numpy as np
+from flax import nnx
+
+INDEX_NAMES = ("model.safetensors.index.json", "diffusion_pytorch_model.safetensors.index.json")
+SINGLE_NAMES = ("model.safetensors", "diffusion_pytorch_model.safetensors")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as asked; the message names the directory and the tensors."""
+
+
+def read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not found (expected a Hugging Face-style config.json in {path.parent})")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON: {e}") from None
+
+
+def safetensors_files(directory: str | Path) -> list[Path]:
+    """The safetensors files of a checkpoint directory: from its index when sharded, else the single file."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(
+            f"{directory}: checkpoint directory not found. Download the checkpoint yourself and pass its local "
+            "path (nothing is fetched from a hub)."
+        )
+    for name in INDEX_NAMES:
+        index = directory / name
+        if index.is_file():
+            files = sorted(set(read_json(index)["weight_map"].values()))
+            missing = [f for f in files if not (directory / f).is_file()]
+            if missing:
+                raise CheckpointError(f"{index}: lists shards that are not in {directory}: {missing}")
+            return [directory / f for f in files]
+    for name in SINGLE_NAMES:
+        if (directory / name).is_file():
+            return [directory / name]
+    found = sorted(p.name for p in directory.glob("*.safetensors"))
+    if found:
+        return [directory / f for f in found]
+    raise CheckpointError(f"{directory}: no *.safetensors weights found (looked for {INDEX_NAMES + SINGLE_NAMES})")
+
+
+def load_tensors(directory: str | Path) -> dict[str, np.ndarray]:
+    """All tensors of a checkpoint directory as float32/int numpy arrays (bf16 is widened to fp32)."""
+    from safetensors import safe_open
+
+    out: dict[str, np.ndarray] = {}
+    for f in safetensors_files(directory):
+        # framework="flax" reads bfloat16 (numpy cannot); arrays are converted to numpy right away.
+        with safe_open(str(f), framework="flax") as st:
+            for k in st.keys():
+                a = np.asarray(st.get_tensor(k))
+                if a.dtype.kind == "V" or str(a.dtype) == "bfloat16":
+                    a = a.astype(np.float32)
+                out[k] = a
+    return out
+
+
+def save_tensors(tensors: Mapping[str, np.ndarray], directory: str | Path, *, max_shard_bytes: int = 4 << 30,
+                 file_prefix: str = "model") -> None:
+    """Writes tensors as one `{prefix}.safetensors` or as shards plus `{prefix}.safetensors.index.json`."""
+    from safetensors.numpy import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for k in sorted(tensors):
+        a = np.ascontiguousarray(tensors[k])
+        if size and size + a.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = a
+        size += a.nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(directory / f"{file_prefix}.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"{file_prefix}-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(directory / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+    index = {"metadata": {"total_size": int(sum(a.nbytes for a in tensors.values()))}, "weight_map": weight_map}
+    (directory / f"{file_prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def write_json_atomic(obj, path: str | Path) -> None:
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def fill_state(abstract_state: nnx.State, values: Mapping[tuple, np.ndarray], *, source: str,
+               keep: Callable[[tuple], bool] = lambda path: False) -> nnx.State:
+    """Returns `abstract_state` with every leaf replaced by `values[path]`.
+
+    Leaves for which `keep(path)` is true keep their current value (e.g. constants, or a new branch that the
+    checkpoint does not have). Every missing, unexpected or mis-shaped entry is reported in one error.
+    """
+    flat = nnx.to_flat_state(abstract_state)
+    missing, mismatched, filled = [], [], []
+    expected = set()
+    for path, var in flat:
+        expected.add(path)
+        if path in values:
+            a = values[path]
+            if tuple(a.shape) != tuple(var.shape):
+                mismatched.append(f"{'.'.join(map(str, path))}: checkpoint {tuple(a.shape)} vs model {tuple(var.shape)}")
+                continue
+            filled.append((path, var.replace(np.asarray(a, dtype=var.dtype))))
+        elif keep(path):
+            filled.append((path, var))
+        else:
+            missing.append(".".join(map(str, path)))
+    unexpected = sorted(".".join(map(str, p)) for p in values if p not in expected)
+    if missing or mismatched or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing from the checkpoint: {missing}")
+        if unexpected:
+            parts.append(f"not used by the model: {unexpected}")
+        if mismatched:
+            parts.append(f"shape mismatch: {mismatched}")
+        raise CheckpointError(f"{source}: checkpoint does not match the model config; " + "; ".join(parts))
+    return nnx.from_flat_state(filled)
+
+
+def check_consumed(tensors: Iterable[str], used: set[str], source: str) -> None:
+    """Raises listing the checkpoint tensors that no mapping rule consumed."""
+    extra = sorted(set(tensors) - used)
+    if extra:
+        raise CheckpointError(f"{source}: tensors in the checkpoint that the model has no place for: {extra}")
