@@ -27,7 +27,7 @@ class ConfigError(ValueError):
 # ----------------------------------------------------------------------------------------------------------
 # Sections
 # ----------------------------------------------------------------------------------------------------------
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class RopeScalingConfig:
     """RoPE frequency scaling. `type`: 'llama3' (Llama 3.1 style) or 'linear' (position interpolation)."""
 
@@ -38,9 +38,12 @@ class RopeScalingConfig:
     original_max_position_embeddings: int = 8192
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class LLMConfig:
-    """A LLaMA-family decoder (LLaMA 2/3, Qwen2 with `qkv_bias` and `tie_word_embeddings`)."""
+    """A LLaMA-family decoder (LLaMA 2/3, Qwen2 with `qkv_bias` and `tie_word_embeddings`).
+
+    Model configs are frozen (hashable): modules keep them as static attributes of their graph.
+    """
 
     vocab_size: int = 512
     hidden_size: int = 64
@@ -67,8 +70,156 @@ class LLMConfig:
 
 
 @dataclasses.dataclass
+class ResamplerConfig:
+    """Qwen-VL-style resampler: `num_queries` learned queries (a square grid) cross-attend to `kv_dim` inputs.
+
+    SEED-X uses it three times: the ViT's attention pool (256 queries, 4096 wide, kv 1664, ln_post + proj),
+    the input resampler (ViT features -> 64 LLM tokens) and the output resampler (64 LLM states -> 64 visual
+    embeddings); the last two have no ln_post/proj (`out_dim: null`).
+    """
+
+    num_queries: int = 4  # a perfect square; the queries sit on a sqrt(num_queries)^2 grid
+    embed_dim: int = 64  # query / attention width (= output width when out_dim is null)
+    num_heads: int = 4
+    kv_dim: Optional[int] = None  # width of the inputs; a bias-free kv projection when != embed_dim
+    out_dim: Optional[int] = None  # set: ln_post then a projection to out_dim (Qwen-VL ViT head)
+    proj_bias: bool = False  # bias on that projection (Qwen-VL: none)
+    layer_norm_eps: float = 1e-5  # Qwen-VL ViT attention pool: 1e-6; SEED-X MLLM resamplers: 1e-5
+    pos_interpolation: str = "bicubic"  # how the query grid's sin-cos table is resized to the key grid
+    attention_impl: Optional[str] = None
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+
+@dataclasses.dataclass
+class ViTConfig:
+    """A pre-norm ViT covering CLIP, SigLIP and the Qwen-VL ViT-G (see `cig_jax.models.vit` presets).
+
+    CLIP: class_token, patch_bias false, pre_norm, quick_gelu, post_norm 'pooled', pool 'cls'.
+    SigLIP: no class token, patch_bias, gelu_tanh, post_norm 'hidden', pool 'map' (or 'none').
+    Qwen-VL: no class token, 16x16 learned positions resized to the patch grid, gelu, eps 1e-6,
+    pool 'resampler' (attention pool of 256 queries -> ln_post -> 4096x4096 proj).
+    """
+
+    image_size: int = 32
+    patch_size: int = 8
+    num_channels: int = 3
+    hidden_size: int = 64
+    intermediate_size: int = 256  # Qwen-VL ViT-G: int(1664 * 4.9231) = 8192
+    num_layers: int = 2
+    num_heads: int = 4
+    hidden_act: str = "gelu"  # gelu (erf) | gelu_tanh | quick_gelu
+    layer_norm_eps: float = 1e-6
+    class_token: bool = False
+    patch_bias: bool = False
+    pos_grid_size: Optional[int] = None  # side of the learned position grid; null: image_size // patch_size
+    pos_interpolation: str = "bicubic"  # bicubic | bilinear (torch align_corners=False semantics)
+    pre_norm: bool = True  # LayerNorm after embeddings (CLIP pre_layrnorm, Qwen ln_pre)
+    post_norm: str = "none"  # none | hidden (SigLIP: on the last hidden state) | pooled (CLIP: on the CLS)
+    pool: str = "resampler"  # none | cls | map (SigLIP attention-pool head) | resampler (Qwen-VL)
+    # attn_pool runs with this ViT's dtype / param_dtype / attention_impl, whatever its own fields say.
+    attn_pool: Optional[ResamplerConfig] = dataclasses.field(
+        default_factory=lambda: ResamplerConfig(num_queries=16, embed_dim=64, num_heads=4, kv_dim=64, out_dim=64,
+                                                layer_norm_eps=1e-6)
+    )
+    # Execution.
+    scan_layers: bool = True
+    remat_policy: str = "none"  # none | full | nothing_saveable | dots_saveable | dots_with_no_batch_dims_saveable
+    attention_impl: Optional[str] = None
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+
+@dataclasses.dataclass
+class VAEConfig:
+    """AutoencoderKL in the diffusers layout (SD 1.x/2.x/XL: 4 latent channels with quant convs; SD3/FLUX:
+    16 latent channels, no quant convs, a shift_factor). Built from a diffusers config.json by
+    `cig_jax.convert.diffusers.vae_config_from_diffusers`."""
+
+    in_channels: int = 3
+    out_channels: int = 3
+    block_out_channels: list[int] = dataclasses.field(default_factory=lambda: [32, 64])
+    layers_per_block: int = 1
+    latent_channels: int = 4
+    norm_num_groups: int = 32
+    act_fn: str = "silu"
+    mid_block_add_attention: bool = True
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
+    scaling_factor: float = 0.18215
+    shift_factor: Optional[float] = None  # None: 0
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+
+@dataclasses.dataclass
+class IDEncoderConfig:
+    """Perceiver that turns one face embedding (512-d ArcFace or 128-d dlib), optionally with face-crop
+    features, into `num_tokens` identity tokens for the DiT."""
+
+    embedding_dim: int = 128  # 512 for insightface ArcFace, 128 for dlib
+    feature_dim: Optional[int] = None  # face-crop feature width (e.g. ViT patch features); None: unused
+    num_tokens: int = 16  # K identity tokens out
+    num_embedding_tokens: int = 4  # the face embedding is expanded into this many context tokens
+    width: int = 256
+    depth: int = 2
+    num_heads: int = 4
+    mlp_ratio: int = 4
+    normalize_embedding: bool = True  # L2-normalise the face embedding first (ArcFace and dlib scales differ)
+
+
+@dataclasses.dataclass
+class DiTConfig:
+    """PixArt-style latent DiT (diffusers `PixArtTransformer2DModel` layout) plus the identity branch.
+
+    `identity_injection`: 'none' (exact PixArt), 'concat' (identity tokens appended to the projected
+    condition sequence) or 'parallel' (a zero-initialised cross-attention to identity tokens after every
+    `identity_every` blocks, scaled by `id_scale` at call time, PuLID-FLUX style).
+    """
+
+    num_layers: int = 2
+    num_heads: int = 4
+    head_dim: int = 16
+    in_channels: int = 4
+    out_channels: Optional[int] = None  # None: in_channels (PixArt-alpha checkpoints use 8: eps + variance)
+    patch_size: int = 2
+    sample_size: int = 32  # latent side at training resolution: sets base_size of the sin-cos positions
+    interpolation_scale: Optional[float] = None  # None: max(sample_size // 64, 1), as diffusers
+    caption_channels: Optional[int] = 64  # width of visual_embeddings; None: no caption_projection
+    cross_attention_dim: Optional[int] = None  # None: num_heads * head_dim
+    attention_bias: bool = True
+    norm_eps: float = 1e-6
+    norm_elementwise_affine: bool = False
+    mlp_ratio: int = 4
+    use_additional_conditions: bool = False  # PixArt-alpha 1024 micro-conditions (resolution, aspect ratio)
+    identity_injection: str = "none"  # none | concat | parallel
+    identity_every: int = 1  # parallel: an identity cross-attention after every N blocks
+    identity: IDEncoderConfig = dataclasses.field(default_factory=IDEncoderConfig)
+    # Execution.
+    scan_layers: bool = True
+    remat_policy: str = "none"  # none | full | nothing_saveable | dots_saveable | dots_with_no_batch_dims_saveable
+    attention_impl: Optional[str] = None
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    def inner_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+
+@dataclasses.dataclass
 class ModelConfig:
     llm: LLMConfig = dataclasses.field(default_factory=LLMConfig)
+    vae: VAEConfig = dataclasses.field(default_factory=VAEConfig)
+    dit: DiTConfig = dataclasses.field(default_factory=DiTConfig)
+    vit: ViTConfig = dataclasses.field(default_factory=ViTConfig)
+    # ViT features [*, vit.attn_pool.num_queries, vit out] -> [*, num_queries, llm.hidden_size]
+    input_resampler: ResamplerConfig = dataclasses.field(
+        default_factory=lambda: ResamplerConfig(num_queries=4, embed_dim=64, num_heads=4, kv_dim=64)
+    )
+    # LLM hidden states at the image-query tokens [*, num_queries, llm.hidden_size] -> visual embeddings
+    output_resampler: ResamplerConfig = dataclasses.field(
+        default_factory=lambda: ResamplerConfig(num_queries=4, embed_dim=64, num_heads=4, kv_dim=64)
+    )
 
 
 @dataclasses.dataclass
@@ -214,10 +365,28 @@ def from_dict(cls, data: dict, *, source: str = "<dict>", prefix: str = ""):
             f"{source}: unknown key '{where}{unknown[0]}' (known keys under '{prefix or '<top>'}': {sorted(names)})"
         )
     kwargs = {}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else name
+        # A partial mapping for a nested section is merged over that field's own default (its
+        # default_factory may differ from the section class's defaults), so nothing is silently reset.
+        default = _field_default(fields[name])
+        if isinstance(value, dict) and dataclasses.is_dataclass(default):
+            value = _merge(_shallow_dict(default), value)
         kwargs[name] = _coerce(value, hints[name], key, source)
     return cls(**kwargs)
+
+
+def _field_default(field: dataclasses.Field):
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return None if field.default is dataclasses.MISSING else field.default
+
+
+def _shallow_dict(obj) -> dict:
+    """Dataclass -> dict whose nested dataclasses are dicts too (without deep-copying leaves)."""
+    return {f.name: (_shallow_dict(v) if dataclasses.is_dataclass(v := getattr(obj, f.name)) else v)
+            for f in dataclasses.fields(obj)}
 
 
 def to_dict(cfg) -> dict:
@@ -306,6 +475,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     for name in ("dtype", "param_dtype"):
         if getattr(llm, name) not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"{source}: 'model.llm.{name}' must be float32, bfloat16 or float16")
+    validate_vae(cfg.model.vae, source)
+    validate_dit(cfg.model.dit, source)
     for axis in ("data", "fsdp", "tensor"):
         size = getattr(cfg.mesh, axis)
         if size == 0 or size < -1:
@@ -313,6 +484,25 @@ def validate(cfg: Config, source: str = "<config>") -> None:
 
 
 REMAT_POLICIES = {"none", "full", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable"}
+
+
+def validate_vae(vae: "VAEConfig", source: str = "<config>", key: str = "model.vae") -> None:
+    for c in vae.block_out_channels:
+        if c % vae.norm_num_groups:
+            raise ConfigError(f"{source}: '{key}.block_out_channels' ({c}) must be multiples of '{key}.norm_num_groups' ({vae.norm_num_groups})")
+
+
+def validate_dit(dit: "DiTConfig", source: str = "<config>", key: str = "model.dit") -> None:
+    if dit.identity_injection not in ("none", "concat", "parallel"):
+        raise ConfigError(f"{source}: '{key}.identity_injection' must be none, concat or parallel, got {dit.identity_injection!r}")
+    if dit.identity_injection == "parallel" and (dit.identity_every < 1 or dit.num_layers % dit.identity_every):
+        raise ConfigError(f"{source}: '{key}.identity_every' ({dit.identity_every}) must divide '{key}.num_layers' ({dit.num_layers})")
+    if dit.use_additional_conditions and dit.inner_dim() % 3:
+        raise ConfigError(f"{source}: '{key}' micro-conditions need num_heads * head_dim divisible by 3")
+    if dit.remat_policy not in REMAT_POLICIES:
+        raise ConfigError(f"{source}: '{key}.remat_policy' must be one of {sorted(REMAT_POLICIES)}, got {dit.remat_policy!r}")
+    if dit.identity.width % dit.identity.num_heads:
+        raise ConfigError(f"{source}: '{key}.identity.width' must be divisible by '{key}.identity.num_heads'")
 
 
 def parse_cli(argv: list[str]) -> tuple[str | None, list[str], list[str]]:

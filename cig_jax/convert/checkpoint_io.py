@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -126,7 +127,7 @@ def fill_state(abstract_state: nnx.State, values: Mapping[tuple, np.ndarray], *,
             if tuple(a.shape) != tuple(var.shape):
                 mismatched.append(f"{'.'.join(map(str, path))}: checkpoint {tuple(a.shape)} vs model {tuple(var.shape)}")
                 continue
-            filled.append((path, var.replace(np.asarray(a, dtype=var.dtype))))
+            filled.append((path, var.replace(jnp.asarray(a, dtype=var.dtype))))
         elif keep(path):
             filled.append((path, var))
         else:

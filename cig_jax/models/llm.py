@@ -25,14 +25,6 @@ from cig_jax.config import LLMConfig
 from cig_jax.models import layers
 from cig_jax.models.layers import dtype_of
 
-REMAT = {
-    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
-    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "full": jax.checkpoint_policies.nothing_saveable,
-}
-
-
 # ----------------------------------------------------------------------------------------------------------
 # KV cache
 # ----------------------------------------------------------------------------------------------------------
@@ -222,23 +214,10 @@ class LLM(nnx.Module):
             x, ck, cv = layer(x, cos, sin, mask, ck, cv, index)
             return x, (ck, cv)
 
-        policy = self.cfg.remat_policy
-        if policy != "none":
-            body = jax.checkpoint(body, policy=REMAT[policy], prevent_cse=not self.cfg.scan_layers)
-        ks = None if cache is None else cache.k
-        vs = None if cache is None else cache.v
-        if self.cfg.scan_layers:
-            x, (ks, vs) = jax.lax.scan(body, x, (state, ks, vs))
-            return x, ks, vs
-        new_k, new_v = [], []
-        for i in range(self.cfg.num_layers):
-            xs = jax.tree.map(lambda a: a[i], (state, ks, vs))
-            x, (ck, cv) = body(x, xs)
-            new_k.append(ck)
-            new_v.append(cv)
-        if cache is None:
-            return x, None, None
-        return x, jnp.stack(new_k), jnp.stack(new_v)
+        body = layers.remat(body, self.cfg.remat_policy, scanned=self.cfg.scan_layers)
+        xs = (state, None, None) if cache is None else (state, cache.k, cache.v)
+        x, (ks, vs) = layers.scan_or_loop(body, x, xs, scan=self.cfg.scan_layers, length=self.cfg.num_layers)
+        return x, ks, vs
 
     # -- forward -----------------------------------------------------------------------------------------
     def __call__(
