@@ -32,5 +32,14 @@ setup(
             "diffusers>=0.32",
             "pytest>=8",
         ],
+        # Face identity embedders: insightface (ArcFace, needs a local model pack) and dlib (real weights ship
+        # in face-recognition-models, so it works offline).
+        "face": [
+            "insightface>=0.7.3",
+            "onnx>=1.15",
+            "onnxruntime>=1.17",
+            "dlib-bin>=19.24",
+            "face-recognition-models>=0.3.0",
+        ],
     },
 )
