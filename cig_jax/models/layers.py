@@ -117,7 +117,7 @@ def layer_norm(dim: int, *, eps: float = 1e-5, use_bias: bool = True, use_scale:
 
 
 def attention(q, k, v, *, mask=None, bias=None, is_causal: bool = False, scale: float | None = None,
-              implementation: str | None = None):
+              implementation: str | None = None, causal_block: int | None = None):
     """Scaled dot-product attention. q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, kv_heads,
     head_dim] (kv_heads divides heads: grouped-query attention). mask: bool, broadcastable to
     [batch, heads, q_len, kv_len], True = attend.
@@ -125,6 +125,10 @@ def attention(q, k, v, *, mask=None, bias=None, is_causal: bool = False, scale: 
     implementation: 'cudnn' (flash attention on GPU) or 'xla' go through `jax.nn.dot_product_attention`;
     'einsum' is a plain grouped einsum + softmax, which XLA:CPU runs about 3x faster than the former;
     None picks 'einsum' on CPU and lets `jax.nn.dot_product_attention` choose elsewhere.
+
+    causal_block: with the einsum path, a caller whose mask is causal over aligned q/k (self-attention
+    without a cache) may pass a block size: query block i then only reads keys [0, (i+1) * block), which
+    skips the fully masked upper triangle (about 40% less work at 4 blocks), as flash attention does.
     """
     # Rows that see no key at all (e.g. padding queries) would produce NaN in softmax; give them one
     # harmless key so the output stays finite. Their values are masked out downstream anyway.
@@ -140,6 +144,14 @@ def attention(q, k, v, *, mask=None, bias=None, is_causal: bool = False, scale: 
         )
     b, t, h, d = q.shape
     s, kvh = k.shape[1], k.shape[2]
+    if causal_block and t == s and t > causal_block and t % causal_block == 0 and bias is None:
+        outs = []
+        for lo in range(0, t, causal_block):
+            hi = lo + causal_block
+            m = None if mask is None else jnp.broadcast_to(mask, mask.shape[:-2] + (t, s))[..., lo:hi, :hi]
+            outs.append(attention(q[:, lo:hi], k[:, :hi], v[:, :hi], mask=m, is_causal=is_causal, scale=scale,
+                                  implementation="einsum"))
+        return jnp.concatenate(outs, axis=1)
     scale = 1.0 / (d ** 0.5) if scale is None else scale
     qg = q.reshape(b, t, kvh, h // kvh, d)
     logits = jnp.einsum("btkgd,bskd->bkgts", qg, k).astype(jnp.float32) * scale  # [b, kvh, g, t, s]

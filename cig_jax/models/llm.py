@@ -25,6 +25,9 @@ from cig_jax.config import LLMConfig
 from cig_jax.models import layers
 from cig_jax.models.layers import dtype_of
 
+CAUSAL_BLOCK = 128  # query block for causal self-attention on the einsum path (skips masked key blocks)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # KV cache
 # ----------------------------------------------------------------------------------------------------------
@@ -119,7 +122,8 @@ class Attention(nnx.Module):
             cache_k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), index, axis=1)
             cache_v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), index, axis=1)
             k, v = cache_k.astype(q.dtype), cache_v.astype(q.dtype)
-        out = layers.attention(q, k, v, mask=mask, implementation=self.attention_impl)  # [b, t, h, hd]
+        block = None if cache_k is not None else CAUSAL_BLOCK  # no cache: the mask is causal over q == k
+        out = layers.attention(q, k, v, mask=mask, implementation=self.attention_impl, causal_block=block)
         return self.o_proj(out.reshape(b, t, -1)), cache_k, cache_v
 
 
