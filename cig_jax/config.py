@@ -274,10 +274,21 @@ class DataConfig:
 
 @dataclasses.dataclass
 class TrainConfig:
+    """The loop. `stage` picks what trains on what (see `cig_jax/train/stages.py`)."""
+
+    stage: str = "lm"
     steps: int = 20
     log_every: int = 5
     workdir: str = "workdir/default"
     seed: int = 0
+    grad_accum_steps: int = 1  # microbatches per update (the global batch is split into this many)
+    checkpoint_every: int = 0  # 0: only at the end
+    keep_checkpoints: int = 3
+    async_checkpoints: bool = True
+    resume: bool = True  # continue from the latest checkpoint in workdir when there is one
+    tensorboard: bool = True
+    progress_bar: bool = False
+    peak_tflops: float = 0.0  # per-device peak for MFU; 0: look the device up, else report none
 
 
 @dataclasses.dataclass

@@ -21,20 +21,9 @@ from flax import nnx
 from cig_jax.config import LLMConfig, MeshConfig, OptimizerConfig
 from cig_jax import sharding
 from cig_jax.models.llm import LLM, num_params, train_flops_per_token
+from cig_jax.data.lm_smoke import lm_smoke_dataset
 from cig_jax.train import trainer
-
-# Dense bf16 peak FLOP/s per chip (vendor figures, no sparsity).
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v5p": 459.0, "TPU v5 lite": 197.0, "TPU v4": 275.0,
-               "TPU v6 lite": 918.0}
-
-
-def known_peak_tflops() -> float | None:
-    kind = jax.devices()[0].device_kind
-    for name, peak in PEAK_TFLOPS.items():
-        if name.lower() in kind.lower():
-            return peak
-    return None
-
+from cig_jax.train.stages import lm_loss
 
 def bench_ours(cfg: LLMConfig, batch: int, seq: int, steps: int) -> float:
     mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1))
@@ -43,9 +32,9 @@ def bench_ours(cfg: LLMConfig, batch: int, seq: int, steps: int) -> float:
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tx = trainer.make_optimizer(OptimizerConfig(learning_rate=1e-4, warmup_steps=0, grad_clip_norm=0.0), 1000)
     state, state_sh = trainer.init_state(params, tx, mesh, rules)
-    data = next(trainer.random_token_batches(cfg.vocab_size, batch, seq, 0))
+    data = next(iter(lm_smoke_dataset(vocab=cfg.vocab_size, seq_len=seq, local_batch=batch, seed=0)))
     b = sharding.host_to_global(data, mesh, rules)
-    step = trainer.compile_step(trainer.make_train_step(graphdef, rest, tx, trainer.lm_loss), state, b, state_sh,
+    step = trainer.compile_step(trainer.make_train_step(graphdef, rest, tx, lm_loss), state, b, state_sh,
                                 jax.tree.map(lambda x: x.sharding, b), mesh)
     state, m = step(state, b)  # warm-up
     jax.block_until_ready(m)
@@ -69,7 +58,8 @@ def bench_torch(cfg: LLMConfig, batch: int, seq: int, steps: int, threads: int) 
     hf_cfg._attn_implementation = "sdpa"
     model = transformers.LlamaForCausalLM(hf_cfg).float().train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
-    tokens = torch.tensor(next(trainer.random_token_batches(cfg.vocab_size, batch, seq, 0))["tokens"]).long()
+    data = next(iter(lm_smoke_dataset(vocab=cfg.vocab_size, seq_len=seq, local_batch=batch, seed=0)))
+    tokens = torch.tensor(data["tokens"]).long()
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -121,7 +111,7 @@ def main(argv=None) -> dict:
         result.update(torch_tokens_per_s=tokens / t_torch, torch_step_s=t_torch, ratio=t_torch / t_ours)
         print(f"PyTorch HF: {t_torch * 1e3:9.1f} ms/step  {tokens / t_torch:12,.0f} tokens/s")
         print(f"ratio (ours / PyTorch tokens/s): {t_torch / t_ours:.2f}")
-    peak = args.peak_tflops or known_peak_tflops()
+    peak = args.peak_tflops or trainer.known_peak_tflops()
     achieved = tokens / t_ours * flops_tok / 1e12
     print(f"MFU = tokens/s x model_flops_per_token / (devices x peak); model_flops_per_token = 6 x matmul params "
           f"+ 12 x layers x heads x head_dim x seq = {flops_tok / 1e6:.1f} MFLOP")
