@@ -88,6 +88,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--dtype", default="float32", help="compute dtype of our step (PyTorch runs fp32)")
     ap.add_argument("--remat", default="none", help="our remat policy (HF runs without gradient checkpointing)")
+    ap.add_argument("--no-scan", action="store_true", help="unroll our layers instead of lax.scan")
     ap.add_argument("--threads", type=int, default=0, help="PyTorch threads (0: as many as CPU cores)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="per-device peak for MFU")
     ap.add_argument("--no-torch", action="store_true")
@@ -95,7 +96,8 @@ def main(argv=None) -> dict:
 
     cfg = LLMConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.mlp,
                     num_layers=args.layers, num_heads=args.heads, num_kv_heads=args.kv_heads,
-                    max_position_embeddings=max(args.seq, 512), remat_policy=args.remat, dtype=args.dtype)
+                    max_position_embeddings=max(args.seq, 512), remat_policy=args.remat, dtype=args.dtype,
+                    scan_layers=not args.no_scan)
     tokens = args.batch * args.seq
     flops_tok = train_flops_per_token(cfg, args.seq)
     print(f"LLaMA {args.layers} layers, d={args.hidden}, mlp={args.mlp}, vocab={args.vocab}, "

@@ -61,29 +61,32 @@ def param(rngs: nnx.Rngs, init, shape: Sequence[int], names: Sequence[Optional[s
     return nnx.Param(init(rngs.params(), tuple(shape), dtype), sharding_names=tuple(names), eager_sharding=False)
 
 
-def dense(
-    in_features: int,
-    out_features: int,
-    names: tuple[Optional[str], Optional[str]],
-    *,
-    rngs: nnx.Rngs,
-    use_bias: bool = False,
-    dtype=jnp.float32,
-    param_dtype=jnp.float32,
-    kernel_init=nnx.initializers.lecun_normal(),
-    bias_init=nnx.initializers.zeros_init(),
-) -> nnx.Linear:
-    """nnx.Linear whose kernel is [in, out] with logical names `names` and bias named like the output."""
-    return nnx.Linear(
-        in_features,
-        out_features,
-        use_bias=use_bias,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        kernel_init=logical(kernel_init, *names),
-        bias_init=logical(bias_init, names[1]),
-        rngs=rngs,
-    )
+class Dense(nnx.Module):
+    """y = x @ kernel (+ bias), kernel [in, out] with logical names. Leading dimensions are flattened into one
+    before the matmul: XLA:CPU runs the backward of a rank-3 dot (two contracting dims for the kernel
+    gradient) about 2x slower than the same 2-D GEMM; on TPU/GPU the reshape is free."""
+
+    def __init__(self, in_features: int, out_features: int, names: tuple[Optional[str], Optional[str]], *,
+                 rngs: nnx.Rngs, use_bias: bool = False, dtype=jnp.float32, param_dtype=jnp.float32,
+                 kernel_init=nnx.initializers.lecun_normal(), bias_init=nnx.initializers.zeros_init()):
+        self.in_features, self.out_features, self.dtype = in_features, out_features, dtype
+        self.kernel = param(rngs, kernel_init, (in_features, out_features), names, param_dtype)
+        self.bias = param(rngs, bias_init, (out_features,), (names[1],), param_dtype) if use_bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        lead = x.shape[:-1]
+        y = x.reshape(-1, x.shape[-1]).astype(self.dtype) @ self.kernel.value.astype(self.dtype)
+        if self.bias is not None:
+            y = y + self.bias.value.astype(self.dtype)
+        return y.reshape(*lead, self.out_features)
+
+
+def dense(in_features: int, out_features: int, names: tuple[Optional[str], Optional[str]], *, rngs: nnx.Rngs,
+          use_bias: bool = False, dtype=jnp.float32, param_dtype=jnp.float32,
+          kernel_init=nnx.initializers.lecun_normal(), bias_init=nnx.initializers.zeros_init()) -> Dense:
+    """A `Dense` layer: kernel [in, out] named `names`, bias named like the output dimension."""
+    return Dense(in_features, out_features, names, rngs=rngs, use_bias=use_bias, dtype=dtype,
+                 param_dtype=param_dtype, kernel_init=kernel_init, bias_init=bias_init)
 
 
 class RMSNorm(nnx.Module):
