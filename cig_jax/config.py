@@ -247,6 +247,8 @@ class MeshConfig:
             ["head_dim", None],
             ["layers", None],
             ["norm", None],
+            ["conv_in", "fsdp"],
+            ["conv_out", "tensor"],
         ]
     )
 
