@@ -58,6 +58,11 @@ class LLMConfig:
     max_position_embeddings: int = 2048
     qkv_bias: bool = False
     tie_word_embeddings: bool = False
+    # LoRA adapters (SEED-X fine-tuning: rank 32, alpha 32, dropout 0.05 on all projections). 0 = off.
+    lora_rank: int = 0
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     # Execution.
     scan_layers: bool = True  # stack layers and run them under lax.scan (fast compiles at depth)
     remat_policy: str = "nothing_saveable"  # none | full | nothing_saveable | dots_saveable | dots_with_no_batch_dims_saveable

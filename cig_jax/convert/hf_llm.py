@@ -20,7 +20,7 @@ from flax import nnx
 from cig_jax.config import LLMConfig, RopeScalingConfig
 from cig_jax.convert.checkpoint_io import (CheckpointError, fill_state, load_tensors, read_json, save_tensors,
                                            write_json_atomic)
-from cig_jax.models.llm import LLM, rope_inv_freq
+from cig_jax.models.llm import LLM, merge_lora
 
 SUPPORTED = ("llama", "qwen2", "mistral")
 _LAYER_LINEARS = [
@@ -156,14 +156,14 @@ def load_hf_llm(directory: str | Path, **config_overrides) -> LLM:
 def llm_from_params(cfg: LLMConfig, values: dict[tuple, np.ndarray], *, source: str) -> LLM:
     abstract = nnx.eval_shape(lambda: LLM(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
-    state = fill_state(state, values, source=source, keep=lambda p: p == ("inv_freq",))
-    model = nnx.merge(graphdef, state)
-    model.inv_freq.value = rope_inv_freq(cfg)
-    return model
+    return nnx.merge(graphdef, fill_state(state, values, source=source))
 
 
 def save_hf_llm(model: LLM, directory: str | Path, *, max_shard_bytes: int = 4 << 30) -> None:
-    """Exports our LLM as a Hugging Face checkpoint directory (config.json + safetensors)."""
+    """Exports our LLM as a Hugging Face checkpoint directory (config.json + safetensors); LoRA adapters
+    are merged into the base weights first."""
+    if model.cfg.lora_rank:
+        model = merge_lora(model)
     params = {p: np.asarray(v.value, np.float32) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

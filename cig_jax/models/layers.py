@@ -61,32 +61,66 @@ def param(rngs: nnx.Rngs, init, shape: Sequence[int], names: Sequence[Optional[s
     return nnx.Param(init(rngs.params(), tuple(shape), dtype), sharding_names=tuple(names), eager_sharding=False)
 
 
+class LoRAParam(nnx.Param):
+    """Low-rank adapter weights: a Param subtype, so stages can train adapters while the base stays frozen."""
+
+
 class Dense(nnx.Module):
-    """y = x @ kernel (+ bias), kernel [in, out] with logical names. Leading dimensions are flattened into one
-    before the matmul: XLA:CPU runs the backward of a rank-3 dot (two contracting dims for the kernel
-    gradient) about 2x slower than the same 2-D GEMM; on TPU/GPU the reshape is free."""
+    """y = x @ kernel (+ bias) (+ LoRA), kernel [in, out] with logical names.
+
+    Leading dimensions are flattened into one before the matmul: XLA:CPU runs the backward of a rank-3 dot
+    (two contracting dims for the kernel gradient) about 2x slower than the same 2-D GEMM; on TPU/GPU the
+    reshape is free. With `lora_rank > 0` the layer adds `dropout(x) @ lora_a @ lora_b * alpha / rank`;
+    `lora_b` starts at zero, so an adapted layer starts equal to its base.
+    """
 
     def __init__(self, in_features: int, out_features: int, names: tuple[Optional[str], Optional[str]], *,
                  rngs: nnx.Rngs, use_bias: bool = False, dtype=jnp.float32, param_dtype=jnp.float32,
-                 kernel_init=nnx.initializers.lecun_normal(), bias_init=nnx.initializers.zeros_init()):
+                 kernel_init=nnx.initializers.lecun_normal(), bias_init=nnx.initializers.zeros_init(),
+                 lora_rank: int = 0, lora_alpha: float = 0.0):
         self.in_features, self.out_features, self.dtype = in_features, out_features, dtype
         self.kernel = param(rngs, kernel_init, (in_features, out_features), names, param_dtype)
         self.bias = param(rngs, bias_init, (out_features,), (names[1],), param_dtype) if use_bias else None
+        self.lora_scale = lora_alpha / lora_rank if lora_rank else 0.0
+        if not lora_rank:
+            self.lora_a = self.lora_b = None
+        else:
+            a_init = nnx.initializers.normal(1.0 / lora_rank)
+            self.lora_a = LoRAParam(a_init(rngs.params(), (in_features, lora_rank), param_dtype),
+                                    sharding_names=(names[0], None), eager_sharding=False)
+            self.lora_b = LoRAParam(jnp.zeros((lora_rank, out_features), param_dtype),
+                                    sharding_names=(None, names[1]), eager_sharding=False)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, *, dropout_rng: jax.Array | None = None, dropout_rate: float = 0.0) -> jax.Array:
         lead = x.shape[:-1]
-        y = x.reshape(-1, x.shape[-1]).astype(self.dtype) @ self.kernel.value.astype(self.dtype)
+        x = x.reshape(-1, x.shape[-1]).astype(self.dtype)
+        y = x @ self.kernel.value.astype(self.dtype)
+        if self.lora_a is not None:
+            xa = x
+            if dropout_rng is not None and dropout_rate > 0.0:
+                keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, x.shape)
+                xa = jnp.where(keep, x / (1.0 - dropout_rate), 0.0).astype(self.dtype)
+            low = xa @ self.lora_a.value.astype(self.dtype)
+            y = y + (low @ self.lora_b.value.astype(self.dtype)) * self.lora_scale
         if self.bias is not None:
             y = y + self.bias.value.astype(self.dtype)
         return y.reshape(*lead, self.out_features)
 
+    def merged_kernel(self) -> jax.Array:
+        """kernel + lora_a @ lora_b * scale (the kernel itself without an adapter)."""
+        if self.lora_a is None:
+            return self.kernel.value
+        return self.kernel.value + (self.lora_a.value @ self.lora_b.value) * self.lora_scale
+
 
 def dense(in_features: int, out_features: int, names: tuple[Optional[str], Optional[str]], *, rngs: nnx.Rngs,
           use_bias: bool = False, dtype=jnp.float32, param_dtype=jnp.float32,
-          kernel_init=nnx.initializers.lecun_normal(), bias_init=nnx.initializers.zeros_init()) -> Dense:
+          kernel_init=nnx.initializers.lecun_normal(), bias_init=nnx.initializers.zeros_init(),
+          lora_rank: int = 0, lora_alpha: float = 0.0) -> Dense:
     """A `Dense` layer: kernel [in, out] named `names`, bias named like the output dimension."""
     return Dense(in_features, out_features, names, rngs=rngs, use_bias=use_bias, dtype=dtype,
-                 param_dtype=param_dtype, kernel_init=kernel_init, bias_init=bias_init)
+                 param_dtype=param_dtype, kernel_init=kernel_init, bias_init=bias_init, lora_rank=lora_rank,
+                 lora_alpha=lora_alpha)
 
 
 class RMSNorm(nnx.Module):

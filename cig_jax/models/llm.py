@@ -101,22 +101,34 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------------------------------------
 # Layers
 # ----------------------------------------------------------------------------------------------------------
+def _proj(cfg: LLMConfig, name: str, din: int, dout: int, names, *, rngs, use_bias=False):
+    """A projection of the decoder, with a LoRA adapter when `name` is among `cfg.lora_targets`."""
+    rank = cfg.lora_rank if name in cfg.lora_targets else 0
+    return layers.dense(din, dout, names, rngs=rngs, use_bias=use_bias, dtype=dtype_of(cfg.dtype),
+                        param_dtype=dtype_of(cfg.param_dtype), lora_rank=rank, lora_alpha=cfg.lora_alpha)
+
+
+def _dropout_keys(rng, n: int):
+    return [None] * n if rng is None else list(jax.random.split(rng, n))
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: LLMConfig, *, rngs: nnx.Rngs):
         d, h, kvh, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim()
-        kw = dict(rngs=rngs, dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype))
         self.num_heads, self.num_kv_heads, self.head_dim = h, kvh, hd
-        self.attention_impl = cfg.attention_impl
-        self.q_proj = layers.dense(d, h * hd, ("embed", "heads"), use_bias=cfg.qkv_bias, **kw)
-        self.k_proj = layers.dense(d, kvh * hd, ("embed", "kv_heads"), use_bias=cfg.qkv_bias, **kw)
-        self.v_proj = layers.dense(d, kvh * hd, ("embed", "kv_heads"), use_bias=cfg.qkv_bias, **kw)
-        self.o_proj = layers.dense(h * hd, d, ("heads", "embed"), **kw)
+        self.attention_impl, self.lora_dropout = cfg.attention_impl, cfg.lora_dropout
+        self.q_proj = _proj(cfg, "q_proj", d, h * hd, ("embed", "heads"), rngs=rngs, use_bias=cfg.qkv_bias)
+        self.k_proj = _proj(cfg, "k_proj", d, kvh * hd, ("embed", "kv_heads"), rngs=rngs, use_bias=cfg.qkv_bias)
+        self.v_proj = _proj(cfg, "v_proj", d, kvh * hd, ("embed", "kv_heads"), rngs=rngs, use_bias=cfg.qkv_bias)
+        self.o_proj = _proj(cfg, "o_proj", h * hd, d, ("heads", "embed"), rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask, cache_k=None, cache_v=None, index=None):
+    def __call__(self, x, cos, sin, mask, cache_k=None, cache_v=None, index=None, rng=None):
         b, t, _ = x.shape
-        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        kq, kk, kv, ko = _dropout_keys(rng, 4)
+        drop = self.lora_dropout
+        q = self.q_proj(x, dropout_rng=kq, dropout_rate=drop).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x, dropout_rng=kk, dropout_rate=drop).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x, dropout_rng=kv, dropout_rate=drop).reshape(b, t, self.num_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache_k is not None:  # write this chunk at [index, index + t) and attend over the whole cache
             cache_k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), index, axis=1)
@@ -124,20 +136,25 @@ class Attention(nnx.Module):
             k, v = cache_k.astype(q.dtype), cache_v.astype(q.dtype)
         block = None if cache_k is not None else CAUSAL_BLOCK  # no cache: the mask is causal over q == k
         out = layers.attention(q, k, v, mask=mask, implementation=self.attention_impl, causal_block=block)
-        return self.o_proj(out.reshape(b, t, -1)), cache_k, cache_v
+        return self.o_proj(out.reshape(b, t, -1), dropout_rng=ko, dropout_rate=drop), cache_k, cache_v
 
 
 class MLP(nnx.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
     def __init__(self, cfg: LLMConfig, *, rngs: nnx.Rngs):
-        kw = dict(rngs=rngs, dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype))
-        self.gate_proj = layers.dense(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), **kw)
-        self.up_proj = layers.dense(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), **kw)
-        self.down_proj = layers.dense(cfg.intermediate_size, cfg.hidden_size, ("mlp", "embed"), **kw)
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.lora_dropout = cfg.lora_dropout
+        self.gate_proj = _proj(cfg, "gate_proj", d, f, ("embed", "mlp"), rngs=rngs)
+        self.up_proj = _proj(cfg, "up_proj", d, f, ("embed", "mlp"), rngs=rngs)
+        self.down_proj = _proj(cfg, "down_proj", f, d, ("mlp", "embed"), rngs=rngs)
 
-    def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    def __call__(self, x, rng=None):
+        kg, ku, kd = _dropout_keys(rng, 3)
+        drop = self.lora_dropout
+        h = jax.nn.silu(self.gate_proj(x, dropout_rng=kg, dropout_rate=drop)) * self.up_proj(
+            x, dropout_rng=ku, dropout_rate=drop)
+        return self.down_proj(h, dropout_rng=kd, dropout_rate=drop)
 
 
 class DecoderLayer(nnx.Module):
@@ -148,10 +165,11 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=pd)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask, cache_k=None, cache_v=None, index=None):
-        h, cache_k, cache_v = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_k, cache_v, index)
+    def __call__(self, x, cos, sin, mask, cache_k=None, cache_v=None, index=None, rng=None):
+        ka, km = _dropout_keys(rng, 2)
+        h, cache_k, cache_v = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_k, cache_v, index, ka)
         x = x + h
-        x = x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.mlp(self.post_attention_layernorm(x), km)
         return x, cache_k, cache_v
 
 
@@ -192,7 +210,6 @@ class LLM(nnx.Module):
                 cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), rngs=rngs, dtype=dt, param_dtype=pd,
                 kernel_init=nnx.initializers.normal(0.02),
             )
-        self.inv_freq = nnx.Cache(rope_inv_freq(cfg))  # a constant, not a parameter
 
     # -- pieces ----------------------------------------------------------------------------------------
     def embed(self, tokens: jax.Array) -> jax.Array:
@@ -208,18 +225,19 @@ class LLM(nnx.Module):
             out = self.lm_head(hidden)
         return out.astype(jnp.float32)
 
-    def _run_layers(self, x, cos, sin, mask, cache: Optional[KVCache]):
+    def _run_layers(self, x, cos, sin, mask, cache: Optional[KVCache], dropout_rng=None):
         graphdef, state = nnx.split(self.layers)
         index = None if cache is None else cache.index
 
         def body(x, xs):
-            layer_state, ck, cv = xs
+            layer_state, ck, cv, rng = xs
             layer = nnx.merge(graphdef, layer_state)
-            x, ck, cv = layer(x, cos, sin, mask, ck, cv, index)
+            x, ck, cv = layer(x, cos, sin, mask, ck, cv, index, rng)
             return x, (ck, cv)
 
         body = layers.remat(body, self.cfg.remat_policy, scanned=self.cfg.scan_layers)
-        xs = (state, None, None) if cache is None else (state, cache.k, cache.v)
+        rngs = None if dropout_rng is None else jax.random.split(dropout_rng, self.cfg.num_layers)
+        xs = (state, None, None, rngs) if cache is None else (state, cache.k, cache.v, rngs)
         x, (ks, vs) = layers.scan_or_loop(body, x, xs, scan=self.cfg.scan_layers, length=self.cfg.num_layers)
         return x, ks, vs
 
@@ -233,6 +251,7 @@ class LLM(nnx.Module):
         positions: Optional[jax.Array] = None,  # [batch, len] RoPE positions (default: from the mask)
         cache: Optional[KVCache] = None,
         return_logits: bool = True,
+        dropout_rng: Optional[jax.Array] = None,  # LoRA dropout (training); None = deterministic
     ) -> LLMOutput:
         x = self.embed(tokens) if inputs_embeds is None else inputs_embeds.astype(dtype_of(self.cfg.dtype))
         b, t, _ = x.shape
@@ -240,7 +259,7 @@ class LLM(nnx.Module):
         offset = jnp.zeros((b,), jnp.int32) if cache is None else cache.lengths
         if positions is None:
             positions = offset[:, None] + jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
-        cos, sin = rope_tables(positions, self.inv_freq.value)
+        cos, sin = rope_tables(positions, rope_inv_freq(self.cfg))  # constants, folded under jit
 
         if cache is None:
             key_valid = valid
@@ -257,7 +276,7 @@ class LLM(nnx.Module):
         causal = k_slot[None, :] <= q_slot[:, None]  # [t, keys]
         mask = causal[None, None] & key_valid[:, None, None, :]  # [b, 1, t, keys]
 
-        x, ks, vs = self._run_layers(x, cos, sin, mask, cache)
+        x, ks, vs = self._run_layers(x, cos, sin, mask, cache, dropout_rng)
         hidden = self.norm(x)
         new_cache = None
         if cache is not None:
@@ -301,3 +320,22 @@ def train_flops_per_token(cfg: LLMConfig, seq_len: int) -> float:
     matmul_params = num_params(cfg) - v * d * (1 if cfg.tie_word_embeddings else 2) + v * d
     attn = 12 * cfg.num_layers * cfg.num_heads * cfg.resolved_head_dim() * seq_len
     return 6 * matmul_params + attn
+
+
+def merge_lora(model: "LLM") -> "LLM":
+    """A copy of `model` with every LoRA adapter folded into its kernel (lora_rank 0), for export."""
+    base_cfg = dataclasses.replace(model.cfg, lora_rank=0)
+    merged = nnx.eval_shape(lambda: LLM(base_cfg, rngs=nnx.Rngs(0)))
+    graphdef, _ = nnx.split(merged)
+    values = {}
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        if path[-1] in ("lora_a", "lora_b"):
+            continue
+        values[path] = var.value
+    for path, module in model.iter_modules():
+        if isinstance(module, layers.Dense) and module.lora_a is not None:
+            a, b = module.lora_a.value, module.lora_b.value  # stacked: [layers, in, r], [layers, r, out]
+            values[tuple(path) + ("kernel",)] = module.kernel.value + jnp.einsum("...ir,...ro->...io", a, b) * module.lora_scale
+    _, abstract_state = nnx.split(merged)
+    flat = [(p, var.replace(values[p])) for p, var in nnx.to_flat_state(abstract_state)]
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
