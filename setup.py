@@ -22,6 +22,8 @@ setup(
         "pillow",
         "tqdm",
         "tensorboardX>=2.6",
+        "importlib_resources",  # tfds locates builder code with it
+        "portpicker",
     ],
     extras_require={
         # Reference implementations for parity tests and benchmarks. torch is pinned: the
@@ -31,6 +33,7 @@ setup(
             "transformers>=4.50",
             "diffusers>=0.32",
             "pytest>=8",
+            "av>=12",
         ],
         # Face identity embedders: insightface (ArcFace, needs a local model pack) and dlib (real weights ship
         # in face-recognition-models, so it works offline).
@@ -41,5 +44,7 @@ setup(
             "dlib-bin>=19.24",
             "face-recognition-models>=0.3.0",
         ],
+        # Building multi-round records from video clips (OpenCV, pulled in by insightface, is the fallback).
+        "video": ["av>=12"],
     },
 )
