@@ -74,7 +74,7 @@ class LLMConfig:
         return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class ResamplerConfig:
     """Qwen-VL-style resampler: `num_queries` learned queries (a square grid) cross-attend to `kv_dim` inputs.
 
@@ -96,7 +96,7 @@ class ResamplerConfig:
     param_dtype: str = "float32"
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class ViTConfig:
     """A pre-norm ViT covering CLIP, SigLIP and the Qwen-VL ViT-G (see `cig_jax.models.vit` presets).
 
@@ -211,6 +211,23 @@ class DiTConfig:
         return self.num_heads * self.head_dim
 
 
+@dataclasses.dataclass(frozen=True)
+class MLLMConfig:
+    """How SEED-X wires ViT, resamplers and LLM (see `cig_jax/models/mllm.py`, `cig_jax/data/chat_template.py`).
+
+    `reg_target_pool`: how the ViT's tokens (256 for ViT-G) become the num_image_tokens regression targets:
+    'sequence' averages runs of consecutive tokens (SEED-X `vit_down`: avg_pool1d, kernel = stride = 256/64 = 4,
+    over the row-major token order), 'grid' averages square windows of the token grid (16x16 -> 8x8).
+    """
+
+    num_image_tokens: int = 4  # slots per image block; = input_resampler / output_resampler num_queries (SEED-X: 64)
+    lm_weight: float = 1.0  # SEED-X lm_loss_scale
+    reg_weight: float = 6.0  # SEED-X rec_loss_scale
+    reg_loss: str = "mse"  # mse (SEED-X agent) | cosine
+    reg_target_pool: str = "sequence"  # sequence (SEED-X) | grid
+    add_patch_pos: bool = True  # SEED-X agent `patch_pos_embed` [4, llm width], added to input image tokens
+
+
 @dataclasses.dataclass
 class ModelConfig:
     llm: LLMConfig = dataclasses.field(default_factory=LLMConfig)
@@ -225,6 +242,7 @@ class ModelConfig:
     output_resampler: ResamplerConfig = dataclasses.field(
         default_factory=lambda: ResamplerConfig(num_queries=4, embed_dim=64, num_heads=4, kv_dim=64)
     )
+    mllm: MLLMConfig = dataclasses.field(default_factory=MLLMConfig)
 
 
 @dataclasses.dataclass
@@ -306,6 +324,47 @@ class SampleConfig:
     seed: int = 0
 
 
+@dataclasses.dataclass(frozen=True)
+class DiffusionConfig:
+    """How the detokenizer is trained and sampled (`cig_jax/sample/diffusion.py`).
+
+    objective 'flow': rectified flow, x_t = (1 - t) x0 + t noise, the model predicts v = noise - x0 and is
+    given t * timestep_scale (PixArt's timestep embedding expects [0, 1000)); t ~ logit-normal (SD3) or
+    uniform. Samplers 'euler' / 'heun' integrate t from 1 to 0 over `num_steps`, on a schedule shifted by
+    `shift` (SD3: t' = shift t / (1 + (shift - 1) t); 1 = no shift).
+    objective 'ddpm': epsilon prediction on a discrete beta schedule (diffusers DDPMScheduler fields; PixArt
+    checkpoints: 'linear' 1e-4..0.02; SD: 'scaled_linear' 0.00085..0.012); sampler 'ddim' (deterministic),
+    timesteps spaced as diffusers DDIMScheduler (`timestep_spacing`, `steps_offset`, `set_alpha_to_one`).
+    Guidance: pred = uncond + visual_guidance_scale (cond_vis - uncond) + identity_guidance_scale
+    (cond_vis_id - cond_vis); `negative_visual`: 'zeros' (default) or 'provided' (the caller passes the
+    embeddings of an all-zero image, as SEED-X). p_drop_*: condition dropout while training, for guidance.
+    """
+
+    objective: str = "flow"  # flow | ddpm
+    sampler: str = "euler"  # flow: euler | heun; ddpm: ddim
+    num_steps: int = 25
+    # flow matching
+    time_sampling: str = "logit_normal"  # logit_normal | uniform
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    timestep_scale: float = 1000.0
+    shift: float = 1.0
+    # ddpm
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "linear"  # linear | scaled_linear
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    timestep_spacing: str = "leading"  # leading | trailing | linspace
+    steps_offset: int = 0
+    set_alpha_to_one: bool = True
+    # guidance
+    visual_guidance_scale: float = 1.0
+    identity_guidance_scale: float = 1.0
+    negative_visual: str = "zeros"  # zeros | provided
+    p_drop_visual: float = 0.0
+    p_drop_identity: float = 0.0
+
+
 @dataclasses.dataclass
 class Config:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
@@ -314,6 +373,7 @@ class Config:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
+    diffusion: DiffusionConfig = dataclasses.field(default_factory=DiffusionConfig)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -495,6 +555,7 @@ def validate(cfg: Config, source: str = "<config>") -> None:
             raise ConfigError(f"{source}: 'model.llm.{name}' must be float32, bfloat16 or float16")
     validate_vae(cfg.model.vae, source)
     validate_dit(cfg.model.dit, source)
+    validate_diffusion(cfg.diffusion, source)
     for axis in ("data", "fsdp", "tensor"):
         size = getattr(cfg.mesh, axis)
         if size == 0 or size < -1:
@@ -508,6 +569,26 @@ def validate_vae(vae: "VAEConfig", source: str = "<config>", key: str = "model.v
     for c in vae.block_out_channels:
         if c % vae.norm_num_groups:
             raise ConfigError(f"{source}: '{key}.block_out_channels' ({c}) must be multiples of '{key}.norm_num_groups' ({vae.norm_num_groups})")
+
+
+def validate_diffusion(d: "DiffusionConfig", source: str = "<config>", key: str = "diffusion") -> None:
+    samplers = {"flow": ("euler", "heun"), "ddpm": ("ddim",)}
+    if d.objective not in samplers:
+        raise ConfigError(f"{source}: '{key}.objective' must be flow or ddpm, got {d.objective!r}")
+    if d.sampler not in samplers[d.objective]:
+        raise ConfigError(f"{source}: '{key}.sampler' must be one of {samplers[d.objective]} for objective {d.objective!r}, got {d.sampler!r}")
+    if d.num_steps < 1 or (d.objective == "ddpm" and d.num_steps > d.num_train_timesteps):
+        raise ConfigError(f"{source}: '{key}.num_steps' must be in [1, num_train_timesteps], got {d.num_steps}")
+    if d.time_sampling not in ("logit_normal", "uniform"):
+        raise ConfigError(f"{source}: '{key}.time_sampling' must be logit_normal or uniform, got {d.time_sampling!r}")
+    if d.beta_schedule not in ("linear", "scaled_linear"):
+        raise ConfigError(f"{source}: '{key}.beta_schedule' must be linear or scaled_linear, got {d.beta_schedule!r}")
+    if d.timestep_spacing not in ("leading", "trailing", "linspace"):
+        raise ConfigError(f"{source}: '{key}.timestep_spacing' must be leading, trailing or linspace, got {d.timestep_spacing!r}")
+    if d.negative_visual not in ("zeros", "provided"):
+        raise ConfigError(f"{source}: '{key}.negative_visual' must be zeros or provided, got {d.negative_visual!r}")
+    if d.shift <= 0:
+        raise ConfigError(f"{source}: '{key}.shift' must be positive, got {d.shift}")
 
 
 def validate_dit(dit: "DiTConfig", source: str = "<config>", key: str = "model.dit") -> None:

@@ -1,4 +1,5 @@
 """Our ViT loaded from tiny random transformers CLIP / SigLIP vision models reproduces their outputs (fp32)."""
+import dataclasses
 import json
 
 import jax
@@ -93,8 +94,8 @@ def test_mismatched_checkpoint_names_every_bad_tensor(tmp_path):
 def test_qwen_vit_shapes_logical_names_and_resolution_change():
     cfg = vit_lib.qwen_vit_g_config(image_size=56, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
                                     pos_grid_size=2)
-    cfg.attn_pool.num_queries, cfg.attn_pool.embed_dim, cfg.attn_pool.num_heads = 4, 16, 2
-    cfg.attn_pool.kv_dim, cfg.attn_pool.out_dim = 32, 24
+    cfg = dataclasses.replace(cfg, attn_pool=dataclasses.replace(cfg.attn_pool, num_queries=4, embed_dim=16,
+                                                                 num_heads=2, kv_dim=32, out_dim=24))
     model = vit_lib.VisionTransformer(cfg, rngs=nnx.Rngs(0))
     out = model(jnp.ones((2, 56, 56, 3)))  # 4x4 patches; 2x2 learned positions resized to 4x4
     assert out.last_hidden_state.shape == (2, 16, 32)

@@ -9,6 +9,8 @@ Does not own: file reading and state filling (`checkpoint_io`), the Qwen-VL ViT 
 """
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 from typing import Optional
 
@@ -55,9 +57,7 @@ def vit_config_from_hf(hf: dict, **overrides) -> tuple[str, ViTConfig]:
     else:
         cfg = ViTConfig(**common, class_token=False, patch_bias=True, pre_norm=False, post_norm="hidden",
                         pool="map" if v.get("vision_use_head", True) else "none")
-    for k, val in overrides.items():
-        setattr(cfg, k, val)
-    return family, cfg
+    return family, dataclasses.replace(cfg, **overrides)
 
 
 def _linear(out: dict, dst: tuple, t: dict, src: str, used: set) -> None:

@@ -1,0 +1,459 @@
+"""How a conversation becomes tokens: the SEED-X chat layout, image slots, image-query tokens, loss masks.
+
+Owns: the special tokens (`add_mllm_tokens`, added to any Hugging Face tokenizer loaded from a local path),
+the tiny offline tokenizer (`build_tiny_tokenizer`, a byte-level BPE trained here on a fixed corpus made from
+the synthetic dataset's vocabulary), `ChatTemplate.encode` (conversation -> `TemplateOutput` arrays) and its
+inverses (`ChatTemplate.segments`, `ChatTemplate.decode_rounds`), and `pad_to` for batching.
+
+Does not own: the conversation dataclasses (`schema.py`), image pixels / preprocessing and batching across
+examples (`pipeline.py`), what the model does with the slots (`models/mllm.py`).
+
+Layout (LLaMA-2 chat as SEED-X writes it; every round after the first starts with "\\n[INST] "):
+
+    <s>[INST] {user images}{user text} [/INST]\\n{assistant text}{assistant image}\\n[INST] ... [/INST]\\n...</s>
+
+An image block is `<img>` + num_image_tokens slot tokens `<img_00000>`..`<img_00063>` + `</img>`.
+  * a user image is an *input block*: the MLLM overwrites the slot embeddings with the input resampler's
+    tokens of that image (role INPUT_IMAGE);
+  * an assistant image is a *query block* (role IMAGE_QUERY: the slots keep their token embeddings, which are
+    the learnable image queries; the final hidden states there go to the output resampler and regress the
+    image's ViT features) immediately followed by an *input block* of the same image, so later rounds see a
+    generated image exactly as they see a user image. Sampling does the same: generate the query block, make
+    the image, write it back as an input block.
+
+Loss mask (marks *targets*: position t is 1 when token t must be predicted from position t-1): 1 on assistant
+text, on the `<img>` that opens a query block, and on the final `</s>`; 0 on user turns, on every image slot,
+on `</img>`, and on the write-back input block. A round that is not the last ends without `</s>` (as in
+SEED-X): at sampling time a round ends when the model predicts `</s>`, which is not fed back, so the cache holds
+exactly the training layout. Text pieces are tokenized one by one (never across an image or a turn marker), so
+the turn markers always have the same ids and `segments` can parse a sequence from its ids alone.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+BOI, EOI = "<img>", "</img>"
+BOP, EOP = "<patch>", "</patch>"  # any-resolution sub-image blocks (SEED-X); reserved, not produced here
+IMG = "<img_{:05d}>"
+LOC = "<loc-{}>"
+NUM_IMG_TOKENS = 100  # slot tokens in the vocabulary (<img_00000>..<img_00099>); a block uses num_image_tokens
+NUM_LOC_TOKENS = 224  # grounding coordinates <loc-0>..<loc-223>
+# With <box_start>/<box_end> these are the 330 tokens that take LLaMA-2's 32000 to SEED-X's 32330.
+BOX_START, BOX_END = "<box_start>", "<box_end>"
+
+USER_OPEN, USER_OPEN_NEXT, USER_CLOSE = "[INST] ", "\n[INST] ", " [/INST]\n"
+IMAGE_PLACEHOLDER = "<image>"
+
+# role values
+TEXT, INPUT_IMAGE, IMAGE_QUERY = 0, 1, 2
+KINDS = {TEXT: "text", INPUT_IMAGE: "input_image", IMAGE_QUERY: "image_query"}
+
+
+def mllm_special_tokens() -> list[str]:
+    """The tokens the MLLM needs, in the order they are added."""
+    return ([BOI, EOI] + [IMG.format(i) for i in range(NUM_IMG_TOKENS)] + [LOC.format(i) for i in range(NUM_LOC_TOKENS)]
+            + [BOP, EOP, BOX_START, BOX_END])
+
+
+def add_mllm_tokens(tokenizer) -> int:
+    """Adds the MLLM's special tokens to a Hugging Face tokenizer (no-op for those it already has, e.g. the
+    SEED-X tokenizer). Returns how many were added. Give the LLM `len(tokenizer)` rows of embeddings."""
+    have = set(tokenizer.get_vocab())
+    missing = [t for t in mllm_special_tokens() if t not in have]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+    return len(missing)
+
+
+def load_tokenizer(path: str | Path):
+    """A tokenizer from a local directory (e.g. the SEED-X or LLaMA-2 tokenizer), with the MLLM tokens added."""
+    import transformers
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"tokenizer directory not found: {path}. Download a LLaMA-2 or SEED-X tokenizer (tokenizer.json or "
+            "tokenizer.model + tokenizer_config.json) into it, or use build_tiny_tokenizer() for tests.")
+    tok = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    add_mllm_tokens(tok)
+    return tok
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The tiny offline tokenizer
+# ----------------------------------------------------------------------------------------------------------
+_FALLBACK_VOCAB = dict(
+    names=["Julian", "Maya", "Leo", "Nora", "Omar", "Ines", "Felix", "Hana", "Theo", "Lena"],
+    attributes={"face_shape": ["round", "oval", "square"], "skin_tone": ["light", "medium", "tan", "dark"],
+                "hair_color": ["black", "brown", "blonde", "red", "grey", "blue"],
+                "hair_style": ["short", "long", "bald", "ponytail"], "eye_color": ["brown", "blue", "green"],
+                "clothing_color": ["red", "green", "blue", "yellow", "purple", "white"],
+                "accessory": ["none", "glasses", "hat"]},
+    scenes=["beach", "park", "office", "night", "snow", "studio"],
+)
+_WORDS = """the a an and or but of to in on at by for with from into onto over under near next is are was were be
+been being have has had do does did can could will would should may might must this that these those here there
+it its they them their he him his she her we us our you your i me my who what which where when why how please
+now then again also too very more less same other another first second third last previous earlier later new
+old both each one two three all some any no not yes ok sure certainly of course thanks thank picture image photo
+drawing painting illustration portrait scene background person people man woman face hair eyes skin shirt hat
+glasses wears wearing has having keep keeps keeping stay stays show shows showing draw drew drawn make made
+change changed give gave take took off put move moved turn turned replace replaced add added remove removed undo
+redo go back version edit edits standing sitting smiling together side left right front behind inside outside
+day sunset sunny cold warm bright dark colour color colors style short long round oval square light medium tan
+look looks like same as before see""".split()
+_TEMPLATES = [
+    "Draw {a} and {b} {scene}.", "Here are {a} and {b}.", "Here is {a} {scene}.", "Now show {a} {scene}.",
+    "{a} has {color} hair and wears a {color2} shirt.", "{a} has a {shape} face and {tone} skin.",
+    "{a} has {eyes} eyes and {style} hair.", "{a} wears glasses.", "{a} wears a hat.", "Give {a} glasses.",
+    "Give {a} a hat.", "Take off {a}'s hat.", "Take off {a}'s glasses.", "Change {a}'s shirt to {color}.",
+    "Make {a}'s hair {color}.", "Move {a} to the {scene_word}.", "Move {a} into the snow.", "Undo the last change.",
+    "Undo the last two changes.", "Go back to the first version.", "Here is the edited picture.",
+    "Sure, here is a picture of {a}.", "I have drawn {a} and {b} {scene}.", "Keep {a}'s {color} shirt.",
+    "Put {a} in a photo studio.", "Show {b} outside at night.", "{a} and {b} are standing together {scene}.",
+]
+_SCENE_PHRASES = ["at the beach", "in the park", "in an office", "outside at night", "in the snow",
+                  "in a photo studio"]
+
+
+def _vocabulary() -> dict:
+    """Names, attributes and scenes of the synthetic dataset (imported when the module is there)."""
+    try:
+        from cig_jax.data import synthetic
+        return dict(names=list(synthetic.NAMES), attributes={k: list(v) for k, v in synthetic.ATTRIBUTES.items()},
+                    scenes=list(synthetic.SCENES))
+    except Exception:  # noqa: BLE001 - any import problem: the built-in lists keep tests running
+        return _FALLBACK_VOCAB
+
+
+def tiny_corpus(vocab: Optional[dict] = None) -> list[str]:
+    """A fixed, deterministic corpus of chat lines over the synthetic vocabulary."""
+    v = vocab or _vocabulary()
+    names, att, scenes = v["names"], v["attributes"], v["scenes"]
+    colors = sorted(set(att["hair_color"]) | set(att["clothing_color"]))
+    lines = [" ".join(_WORDS), " ".join(_WORDS).capitalize() + "."]
+    lines += [" ".join(vals) for vals in att.values()] + [" ".join(scenes), " ".join(names)]
+    for i, name in enumerate(names):
+        for j, t in enumerate(_TEMPLATES):
+            k = i * len(_TEMPLATES) + j
+            lines.append(t.format(
+                a=name, b=names[(i + j + 1) % len(names)], scene=_SCENE_PHRASES[k % len(_SCENE_PHRASES)],
+                scene_word=scenes[k % len(scenes)], color=colors[k % len(colors)],
+                color2=colors[(k * 7 + 3) % len(colors)], shape=att["face_shape"][k % len(att["face_shape"])],
+                tone=att["skin_tone"][k % len(att["skin_tone"])], eyes=att["eye_color"][k % len(att["eye_color"])],
+                style=att["hair_style"][k % len(att["hair_style"])]))
+    # chat markup as the template writes it
+    lines += [USER_OPEN + lines[-1 - i] + USER_CLOSE + lines[-2 - i] + USER_OPEN_NEXT for i in range(0, 200, 2)]
+    return lines
+
+
+def build_tiny_tokenizer(cache_dir: str | Path, vocab_size: int = 1024):
+    """A small byte-level BPE trained on `tiny_corpus()`, wrapped as a `transformers.PreTrainedTokenizerFast`
+    with <s>, </s>, <unk>, <pad> and the MLLM tokens. `vocab_size` is the total size (special tokens included).
+
+    Deterministic: the trained tokenizer is cached under `cache_dir/tiny-<hash of corpus and size>/` and reused.
+    Byte-level, so `decode(encode(text)) == text` for any text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = tiny_corpus()
+    n_special = len(mllm_special_tokens())
+    base = vocab_size - n_special
+    if base < 256 + 4 + 16:
+        raise ValueError(f"vocab_size {vocab_size} leaves no room for BPE merges next to {n_special} MLLM tokens "
+                         f"and 256 bytes; use at least {n_special + 276}")
+    key = hashlib.sha1(json.dumps([corpus, vocab_size, 1]).encode()).hexdigest()[:12]
+    path = Path(cache_dir) / f"tiny-{key}"
+    file = path / "tokenizer.json"
+    if not file.is_file():
+        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=base, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        tok.train_from_iterator(corpus, trainer=trainer)
+        path.mkdir(parents=True, exist_ok=True)
+        tmp = path / f".tokenizer.{os.getpid()}.json"  # write, then rename: concurrent builders never see half a file
+        tok.save(str(tmp))
+        tmp.replace(file)
+    out = PreTrainedTokenizerFast(tokenizer_file=str(file), bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                  pad_token="<pad>", clean_up_tokenization_spaces=False)
+    add_mllm_tokens(out)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Encoding
+# ----------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class TemplateOutput:
+    """One conversation as token-aligned arrays, all [T]. `images` lists the conversation's images in
+    `image_index` order (per round: user images, then the assistant image)."""
+
+    input_ids: np.ndarray  # int32
+    role: np.ndarray  # int32: 0 text, 1 input-image slot, 2 image-query slot
+    image_index: np.ndarray  # int32: image that fills (role 1) or is the target of (role 2) this slot; -1 else
+    loss_mask: np.ndarray  # int32: 1 where this token is a next-token target
+    round_index: np.ndarray  # int32: round of this token (0 for <s>)
+    images: list = dataclasses.field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    """A span of a token sequence (what `ChatTemplate.segments` returns)."""
+
+    kind: str  # text | input_image | image_query
+    start: int
+    end: int  # exclusive
+    round: int = -1
+
+
+class _Builder:
+    def __init__(self):
+        self.ids, self.role, self.image, self.loss, self.round = [], [], [], [], []
+
+    def add(self, ids, *, role=TEXT, image=-1, loss=0, rnd=0):
+        ids = list(ids)
+        n = len(ids)
+        self.ids += ids
+        self.role += [role] * n
+        self.image += [image] * n
+        self.loss += [loss] * n
+        self.round += [rnd] * n
+
+    def arrays(self, images) -> TemplateOutput:
+        a = lambda x: np.asarray(x, np.int32)  # noqa: E731
+        return TemplateOutput(a(self.ids), a(self.role), a(self.image), a(self.loss), a(self.round), list(images))
+
+
+def _user_segments(rnd) -> list:
+    """User turn in reading order (str and image objects): schema.user_segments when available."""
+    try:
+        from cig_jax.data.schema import user_segments
+        return user_segments(rnd)
+    except ImportError:
+        text = rnd.user_text or ""
+        return list(rnd.user_images) + ([text] if text else [])
+
+
+class ChatTemplate:
+    """Turns conversations into token arrays and parses token ids back, for one tokenizer.
+
+    tokenizer: a Hugging Face tokenizer (its MLLM tokens are added if missing).
+    num_image_tokens: slots per image block (config `model.mllm.num_image_tokens`, 64 for SEED-X).
+    """
+
+    def __init__(self, tokenizer, num_image_tokens: int = 64):
+        if not 0 < num_image_tokens <= NUM_IMG_TOKENS:
+            raise ValueError(f"num_image_tokens must be in 1..{NUM_IMG_TOKENS}, got {num_image_tokens}")
+        add_mllm_tokens(tokenizer)
+        self.tokenizer, self.num_image_tokens = tokenizer, num_image_tokens
+        tid = tokenizer.convert_tokens_to_ids
+        self.boi_id, self.eoi_id = tid(BOI), tid(EOI)
+        self.slot_ids = np.asarray([tid(IMG.format(i)) for i in range(num_image_tokens)], np.int32)
+        self.bos_id, self.eos_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+        if self.bos_id is None or self.eos_id is None:
+            raise ValueError("the tokenizer needs bos and eos tokens (<s>, </s>)")
+        self.user_open, self.user_open_next = self.text_ids(USER_OPEN), self.text_ids(USER_OPEN_NEXT)
+        self.user_close = self.text_ids(USER_CLOSE)
+
+    @property
+    def query_ids(self) -> np.ndarray:
+        """The image-query token ids [num_image_tokens] (what `MLLM.generate_image` appends)."""
+        return self.slot_ids
+
+    def text_ids(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False)) if text else []
+
+    def image_block(self) -> list[int]:
+        """`<img>` + slots + `</img>` ids."""
+        return [self.boi_id, *self.slot_ids.tolist(), self.eoi_id]
+
+    def _input_block(self, b: _Builder, image: int, rnd: int):
+        b.add([self.boi_id], rnd=rnd)
+        b.add(self.slot_ids, role=INPUT_IMAGE, image=image, rnd=rnd)
+        b.add([self.eoi_id], rnd=rnd)
+
+    def encode(self, conv, *, add_generation_prompt: bool = True) -> TemplateOutput:
+        """Conversation (`schema.Conversation` or any object with `.rounds` of objects with user_text,
+        user_images, assistant_text, assistant_image) -> TemplateOutput.
+
+        A last round without assistant output ends after " [/INST]\\n" (the prompt the model continues) when
+        `add_generation_prompt`; otherwise it is dropped. A conversation whose last round is answered ends
+        with `</s>`."""
+        b = _Builder()
+        b.add([self.bos_id])
+        images: list = []
+        rounds = list(conv.rounds)
+        last_answered = False
+        for r, rnd in enumerate(rounds):
+            pending = rnd.assistant_text is None and rnd.assistant_image is None
+            if pending and not (add_generation_prompt and r == len(rounds) - 1):
+                if r != len(rounds) - 1:
+                    raise ValueError(f"round {r} has no assistant output but is not the last round")
+                break
+            b.add(self.user_open if r == 0 else self.user_open_next, rnd=r)
+            for seg in _user_segments(rnd):
+                if isinstance(seg, str):
+                    b.add(self.text_ids(seg), rnd=r)
+                else:
+                    self._input_block(b, len(images), r)
+                    images.append(seg)
+            b.add(self.user_close, rnd=r)
+            last_answered = not pending
+            if pending:
+                break
+            if rnd.assistant_text:
+                b.add(self.text_ids(rnd.assistant_text), loss=1, rnd=r)
+            if rnd.assistant_image is not None:
+                k = len(images)
+                images.append(rnd.assistant_image)
+                b.add([self.boi_id], loss=1, rnd=r)  # the model decides to draw
+                b.add(self.slot_ids, role=IMAGE_QUERY, image=k, rnd=r)
+                b.add([self.eoi_id], rnd=r)
+                self._input_block(b, k, r)  # the drawn image, written back for later rounds
+        if last_answered:
+            b.add([self.eos_id], loss=1, rnd=len(rounds) - 1)
+        return b.arrays(images)
+
+    # -- parsing ids back ----------------------------------------------------------------------------------
+    def _match(self, ids: Sequence[int], i: int, pattern: Sequence[int]) -> bool:
+        return len(pattern) > 0 and list(ids[i:i + len(pattern)]) == list(pattern)
+
+    def _walk(self, ids: list[int]):
+        """Parses ids: (image spans [(kind, start, end)], round per position, turn per position with
+        0 = markup (turn markers, <s>, </s>), 1 = user, 2 = assistant)."""
+        n = len(ids)
+        rounds, turn = np.zeros((n,), np.int32), np.zeros((n,), np.int32)
+        slot_set = set(self.slot_ids.tolist())
+        spans = []
+        rnd, in_assistant, blocks, i = -1, False, 0, 0
+        while i < n:
+            step, markup = 1, True
+            if rnd < 0 and self._match(ids, i, self.user_open):
+                rnd, step = 0, len(self.user_open)
+            elif in_assistant and self._match(ids, i, self.user_open_next):
+                rnd, in_assistant, step = rnd + 1, False, len(self.user_open_next)
+            elif rnd >= 0 and not in_assistant and self._match(ids, i, self.user_close):
+                in_assistant, blocks, step = True, 0, len(self.user_close)
+            elif ids[i] == self.boi_id:
+                j = i + 1
+                while j < n and ids[j] in slot_set:
+                    j += 1
+                kind = "input_image"
+                if in_assistant:  # an assistant image: query block, then its write-back input block
+                    kind = "image_query" if blocks % 2 == 0 else "input_image"
+                    blocks += 1
+                spans.append((kind, i + 1, j))
+                step, markup = j - i, False
+            else:
+                markup = ids[i] in (self.bos_id, self.eos_id) or rnd < 0
+            rounds[i:i + step] = max(rnd, 0)
+            turn[i:i + step] = 0 if markup else (2 if in_assistant else 1)
+            i += step
+        return spans, rounds, turn
+
+    def segments(self, input_ids) -> list[Segment]:
+        """The inverse of `encode` at the span level: text / input_image / image_query spans with their round.
+        Image spans are the slots only (`<img>`/`</img>` are text); text spans also break at round changes;
+        padding is text. Parsed from ids alone: inside an assistant turn, blocks alternate query block,
+        write-back input block, query block..."""
+        ids = [int(x) for x in np.asarray(input_ids).reshape(-1)]
+        spans, rounds, _ = self._walk(ids)
+        out: list[Segment] = []
+
+        def text(a, b):
+            while a < b:
+                c = a
+                while c < b and rounds[c] == rounds[a]:
+                    c += 1
+                out.append(Segment("text", a, c, int(rounds[a])))
+                a = c
+
+        pos = 0
+        for kind, a, b in spans:
+            text(pos, a)
+            out.append(Segment(kind, a, b, int(rounds[a]) if a < len(ids) else int(rounds[-1])))
+            pos = b
+        text(pos, len(ids))
+        return out
+
+    def decode_rounds(self, input_ids) -> list[dict]:
+        """Token ids -> per round {user_text, num_user_images, assistant_text, assistant_image (bool)}.
+        User images placed inside the text (not all first) come back as `<image>` markers."""
+        ids = [int(x) for x in np.asarray(input_ids).reshape(-1)]
+        spans, rounds, turn = self._walk(ids)
+        n_rounds = int(rounds.max()) + 1 if len(ids) else 0
+        # per (round, turn): text runs (lists of ids) and None for an image, in reading order
+        turns = {(r, t): [] for r in range(n_rounds) for t in (1, 2)}
+        starts = {a: (kind, b) for kind, a, b in spans}
+        i = 0
+        while i < len(ids):
+            r, t = int(rounds[i]), int(turn[i])
+            if i in starts:
+                kind, b = starts[i]
+                if t == 1 or kind == "image_query":  # a query block and its write-back are one image
+                    turns[(r, t)].append(None)
+                i = b
+                continue
+            if t and ids[i] not in (self.boi_id, self.eoi_id, self.pad_id):
+                run = turns[(r, t)]
+                if not run or run[-1] is None:
+                    run.append([])
+                run[-1].append(ids[i])
+            i += 1
+        out = []
+        dec = lambda run: self.tokenizer.decode(run) if run else ""  # noqa: E731
+        for r in range(n_rounds):
+            user, asst = turns[(r, 1)], turns[(r, 2)]
+            n_img = sum(p is None for p in user)
+            lead = all(p is None for p in user[:n_img])
+            user_text = ("".join(dec(p) for p in user if p is not None) if lead
+                         else "".join(IMAGE_PLACEHOLDER if p is None else dec(p) for p in user))
+            asst_text = "".join(dec(p) for p in asst if p is not None)
+            out.append(dict(user_text=user_text, num_user_images=n_img, assistant_text=asst_text or None,
+                            assistant_image=any(p is None for p in asst)))
+        return out
+
+
+def pad_to(out: TemplateOutput, length: int, pad_id: int) -> dict[str, np.ndarray]:
+    """TemplateOutput -> dict of [length] arrays (right padding) plus `attention_mask`. Raises if too long."""
+    t = len(out)
+    if t > length:
+        raise ValueError(f"sequence of {t} tokens does not fit {length}; drop rounds or raise data.seq_len")
+    pad = length - t
+
+    def p(x, v):
+        return np.concatenate([x, np.full((pad,), v, np.int32)])
+
+    return dict(input_ids=p(out.input_ids, pad_id), role=p(out.role, TEXT), image_index=p(out.image_index, -1),
+                loss_mask=p(out.loss_mask, 0), round_index=p(out.round_index, -1),
+                attention_mask=p(np.ones((t,), np.int32), 0))
+
+
+def role_segments(out: TemplateOutput) -> list[Segment]:
+    """Spans from the encoder's role / image_index / round_index arrays (what `ChatTemplate.segments` recovers
+    from ids alone): consecutive positions with the same role, image and round form one span."""
+    keys = np.stack([out.role, out.image_index, out.round_index], axis=1)
+    spans, start = [], 0
+    for t in range(1, len(out) + 1):
+        if t == len(out) or (keys[t] != keys[start]).any():
+            spans.append(Segment(KINDS[int(out.role[start])], start, t, int(out.round_index[start])))
+            start = t
+    return spans
+
+
+__all__ = ["BOI", "EOI", "BOP", "EOP", "IMG", "LOC", "TEXT", "INPUT_IMAGE", "IMAGE_QUERY", "ChatTemplate",
+           "TemplateOutput", "Segment", "add_mllm_tokens", "build_tiny_tokenizer", "load_tokenizer",
+           "mllm_special_tokens", "pad_to", "role_segments", "tiny_corpus"]

@@ -1,0 +1,349 @@
+"""The SEED-X MLLM: frozen ViT -> input resampler -> LLaMA (with image-query tokens) -> output resampler.
+
+Owns: `MLLM` (the four parts wired together), filling a token sequence's input-image slots with image tokens
+(`embed_sequence`), gathering the final hidden states at image-query slots into visual embeddings, generating
+an image's visual embeddings on a KV cache (`generate_image`), the training loss (`mllm_loss`: next-token
+cross-entropy on the loss mask + regression of visual embeddings onto pooled ViT features), and the filter
+of trainable parameters (`TRAINABLE`: everything but the ViT).
+
+Does not own: the token layout and masks (`cig_jax/data/chat_template.py`: role 0 text, 1 input-image slot,
+2 image-query slot, `image_index` = which image of the example fills / is the target of a slot), the parts
+themselves (`llm.py`, `vit.py`, `resampler.py`), checkpoint names (`cig_jax/convert/seedx.py`), decoding loops
+(`cig_jax/sample/`).
+
+Shapes: images [batch, num_images, H, W, C] (normalised, channels last); ViT features [batch, num_images,
+K, D_vit] (K = 256, D_vit = 4096 for ViT-G); image tokens [batch, num_images, Q, D_llm] (Q = num_image_tokens);
+visual_embeddings [batch, num_blocks, Q, D_vit], one row per image-query block in sequence order.
+
+The ViT is frozen: its output passes through `stop_gradient`, so its parameters get exactly zero gradient
+(and `TRAINABLE` keeps them out of the optimizer). The image queries are the token embeddings of the slot tokens
+`<img_00000>`..; an image block must not be split across KV-cache chunks (slot numbers restart at each block).
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import math
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from cig_jax.config import ConfigError, MLLMConfig, ModelConfig
+from cig_jax.models import layers
+from cig_jax.models.llm import LLM, KVCache, next_token_loss
+from cig_jax.models.resampler import Resampler
+from cig_jax.models.vit import VisionTransformer
+
+TEXT, INPUT_IMAGE, IMAGE_QUERY = 0, 1, 2  # role values (as cig_jax.data.chat_template)
+
+# Parameters that train in MLLM stages: all but the frozen ViT.
+TRAINABLE = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("vit")))
+
+_ACTIVATION_SHARDING = contextvars.ContextVar("cig_activation_sharding", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh, rules: Sequence):
+    """While tracing under this context, the MLLM pins its activations' batch dimension to the mesh's batch
+    axes (logical name 'batch'). Without it, XLA may resolve the clash between batch-sharded activations and
+    FSDP-sharded weights (both on 'fsdp') by gathering the whole batch onto every device."""
+    token = _ACTIVATION_SHARDING.set((mesh, rules))
+    try:
+        yield
+    finally:
+        _ACTIVATION_SHARDING.reset(token)
+
+
+def constrain(x: jax.Array, names: Sequence[Optional[str]]) -> jax.Array:
+    """`with_sharding_constraint` from logical names, when an `activation_sharding` context is active."""
+    ctx = _ACTIVATION_SHARDING.get()
+    if ctx is None:
+        return x
+    from cig_jax import sharding
+
+    mesh, rules = ctx
+    return jax.lax.with_sharding_constraint(x, sharding.logical_sharding(names, mesh, rules, x.shape))
+
+
+def _batch_names(x: jax.Array) -> tuple:
+    return ("batch",) + (None,) * (x.ndim - 1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Config checks and small pieces
+# ----------------------------------------------------------------------------------------------------------
+def vit_feature_shape(cfg: ModelConfig) -> tuple[int, int]:
+    """(K, D_vit): tokens per image and width of what the ViT hands the input resampler."""
+    v = cfg.vit
+    if v.pool == "resampler":
+        ap = v.attn_pool
+        return ap.num_queries, ap.out_dim if ap.out_dim is not None else ap.embed_dim
+    side = v.image_size // v.patch_size
+    return side * side + int(v.class_token), v.hidden_size
+
+
+def validate_mllm(cfg: ModelConfig, source: str = "<config>") -> None:
+    """The four parts must fit together; errors name the keys to change."""
+    m, ir, orr, llm = cfg.mllm, cfg.input_resampler, cfg.output_resampler, cfg.llm
+    k, d_vit = vit_feature_shape(cfg)
+    out_dim = lambda r: r.out_dim if r.out_dim is not None else r.embed_dim  # noqa: E731
+    kv_dim = lambda r: r.kv_dim if r.kv_dim is not None else r.embed_dim  # noqa: E731
+
+    def need(cond, msg):
+        if not cond:
+            raise ConfigError(f"{source}: {msg}")
+
+    need(0 < m.num_image_tokens <= 100, f"'model.mllm.num_image_tokens' must be in 1..100, got {m.num_image_tokens}")
+    need(ir.num_queries == m.num_image_tokens == orr.num_queries,
+         f"'model.input_resampler.num_queries' ({ir.num_queries}), 'model.output_resampler.num_queries' "
+         f"({orr.num_queries}) and 'model.mllm.num_image_tokens' ({m.num_image_tokens}) must be equal")
+    need(kv_dim(ir) == d_vit, f"'model.input_resampler.kv_dim' ({kv_dim(ir)}) must equal the ViT feature width ({d_vit})")
+    need(out_dim(ir) == llm.hidden_size,
+         f"'model.input_resampler' output width ({out_dim(ir)}) must equal 'model.llm.hidden_size' ({llm.hidden_size})")
+    need(kv_dim(orr) == llm.hidden_size,
+         f"'model.output_resampler.kv_dim' ({kv_dim(orr)}) must equal 'model.llm.hidden_size' ({llm.hidden_size})")
+    need(out_dim(orr) == d_vit,
+         f"'model.output_resampler' output width ({out_dim(orr)}) must equal the ViT feature width ({d_vit}): "
+         "visual embeddings regress pooled ViT features")
+    need(m.reg_loss in ("mse", "cosine"), f"'model.mllm.reg_loss' must be mse or cosine, got {m.reg_loss!r}")
+    need(m.reg_target_pool in ("sequence", "grid"),
+         f"'model.mllm.reg_target_pool' must be sequence or grid, got {m.reg_target_pool!r}")
+    need(k % m.num_image_tokens == 0, f"ViT tokens per image ({k}) must be a multiple of 'model.mllm.num_image_tokens'")
+    if m.reg_target_pool == "grid":
+        need(math.isqrt(k) ** 2 == k and math.isqrt(m.num_image_tokens) ** 2 == m.num_image_tokens
+             and math.isqrt(k) % math.isqrt(m.num_image_tokens) == 0,
+             f"'model.mllm.reg_target_pool: grid' needs square grids with {m.num_image_tokens} dividing {k} evenly")
+
+
+def pool_targets(features: jax.Array, num_out: int, mode: str = "sequence") -> jax.Array:
+    """ViT features [..., K, D] -> regression targets [..., num_out, D] (average pooling).
+
+    'sequence': means of K/num_out consecutive tokens (SEED-X `vit_down`, avg_pool1d over the token order);
+    'grid': means of square windows of the sqrt(K) x sqrt(K) grid (16x16 -> 8x8)."""
+    *lead, k, d = features.shape
+    f = features.astype(jnp.float32)
+    if mode == "sequence":
+        return f.reshape(*lead, num_out, k // num_out, d).mean(axis=-2)
+    side, out_side = math.isqrt(k), math.isqrt(num_out)
+    w = side // out_side
+    f = f.reshape(*lead, out_side, w, out_side, w, d).mean(axis=(-4, -2))
+    return f.reshape(*lead, num_out, d)
+
+
+def slot_positions(role: jax.Array) -> jax.Array:
+    """Index of each position inside its image block ([batch, len] int32; 0 at a block's first slot).
+    A block is a run of equal non-zero roles (blocks are separated by `</img>`/`<img>` text tokens)."""
+    t = jnp.arange(role.shape[1], dtype=jnp.int32)
+    prev = jnp.pad(role, ((0, 0), (1, 0)))[:, :-1]
+    start = (role != TEXT) & (prev != role)
+    return t - jax.lax.cummax(jnp.where(start, t, 0), axis=1)
+
+
+def query_block_selection(role: jax.Array, image_index: jax.Array, num_blocks: int, num_queries: int):
+    """Which positions form the first `num_blocks` image-query blocks of each row.
+
+    Returns (select [batch, num_blocks * Q, len] bool, one-hot: slot j of the row's query slots in order;
+    target image [batch, num_blocks] int32, -1 where the row has fewer complete blocks). A one-hot (used
+    with einsum) rather than a gather: it partitions along the batch like any batched matmul."""
+    is_query = role == IMAGE_QUERY  # [batch, len]
+    rank = jnp.cumsum(is_query, axis=1) - 1  # j for the j-th query slot of the row
+    slots = jnp.arange(num_blocks * num_queries, dtype=rank.dtype)
+    select = (rank[:, None, :] == slots[None, :, None]) & is_query[:, None, :]  # [batch, M * Q, len]
+    first = select[:, ::num_queries]  # [batch, M, len]: the first slot of each block
+    count = jnp.sum(is_query, axis=1)
+    valid = (jnp.arange(1, num_blocks + 1) * num_queries)[None, :] <= count[:, None]  # [batch, M] complete blocks
+    target = jnp.sum(jnp.where(first, image_index[:, None, :], 0), axis=-1)
+    return select, jnp.where(valid, target, -1).astype(jnp.int32)
+
+
+def take_images(values: jax.Array, index: jax.Array) -> jax.Array:
+    """values [batch, N, ...] at index [batch, M] (clipped to [0, N)) -> [batch, M, ...], as a one-hot einsum
+    (exact: one term per output), so it partitions along the batch."""
+    onehot = jax.nn.one_hot(jnp.clip(index, 0, values.shape[1] - 1), values.shape[1], dtype=values.dtype)
+    flat = values.reshape(*values.shape[:2], -1)
+    out = jnp.einsum("bmn,bnf->bmf", onehot, flat, precision=jax.lax.Precision.HIGHEST)
+    return out.reshape(*index.shape, *values.shape[2:])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------------------
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class MLLMOutput:
+    logits: Optional[jax.Array]  # [batch, len, vocab] fp32 (None when not asked for)
+    hidden_states: jax.Array  # [batch, len, D_llm] after the final norm
+    visual_embeddings: Optional[jax.Array]  # [batch, num_blocks, Q, D_vit] (None without query blocks)
+    query_image_index: Optional[jax.Array]  # [batch, num_blocks] image each block generates; -1 = no block
+    cache: Optional[KVCache]
+
+
+class MLLM(nnx.Module):
+    """SEED-X: `vit` (frozen), `input_resampler`, `llm`, `output_resampler` (+ `patch_pos_embed`)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        validate_mllm(cfg)
+        self.cfg: MLLMConfig = cfg.mllm  # frozen: part of the graph's static attributes
+        self.vit = VisionTransformer(cfg.vit, rngs=rngs)
+        self.input_resampler = Resampler(cfg.input_resampler, rngs=rngs)
+        self.llm = LLM(cfg.llm, rngs=rngs)
+        self.output_resampler = Resampler(cfg.output_resampler, rngs=rngs)
+        d = cfg.llm.hidden_size
+        # SEED-X any-resolution position of a (sub-)image: [x, y, 1-x, 1-y] / 2 @ patch_pos_embed.
+        self.patch_pos_embed = (layers.param(rngs, nnx.initializers.normal(d ** -0.5), (4, d), (None, "embed"),
+                                             layers.dtype_of(cfg.llm.param_dtype))
+                                if cfg.mllm.add_patch_pos else None)
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.cfg.num_image_tokens
+
+    # -- images --------------------------------------------------------------------------------------------
+    def encode_images(self, pixel_values: jax.Array) -> jax.Array:
+        """[..., H, W, C] -> frozen ViT features [..., K, D_vit] (stop_gradient: the ViT never trains)."""
+        lead = pixel_values.shape[:-3]
+        flat = constrain(pixel_values.reshape(-1, *pixel_values.shape[-3:]), ("batch", None, None, None))
+        vit = self.vit
+        if vit.cfg.pool == "resampler" and vit.cfg.post_norm == "none":
+            # VisionTransformer.image_features, step by step, pinning the image batch at the block stack's
+            # input (the scan carry) so XLA shards the ViT by images, not by its FSDP-sharded width.
+            x = constrain(vit.embed(flat), ("batch", None, None))  # [images, patches, D]
+            x = vit._run_blocks(vit.ln_pre(x) if vit.ln_pre is not None else x)
+            feats = vit.attn_pool(constrain(x, ("batch", None, None)))
+        else:
+            feats = vit.image_features(flat)
+        feats = constrain(feats, ("batch", None, None))  # [images, K, D_vit]
+        return jax.lax.stop_gradient(feats.reshape(*lead, *feats.shape[1:]))
+
+    def image_tokens(self, features: jax.Array, positions: Optional[jax.Array] = None) -> jax.Array:
+        """ViT features [..., K, D_vit] -> LLM input tokens [..., Q, D_llm] (input resampler + patch position).
+        positions [..., 2]: (x, y) centre of a sub-image in [0, 1]; default (0.5, 0.5), a whole image."""
+        lead = features.shape[:-2]
+        tokens = self.input_resampler(features.reshape(-1, *features.shape[-2:]))
+        tokens = tokens.reshape(*lead, *tokens.shape[1:])  # [..., Q, D_llm]
+        if self.patch_pos_embed is not None:
+            pos = jnp.full((*lead, 2), 0.5, jnp.float32) if positions is None else positions.astype(jnp.float32)
+            rel = jnp.concatenate([pos, 1.0 - pos], axis=-1) / 2.0 @ self.patch_pos_embed[...].astype(jnp.float32)
+            tokens = tokens + rel[..., None, :].astype(tokens.dtype)  # [..., 1, D_llm] over the Q tokens
+        return tokens
+
+    def embed_sequence(self, input_ids: jax.Array, role: jax.Array, image_index: jax.Array, *,
+                       images: Optional[jax.Array] = None, image_features: Optional[jax.Array] = None,
+                       image_tokens: Optional[jax.Array] = None, image_positions: Optional[jax.Array] = None
+                       ) -> jax.Array:
+        """Token embeddings [batch, len, D_llm] with input-image slots (role 1) replaced by the image tokens of
+        image `image_index` (slot i of a block takes token i). Query slots (role 2) keep their token embeddings:
+        they are the learnable image queries. Give one of images [batch, N, H, W, C], image_features
+        [batch, N, K, D_vit] or image_tokens [batch, N, Q, D_llm]; with none, slots keep token embeddings."""
+        x = self.llm.embed(input_ids)  # [batch, len, D_llm]
+        if image_tokens is None:
+            if image_features is None:
+                if images is None:
+                    return x
+                image_features = self.encode_images(images)
+            image_tokens = self.image_tokens(image_features, image_positions)
+        b, n, q, d = image_tokens.shape
+        flat = image_tokens.reshape(b, n * q, d).astype(x.dtype)
+        idx = jnp.clip(image_index, 0, n - 1) * q + jnp.clip(slot_positions(role), 0, q - 1)  # [batch, len]
+        onehot = jax.nn.one_hot(jnp.where(role == INPUT_IMAGE, idx, -1), n * q, dtype=x.dtype)  # -1: all zero
+        filled = jnp.einsum("btk,bkd->btd", onehot, flat, precision=jax.lax.Precision.HIGHEST)  # [batch, len, D_llm]
+        return jnp.where((role == INPUT_IMAGE)[..., None], filled, x)
+
+    def visual_embeddings(self, hidden: jax.Array, role: jax.Array, image_index: jax.Array, num_blocks: int):
+        """Final hidden states [batch, len, D_llm] at the first `num_blocks` query blocks -> output resampler.
+        Returns (visual_embeddings [batch, num_blocks, Q, D_vit], target image [batch, num_blocks], -1 = none)."""
+        q = self.num_image_tokens
+        select, target = query_block_selection(role, image_index, num_blocks, q)
+        b = hidden.shape[0]
+        states = jnp.einsum("bkt,btd->bkd", select.astype(hidden.dtype), hidden,
+                            precision=jax.lax.Precision.HIGHEST)  # [batch, num_blocks * Q, D_llm]
+        emb = self.output_resampler(states.reshape(b * num_blocks, q, -1))  # [batch * num_blocks, Q, D_vit]
+        return emb.reshape(b, num_blocks, q, -1), target
+
+    # -- forward -------------------------------------------------------------------------------------------
+    def __call__(self, input_ids: jax.Array, role: jax.Array, image_index: jax.Array, *,
+                 images: Optional[jax.Array] = None, image_features: Optional[jax.Array] = None,
+                 image_tokens: Optional[jax.Array] = None, image_positions: Optional[jax.Array] = None,
+                 attention_mask: Optional[jax.Array] = None, cache: Optional[KVCache] = None,
+                 num_query_blocks: Optional[int] = None, return_logits: bool = True,
+                 dropout_rng: Optional[jax.Array] = None) -> MLLMOutput:
+        """input_ids / role / image_index / attention_mask [batch, len] (a chunk when `cache` is given; its
+        image_index refers to the images passed with it). num_query_blocks: how many query blocks to gather
+        (static; default: the number of images passed, an upper bound; 0 = none)."""
+        x = self.embed_sequence(input_ids, role, image_index, images=images, image_features=image_features,
+                                image_tokens=image_tokens, image_positions=image_positions)
+        x = constrain(x, ("batch", "activation_length", "activation_embed"))  # [batch, len, D_llm]
+        out = self.llm(inputs_embeds=x, attention_mask=attention_mask, cache=cache, return_logits=return_logits,
+                       dropout_rng=dropout_rng)
+        if num_query_blocks is None:
+            given = next((a for a in (images, image_features, image_tokens) if a is not None), None)
+            num_query_blocks = 0 if given is None else given.shape[1]
+        vis = target = None
+        if num_query_blocks:
+            vis, target = self.visual_embeddings(out.hidden_states, role, image_index, num_query_blocks)
+        return MLLMOutput(out.logits, out.hidden_states, vis, target, out.cache)
+
+    def generate_image(self, cache: KVCache, query_ids: jax.Array) -> tuple[jax.Array, KVCache]:
+        """Appends one query block (the Q image-query tokens `query_ids` [Q], e.g. `ChatTemplate.query_ids`)
+        to every row of the cache in one step; returns (visual_embeddings [batch, Q, D_vit], cache).
+        The caller has fed `<img>` already and feeds `</img>` + the image's input block afterwards."""
+        b = cache.lengths.shape[0]
+        ids = jnp.broadcast_to(jnp.asarray(query_ids, jnp.int32), (b, query_ids.shape[-1]))
+        out = self.llm(inputs_embeds=self.llm.embed(ids), cache=cache, return_logits=False)
+        return self.output_resampler(out.hidden_states), out.cache
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loss
+# ----------------------------------------------------------------------------------------------------------
+def regression_loss(pred: jax.Array, target: jax.Array, valid: jax.Array, kind: str = "mse") -> jax.Array:
+    """pred/target [batch, blocks, Q, D], valid [batch, blocks]. 'mse': mean squared error over the elements of
+    valid blocks (torch F.mse_loss); 'cosine': mean over valid tokens of 1 - cos(pred, target)."""
+    pred, target = pred.astype(jnp.float32), target.astype(jnp.float32)
+    w = valid.astype(jnp.float32)[..., None]  # [batch, blocks, 1]
+    tokens = jnp.sum(w) * pred.shape[2]
+    if kind == "mse":
+        per_token = jnp.mean(jnp.square(pred - target), axis=-1)
+    else:
+        unit = lambda v: v / jnp.maximum(jnp.linalg.norm(v, axis=-1, keepdims=True), 1e-12)  # noqa: E731
+        per_token = 1.0 - jnp.sum(unit(pred) * unit(target), axis=-1)
+    return jnp.sum(per_token * w) / jnp.maximum(tokens, 1.0)
+
+
+def mllm_loss(model: MLLM, batch: dict) -> tuple[jax.Array, dict]:
+    """lm_weight x next-token CE on `loss_mask` + reg_weight x regression of visual embeddings onto the target
+    images' pooled ViT features (stop_gradient).
+
+    batch: input_ids, role, image_index, loss_mask, attention_mask [batch, len]; images [batch, N, H, W, C]
+    (or image_features [batch, N, K, D_vit]); optional labels [batch, len] (default input_ids: token t is the
+    target of position t - 1). Returns (loss, metrics) as `Task.loss_fn` expects."""
+    cfg = model.cfg
+    if "image_features" in batch:
+        feats = jax.lax.stop_gradient(batch["image_features"])
+    else:
+        feats = model.encode_images(batch["images"])  # [batch, N, K, D_vit], no gradient
+    ids, mask = batch["input_ids"], batch.get("attention_mask")
+    out = model(ids, batch["role"], batch["image_index"], image_features=feats, attention_mask=mask)
+    labels = batch.get("labels", ids)
+    weights = batch["loss_mask"] if mask is None else batch["loss_mask"] * mask
+    lm, count = next_token_loss(out.logits[:, :-1], labels[:, 1:], weights[:, 1:])
+
+    valid = out.query_image_index >= 0  # [batch, blocks]
+    chosen = take_images(feats, out.query_image_index)  # [batch, blocks, K, D_vit]
+    targets = jax.lax.stop_gradient(pool_targets(chosen, cfg.num_image_tokens, cfg.reg_target_pool))
+    reg = regression_loss(out.visual_embeddings, targets, valid, cfg.reg_loss)
+    loss = cfg.lm_weight * lm + cfg.reg_weight * reg
+    return loss, {"lm_loss": lm, "reg_loss": reg, "loss_tokens": count, "query_blocks": jnp.sum(valid)}
+
+
+def num_params(cfg: ModelConfig) -> dict:
+    """Parameter counts per part, from shapes only (no allocation)."""
+    model = nnx.eval_shape(lambda: MLLM(cfg, rngs=nnx.Rngs(0)))
+    out = {}
+    for name in ("vit", "input_resampler", "llm", "output_resampler"):
+        out[name] = sum(math.prod(v.shape) for v in jax.tree.leaves(nnx.state(getattr(model, name), nnx.Param)))
+    out["patch_pos_embed"] = 0 if model.patch_pos_embed is None else math.prod(model.patch_pos_embed.shape)
+    return out
