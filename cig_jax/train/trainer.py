@@ -136,13 +136,12 @@ def print_memory(compiled) -> dict:
 
 
 def state_shardings(params_sds, tx, mesh) -> TrainState:
-    """Shardings of the whole TrainState given sharded abstract params: the optimizer state follows its
-    parameters (as XLA lays out `tx.init`), scalars are replicated over the mesh."""
-    init = jax.jit(tx.init).lower(params_sds).compile()
-    opt_shardings = jax.tree.map(
-        lambda sh: sh if isinstance(sh, jax.sharding.NamedSharding) else sharding.replicated(mesh),
-        init.output_shardings)
+    """Shardings of the whole TrainState given sharded abstract params: each optimizer-state leaf that mirrors
+    a parameter (Adam's moments) takes that parameter's sharding, everything else (counts) is replicated.
+    (Not the compiled output shardings of `tx.init`: XLA replicates zeros that depend on no input.)"""
     params_shardings = jax.tree.map(lambda x: x.sharding, params_sds)
+    opt_shardings = optax.tree_map_params(tx, lambda _, sh: sh, jax.eval_shape(tx.init, params_sds),
+                                          params_shardings, transform_non_params=lambda _: sharding.replicated(mesh))
     return TrainState(params_shardings, opt_shardings, sharding.replicated(mesh))
 
 
