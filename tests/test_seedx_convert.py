@@ -97,7 +97,7 @@ def test_missing_and_misshaped_tensors_are_all_named():
         seedx_to_ours(t, CFG, source="agent.bin")
     msg = str(e.value)
     assert msg.startswith("agent.bin: ")
-    assert "missing: ['llm.model.layers.1.mlp.up_proj.weight']" in msg
+    assert "missing from the checkpoint: ['llm.model.layers.1.mlp.up_proj.weight']" in msg
     assert "visual.transformer.resblocks.0.attn.in_proj.weight: checkpoint (24, 24) vs expected (72, 24)" in msg
     assert "lora_A" in msg
     wrong = dataclasses.replace(CFG, vit=dataclasses.replace(CFG.vit, pool="none"))

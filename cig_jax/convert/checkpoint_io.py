@@ -133,16 +133,17 @@ def fill_state(abstract_state: nnx.State, values: Mapping[tuple, np.ndarray], *,
         else:
             missing.append(".".join(map(str, path)))
     unexpected = sorted(".".join(map(str, p)) for p in values if p not in expected)
-    if missing or mismatched or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing from the checkpoint: {missing}")
-        if unexpected:
-            parts.append(f"not used by the model: {unexpected}")
-        if mismatched:
-            parts.append(f"shape mismatch: {mismatched}")
-        raise CheckpointError(f"{source}: checkpoint does not match the model config; " + "; ".join(parts))
+    raise_if_mismatched(f"{source}: checkpoint does not match the model config", missing, mismatched, unexpected)
     return nnx.from_flat_state(filled)
+
+
+def raise_if_mismatched(headline: str, missing: list, mismatched: list, unexpected: list) -> None:
+    """One CheckpointError listing every missing, mis-shaped and unexpected tensor (nothing if all lists are empty)."""
+    parts = [f"{what}: {items}" for what, items in (("missing from the checkpoint", missing),
+                                                     ("shape mismatch", mismatched),
+                                                     ("not used by the model", unexpected)) if items]
+    if parts:
+        raise CheckpointError(f"{headline}; " + "; ".join(parts))
 
 
 def check_consumed(tensors: Iterable[str], used: set[str], source: str) -> None:

@@ -53,7 +53,7 @@ from flax import nnx
 
 from cig_jax.config import ModelConfig, ResamplerConfig, ViTConfig
 from cig_jax.convert import hf_llm
-from cig_jax.convert.checkpoint_io import CheckpointError, fill_state, load_tensors
+from cig_jax.convert.checkpoint_io import CheckpointError, fill_state, load_tensors, raise_if_mismatched
 from cig_jax.models.resampler import sincos_2d
 
 VIT_PREFIX = "visual."
@@ -139,15 +139,7 @@ def check_tensors(tensors: dict, cfg: ModelConfig, source: str) -> None:
     unexpected = sorted(k for k in tensors if k not in want and not ignorable(k))
     bad = sorted(f"{k}: checkpoint {tuple(np.shape(tensors[k]))} vs expected {want[k]}" for k in want
                  if k in tensors and tuple(np.shape(tensors[k])) != tuple(want[k]))
-    if missing or unexpected or bad:
-        parts = []
-        if missing:
-            parts.append(f"missing: {missing}")
-        if bad:
-            parts.append(f"shape mismatch: {bad}")
-        if unexpected:
-            parts.append(f"not used by the model: {unexpected}")
-        raise CheckpointError(f"{source}: not a SEED-X checkpoint for this model config; " + "; ".join(parts))
+    raise_if_mismatched(f"{source}: not a SEED-X checkpoint for this model config", missing, bad, unexpected)
 
 
 # ----------------------------------------------------------------------------------------------------------
