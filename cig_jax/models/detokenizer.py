@@ -1,0 +1,81 @@
+"""Detokenizer: the MLLM's visual embeddings (+ a face identity embedding) -> an image.
+
+Owns: wiring the personalization DiT (which holds its own IDEncoder) to a VAE (latent space) or to no VAE
+(pixel space: the DiT works on images in [-1, 1] directly, for tiny tests); the training loss on images and
+generation with visual + identity classifier-free guidance, both by a `DiffusionConfig`.
+
+Does not own: the network pieces (`dit.py`, `id_encoder.py`, `vae.py`), schedules, samplers and guidance
+(`sample/diffusion.py`), computing face embeddings (`identity.py`), which parameters train (train/stages.py).
+The VAE is used under `stop_gradient`: it is frozen whenever it is here.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from cig_jax.config import DiffusionConfig, DiTConfig, VAEConfig, validate_diffusion
+from cig_jax.models.dit import DiT
+from cig_jax.models.vae import AutoencoderKL
+from cig_jax.sample import diffusion
+
+
+class Detokenizer(nnx.Module):
+    def __init__(self, dit: DiTConfig, vae: Optional[VAEConfig] = None, *, rngs: nnx.Rngs):
+        self.dit = DiT(dit, rngs=rngs)
+        self.vae = AutoencoderKL(vae, rngs=rngs) if vae is not None else None
+        if vae is None and dit.in_channels != 3:
+            raise ValueError(f"a pixel-space detokenizer (no VAE) needs dit.in_channels = 3, got {dit.in_channels}")
+        if vae is not None and dit.in_channels != vae.latent_channels:
+            raise ValueError(f"dit.in_channels ({dit.in_channels}) must equal vae.latent_channels ({vae.latent_channels})")
+
+    def images_to_latents(self, images: jax.Array, key: Optional[jax.Array] = None) -> jax.Array:
+        """images [b, H, W, 3] in [-1, 1] -> the DiT's latents (the images themselves without a VAE)."""
+        if self.vae is None:
+            return images.astype(jnp.float32)
+        return jax.lax.stop_gradient(self.vae.images_to_latents(images, key))
+
+    def latents_to_images(self, latents: jax.Array) -> jax.Array:
+        """The DiT's latents -> images [b, H, W, 3] clipped to [-1, 1]."""
+        if self.vae is None:
+            return jnp.clip(latents, -1.0, 1.0)
+        return self.vae.latents_to_images(latents)
+
+    def latent_shape(self, batch: int) -> tuple[int, int, int, int]:
+        c = self.dit.cfg
+        return (batch, c.sample_size, c.sample_size, c.in_channels)
+
+    def loss(self, key: jax.Array, images: jax.Array, visual_embeddings: jax.Array,
+             identity_embeddings: Optional[jax.Array] = None, cfg: DiffusionConfig = DiffusionConfig(), *,
+             condition_mask: Optional[jax.Array] = None, negative_visual: Optional[jax.Array] = None) -> jax.Array:
+        """Diffusion loss (cfg.objective) of reconstructing `images` [b, H, W, 3] from visual_embeddings
+        [b, N, D] and identity_embeddings [b, De], with condition dropout p_drop_visual / p_drop_identity."""
+        k_enc, k_drop, k_loss = jax.random.split(key, 3)
+        latents = self.images_to_latents(images, k_enc)
+        visual, id_scale = visual_embeddings, jnp.ones((images.shape[0],), jnp.float32)
+        if cfg.p_drop_visual > 0 or cfg.p_drop_identity > 0:
+            visual, id_scale = diffusion.drop_conditions(k_drop, visual_embeddings, cfg.p_drop_visual,
+                                                         cfg.p_drop_identity, negative_visual)
+        cond = dict(visual_embeddings=visual, condition_mask=condition_mask)
+        if identity_embeddings is not None:
+            cond.update(identity_embeddings=identity_embeddings, id_scale=id_scale)
+        return diffusion.training_loss(self.dit, latents, k_loss, cfg, **cond)
+
+    def generate(self, key: jax.Array, visual_embeddings: jax.Array, identity_embeddings: Optional[jax.Array] = None,
+                 cfg: DiffusionConfig = DiffusionConfig(), *, condition_mask: Optional[jax.Array] = None,
+                 negative_visual: Optional[jax.Array] = None, visual_scale=None, identity_scale=None,
+                 num_steps: Optional[int] = None) -> jax.Array:
+        """Noise from `key` -> images [b, H, W, 3] in [-1, 1]. Scales default to the config's; with
+        negative_visual 'provided' the caller must pass `negative_visual` (e.g. the embeddings of a black image)."""
+        validate_diffusion(cfg)
+        if cfg.negative_visual == "provided" and negative_visual is None:
+            raise ValueError("cfg.negative_visual = 'provided': pass negative_visual (the embeddings of an all-zero image)")
+        denoise = diffusion.guided_denoise_fn(
+            self.dit, visual_embeddings, identity_embeddings,
+            visual_scale=cfg.visual_guidance_scale if visual_scale is None else visual_scale,
+            identity_scale=cfg.identity_guidance_scale if identity_scale is None else identity_scale,
+            negative_visual=negative_visual, condition_mask=condition_mask)
+        latents = diffusion.sample(denoise, key, self.latent_shape(visual_embeddings.shape[0]), cfg, num_steps)
+        return self.latents_to_images(latents)
