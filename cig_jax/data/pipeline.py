@@ -1,0 +1,127 @@
+"""Grain input pipeline: conversation records -> host-local model batches.
+
+Owns: the order of records (seeded shuffle, epochs), the per-process shard (each jax process reads a
+disjoint slice, `[process_index::process_count]`, before any decoding), turning one conversation into
+arrays through the chat template (tokens, roles, image slots, loss masks, padding to `seq_len`),
+image preprocessing for the ViT, the Markov view used by the baseline, skipping bad records with a
+count per reason, and batching. Everything is a pure function of (records, seed), so the same seed gives
+byte-identical batches, and the grain iterator's state (saved with every checkpoint) resumes exactly.
+
+Does not own: where records come from (`tfds_builder.load_records`, or any Sequence of Conversations),
+how a conversation becomes tokens (`chat_template.py`), or global arrays (`cig_jax.sharding`).
+
+Batch (all [batch, ...] numpy): input_ids, role, image_index, loss_mask, round_index, attention_mask
+[seq_len]; images [max_images, S, S, 3] float32 in [-1, 1]; image_mask [max_images]; record_index [].
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import threading
+from typing import Optional, Sequence
+
+import grain
+import numpy as np
+from PIL import Image as PILImage
+
+from cig_jax.data import schema
+from cig_jax.data.chat_template import ChatTemplate, pad_to
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineOptions:
+    seq_len: int = 512
+    max_images: int = 4
+    image_size: int = 32
+    batch_size: int = 8  # per process
+    seed: int = 0
+    shuffle: bool = True
+    num_epochs: Optional[int] = None  # None: repeat forever
+    markov_view: bool = False
+    process_index: int = 0
+    process_count: int = 1
+
+
+class SkipCounter:
+    """Counts skipped records by reason (thread-safe; one per pipeline, no global state)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.counts: collections.Counter = collections.Counter()
+
+    def skip(self, reason: str, index: int, detail: str) -> None:
+        with self._lock:
+            self.counts[reason] += 1
+        log.warning("skipping record %d (%s): %s", index, reason, detail)
+
+
+def markov_view(conv: schema.Conversation) -> schema.Conversation:
+    """Only the last round, with the previous round's output image (if any) given as a user image: what a
+    Markov model (each step sees just the last image) is trained on."""
+    last = conv.rounds[-1]
+    images = list(last.user_images)
+    if len(conv.rounds) > 1 and conv.rounds[-2].assistant_image is not None:
+        images = [conv.rounds[-2].assistant_image] + images
+    marker = schema.IMAGE_PLACEHOLDER
+    text = last.user_text
+    if marker in text and len(images) > len(last.user_images):
+        text = marker + text
+    rnd = dataclasses.replace(last, user_images=images, user_text=text)
+    return dataclasses.replace(conv, rounds=[rnd])
+
+
+def preprocess_image(pixels: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [H, W, 3] -> float32 [size, size, 3] in [-1, 1] (bilinear resize)."""
+    if pixels.shape[:2] != (size, size):
+        pixels = np.asarray(PILImage.fromarray(pixels).resize((size, size), PILImage.BILINEAR))
+    return pixels.astype(np.float32) / 127.5 - 1.0
+
+
+def encode_record(conv: schema.Conversation, index: int, template: ChatTemplate, opts: PipelineOptions,
+                  skips: SkipCounter) -> Optional[dict]:
+    """One conversation -> one example dict, or None (counted in `skips`) when the record is bad."""
+    try:
+        schema.validate(conv, check_images=False)
+    except schema.SchemaError as e:
+        reason = "unknown name" if "introduc" in str(e) or "name" in str(e) else "invalid record"
+        skips.skip(reason, index, str(e))
+        return None
+    if opts.markov_view:
+        conv = markov_view(conv)
+    out = template.encode(conv, add_generation_prompt=False)
+    if len(out.images) > opts.max_images:
+        skips.skip("too many images", index, f"{len(out.images)} > data.max_images {opts.max_images}")
+        return None
+    if len(out) > opts.seq_len:
+        skips.skip("too long", index, f"{len(out)} tokens > data.seq_len {opts.seq_len}")
+        return None
+    images = np.zeros((opts.max_images, opts.image_size, opts.image_size, 3), np.float32)
+    image_mask = np.zeros((opts.max_images,), np.int32)
+    for k, img in enumerate(out.images):
+        try:
+            pixels = img.load(conv.base_dir, where=f"image {k}")
+        except (schema.SchemaError, OSError, ValueError) as e:
+            skips.skip("missing image", index, str(e))
+            return None
+        images[k] = preprocess_image(pixels, opts.image_size)
+        image_mask[k] = 1
+    example = pad_to(out, opts.seq_len, template.pad_id)
+    example.update(images=images, image_mask=image_mask, record_index=np.int64(index))
+    return example
+
+
+def make_dataset(records: Sequence[schema.Conversation], template: ChatTemplate, opts: PipelineOptions,
+                 skips: Optional[SkipCounter] = None) -> grain.IterDataset:
+    """Host-local batches for this process (see the module docstring for the batch layout)."""
+    skips = skips if skips is not None else SkipCounter()
+    ds = grain.MapDataset.range(len(records))
+    if opts.shuffle:
+        ds = ds.shuffle(seed=opts.seed)
+    ds = ds.repeat(opts.num_epochs)
+    ds = ds[opts.process_index::opts.process_count]
+    ds = ds.map(lambda i: encode_record(records[int(i)], int(i), template, opts, skips))
+    ds = ds.filter(lambda ex: ex is not None)
+    return ds.to_iter_dataset().batch(opts.batch_size, drop_remainder=True)
