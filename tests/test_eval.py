@@ -1,0 +1,327 @@
+"""Evaluation metrics: the attribute classifier, per-round attribute accuracy, identity similarity, CLIP-T,
+multi-round consistency.
+
+The classifier is trained once (about two minutes on 2 CPU cores) and cached in pytest's cache folder
+(.pytest_cache/d/cig_eval), so later runs load it; a renderer change makes the cache stale and retrains.
+Identity metrics use real faces (insightface's t1.jpg) with dlib: the procedural faces are not faces to it.
+"""
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image as PILImage
+
+from cig_jax.data import synthetic
+from cig_jax.data.schema import Conversation, Image, Person, Round
+from cig_jax.eval import attributes as attributes_mod
+from cig_jax.eval.attributes import attribute_accuracy, load_or_train_classifier, person_crop
+from cig_jax.eval.metrics import (chance_levels, clip_t_score, evaluate, identity_similarity,
+                                  multi_round_consistency, round_attribute_accuracy)
+
+# insightface.utils.face_align calls skimage's deprecated SimilarityTransform.estimate.
+pytestmark = pytest.mark.filterwarnings("ignore:`estimate` is deprecated:FutureWarning")
+
+EVAL_SEED = 424_242  # conversations for metric tests: a stream neither training nor held-out accuracy uses
+
+
+@pytest.fixture(scope="module")
+def classifier(request):
+    return load_or_train_classifier(request.config.cache.mkdir("cig_eval"), size=64, seed=0)
+
+
+@pytest.fixture(scope="module")
+def dlib_embedder():
+    from cig_jax.models.identity import make_identity_embedder
+
+    return make_identity_embedder("dlib")
+
+
+@pytest.fixture(scope="module")
+def two_faces(dlib_embedder):
+    """Crops around two different people in insightface's t1.jpg, and a shifted, brighter crop of the first."""
+    import insightface
+
+    image = np.asarray(PILImage.open(Path(insightface.__file__).parent / "data" / "images" / "t1.jpg").convert("RGB"))
+    faces = dlib_embedder.detect(image)[:2]
+    assert len(faces) == 2
+
+    def crop(box, shift=(0, 0), gain=1.0):
+        x0, y0, x1, y1 = box
+        m = 0.6 * (x1 - x0)
+        top, left = int(max(0, y0 - m + shift[1])), int(max(0, x0 - m + shift[0]))
+        region = image[top:int(y1 + m + shift[1]), left:int(x1 + m + shift[0])].astype(np.float32) * gain
+        return np.ascontiguousarray(np.clip(region, 0, 255).astype(np.uint8))
+
+    return crop(faces[0].box), crop(faces[1].box), crop(faces[0].box, (9, -6), 1.2)
+
+
+def name_based(n, seed=EVAL_SEED):
+    return [synthetic.make_conversation("name_based", seed, i, 64) for i in range(n)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Attribute classifier
+# ----------------------------------------------------------------------------------------------------------
+def test_classifier_reaches_99_percent_on_heldout_renders(classifier):
+    crops, truth = attributes_mod.heldout_set(classifier.size, num_conversations=240)
+    assert len(crops) >= 1000
+    acc = attribute_accuracy(classifier.predict_crops(crops), truth)
+    assert set(acc) == set(synthetic.ATTRIBUTES)
+    assert all(a >= 0.99 for a in acc.values()), acc
+    meta = classifier.meta
+    assert meta["attributes"] == {k: list(v) for k, v in synthetic.ATTRIBUTES.items()}
+    assert meta["renderer_fingerprint"] == attributes_mod.renderer_fingerprint()
+
+
+def test_predict_reads_people_by_box_and_whole_images(classifier):
+    convs = name_based(8, seed=EVAL_SEED + 1)
+    images, boxes, want = [], [], []
+    for c in convs:
+        pair, solo = c.rounds[0].assistant_image, c.rounds[1].assistant_image
+        images += [pair, pair.pixels, solo]  # schema Images and raw arrays both work
+        boxes += [pair.people[0].box, pair.people[1].box, None]
+        want += [pair.people[0].attributes, pair.people[1].attributes, solo.people[0].attributes]
+    got = classifier.predict(images, boxes)
+    crops = np.stack([person_crop(im.pixels if isinstance(im, Image) else im, b) for im, b in zip(images, boxes)])
+    assert got == classifier.predict_crops(crops)
+    acc = attribute_accuracy(got, want)
+    assert np.mean(list(acc.values())) >= 0.98, acc
+    assert classifier.predict([]) == []
+    with pytest.raises(ValueError, match="2 images but 1 boxes"):
+        classifier.predict(images[:2], boxes=[None])
+
+
+def test_attribute_accuracy_counts_only_attributes_with_ground_truth():
+    pred = [{"hair_color": "red", "accessory": "hat"}, {"hair_color": "blue", "accessory": "none"}]
+    truth = [{"hair_color": "red", "accessory": "none"}, {"hair_color": "grey"}]
+    assert attribute_accuracy(pred, truth, ["hair_color", "accessory", "skin_tone"]) == {
+        "hair_color": 0.5, "accessory": 0.0, "skin_tone": None}
+    with pytest.raises(ValueError):
+        attribute_accuracy(pred, truth[:1])
+
+
+def test_cached_classifier_is_reused_and_retrained_when_renderer_changes(classifier, request, tmp_path, monkeypatch):
+    src = Path(request.config.cache.mkdir("cig_eval")) / attributes_mod.CACHE_SUBDIR
+    shutil.copytree(src, tmp_path / attributes_mod.CACHE_SUBDIR)
+
+    def no_training(*a, **k):
+        raise RuntimeError("retrained")
+
+    monkeypatch.setattr(attributes_mod, "train_classifier", no_training)
+    loaded = load_or_train_classifier(tmp_path)  # a valid cache loads without training
+    people = [{k: v[i % len(v)] for k, v in synthetic.ATTRIBUTES.items()} for i in range(4)]
+    crops = np.stack([person_crop(synthetic.render_person(a).pixels) for a in people])
+    np.testing.assert_allclose(loaded.predict_proba_crops(crops)["hair_color"],
+                               classifier.predict_proba_crops(crops)["hair_color"], atol=1e-6)
+    meta_path = tmp_path / attributes_mod.CACHE_SUBDIR / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["renderer_fingerprint"] = "0" * 16  # as if the renderer drew differently when it was trained
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(RuntimeError, match="retrained"):
+        load_or_train_classifier(tmp_path)
+
+
+def test_training_is_deterministic_given_seed():
+    flat = attributes_mod._flat_params
+    a = flat(attributes_mod.train_classifier(seed=3, steps=2).model)
+    b = flat(attributes_mod.train_classifier(seed=3, steps=2).model)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Per-round attribute accuracy
+# ----------------------------------------------------------------------------------------------------------
+class OracleClassifier:
+    """Reads the ground truth of a rendered image region exactly (looked up by pixels and box), so metric
+    bookkeeping is tested without classifier errors; an unknown region reads as every attribute's first value."""
+
+    def __init__(self, convs):
+        self.vocab = tuple((k, tuple(v)) for k, v in synthetic.ATTRIBUTES.items())
+        self.attributes = list(synthetic.ATTRIBUTES)
+        self.truth = {}
+        for c in convs:
+            for r in c.rounds:
+                img = r.assistant_image
+                for p in img.people:
+                    box = None if len(img.people) == 1 else tuple(float(v) for v in p.box)
+                    self.truth[(img.pixels.tobytes(), box)] = dict(p.attributes)
+
+    def predict(self, images, boxes=None):
+        boxes = [None] * len(images) if boxes is None else boxes
+        default = {k: v[0] for k, v in self.vocab}
+        return [dict(self.truth.get((np.asarray(im).tobytes(), None if b is None else tuple(float(v) for v in b)),
+                                    default)) for im, b in zip(images, boxes)]
+
+
+def test_identical_images_score_full_attribute_accuracy_split_by_text_and_image_only():
+    convs = name_based(6)
+    oracle = OracleClassifier(convs)
+    res = round_attribute_accuracy(convs, None, oracle, return_items=True)
+    assert [r["round"] for r in res["rounds"]] == [0, 1, 2] and [r["people"] for r in res["rounds"]] == [12, 6, 6]
+    for r in res["rounds"]:
+        for g in ("text", "image_only", "all"):
+            assert r[g]["accuracy"] == 1.0, (g, r)
+        assert r["text"]["n"] + r["image_only"]["n"] == r["all"]["n"] > 0
+        assert all(v["accuracy"] == 1.0 for v in r["per_attribute"].values())
+    assert res["overall"]["all"]["n"] == 24 * len(synthetic.ATTRIBUTES) and res["missing_images"] == 0
+    assert res["recalled"]["all"]["n"] == 12 * len(synthetic.ATTRIBUTES)  # rounds 2 and 3 name earlier people
+    assert res["chance"] == chance_levels() and res["chance"]["hair_color"] == pytest.approx(1 / 6)
+    for item in res["items"]:  # groups come from the record metadata
+        meta = convs[int(item["conversation"].rsplit("-", 1)[1])].metadata
+        for group, key in (("text", "text_attributes"), ("image_only", "image_only_attributes")):
+            assert {k for k, g in item["groups"].items() if g == group} == set(meta[key][item["name"]])
+    # chance of a group is the mean of 1/k over its items
+    text_items = [k for it in res["items"] if it["round"] == 2 for k, g in it["groups"].items() if g == "text"]
+    assert res["rounds"][2]["text"]["chance"] == pytest.approx(np.mean([chance_levels()[k] for k in text_items]))
+
+
+def test_wrong_person_in_later_rounds_lowers_recalled_accuracy():
+    convs = name_based(6)
+    oracle = OracleClassifier(convs)
+    swapped = []
+    for c in convs:  # round 2 shows the person round 3 asks for, and the other way round
+        imgs = [r.assistant_image.pixels for r in c.rounds]
+        swapped.append([imgs[0], imgs[2], imgs[1]])
+    res = round_attribute_accuracy(convs, swapped, oracle)
+    assert res["rounds"][0]["all"]["accuracy"] == 1.0
+    # the two people of a conversation differ in at least 3 of 7 attributes
+    assert res["recalled"]["all"]["accuracy"] <= 4 / 7 + 1e-9
+    missing = round_attribute_accuracy(convs, [{0: c.rounds[0].assistant_image} for c in convs], oracle)
+    assert missing["missing_images"] == 12 and [r["round"] for r in missing["rounds"]] == [0]
+
+
+def test_real_classifier_on_ground_truth_conversations(classifier):
+    convs = name_based(6)
+    res = round_attribute_accuracy(convs, None, classifier)
+    assert all(r["all"]["accuracy"] >= 0.97 for r in res["rounds"]), res["rounds"]
+    swapped = [[c.rounds[0].assistant_image, c.rounds[2].assistant_image, c.rounds[1].assistant_image] for c in convs]
+    assert round_attribute_accuracy(convs, swapped, classifier)["recalled"]["all"]["accuracy"] <= 4 / 7 + 0.05
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Identity similarity and consistency
+# ----------------------------------------------------------------------------------------------------------
+def test_identity_similarity_is_one_for_identical_faces_and_low_for_a_swapped_identity(two_faces, dlib_embedder):
+    a, b, a_shifted = two_faces
+    res = identity_similarity([a, a, a], [a, b, a_shifted], dlib_embedder)
+    same, swapped, shifted = res["values"]
+    assert abs(same - 1.0) < 1e-5
+    assert swapped < 0.93 and shifted > swapped + 0.03, res["values"]
+    assert res["n"] == 3 and res["detect_failures"] == 0 and res["backend"] == "dlib" and "dlib" in res["note"]
+    assert res["mean"] == pytest.approx(np.mean(res["values"]))
+
+
+def test_detection_failures_are_counted_not_hidden(two_faces, dlib_embedder):
+    a, _, _ = two_faces
+    no_face = synthetic.render_scene([], "park", 128).pixels  # a backdrop without anyone
+    res = identity_similarity([a, a, no_face, a], [a, no_face, a, None], dlib_embedder)
+    assert res["values"][0] == pytest.approx(1.0, abs=1e-5) and res["values"][1:] == [None, None, None]
+    assert res["n"] == 1 and res["pairs"] == 4
+    assert res["detect_failures"] == 3 and res["generated_failures"] == 2 and res["reference_failures"] == 1
+    none = identity_similarity([no_face], [no_face], dlib_embedder)
+    assert none["mean"] is None and none["n"] == 0 and none["detect_failures"] == 2
+
+
+def _one_person_chat(n_rounds: int, size: int) -> Conversation:
+    """n rounds that each show 'Ana' alone (ground truth: a plain image with her box and attributes)."""
+    attrs = {k: v[0] for k, v in synthetic.ATTRIBUTES.items()}
+    blank = np.zeros((size, size, 3), np.uint8)
+    rounds = [Round(f"Show Ana, take {r}.", [], "Here.",
+                    Image(pixels=blank, people=[Person("Ana", dict(attrs), (0, 0, size, size))]),
+                    introduces=["Ana"] if r == 0 else []) for r in range(n_rounds)]
+    return Conversation(id="ana", rounds=rounds, people=[Person("Ana", attrs)])
+
+
+def test_multi_round_consistency_drops_when_a_round_shows_someone_else(two_faces, dlib_embedder):
+    a, b, a_shifted = two_faces
+    truth = [_one_person_chat(3, 64)]
+    same = multi_round_consistency(truth, [[a, a_shifted, a]], dlib_embedder)["identity"]
+    other = multi_round_consistency(truth, [[a, a_shifted, b]], dlib_embedder)["identity"]
+    assert same["pairs"] == other["pairs"] == 3 and same["detect_failures"] == 0 and same["backend"] == "dlib"
+    assert same["mean"] > other["mean"] + 0.02
+    failed = multi_round_consistency(truth, [[a, np.zeros((64, 64, 3), np.uint8), None]], dlib_embedder)
+    assert failed["identity"]["appearances"] == 2 and failed["identity"]["detect_failures"] == 1
+    assert failed["identity"]["n"] == 0 and failed["identity"]["mean"] is None
+
+
+def test_multi_round_attribute_agreement():
+    convs = name_based(4)
+    oracle = OracleClassifier(convs)
+    res = multi_round_consistency(convs, None, classifier=oracle)
+    assert res["people"] == 8 and res["attributes"]["n"] == 8 * len(synthetic.ATTRIBUTES)
+    assert res["attributes"]["agreement"] == 1.0
+    # a later round showing the other person disagrees on the attributes where the two differ
+    swapped = [[c.rounds[0].assistant_image, c.rounds[2].assistant_image, c.rounds[1].assistant_image] for c in convs]
+    assert multi_round_consistency(convs, swapped, classifier=oracle)["attributes"]["agreement"] <= 4 / 7 + 1e-9
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CLIP-T
+# ----------------------------------------------------------------------------------------------------------
+def test_clip_t_is_skipped_cleanly_without_a_checkpoint(tmp_path):
+    img = np.zeros((32, 32, 3), np.uint8)
+    res = clip_t_score([img], ["a cat"], None)
+    assert res["status"].startswith("skipped: ") and res["mean"] is None and res["n"] == 0 and res["message"]
+    res = clip_t_score([img], ["a cat"], tmp_path / "no_such_clip")
+    assert res["status"].startswith("skipped: CLIP checkpoint folder not found")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{not json")
+    res = clip_t_score([img], ["a cat"], tmp_path / "broken")
+    assert res["status"].startswith("skipped: cannot load CLIP")
+
+
+def save_tiny_clip(folder: Path) -> None:
+    """A randomly initialised, tiny CLIPModel + processor (printable-ASCII character vocabulary, no merges)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    folder.mkdir(parents=True)
+    chars = [chr(i) for i in range(33, 127)]
+    vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"))
+    ids = dict(bos_token_id=len(vocab) - 2, eos_token_id=len(vocab) - 1, pad_token_id=len(vocab) - 1)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=77, **ids),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=16)
+    CLIPModel(config).save_pretrained(folder)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+
+
+def test_clip_t_runs_on_a_local_checkpoint_and_scores_every_pair(tmp_path):
+    save_tiny_clip(tmp_path / "clip")
+    convs = name_based(2)
+    images = [r.assistant_image.pixels for c in convs for r in c.rounds] + [None]
+    prompts = [r.user_text for c in convs for r in c.rounds] + ["nothing drawn"]
+    res = clip_t_score(images, prompts, tmp_path / "clip")
+    assert res["status"] == "ok" and res["n"] == 6 and res["scores"][-1] is None
+    assert all(math.isfinite(s) and -1.0 <= s <= 1.0 for s in res["scores"][:-1])
+    assert res["mean"] == pytest.approx(np.mean(res["scores"][:-1]))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The whole report
+# ----------------------------------------------------------------------------------------------------------
+def test_evaluate_reports_every_metric_and_is_json_ready(dlib_embedder):
+    convs = name_based(2)
+    report = evaluate(convs, None, classifier=OracleClassifier(convs), embedder=dlib_embedder)
+    assert report["conversations"] == 2
+    assert report["attributes"]["overall"]["all"]["accuracy"] == 1.0
+    ident = report["identity"]["overall"]
+    assert ident["pairs"] == 8 and ident["backend"] == "dlib"
+    assert ident["detect_failures"] == ident["reference_failures"] + ident["generated_failures"]
+    if ident["n"] == 0:  # cartoon faces are not faces to dlib: every appearance is a counted failure
+        assert ident["mean"] is None and ident["detect_failures"] == 16
+    assert [r["round"] for r in report["identity"]["rounds"]] == [0, 1, 2]
+    assert report["consistency"]["people"] == 4
+    assert report["clip_t"]["status"].startswith("skipped: ")
+    json.dumps(report)
