@@ -11,6 +11,8 @@ sharding-in-types (Explicit axes), which would make every model op spell out its
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import math
 import os
@@ -123,6 +125,30 @@ def logical_sharding(names: Sequence[Optional[str]], mesh: Mesh, rules: Sequence
                      shape: Optional[Sequence[int]] = None) -> NamedSharding:
     """A NamedSharding for an activation or batch array with the given logical dimension names."""
     return NamedSharding(mesh, logical_to_spec(names, rules, mesh, shape))
+
+
+_ACTIVATION_SHARDING = contextvars.ContextVar("cig_activation_sharding", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules: Sequence):
+    """While a step is traced under this context, `constrain` pins activations to the mesh by logical name.
+    Without it, XLA may resolve the clash between batch-sharded activations and FSDP-sharded weights (both
+    on 'fsdp') by gathering the whole batch onto every device."""
+    token = _ACTIVATION_SHARDING.set((mesh, rules))
+    try:
+        yield
+    finally:
+        _ACTIVATION_SHARDING.reset(token)
+
+
+def constrain(x: jax.Array, names: Sequence[Optional[str]]) -> jax.Array:
+    """`with_sharding_constraint` from logical names when an `activation_sharding` context is active; else x."""
+    ctx = _ACTIVATION_SHARDING.get()
+    if ctx is None:
+        return x
+    mesh, rules = ctx
+    return jax.lax.with_sharding_constraint(x, logical_sharding(names, mesh, rules, x.shape))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -59,7 +59,8 @@ def compile_train_step(cfg, mesh, *, seq: int = 1024, images: int = 2, per_devic
     from flax import nnx
 
     from cig_jax import sharding
-    from cig_jax.models.mllm import MLLM, TRAINABLE, activation_sharding, mllm_loss
+    from cig_jax.models.mllm import MLLM, TRAINABLE, mllm_loss
+    from cig_jax.sharding import activation_sharding
     from cig_jax.train import trainer
 
     rules = cfg.mesh.axis_rules

@@ -21,17 +21,16 @@ The ViT is frozen: its output passes through `stop_gradient`, so its parameters 
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 import math
-from typing import Optional, Sequence
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from cig_jax.config import ConfigError, MLLMConfig, ModelConfig
+from cig_jax.sharding import constrain
 from cig_jax.models import layers
 from cig_jax.models.llm import LLM, KVCache, next_token_loss
 from cig_jax.models.resampler import Resampler
@@ -41,32 +40,6 @@ TEXT, INPUT_IMAGE, IMAGE_QUERY = 0, 1, 2  # role values (as cig_jax.data.chat_te
 
 # Parameters that train in MLLM stages: all but the frozen ViT.
 TRAINABLE = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("vit")))
-
-_ACTIVATION_SHARDING = contextvars.ContextVar("cig_activation_sharding", default=None)
-
-
-@contextlib.contextmanager
-def activation_sharding(mesh, rules: Sequence):
-    """While tracing under this context, the MLLM pins its activations' batch dimension to the mesh's batch
-    axes (logical name 'batch'). Without it, XLA may resolve the clash between batch-sharded activations and
-    FSDP-sharded weights (both on 'fsdp') by gathering the whole batch onto every device."""
-    token = _ACTIVATION_SHARDING.set((mesh, rules))
-    try:
-        yield
-    finally:
-        _ACTIVATION_SHARDING.reset(token)
-
-
-def constrain(x: jax.Array, names: Sequence[Optional[str]]) -> jax.Array:
-    """`with_sharding_constraint` from logical names, when an `activation_sharding` context is active."""
-    ctx = _ACTIVATION_SHARDING.get()
-    if ctx is None:
-        return x
-    from cig_jax import sharding
-
-    mesh, rules = ctx
-    return jax.lax.with_sharding_constraint(x, sharding.logical_sharding(names, mesh, rules, x.shape))
-
 
 def _batch_names(x: jax.Array) -> tuple:
     return ("batch",) + (None,) * (x.ndim - 1)

@@ -89,25 +89,6 @@ class MLP(nnx.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-class SelfAttention(nnx.Module):
-    """Bidirectional multi-head self-attention, [batch, len, dim] -> [batch, len, dim]."""
-
-    def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
-        d, self.num_heads = cfg.hidden_size, cfg.num_heads
-        self.head_dim, self.attention_impl = d // cfg.num_heads, cfg.attention_impl
-        kw = dict(rngs=rngs, use_bias=True, dtype=dtype, param_dtype=param_dtype, kernel_init=_INIT)
-        self.q = layers.dense(d, d, ("embed", "heads"), **kw)
-        self.k = layers.dense(d, d, ("embed", "heads"), **kw)
-        self.v = layers.dense(d, d, ("embed", "heads"), **kw)
-        self.o = layers.dense(d, d, ("heads", "embed"), **kw)
-
-    def __call__(self, x):
-        split = lambda t: t.reshape(*t.shape[:-1], self.num_heads, self.head_dim)  # noqa: E731
-        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))  # [batch, len, heads, head_dim]
-        out = layers.attention(q, k, v, implementation=self.attention_impl)
-        return self.o(out.reshape(*x.shape[:-1], -1))
-
-
 class Block(nnx.Module):
     """Pre-norm transformer block: x + attn(ln_1(x)); x + mlp(ln_2(x))."""
 
@@ -115,12 +96,14 @@ class Block(nnx.Module):
         dt, pd = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
         ln = dict(eps=cfg.layer_norm_eps, dtype=dt, param_dtype=pd, rngs=rngs)
         self.ln_1 = layers.layer_norm(cfg.hidden_size, **ln)
-        self.attn = SelfAttention(cfg, rngs=rngs, dtype=dt, param_dtype=pd)
+        self.attn = CrossAttention(cfg.hidden_size, cfg.num_heads, rngs=rngs, dtype=dt, param_dtype=pd,
+                                   attention_impl=cfg.attention_impl)  # used as self-attention
         self.ln_2 = layers.layer_norm(cfg.hidden_size, **ln)
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, rngs=rngs, dtype=dt, param_dtype=pd)
 
     def __call__(self, x):
-        x = x + self.attn(self.ln_1(x))
+        h = self.ln_1(x)
+        x = x + self.attn(h, h, h)
         return x + self.mlp(self.ln_2(x))
 
 
