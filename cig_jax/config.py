@@ -243,6 +243,9 @@ class ModelConfig:
         default_factory=lambda: ResamplerConfig(num_queries=4, embed_dim=64, num_heads=4, kv_dim=64)
     )
     mllm: MLLMConfig = dataclasses.field(default_factory=MLLMConfig)
+    # The detokenizer works in the VAE's latent space (true) or directly on pixels in [-1, 1] (false: tiny
+    # models; then dit.in_channels = 3 and dit.sample_size = the image side).
+    use_vae: bool = True
 
 
 @dataclasses.dataclass
@@ -291,10 +294,27 @@ class OptimizerConfig:
 
 @dataclasses.dataclass
 class DataConfig:
+    """Where a stage's examples come from.
+
+    source 'random_tokens': the LM smoke data. 'synthetic': `num_records` conversations drawn in memory by
+    `cig_jax.data.synthetic` (kinds `kinds`, rendered at `render_size`). 'tfds': the array_record dataset
+    under `dir` (written by `python -m cig_jax.data.tfds_builder` or the demo), split `split`, optionally
+    only the records whose kind is in `kinds`. `markov_view`: train on each conversation's last round with
+    only the previous image (the Markov baseline). Images are resized to the ViT's input size.
+    """
+
     source: str = "random_tokens"  # random_tokens (smoke), synthetic, tfds
     seq_len: int = 64
     global_batch_size: int = 8
     seed: int = 0
+    dir: str = ""  # tfds: the data_dir given to the builder
+    split: str = "train"
+    kinds: list[str] = dataclasses.field(default_factory=list)  # [] = every kind
+    num_records: int = 1000  # synthetic
+    render_size: int = 64  # synthetic
+    max_images: int = 4  # images per example (longer records are skipped and counted)
+    markov_view: bool = False
+    tokenizer: str = ""  # a Hugging Face tokenizer directory; "" = the tiny tokenizer built locally
 
 
 @dataclasses.dataclass
@@ -314,6 +334,10 @@ class TrainConfig:
     tensorboard: bool = True
     progress_bar: bool = False
     peak_tflops: float = 0.0  # per-device peak for MFU; 0: look the device up, else report none
+    # Staged training (see cig_jax/train/stages.py).
+    init_from: str = ""  # workdir of the previous stage: its latest checkpoint initialises the whole model
+    trainable: list[str] = dataclasses.field(default_factory=list)  # parts that train; [] = the stage's default
+    detokenizer_loss_weight: float = 0.0  # MLLM stages: + this x the frozen DiT's loss on predicted embeddings
 
 
 @dataclasses.dataclass

@@ -194,7 +194,7 @@ def test_train_step_compiles_ahead_of_time_sharded_by_batch(model_cfg):
     meets the FSDP-sharded weights by gathering the whole batch onto every device once weights are wide.)"""
     from cig_jax import sharding
     from cig_jax.bench.aot import compile_train_step
-    from cig_jax.config import Config, MeshConfig
+    from cig_jax.config import Config, DataConfig, MeshConfig, TrainConfig
 
     m = model_cfg
     wide = dataclasses.replace(
@@ -203,8 +203,9 @@ def test_train_step_compiles_ahead_of_time_sharded_by_batch(model_cfg):
                                 attn_pool=dataclasses.replace(m.vit.attn_pool, kv_dim=512)),
         input_resampler=dataclasses.replace(m.input_resampler, embed_dim=512),
         output_resampler=dataclasses.replace(m.output_resampler, kv_dim=512))
-    cfg = Config(model=wide, mesh=MeshConfig(data=1, fsdp=8, tensor=1))
-    report = compile_train_step(cfg, sharding.make_mesh(cfg.mesh), seq=32, images=2, verbose=False)
+    cfg = Config(model=wide, mesh=MeshConfig(data=1, fsdp=8, tensor=1), train=TrainConfig(stage="personalize"),
+                 data=DataConfig(seq_len=32, max_images=2))
+    report = compile_train_step(cfg, sharding.make_mesh(cfg.mesh), verbose=False)
     assert report["global_batch"] == 8 and report["frozen_params"] > 0
     hlo = report["compiled"].as_text()
     assert "f32[2,16,2048]" in hlo and "f32[16,16,2048]" not in hlo  # ViT MLP: 2 images x 16 patches

@@ -31,10 +31,10 @@ def bench_ours(cfg: LLMConfig, batch: int, seq: int, steps: int) -> float:
     model = sharding.create_sharded(lambda: LLM(cfg, rngs=nnx.Rngs(0)), mesh, rules)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tx = trainer.make_optimizer(OptimizerConfig(learning_rate=1e-4, warmup_steps=0, grad_clip_norm=0.0), 1000)
-    state, state_sh = trainer.init_state(params, tx, mesh, rules)
+    state, state_sh = trainer.init_state(params, tx, mesh, rules, rest if jax.tree.leaves(rest) else None)
     data = next(iter(lm_smoke_dataset(vocab=cfg.vocab_size, seq_len=seq, local_batch=batch, seed=0)))
     b = sharding.host_to_global(data, mesh, rules)
-    step = trainer.compile_step(trainer.make_train_step(graphdef, rest, tx, lm_loss), state, b, state_sh,
+    step = trainer.compile_step(trainer.make_train_step(graphdef, tx, lm_loss), state, b, state_sh,
                                 jax.tree.map(lambda x: x.sharding, b), mesh)
     state, m = step(state, b)  # warm-up
     jax.block_until_ready(m)

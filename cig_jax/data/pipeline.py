@@ -12,6 +12,9 @@ how a conversation becomes tokens (`chat_template.py`), or global arrays (`cig_j
 
 Batch (all [batch, ...] numpy): input_ids, role, image_index, loss_mask, round_index, attention_mask
 [seq_len]; images [max_images, S, S, 3] float32 in [-1, 1]; image_mask [max_images]; record_index [].
+
+`make_image_dataset` serves the detokenizer stage instead: single images [S, S, 3] in [-1, 1] with the
+identity embedding of the one person shown (`identity` [De], `identity_mask` [] 0 when there is none).
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ import grain
 import numpy as np
 from PIL import Image as PILImage
 
-from cig_jax.data import schema
+from cig_jax.data import schema, synthetic
 from cig_jax.data.chat_template import ChatTemplate, pad_to
 
 log = logging.getLogger(__name__)
@@ -124,4 +127,71 @@ def make_dataset(records: Sequence[schema.Conversation], template: ChatTemplate,
     ds = ds[opts.process_index::opts.process_count]
     ds = ds.map(lambda i: encode_record(records[int(i)], int(i), template, opts, skips))
     ds = ds.filter(lambda ex: ex is not None)
+    return ds.to_iter_dataset().batch(opts.batch_size, drop_remainder=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Record selection and single images (detokenizer stage)
+# ----------------------------------------------------------------------------------------------------------
+class RecordSubset(Sequence):
+    """The records of `records` whose conversation kind is in `kinds` (all when empty), random access."""
+
+    def __init__(self, records: Sequence[schema.Conversation], kinds: Sequence[str] = ()):
+        self._records = records
+        if kinds:
+            self._index = [i for i in range(len(records)) if _kind(records, i) in set(kinds)]
+        else:
+            self._index = list(range(len(records)))
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __getitem__(self, i: int) -> schema.Conversation:
+        return self._records[self._index[int(i)]]
+
+
+def _kind(records, i: int) -> str:
+    raw = getattr(records, "raw", None)
+    if raw is not None:  # array_record source: read the JSON, not the images
+        import json
+
+        text = raw(i)["conversation"]
+        return json.loads(text.decode() if isinstance(text, bytes) else text).get("kind", "chat")
+    return records[i].kind
+
+
+def image_example(image: schema.Image, conv: schema.Conversation, size: int, identity_dim: int) -> dict:
+    pixels = image.load(conv.base_dir, where=f"conversation {conv.id!r} image")
+    ident = synthetic.image_identity(image, identity_dim)
+    return {"images": preprocess_image(pixels, size),
+            "identity": ident if ident is not None else np.zeros((identity_dim,), np.float32),
+            "identity_mask": np.float32(ident is not None)}
+
+
+def make_image_dataset(records: Sequence[schema.Conversation], opts: PipelineOptions, identity_dim: int = 128,
+                       skips: Optional[SkipCounter] = None) -> grain.IterDataset:
+    """Every image of every record (user and assistant images), shuffled by `opts.seed`, sharded per process,
+    batched: images [batch, S, S, 3], identity [batch, identity_dim], identity_mask [batch]."""
+    skips = skips if skips is not None else SkipCounter()
+    pairs = np.asarray([(i, k) for i in range(len(records)) for k in range(len(list(schema.iter_images(records[i]))))],
+                       np.int64).reshape(-1, 2)
+    if len(pairs) == 0:
+        raise ValueError("make_image_dataset: the records hold no images")
+
+    def load(j):
+        i, k = (int(v) for v in pairs[int(j)])
+        conv = records[i]
+        image = list(schema.iter_images(conv))[k][1]
+        try:
+            return image_example(image, conv, opts.image_size, identity_dim)
+        except (schema.SchemaError, OSError, ValueError) as e:
+            skips.skip("missing image", i, str(e))
+            return None
+
+    ds = grain.MapDataset.range(len(pairs))
+    if opts.shuffle:
+        ds = ds.shuffle(seed=opts.seed)
+    ds = ds.repeat(opts.num_epochs)
+    ds = ds[opts.process_index::opts.process_count]
+    ds = ds.map(load).filter(lambda ex: ex is not None)
     return ds.to_iter_dataset().batch(opts.batch_size, drop_remainder=True)

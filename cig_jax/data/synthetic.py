@@ -221,6 +221,39 @@ def _check_attributes(a: dict) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Identity embeddings of drawn people
+# ----------------------------------------------------------------------------------------------------------
+# What makes a drawn person recognisable (clothing, accessories and scene change between rounds).
+IDENTITY_ATTRIBUTES: tuple[str, ...] = ("face_shape", "skin_tone", "hair_color", "hair_style", "eye_color")
+
+
+def identity_embedding(attributes: dict, dim: int = 128) -> np.ndarray:
+    """The identity embedding of a drawn person, standing in for a face recogniser's: face detectors and
+    ArcFace do not work on these cartoons, so the demo reads identity from the ground truth instead. The
+    one-hot codes of IDENTITY_ATTRIBUTES (3 + 4 + 6 + 4 + 3 = 20 values), zero-padded to `dim`, unit norm:
+    two people share an embedding exactly when they look alike. float32 [dim]."""
+    codes = []
+    for k in IDENTITY_ATTRIBUTES:
+        if attributes.get(k) not in ATTRIBUTES[k]:
+            raise ValueError(f"identity_embedding: attribute {k!r} must be one of {ATTRIBUTES[k]}, got {attributes.get(k)!r}")
+        codes.append(np.eye(len(ATTRIBUTES[k]), dtype=np.float32)[ATTRIBUTES[k].index(attributes[k])])
+    code = np.concatenate(codes)
+    if dim < code.size:
+        raise ValueError(f"identity_embedding: dim {dim} < {code.size} one-hot values")
+    out = np.zeros((dim,), np.float32)
+    out[:code.size] = code / np.linalg.norm(code)
+    return out
+
+
+def image_identity(image: Image, dim: int = 128) -> Optional[np.ndarray]:
+    """The identity embedding of the one person in a drawn image (ground-truth metadata), or None when the
+    image shows no person, several people, or carries no attributes."""
+    if len(image.people) != 1 or not all(k in image.people[0].attributes for k in IDENTITY_ATTRIBUTES):
+        return None
+    return identity_embedding(image.people[0].attributes, dim)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Text
 # ----------------------------------------------------------------------------------------------------------
 _HAS = {"face_shape": "a {} face", "skin_tone": "{} skin", "hair_color": "{} hair", "eye_color": "{} eyes"}

@@ -49,9 +49,12 @@ class Detokenizer(nnx.Module):
 
     def loss(self, key: jax.Array, images: jax.Array, visual_embeddings: jax.Array,
              identity_embeddings: Optional[jax.Array] = None, cfg: DiffusionConfig = DiffusionConfig(), *,
-             condition_mask: Optional[jax.Array] = None, negative_visual: Optional[jax.Array] = None) -> jax.Array:
+             condition_mask: Optional[jax.Array] = None, negative_visual: Optional[jax.Array] = None,
+             identity_mask: Optional[jax.Array] = None, weights: Optional[jax.Array] = None) -> jax.Array:
         """Diffusion loss (cfg.objective) of reconstructing `images` [b, H, W, 3] from visual_embeddings
-        [b, N, D] and identity_embeddings [b, De], with condition dropout p_drop_visual / p_drop_identity."""
+        [b, N, D] and identity_embeddings [b, De], with condition dropout p_drop_visual / p_drop_identity.
+        identity_mask [b] (1: the identity applies, 0: the image has no single face) switches the identity
+        branch off per example; weights [b] weight the examples' losses (0: padding)."""
         k_enc, k_drop, k_loss = jax.random.split(key, 3)
         latents = self.images_to_latents(images, k_enc)
         visual, id_scale = visual_embeddings, jnp.ones((images.shape[0],), jnp.float32)
@@ -60,8 +63,10 @@ class Detokenizer(nnx.Module):
                                                          cfg.p_drop_identity, negative_visual)
         cond = dict(visual_embeddings=visual, condition_mask=condition_mask)
         if identity_embeddings is not None:
+            if identity_mask is not None:
+                id_scale = id_scale * identity_mask.astype(jnp.float32)
             cond.update(identity_embeddings=identity_embeddings, id_scale=id_scale)
-        return diffusion.training_loss(self.dit, latents, k_loss, cfg, **cond)
+        return diffusion.training_loss(self.dit, latents, k_loss, cfg, weights, **cond)
 
     def generate(self, key: jax.Array, visual_embeddings: jax.Array, identity_embeddings: Optional[jax.Array] = None,
                  cfg: DiffusionConfig = DiffusionConfig(), *, condition_mask: Optional[jax.Array] = None,

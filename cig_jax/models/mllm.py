@@ -175,8 +175,9 @@ class MLLM(nnx.Module):
         return self.cfg.num_image_tokens
 
     # -- images --------------------------------------------------------------------------------------------
-    def encode_images(self, pixel_values: jax.Array) -> jax.Array:
-        """[..., H, W, C] -> frozen ViT features [..., K, D_vit] (stop_gradient: the ViT never trains)."""
+    def encode_images(self, pixel_values: jax.Array, frozen: bool = True) -> jax.Array:
+        """[..., H, W, C] -> ViT features [..., K, D_vit]. Frozen (stop_gradient) unless `frozen=False`: only a
+        detokenizer stage that trains a ViT without pretrained weights (the tiny demo) asks for gradients."""
         lead = pixel_values.shape[:-3]
         flat = constrain(pixel_values.reshape(-1, *pixel_values.shape[-3:]), ("batch", None, None, None))
         vit = self.vit
@@ -189,7 +190,8 @@ class MLLM(nnx.Module):
         else:
             feats = vit.image_features(flat)
         feats = constrain(feats, ("batch", None, None))  # [images, K, D_vit]
-        return jax.lax.stop_gradient(feats.reshape(*lead, *feats.shape[1:]))
+        feats = feats.reshape(*lead, *feats.shape[1:])
+        return jax.lax.stop_gradient(feats) if frozen else feats
 
     def image_tokens(self, features: jax.Array, positions: Optional[jax.Array] = None) -> jax.Array:
         """ViT features [..., K, D_vit] -> LLM input tokens [..., Q, D_llm] (input resampler + patch position).
@@ -286,20 +288,22 @@ def regression_loss(pred: jax.Array, target: jax.Array, valid: jax.Array, kind: 
     return jnp.sum(per_token * w) / jnp.maximum(tokens, 1.0)
 
 
-def mllm_loss(model: MLLM, batch: dict) -> tuple[jax.Array, dict]:
+def mllm_loss(model: MLLM, batch: dict, *, dropout_rng: Optional[jax.Array] = None, return_output: bool = False):
     """lm_weight x next-token CE on `loss_mask` + reg_weight x regression of visual embeddings onto the target
     images' pooled ViT features (stop_gradient).
 
     batch: input_ids, role, image_index, loss_mask, attention_mask [batch, len]; images [batch, N, H, W, C]
     (or image_features [batch, N, K, D_vit]); optional labels [batch, len] (default input_ids: token t is the
-    target of position t - 1). Returns (loss, metrics) as `Task.loss_fn` expects."""
+    target of position t - 1). dropout_rng: LoRA dropout. Returns (loss, metrics) as `Task.loss_fn` expects,
+    and the MLLMOutput as a third value with `return_output`."""
     cfg = model.cfg
     if "image_features" in batch:
         feats = jax.lax.stop_gradient(batch["image_features"])
     else:
         feats = model.encode_images(batch["images"])  # [batch, N, K, D_vit], no gradient
     ids, mask = batch["input_ids"], batch.get("attention_mask")
-    out = model(ids, batch["role"], batch["image_index"], image_features=feats, attention_mask=mask)
+    out = model(ids, batch["role"], batch["image_index"], image_features=feats, attention_mask=mask,
+                dropout_rng=dropout_rng)
     labels = batch.get("labels", ids)
     weights = batch["loss_mask"] if mask is None else batch["loss_mask"] * mask
     lm, count = next_token_loss(out.logits[:, :-1], labels[:, 1:], weights[:, 1:])
@@ -309,7 +313,8 @@ def mllm_loss(model: MLLM, batch: dict) -> tuple[jax.Array, dict]:
     targets = jax.lax.stop_gradient(pool_targets(chosen, cfg.num_image_tokens, cfg.reg_target_pool))
     reg = regression_loss(out.visual_embeddings, targets, valid, cfg.reg_loss)
     loss = cfg.lm_weight * lm + cfg.reg_weight * reg
-    return loss, {"lm_loss": lm, "reg_loss": reg, "loss_tokens": count, "query_blocks": jnp.sum(valid)}
+    metrics = {"lm_loss": lm, "reg_loss": reg, "loss_tokens": count, "query_blocks": jnp.sum(valid)}
+    return (loss, metrics, out) if return_output else (loss, metrics)
 
 
 def num_params(cfg: ModelConfig) -> dict:

@@ -40,8 +40,14 @@ def _per_sample(v: jax.Array, x: jax.Array) -> jax.Array:
     return v.reshape(v.shape + (1,) * (x.ndim - v.ndim))
 
 
-def _mse(pred: jax.Array, target: jax.Array) -> jax.Array:
-    return jnp.mean(jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32)))
+def _mse(pred: jax.Array, target: jax.Array, weights: Optional[jax.Array] = None) -> jax.Array:
+    """Mean squared error; with weights [b], a weighted mean of the per-example means."""
+    sq = jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32))
+    if weights is None:
+        return jnp.mean(sq)
+    per_example = jnp.mean(sq.reshape(sq.shape[0], -1), axis=1)
+    w = weights.astype(jnp.float32)
+    return jnp.sum(per_example * w) / jnp.maximum(jnp.sum(w), 1e-6)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -61,7 +67,7 @@ def flow_interpolate(x0: jax.Array, noise: jax.Array, t: jax.Array) -> jax.Array
 
 
 def flow_matching_loss(model_fn: ModelFn, x0_latents: jax.Array, key: jax.Array, cfg: DiffusionConfig,
-                       **cond) -> jax.Array:
+                       weights: Optional[jax.Array] = None, **cond) -> jax.Array:
     """Rectified-flow loss: mean ||model_fn(x_t, t * timestep_scale, **cond) - (noise - x0)||^2 (fp32 scalar).
     A model with extra output channels (PixArt-alpha's 2C) is scored on its first C. The SD3 `shift` is a
     sampling-schedule option only; training times are not shifted."""
@@ -72,7 +78,7 @@ def flow_matching_loss(model_fn: ModelFn, x0_latents: jax.Array, key: jax.Array,
     noise = jax.random.normal(k_n, x0.shape, jnp.float32)
     x_t = flow_interpolate(x0, noise, t)
     pred = model_fn(x_t, t * cfg.timestep_scale, **cond)[..., : x0.shape[-1]]
-    return _mse(pred, noise - x0)
+    return _mse(pred, noise - x0, weights)
 
 
 def flow_sigmas(num_steps: int, shift: float = 1.0) -> np.ndarray:
@@ -139,7 +145,8 @@ def ddpm_add_noise(x0: jax.Array, noise: jax.Array, timesteps: jax.Array, alphas
     return _per_sample(abar ** 0.5, x0) * x0 + _per_sample((1.0 - abar) ** 0.5, x0) * noise
 
 
-def epsilon_loss(model_fn: ModelFn, x0_latents: jax.Array, key: jax.Array, cfg: DiffusionConfig, **cond) -> jax.Array:
+def epsilon_loss(model_fn: ModelFn, x0_latents: jax.Array, key: jax.Array, cfg: DiffusionConfig,
+                 weights: Optional[jax.Array] = None, **cond) -> jax.Array:
     """DDPM epsilon-prediction loss, t ~ U{0, ..., T-1}. With out_channels = 2C (PixArt-alpha's learned
     variance), only the first C channels (epsilon) are trained here."""
     k_t, k_n = jax.random.split(key)
@@ -148,7 +155,7 @@ def epsilon_loss(model_fn: ModelFn, x0_latents: jax.Array, key: jax.Array, cfg: 
     noise = jax.random.normal(k_n, x0.shape, jnp.float32)
     x_t = ddpm_add_noise(x0, noise, t, ddpm_alphas_cumprod(cfg))
     pred = model_fn(x_t, t, **cond)[..., : x0.shape[-1]]
-    return _mse(pred, noise)
+    return _mse(pred, noise, weights)
 
 
 def ddim_timesteps(cfg: DiffusionConfig, num_steps: int) -> np.ndarray:
@@ -260,11 +267,12 @@ def guided_denoise_fn(model_fn: ModelFn, visual_embeddings: jax.Array, identity_
 # ----------------------------------------------------------------------------------------------------------
 # Entry points by config
 # ----------------------------------------------------------------------------------------------------------
-def training_loss(model_fn: ModelFn, x0_latents: jax.Array, key: jax.Array, cfg: DiffusionConfig, **cond) -> jax.Array:
-    """The configured objective's loss ('flow': velocity, 'ddpm': epsilon)."""
+def training_loss(model_fn: ModelFn, x0_latents: jax.Array, key: jax.Array, cfg: DiffusionConfig,
+                  weights: Optional[jax.Array] = None, **cond) -> jax.Array:
+    """The configured objective's loss ('flow': velocity, 'ddpm': epsilon); weights [b] weight examples."""
     if cfg.objective == "flow":
-        return flow_matching_loss(model_fn, x0_latents, key, cfg, **cond)
-    return epsilon_loss(model_fn, x0_latents, key, cfg, **cond)
+        return flow_matching_loss(model_fn, x0_latents, key, cfg, weights, **cond)
+    return epsilon_loss(model_fn, x0_latents, key, cfg, weights, **cond)
 
 
 def sample(denoise_fn: DenoiseFn, key: jax.Array, shape: tuple[int, ...], cfg: DiffusionConfig,

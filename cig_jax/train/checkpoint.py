@@ -89,18 +89,38 @@ class Checkpointer:
         self.manager.close()
 
 
-def _diff(saved: Any, current: Any, prefix: str) -> list[str]:
+def read_config(directory: str | Path, step: Optional[int] = None) -> dict:
+    """The config (as a dict) saved with checkpoint `step` (default: the latest) under `directory`."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: no checkpoints there")
+    manager = ocp.CheckpointManager(directory.absolute(), item_handlers={"config": ocp.JsonCheckpointHandler()})
+    try:
+        step = step if step is not None else manager.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"{directory}: no checkpoint there")
+        return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    finally:
+        manager.close()
+
+
+def model_config_diffs(saved: dict, current: dict, ignore: tuple = ()) -> list[str]:
+    """Differences between two `model` config dicts, execution fields (and `ignore`) aside."""
+    return _diff(saved, current, "model", tuple(ignore))
+
+
+def _diff(saved: Any, current: Any, prefix: str, ignore: tuple = ()) -> list[str]:
     if isinstance(saved, dict) and isinstance(current, dict):
         out = []
         for k in sorted(set(saved) | set(current)):
-            if k in EXECUTION_FIELDS:
+            if k in EXECUTION_FIELDS or k in ignore:
                 continue
             if k not in current:
                 out.append(f"{prefix}.{k} only in the checkpoint")
             elif k not in saved:
                 out.append(f"{prefix}.{k} not in the checkpoint")
             else:
-                out += _diff(saved[k], current[k], f"{prefix}.{k}")
+                out += _diff(saved[k], current[k], f"{prefix}.{k}", ignore)
         return out
     if isinstance(current, tuple):
         current = list(current)

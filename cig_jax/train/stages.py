@@ -1,23 +1,44 @@
 """Training stages: for each `train.stage`, what trains, what is frozen, which loss and which data.
 
 Owns: `Task`, the stage's contract with the loop in `trainer.py`, and `build_task(cfg)`, the one place a
-stage name becomes a model factory, a trainable-parameter filter, a loss and a dataset.
+stage name becomes a model factory, a trainable-parameter filter, a loss and a dataset; the records and the
+tokenizer a stage reads.
 
-Stages:
+Stages (the paper's multi-stage instruction fine-tuning; every MLLM-era stage trains parts of one `CIGModel`,
+so each checkpoint holds the whole system and `train.init_from` chains them):
     lm           the LLM alone on token data (smoke job and LLM benchmarks)
+    detokenizer  stage 1: the DiT (+ identity encoder) reconstructs single images from the pooled ViT features
+                 (the targets the MLLM's visual embeddings regress onto) and the shown person's identity
+                 embedding; the MLLM is frozen
+    personalize  stage 2: the MLLM (resamplers + LLM, or its LoRA adapters) on single-turn personalization:
+                 next-token loss on the answer + regression of the image queries onto the target image;
+                 ViT and detokenizer frozen
+    multiround   stage 3: the same losses on the non-Markov multi-round mixture (name-based, rollback,
+                 Markov edits) with single-turn data kept; optionally (`train.detokenizer_loss_weight`) the
+                 frozen DiT's loss on the predicted visual embeddings, end to end
+
+Defaults of `train.trainable` per stage are in `DEFAULT_TRAINABLE`; a config may name other parts (see
+`cig_jax.models.cig.PARTS`), e.g. the tiny demo trains the ViT in stage 1 because no pretrained ViT exists
+offline.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+import math
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
 
 import grain
 import jax
+import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from cig_jax.config import Config
+from cig_jax.config import Config, ConfigError
 from cig_jax.data.lm_smoke import lm_smoke_dataset
+from cig_jax.models.cig import CIGModel, trainable_filter
 from cig_jax.models.llm import LLM, next_token_loss, train_flops_per_token
+from cig_jax.models.mllm import mllm_loss, pool_targets, take_images, vit_feature_shape
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,12 +46,29 @@ class Task:
     name: str
     make_model: Callable[[], nnx.Module]  # builds the model (run under jit with sharded outputs)
     trainable: Any  # nnx filter selecting the parameters that train; everything else is frozen
-    loss_fn: Callable[[nnx.Module, dict], tuple[jax.Array, dict]]
+    loss_fn: Callable[[nnx.Module, dict], tuple[jax.Array, dict]]  # batch carries 'rng' (a key) in the step
     make_dataset: Callable[[int, int], grain.IterDataset]  # (process_index, process_count) -> host batches
     flops_per_example: float  # model FLOPs of one example's forward + backward (for MFU)
     tokens_per_example: int
+    batch_spec: Callable[[int], dict] = None  # global batch -> {key: (shape, dtype)} (ahead-of-time compiles)
+    images_per_example: float = 0.0
 
 
+DEFAULT_TRAINABLE = {
+    "detokenizer": ["dit"],
+    "personalize": ["input_resampler", "llm", "output_resampler", "patch_pos_embed"],
+    "multiround": ["input_resampler", "llm", "output_resampler", "patch_pos_embed"],
+}
+# The paper's mixtures (synthetic kinds; `data.kinds` overrides). Stage 3 keeps single-turn data.
+DEFAULT_KINDS = {
+    "personalize": ["single_turn"],
+    "multiround": ["name_based", "name_based", "rollback", "markov_edit", "single_turn"],
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# LM smoke stage
+# ----------------------------------------------------------------------------------------------------------
 def lm_loss(model: LLM, batch: dict) -> tuple[jax.Array, dict]:
     """Next-token cross-entropy on `batch['tokens']` weighted by `batch['loss_mask']`."""
     tokens, mask = batch["tokens"], batch["loss_mask"]
@@ -42,13 +80,14 @@ def lm_loss(model: LLM, batch: dict) -> tuple[jax.Array, dict]:
 def _lm_task(cfg: Config) -> Task:
     llm, data = cfg.model.llm, cfg.data
     if data.source != "random_tokens":
-        raise ValueError(f"stage 'lm': data.source must be 'random_tokens', got {data.source!r}")
+        raise ConfigError(f"stage 'lm': data.source must be 'random_tokens', got {data.source!r}")
 
     def make_dataset(process_index: int, process_count: int):
         return lm_smoke_dataset(vocab=llm.vocab_size, seq_len=data.seq_len,
                                 local_batch=data.global_batch_size // process_count, seed=data.seed,
                                 process_index=process_index, process_count=process_count)
 
+    spec = lambda b: {k: ((b, data.seq_len), jnp.int32) for k in ("tokens", "loss_mask")}  # noqa: E731
     return Task(
         name="lm",
         make_model=lambda: LLM(llm, rngs=nnx.Rngs(cfg.train.seed)),
@@ -57,13 +96,176 @@ def _lm_task(cfg: Config) -> Task:
         make_dataset=make_dataset,
         flops_per_example=train_flops_per_token(llm, data.seq_len) * data.seq_len,
         tokens_per_example=data.seq_len,
+        batch_spec=spec,
     )
 
 
-STAGES = {"lm": _lm_task}
+# ----------------------------------------------------------------------------------------------------------
+# Records and tokenizer
+# ----------------------------------------------------------------------------------------------------------
+def load_stage_records(cfg: Config, default_kinds: Sequence[str] = ()) -> Sequence:
+    """The conversations a stage reads: drawn in memory ('synthetic') or an array_record build ('tfds')."""
+    from cig_jax.data import pipeline, synthetic, tfds_builder
+
+    data = cfg.data
+    kinds = list(data.kinds) or list(default_kinds)
+    if data.source == "synthetic":
+        return list(synthetic.generate(data.num_records, seed=data.seed, kinds=kinds or synthetic.KINDS,
+                                       size=data.render_size))
+    if data.source == "tfds":
+        if not data.dir:
+            raise ConfigError("data.source 'tfds' needs data.dir (the folder given to cig_jax.data.tfds_builder)")
+        records = tfds_builder.load_records(data.dir, data.split)
+        return pipeline.RecordSubset(records, sorted(set(kinds)))
+    raise ConfigError(f"stage {cfg.train.stage!r}: data.source must be 'synthetic' or 'tfds', got {data.source!r}")
+
+
+def stage_tokenizer(cfg: Config):
+    """`data.tokenizer` (a Hugging Face tokenizer folder) or the tiny tokenizer built locally; checked against
+    `model.llm.vocab_size`. Saved under `<workdir>/tokenizer` by the trainer so sampling finds it."""
+    from cig_jax.data.chat_template import build_tiny_tokenizer, load_tokenizer
+
+    if cfg.data.tokenizer:
+        tok = load_tokenizer(cfg.data.tokenizer)
+    else:
+        tok = build_tiny_tokenizer(Path(cfg.train.workdir) / "tokenizer_cache")
+    if len(tok) > cfg.model.llm.vocab_size:
+        raise ConfigError(f"model.llm.vocab_size ({cfg.model.llm.vocab_size}) is smaller than the tokenizer "
+                          f"({len(tok)} tokens incl. the MLLM tokens)")
+    return tok
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Losses
+# ----------------------------------------------------------------------------------------------------------
+def detokenizer_loss(model: CIGModel, batch: dict, *, diffusion, train_vit: bool) -> tuple[jax.Array, dict]:
+    """Stage 1: reconstruct `images` [b, S, S, 3] from pooled ViT features [b, Q, D_vit] and `identity`."""
+    mllm = model.mllm
+    feats = mllm.encode_images(batch["images"], frozen=not train_vit)  # [b, K, D_vit]
+    visual = pool_targets(feats, mllm.num_image_tokens, mllm.cfg.reg_target_pool)  # [b, Q, D_vit]
+    loss = model.detokenizer.loss(batch["rng"], batch["images"], visual, batch.get("identity"), diffusion,
+                                  identity_mask=batch.get("identity_mask"))
+    return loss, {"diffusion_loss": loss, "identity_fraction": jnp.mean(batch.get("identity_mask", 0.0))}
+
+
+def conversation_loss(model: CIGModel, batch: dict, *, diffusion, detokenizer_weight: float, lora_dropout: bool
+                      ) -> tuple[jax.Array, dict]:
+    """Stages 2 and 3: the MLLM's next-token + regression loss; with `detokenizer_weight` > 0 also the frozen
+    DiT's diffusion loss of each target image given the MLLM's *predicted* visual embeddings."""
+    key = batch["rng"]
+    k_drop, k_dit = jax.random.split(key)
+    mllm = model.mllm
+    inputs = {k: v for k, v in batch.items() if k != "rng"}
+    if not detokenizer_weight:
+        return mllm_loss(mllm, inputs, dropout_rng=k_drop if lora_dropout else None)
+    loss, metrics, out = mllm_loss(mllm, inputs, dropout_rng=k_drop if lora_dropout else None, return_output=True)
+    b, blocks = out.query_image_index.shape
+    valid = (out.query_image_index >= 0).reshape(-1)
+    target = take_images(batch["images"], out.query_image_index).reshape(b * blocks, *batch["images"].shape[2:])
+    vis = out.visual_embeddings.reshape(b * blocks, *out.visual_embeddings.shape[2:])
+    dit = model.detokenizer.loss(k_dit, target, vis, None, dataclasses.replace(diffusion, p_drop_visual=0.0,
+                                                                                 p_drop_identity=0.0),
+                                 weights=valid.astype(jnp.float32))
+    return loss + detokenizer_weight * dit, dict(metrics, detokenizer_loss=dit)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# FLOPs (for MFU): 6 N per trained token, 2 N per frozen forward token
+# ----------------------------------------------------------------------------------------------------------
+def _params(module) -> int:
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
+
+
+def _vit_flops(cfg: Config, abstract, images: float, train: bool) -> float:
+    v = cfg.model.vit
+    patches = (v.image_size // v.patch_size) ** 2
+    return (6.0 if train else 2.0) * _params(abstract.mllm.vit) * patches * images
+
+
+def _dit_flops(cfg: Config, abstract, images: float, train: bool) -> float:
+    d = cfg.model.dit
+    tokens = (d.sample_size // d.patch_size) ** 2
+    return (6.0 if train else 2.0) * _params(abstract.detokenizer.dit) * tokens * images
+
+
+# ----------------------------------------------------------------------------------------------------------
+# MLLM-era stages
+# ----------------------------------------------------------------------------------------------------------
+def _system_task(cfg: Config) -> Task:
+    from cig_jax.data import pipeline
+
+    stage, data, model_cfg = cfg.train.stage, cfg.data, cfg.model
+    parts = list(cfg.train.trainable) or DEFAULT_TRAINABLE[stage]
+    if stage != "detokenizer" and model_cfg.llm.lora_rank and "llm" in parts and not cfg.train.trainable:
+        parts = [p if p != "llm" else "llm_adapters" for p in parts]  # SEED-X LoRA recipe
+    trainable = trainable_filter(parts)
+    abstract = nnx.eval_shape(lambda: CIGModel(model_cfg, rngs=nnx.Rngs(0)))
+    size = model_cfg.vit.image_size
+    n_img = data.max_images
+    de = model_cfg.dit.identity.embedding_dim
+
+    def make_model():
+        return CIGModel(model_cfg, rngs=nnx.Rngs(cfg.train.seed))
+
+    def options(process_index, process_count):
+        return pipeline.PipelineOptions(seq_len=data.seq_len, max_images=n_img, image_size=size,
+                                        batch_size=data.global_batch_size // process_count, seed=data.seed,
+                                        markov_view=data.markov_view, process_index=process_index,
+                                        process_count=process_count)
+
+    if stage == "detokenizer":
+        train_vit = "vit" in parts
+
+        def make_dataset(process_index, process_count):
+            records = load_stage_records(cfg)
+            return pipeline.make_image_dataset(records, options(process_index, process_count), de)
+
+        def spec(b):
+            return {"images": ((b, size, size, 3), jnp.float32), "identity": ((b, de), jnp.float32),
+                    "identity_mask": ((b,), jnp.float32)}
+
+        flops = _vit_flops(cfg, abstract, 1, train_vit) + _dit_flops(cfg, abstract, 1, True)
+        return Task(stage, make_model, trainable,
+                    lambda m, b: detokenizer_loss(m, b, diffusion=cfg.diffusion, train_vit=train_vit),
+                    make_dataset, flops, 0, spec, images_per_example=1.0)
+
+    if "vit" in parts:
+        raise ConfigError(f"stage {stage!r}: the ViT stays frozen in MLLM stages (drop 'vit' from train.trainable)")
+    keys = ("input_ids", "role", "image_index", "loss_mask", "attention_mask", "images")
+
+    def make_dataset(process_index, process_count):
+        template = _template(cfg)
+        records = load_stage_records(cfg, DEFAULT_KINDS[stage])
+        ds = pipeline.make_dataset(records, template, options(process_index, process_count))
+        return ds.map(lambda ex: {k: ex[k] for k in keys})
+
+    def spec(b):
+        out = {k: ((b, data.seq_len), jnp.int32) for k in keys[:-1]}
+        out["images"] = ((b, n_img, size, size, 3), jnp.float32)
+        return out
+
+    weight = cfg.train.detokenizer_loss_weight
+    # LLM: 6 N per token (its frozen base under LoRA still does forward + backward of activations);
+    # ViT forward over every image slot; the DiT's forward + backward (gradient flows through it) when used.
+    flops = (train_flops_per_token(model_cfg.llm, data.seq_len) * data.seq_len
+             + _vit_flops(cfg, abstract, n_img, False)
+             + (_dit_flops(cfg, abstract, n_img, True) if weight else 0.0))
+    return Task(stage, make_model, trainable,
+                lambda m, b: conversation_loss(m, b, diffusion=cfg.diffusion, detokenizer_weight=weight,
+                                               lora_dropout=model_cfg.llm.lora_dropout > 0),
+                make_dataset, flops, data.seq_len, spec, images_per_example=float(n_img))
+
+
+def _template(cfg: Config):
+    from cig_jax.data.chat_template import ChatTemplate
+
+    return ChatTemplate(stage_tokenizer(cfg), cfg.model.mllm.num_image_tokens)
+
+
+STAGES = {"lm": _lm_task, "detokenizer": _system_task, "personalize": _system_task, "multiround": _system_task}
 
 
 def build_task(cfg: Config) -> Task:
     if cfg.train.stage not in STAGES:
-        raise ValueError(f"train.stage: unknown stage {cfg.train.stage!r} (known: {sorted(STAGES)})")
+        raise ConfigError(f"train.stage: unknown stage {cfg.train.stage!r} (known: {sorted(STAGES)})")
     return STAGES[cfg.train.stage](cfg)

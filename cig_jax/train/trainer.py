@@ -16,7 +16,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +26,7 @@ from flax import nnx
 
 from cig_jax import sharding
 from cig_jax.config import Config, OptimizerConfig
-from cig_jax.train.checkpoint import Checkpointer, abstract_like
+from cig_jax.train.checkpoint import Checkpointer, CheckpointMismatchError, abstract_like
 from cig_jax.train.stages import Task, build_task
 
 # Dense bf16 peak FLOP/s per chip (vendor figures, no sparsity), for MFU.
@@ -67,13 +67,21 @@ class TrainState:
     params: Any  # nnx.State of the trainable parameters
     opt_state: Any  # optimizer state of those parameters only (frozen ones have none)
     step: jax.Array  # [] int32
+    frozen: Any = None  # nnx.State of everything else (frozen params, buffers): a jit argument, never updated
+
+    def model_state(self):
+        """params and frozen together: the whole model's state (for `nnx.merge` / `nnx.update`)."""
+        return nnx.merge_state(self.params, self.frozen) if self.frozen is not None else self.params
 
 
-def make_train_step(graphdef, frozen, tx: optax.GradientTransformation, loss_fn: Callable, accum_steps: int = 1):
-    """(state, batch) -> (state, metrics). `frozen` is the non-trainable model state; with accum_steps > 1
-    the batch's leading axis is split into that many microbatches whose gradients are averaged."""
+def make_train_step(graphdef, tx: optax.GradientTransformation, loss_fn: Callable, accum_steps: int = 1,
+                    seed: int = 0):
+    """(state, batch) -> (state, metrics). The frozen model state travels in `state.frozen` (an argument of the
+    compiled step, not a constant baked into the program) and comes back unchanged. The loss sees
+    `batch['rng']`, a key folded from (seed, step, microbatch). With accum_steps > 1 the batch's leading axis
+    is split into that many microbatches whose gradients are averaged."""
 
-    def grads_of(params, batch):
+    def grads_of(params, frozen, batch):
         def compute(p):
             return loss_fn(nnx.merge(graphdef, p, frozen), batch)
 
@@ -81,23 +89,26 @@ def make_train_step(graphdef, frozen, tx: optax.GradientTransformation, loss_fn:
         return grads, dict(aux, loss=loss)
 
     def step(state: TrainState, batch: dict):
+        key = jax.random.fold_in(jax.random.key(seed), state.step)
+        frozen = state.frozen if state.frozen is not None else nnx.State({})
         if accum_steps == 1:
-            grads, metrics = grads_of(state.params, batch)
+            grads, metrics = grads_of(state.params, frozen, dict(batch, rng=key))
         else:
             micro = jax.tree.map(lambda x: x.reshape(accum_steps, x.shape[0] // accum_steps, *x.shape[1:]), batch)
+            micro = dict(micro, rng=jax.random.split(key, accum_steps))
 
             def body(acc, mb):
-                g, m = grads_of(state.params, mb)
+                g, m = grads_of(state.params, frozen, mb)
                 return jax.tree.map(jnp.add, acc, (g, m)), None
 
-            zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grads_of, state.params,
-                                                                jax.tree.map(lambda x: x[0], micro)))
+            first = jax.tree.map(lambda x: x[0], micro)
+            zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grads_of, state.params, frozen, first))
             (grads, metrics), _ = jax.lax.scan(body, zeros, micro)
             grads, metrics = jax.tree.map(lambda x: x / accum_steps, (grads, metrics))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = dict(metrics, grad_norm=optax.global_norm(grads))
-        return TrainState(params, opt_state, state.step + 1), metrics
+        return TrainState(params, opt_state, state.step + 1, state.frozen), metrics
 
     return step
 
@@ -135,23 +146,42 @@ def print_memory(compiled) -> dict:
     return stats
 
 
-def state_shardings(params_sds, tx, mesh) -> TrainState:
-    """Shardings of the whole TrainState given sharded abstract params: each optimizer-state leaf that mirrors
-    a parameter (Adam's moments) takes that parameter's sharding, everything else (counts) is replicated.
-    (Not the compiled output shardings of `tx.init`: XLA replicates zeros that depend on no input.)"""
+def state_shardings(params_sds, tx, mesh, frozen_sds=None) -> TrainState:
+    """Shardings of the whole TrainState given sharded abstract params (and frozen state): each optimizer-state
+    leaf that mirrors a parameter (Adam's moments) takes that parameter's sharding, everything else (counts)
+    is replicated. (Not the compiled output shardings of `tx.init`: XLA replicates zeros that depend on no
+    input.)"""
     params_shardings = jax.tree.map(lambda x: x.sharding, params_sds)
     opt_shardings = optax.tree_map_params(tx, lambda _, sh: sh, jax.eval_shape(tx.init, params_sds),
                                           params_shardings, transform_non_params=lambda _: sharding.replicated(mesh))
-    return TrainState(params_shardings, opt_shardings, sharding.replicated(mesh))
+    frozen = None if frozen_sds is None else jax.tree.map(lambda x: x.sharding, frozen_sds)
+    return TrainState(params_shardings, opt_shardings, sharding.replicated(mesh), frozen)
 
 
-def init_state(params, tx, mesh, rules):
-    """Places params on the mesh and builds the optimizer state with matching shardings."""
+def abstract_state(params_sds, tx, mesh, frozen_sds=None) -> tuple[TrainState, TrainState]:
+    """(ShapeDtypeStructs with shardings of the TrainState, its shardings) from sharded abstract params."""
+    shardings = state_shardings(params_sds, tx, mesh, frozen_sds)
+    opt = jax.eval_shape(tx.init, params_sds)
+    opt = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), opt, shardings.opt_state)
+    step = jax.ShapeDtypeStruct((), jnp.int32, sharding=shardings.step)
+    return TrainState(params_sds, opt, step, frozen_sds), shardings
+
+
+def init_state(params, tx, mesh, rules, frozen=None):
+    """Places params (and the frozen state) on the mesh and builds the optimizer state with matching shardings."""
     params = jax.device_put(params, sharding.state_shardings(params, mesh, rules))
-    shardings = state_shardings(params, tx, mesh)
+    if frozen is not None:
+        frozen = jax.device_put(frozen, sharding.state_shardings(frozen, mesh, rules))
+    shardings = state_shardings(params, tx, mesh, frozen)
     opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
-    state = TrainState(params, opt_state, jax.device_put(jnp.zeros((), jnp.int32), shardings.step))
+    state = TrainState(params, opt_state, jax.device_put(jnp.zeros((), jnp.int32), shardings.step), frozen)
     return state, shardings
+
+
+def sharded_abstract(state, mesh, rules):
+    """ShapeDtypeStructs carrying the logical-rule NamedShardings of an (abstract) nnx.State."""
+    shard = sharding.state_shardings(state, mesh, rules)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shard)
 
 
 def fingerprint(batch: dict) -> str:
@@ -189,17 +219,25 @@ def run(cfg: Config, task: Task | None = None) -> dict:
 
     # --- model, shard and transfer ----------------------------------------------------------------------
     model = sharding.create_sharded(task.make_model, mesh, rules)
-    graphdef, params, frozen = nnx.split(model, task.trainable, ...)
-    n_train = sum(v.value.size for _, v in nnx.to_flat_state(params))
-    n_frozen = sum(getattr(v.value, "size", 0) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param))) - n_train
-    say(f"[model] stage {task.name!r}: {n_train / 1e6:.2f}M trainable, {n_frozen / 1e6:.2f}M frozen parameters")
-    tx = make_optimizer(cfg.optimizer, cfg.train.steps)
-    state, state_shardings = init_state(params, tx, mesh, rules)
-
-    # --- resume ------------------------------------------------------------------------------------------
     ckpt = Checkpointer(workdir / "checkpoints", save_every=cfg.train.checkpoint_every or cfg.train.steps,
                         keep=cfg.train.keep_checkpoints, async_save=cfg.train.async_checkpoints)
     start = ckpt.latest_step() if cfg.train.resume else None
+    if start is None and cfg.train.init_from:  # a resumed run's checkpoint already holds these weights
+        initialize_from(model, cfg.train.init_from, cfg, mesh)
+        say(f"[init] whole model from the latest checkpoint of {cfg.train.init_from}")
+    graphdef, params, frozen = nnx.split(model, task.trainable, ...)
+    del model
+    n_train = sum(v.value.size for _, v in nnx.to_flat_state(params))
+    n_frozen = sum(getattr(v.value, "size", 0) for _, v in nnx.to_flat_state(frozen))
+    say(f"[model] stage {task.name!r}: {n_train / 1e6:.2f}M trainable, {n_frozen / 1e6:.2f}M frozen parameters")
+    if n_train == 0:
+        raise ValueError(f"stage {task.name!r}: train.trainable selects no parameters")
+    frozen = frozen if jax.tree.leaves(frozen) else None
+    tx = make_optimizer(cfg.optimizer, cfg.train.steps)
+    state, state_shardings = init_state(params, tx, mesh, rules, frozen)
+    del params, frozen
+
+    # --- resume ------------------------------------------------------------------------------------------
     if start is not None:
         state = ckpt.restore(start, abstract_like(state), data_iter, cfg)
         say(f"[resume] from {ckpt.directory / str(start)} at step {start}")
@@ -209,13 +247,16 @@ def run(cfg: Config, task: Task | None = None) -> dict:
     host_batch = next(data_iter)
     batch = sharding.host_to_global(host_batch, mesh, rules)
     batch_shardings = jax.tree.map(lambda x: x.sharding, batch)
-    step_fn = make_train_step(graphdef, frozen, tx, task.loss_fn, cfg.train.grad_accum_steps)
+    step_fn = make_train_step(graphdef, tx, task.loss_fn, cfg.train.grad_accum_steps, cfg.train.seed)
     t_compile = time.perf_counter()
-    step = compile_step(step_fn, state, batch, state_shardings, batch_shardings, mesh, verbose=is_main)
+    with sharding.activation_sharding(mesh, rules):  # activation constraints are read while tracing
+        step = compile_step(step_fn, state, batch, state_shardings, batch_shardings, mesh, verbose=is_main)
     say(f"[compile] train step compiled in {time.perf_counter() - t_compile:.1f}s")
 
     # --- loop ------------------------------------------------------------------------------------------
     workdir.mkdir(parents=True, exist_ok=True)
+    if is_main:
+        write_artifacts(cfg, workdir)
     writer = _tensorboard(workdir) if (cfg.train.tensorboard and is_main) else None
     peak = cfg.train.peak_tflops or known_peak_tflops()
     examples = cfg.data.global_batch_size
@@ -236,6 +277,7 @@ def run(cfg: Config, task: Task | None = None) -> dict:
                     metrics = {"step": s, **{k: float(v) for k, v in m_s.items()}, "batch_fingerprint": fp_s,
                                "step_time_s": dt, "examples_per_s": examples / dt,
                                "tokens_per_s": examples * task.tokens_per_example / dt,
+                               "images_per_s": examples * task.images_per_example / dt,
                                "lr": float(learning_rate_schedule(cfg.optimizer, cfg.train.steps)(s - 1))}
                     if peak:
                         metrics["mfu"] = examples * task.flops_per_example / dt / (jax.device_count() * peak * 1e12)
@@ -245,8 +287,12 @@ def run(cfg: Config, task: Task | None = None) -> dict:
                         for k, v in metrics.items():
                             if isinstance(v, float):
                                 writer.add_scalar(k, v, s)
-                say(f"[train] step {metrics['step']:6d}  loss {metrics['loss']:.4f}  grad_norm "
-                    f"{metrics['grad_norm']:.3f}  {metrics['tokens_per_s']:,.0f} tok/s"
+                parts = "".join(f"  {k} {metrics[k]:.4f}" for k in ("lm_loss", "reg_loss", "diffusion_loss",
+                                                                      "detokenizer_loss") if k in metrics)
+                rate = (f"{metrics['tokens_per_s']:,.0f} tok/s" if task.tokens_per_example
+                        else f"{metrics['images_per_s']:,.1f} img/s")
+                say(f"[train] {task.name} step {metrics['step']:6d}/{cfg.train.steps}  loss {metrics['loss']:.4f}{parts}"
+                    f"  grad_norm {metrics['grad_norm']:.3f}  {rate}"
                     + (f"  MFU {metrics['mfu'] * 100:.1f}%" if "mfu" in metrics else ""), flush=True)
                 if is_main:
                     log.flush()
@@ -272,31 +318,76 @@ def run(cfg: Config, task: Task | None = None) -> dict:
     return metrics
 
 
-def load_trained(cfg: Config, *, step: int | None = None, mesh=None, task: Task | None = None) -> nnx.Module:
-    """The model of a finished (or running) run, restored from `cfg.train.workdir` onto `mesh` (default: the
-    config's mesh over all devices). Checkpoints reshard: a run saved on 8 devices loads on 1."""
+def restore_state(cfg: Config, mesh, *, step: Optional[int] = None, task: Optional[Task] = None,
+                  workdir: Optional[str | Path] = None) -> tuple[TrainState, Any, int]:
+    """(TrainState, graphdef, step) of run `cfg` restored from its workdir onto `mesh`. Checkpoints reshard: a run
+    saved on 8 devices loads on 1."""
     task = task or build_task(cfg)
-    mesh = mesh or sharding.make_mesh(cfg.mesh)
     rules = cfg.mesh.axis_rules
     abstract_model = nnx.eval_shape(task.make_model)
-    graphdef, abstract_params, _ = nnx.split(abstract_model, task.trainable, ...)
+    graphdef, params, frozen = nnx.split(abstract_model, task.trainable, ...)
+    frozen = sharded_abstract(frozen, mesh, rules) if jax.tree.leaves(frozen) else None
     tx = make_optimizer(cfg.optimizer, cfg.train.steps)
-    p_shard = sharding.state_shardings(abstract_params, mesh, rules)
-    params_sds = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract_params,
-                              p_shard)
-    shardings = state_shardings(params_sds, tx, mesh)
-    abstract = TrainState(params_sds, jax.eval_shape(tx.init, params_sds), jax.ShapeDtypeStruct((), jnp.int32))
-    target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract, shardings)
-    ckpt = Checkpointer(Path(cfg.train.workdir) / "checkpoints", save_every=1, keep=cfg.train.keep_checkpoints,
-                        async_save=False)
+    target, _ = abstract_state(sharded_abstract(params, mesh, rules), tx, mesh, frozen)
+    directory = Path(workdir or cfg.train.workdir) / "checkpoints"
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: no checkpoints there (train first, or check the path)")
+    ckpt = Checkpointer(directory, save_every=1, keep=cfg.train.keep_checkpoints, async_save=False)
     step = step if step is not None else ckpt.latest_step()
     if step is None:
         raise FileNotFoundError(f"{ckpt.directory}: no checkpoint to load (train first, or check train.workdir)")
     state = ckpt.restore(step, target, None, cfg)
     ckpt.close()
-    model = sharding.create_sharded(task.make_model, mesh, rules)
-    nnx.update(model, state.params)
-    return model
+    return state, graphdef, step
+
+
+def load_trained(cfg: Config, *, step: int | None = None, mesh=None, task: Task | None = None) -> nnx.Module:
+    """The model of a finished (or running) run, restored from `cfg.train.workdir` onto `mesh` (default: the
+    config's mesh over all devices), with its trained and its frozen parameters."""
+    mesh = mesh or sharding.make_mesh(cfg.mesh)
+    state, graphdef, _ = restore_state(cfg, mesh, step=step, task=task)
+    return nnx.merge(graphdef, state.model_state())
+
+
+def saved_config(workdir: str | Path, source: str = "train.init_from") -> Config:
+    """The config a run wrote into its latest checkpoint."""
+    from cig_jax.config import from_dict
+    from cig_jax.train.checkpoint import read_config
+
+    return from_dict(Config, read_config(Path(workdir) / "checkpoints"), source=f"{source} {workdir}")
+
+
+def initialize_from(model: nnx.Module, workdir: str | Path, cfg: Config, mesh) -> None:
+    """Overwrites `model`'s parameters with those of the latest checkpoint under `workdir` (the previous stage).
+    The model configs must agree (execution fields and LoRA settings aside: adapters absent there keep their
+    fresh initialisation, which leaves the base model unchanged)."""
+    from cig_jax.train.checkpoint import model_config_diffs
+
+    prev_cfg = saved_config(workdir)
+    diffs = model_config_diffs(to_dict_model(prev_cfg), to_dict_model(cfg), ignore=("lora_rank", "lora_alpha",
+                                                                                   "lora_dropout", "lora_targets"))
+    if diffs:
+        raise CheckpointMismatchError(f"train.init_from {workdir}: its model differs from this config's: "
+                                      + "; ".join(diffs[:10]))
+    prev_cfg = dataclasses.replace(prev_cfg, train=dataclasses.replace(prev_cfg.train, workdir=str(workdir)))
+    state, graphdef, _ = restore_state(prev_cfg, mesh)
+    prev = nnx.state(nnx.merge(graphdef, state.model_state()), nnx.Param)
+    nnx.update(model, prev)
+
+
+def to_dict_model(cfg: Config) -> dict:
+    from cig_jax.config import to_dict
+
+    return to_dict(cfg)["model"]
+
+
+def write_artifacts(cfg: Config, workdir: Path) -> None:
+    """What sampling needs beside the checkpoint: the tokenizer of MLLM stages, under <workdir>/tokenizer."""
+    if cfg.train.stage == "lm":
+        return
+    from cig_jax.train.stages import stage_tokenizer
+
+    stage_tokenizer(cfg).save_pretrained(str(workdir / "tokenizer"))
 
 
 def _tensorboard(workdir: Path):

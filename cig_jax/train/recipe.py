@@ -1,0 +1,80 @@
+"""Recipes: several stages run one after another from one YAML (the demo is one).
+
+Owns: the `recipe:` file format and running it. A recipe names an optional dataset to draw first and a list
+of stage configs (paths relative to the recipe); each stage is an ordinary training run (`trainer.run`),
+chained by the stages' own `train.init_from`. Command-line overrides apply to every stage. A stage whose
+checkpoint is complete is skipped by the trainer's auto-resume, so re-running a recipe continues it.
+
+    recipe:
+      data: {dir: workdir/demo/data, num_train: 3000, num_val: 100, size: 64, seed: 0}
+      stages: [stage1_detokenizer.yaml, stage2_personalize.yaml, stage3_multiround.yaml]
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import yaml
+
+from cig_jax.config import ConfigError, load_config
+
+_DATA_KEYS = {"dir", "num_train", "num_val", "size", "seed", "kinds"}
+
+
+def is_recipe(path: str | Path) -> bool:
+    try:
+        tree = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(tree, dict) and "recipe" in tree
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> tuple[dict, list]:
+    """(data spec or {}, [(stage path, Config)]) with every stage config loaded and checked up front."""
+    path = Path(path)
+    tree = yaml.safe_load(path.read_text()) or {}
+    extra = sorted(set(tree) - {"recipe"})
+    if extra:
+        raise ConfigError(f"{path}: a recipe file holds only 'recipe:' (found {extra})")
+    recipe = tree["recipe"]
+    if not isinstance(recipe, dict) or not isinstance(recipe.get("stages"), list) or not recipe["stages"]:
+        raise ConfigError(f"{path}: 'recipe.stages' must be a non-empty list of stage config files")
+    unknown = sorted(set(recipe) - {"data", "stages"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown key 'recipe.{unknown[0]}' (known: data, stages)")
+    data = recipe.get("data") or {}
+    bad = sorted(set(data) - _DATA_KEYS)
+    if bad:
+        raise ConfigError(f"{path}: unknown key 'recipe.data.{bad[0]}' (known: {sorted(_DATA_KEYS)})")
+    stages = []
+    for s in recipe["stages"]:
+        stage_path = path.parent / str(s)
+        stages.append((stage_path, load_config(stage_path, overrides)))
+    return data, stages
+
+
+def run_recipe(path: str | Path, overrides: list[str] = ()) -> dict:
+    from cig_jax.train import trainer
+
+    data, stages = load_recipe(path, overrides)
+    t0 = time.perf_counter()
+    if data:
+        from cig_jax.data import synthetic, tfds_builder
+
+        t = time.perf_counter()
+        print(f"[recipe] drawing the synthetic dataset into {data['dir']}", flush=True)
+        b = tfds_builder.build_dataset(data["dir"], "synthetic", data.get("num_train", 1000), data.get("num_val", 100),
+                                       data.get("seed", 0), data.get("size", 64),
+                                       tuple(data.get("kinds", synthetic.KINDS)))
+        print(f"[recipe] dataset ready: " + ", ".join(f"{k}={v.num_examples}" for k, v in b.info.splits.items())
+              + f" ({time.perf_counter() - t:.0f}s)", flush=True)
+    metrics = {}
+    for i, (stage_path, cfg) in enumerate(stages, 1):
+        t = time.perf_counter()
+        print(f"[recipe] stage {i}/{len(stages)}: {stage_path.name} (stage {cfg.train.stage!r}, {cfg.train.steps} "
+              f"steps, workdir {cfg.train.workdir})", flush=True)
+        metrics = trainer.run(cfg)
+        print(f"[recipe] stage {i}/{len(stages)} done in {time.perf_counter() - t:.0f}s", flush=True)
+    print(f"[recipe] all {len(stages)} stages done in {time.perf_counter() - t0:.0f}s; final checkpoint: "
+          f"{stages[-1][1].train.workdir}", flush=True)
+    return metrics
