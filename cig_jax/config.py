@@ -327,7 +327,7 @@ class TrainConfig:
     workdir: str = "workdir/default"
     seed: int = 0
     grad_accum_steps: int = 1  # microbatches per update (the global batch is split into this many)
-    checkpoint_every: int = 0  # 0: only at the end
+    checkpoint_every: int = 0  # 0: only at the end; -1: never (benchmarks)
     keep_checkpoints: int = 3
     async_checkpoints: bool = True
     resume: bool = True  # continue from the latest checkpoint in workdir when there is one

@@ -105,7 +105,7 @@ def _lm_task(cfg: Config) -> Task:
 # ----------------------------------------------------------------------------------------------------------
 def load_stage_records(cfg: Config, default_kinds: Sequence[str] = ()) -> Sequence:
     """The conversations a stage reads: drawn in memory ('synthetic') or an array_record build ('tfds')."""
-    from cig_jax.data import pipeline, synthetic, tfds_builder
+    from cig_jax.data import pipeline, synthetic
 
     data = cfg.data
     kinds = list(data.kinds) or list(default_kinds)
@@ -115,6 +115,8 @@ def load_stage_records(cfg: Config, default_kinds: Sequence[str] = ()) -> Sequen
     if data.source == "tfds":
         if not data.dir:
             raise ConfigError("data.source 'tfds' needs data.dir (the folder given to cig_jax.data.tfds_builder)")
+        from cig_jax.data import tfds_builder  # tensorflow-datasets only where records are read
+
         records = tfds_builder.load_records(data.dir, data.split)
         return pipeline.RecordSubset(records, sorted(set(kinds)))
     raise ConfigError(f"stage {cfg.train.stage!r}: data.source must be 'synthetic' or 'tfds', got {data.source!r}")

@@ -219,7 +219,7 @@ def run(cfg: Config, task: Task | None = None) -> dict:
 
     # --- model, shard and transfer ----------------------------------------------------------------------
     model = sharding.create_sharded(task.make_model, mesh, rules)
-    ckpt = Checkpointer(workdir / "checkpoints", save_every=cfg.train.checkpoint_every or cfg.train.steps,
+    ckpt = Checkpointer(workdir / "checkpoints", save_every=max(cfg.train.checkpoint_every, 0) or cfg.train.steps,
                         keep=cfg.train.keep_checkpoints, async_save=cfg.train.async_checkpoints)
     start = ckpt.latest_step() if cfg.train.resume else None
     if start is None and cfg.train.init_from:  # a resumed run's checkpoint already holds these weights
@@ -300,7 +300,8 @@ def run(cfg: Config, task: Task | None = None) -> dict:
                 t0 = time.perf_counter()
             if bar is not None:
                 bar.update(1)
-            if cfg.train.checkpoint_every and (i + 1) % cfg.train.checkpoint_every == 0 or done:
+            every = cfg.train.checkpoint_every
+            if every >= 0 and (every and (i + 1) % every == 0 or done):
                 ckpt.save(i + 1, state, data_iter, cfg, force=done)
                 if os.environ.get("CIG_DEBUG_STALL_AFTER_STEP") == str(i + 1):  # fault injection for tests
                     ckpt.wait()
