@@ -270,6 +270,11 @@ class MeshConfig:
             ["mlp", "tensor"],
             ["heads", "tensor"],
             ["kv_heads", "tensor"],
+            # fallbacks: a weight whose other dimension takes no mesh axis (LoRA factors, or an `embed` width
+            # that does not divide by fsdp) is split along this one instead of being replicated
+            ["mlp", "fsdp"],
+            ["heads", "fsdp"],
+            ["kv_heads", "fsdp"],
             ["head_dim", None],
             ["layers", None],
             ["norm", None],
@@ -366,6 +371,10 @@ class DiffusionConfig:
 
     objective: str = "flow"  # flow | ddpm
     sampler: str = "euler"  # flow: euler | heun; ddpm: ddim
+    # flow: what the network outputs, 'velocity' (noise - x0) or 'sample' (x0, turned into a velocity with
+    # t >= min_time; for pixel-space models whose patches hold more values than a token is wide)
+    prediction: str = "velocity"
+    min_time: float = 0.05
     num_steps: int = 25
     # flow matching
     time_sampling: str = "logit_normal"  # logit_normal | uniform
@@ -611,6 +620,10 @@ def validate_diffusion(d: "DiffusionConfig", source: str = "<config>", key: str 
         raise ConfigError(f"{source}: '{key}.timestep_spacing' must be leading, trailing or linspace, got {d.timestep_spacing!r}")
     if d.negative_visual not in ("zeros", "provided"):
         raise ConfigError(f"{source}: '{key}.negative_visual' must be zeros or provided, got {d.negative_visual!r}")
+    if d.prediction not in ("velocity", "sample"):
+        raise ConfigError(f"{source}: '{key}.prediction' must be velocity or sample, got {d.prediction!r}")
+    if not 0 < d.min_time < 1:
+        raise ConfigError(f"{source}: '{key}.min_time' must be in (0, 1), got {d.min_time}")
     if d.shift <= 0:
         raise ConfigError(f"{source}: '{key}.shift' must be positive, got {d.shift}")
 

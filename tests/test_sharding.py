@@ -38,8 +38,14 @@ def test_mesh_shape_resolves_minus_one_and_rejects_bad_products():
 def test_logical_rules_skip_used_axes_and_indivisible_dims():
     mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
     assert sharding.logical_to_spec(("embed", "mlp"), RULES, mesh, (128, 512)) == jax.sharding.PartitionSpec("fsdp", "tensor")
-    # 'vocab' and 'mlp' both want 'tensor': the second dimension falls back to replication
-    assert sharding.logical_to_spec(("vocab", "mlp"), RULES, mesh, (512, 512)) == jax.sharding.PartitionSpec("tensor")
+    # 'vocab' and 'mlp' both want 'tensor': the second dimension takes its fallback rule, 'fsdp'
+    assert sharding.logical_to_spec(("vocab", "mlp"), RULES, mesh, (512, 512)) == jax.sharding.PartitionSpec("tensor", "fsdp")
+    # ... and is replicated when that is taken too
+    assert sharding.logical_to_spec(("embed", "vocab", "mlp"), RULES, mesh, (8, 8, 8)) == jax.sharding.PartitionSpec("fsdp", "tensor")
+    # an `embed` width that does not divide by fsdp leaves fsdp to the other dimension (ViT-G 1664 on 256)
+    assert sharding.logical_to_spec(("embed", "mlp"), RULES, mesh, (7, 8)) == jax.sharding.PartitionSpec(None, "tensor")
+    wide = sharding.make_mesh(MeshConfig(data=1, fsdp=8, tensor=1))
+    assert sharding.logical_to_spec(("embed", "mlp"), RULES, wide, (12, 16)) == jax.sharding.PartitionSpec(None, "fsdp")
     # a dimension that does not divide by the axis size is replicated instead of failing
     assert sharding.logical_to_spec(("embed",), RULES, mesh, (7,)) == jax.sharding.PartitionSpec()
 

@@ -89,7 +89,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--config", required=True)
     ap.add_argument("--set", action="append", default=[], help="dotted override, e.g. model.llm.num_layers=2")
     ap.add_argument("--devices", type=int, default=0, help="simulate this many CPU devices (0: real devices)")
-    ap.add_argument("--mesh", default="fsdp=-1", help="e.g. fsdp=64 or fsdp=16,tensor=4 (unnamed axes are 1)")
+    ap.add_argument("--mesh", default=None, help="e.g. fsdp=64 or fsdp=16,tensor=4 (unnamed axes are 1); "
+                    "default: the config's mesh")
     ap.add_argument("--stage", default=None, help="stage to compile (default: the config's train.stage; a config "
                     "naming none, e.g. a model config, compiles stage 'personalize', the MLLM step)")
     ap.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: data.seq_len, or 1024)")
@@ -118,7 +119,8 @@ def main(argv=None) -> dict:
     data = cfg.data
     seq = args.seq or (data.seq_len if "seq_len" in tree.get("data", {}) else 1024)
     images = args.images or (data.max_images if "max_images" in tree.get("data", {}) else 2)
-    cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, **parse_mesh(args.mesh)),
+    mesh_sizes = parse_mesh(args.mesh) if args.mesh else {}
+    cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, **mesh_sizes),
                               train=dataclasses.replace(cfg.train, stage=stage),
                               data=dataclasses.replace(data, seq_len=seq, max_images=images))
     mesh = sharding.make_mesh(cfg.mesh)

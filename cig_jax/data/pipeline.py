@@ -160,18 +160,25 @@ def _kind(records, i: int) -> str:
     return records[i].kind
 
 
-def image_example(image: schema.Image, conv: schema.Conversation, size: int, identity_dim: int) -> dict:
+def image_example(image: schema.Image, conv: schema.Conversation, size: int, identity_dim: int,
+                  target_size: Optional[int] = None) -> dict:
+    """One image for the detokenizer stage: `images` at the ViT's size, `targets` at the detokenizer's output
+    size when that differs, the identity embedding of the one person shown (zeros + mask 0 otherwise)."""
     pixels = image.load(conv.base_dir, where=f"conversation {conv.id!r} image")
     ident = synthetic.image_identity(image, identity_dim)
-    return {"images": preprocess_image(pixels, size),
-            "identity": ident if ident is not None else np.zeros((identity_dim,), np.float32),
-            "identity_mask": np.float32(ident is not None)}
+    out = {"images": preprocess_image(pixels, size),
+           "identity": ident if ident is not None else np.zeros((identity_dim,), np.float32),
+           "identity_mask": np.float32(ident is not None)}
+    if target_size and target_size != size:
+        out["targets"] = preprocess_image(pixels, target_size)
+    return out
 
 
 def make_image_dataset(records: Sequence[schema.Conversation], opts: PipelineOptions, identity_dim: int = 128,
-                       skips: Optional[SkipCounter] = None) -> grain.IterDataset:
+                       skips: Optional[SkipCounter] = None, target_size: Optional[int] = None) -> grain.IterDataset:
     """Every image of every record (user and assistant images), shuffled by `opts.seed`, sharded per process,
-    batched: images [batch, S, S, 3], identity [batch, identity_dim], identity_mask [batch]."""
+    batched: images [batch, S, S, 3], identity [batch, identity_dim], identity_mask [batch] (and targets
+    [batch, T, T, 3] when target_size T differs from S)."""
     skips = skips if skips is not None else SkipCounter()
     pairs = np.asarray([(i, k) for i in range(len(records)) for k in range(len(list(schema.iter_images(records[i]))))],
                        np.int64).reshape(-1, 2)
@@ -183,7 +190,7 @@ def make_image_dataset(records: Sequence[schema.Conversation], opts: PipelineOpt
         conv = records[i]
         image = list(schema.iter_images(conv))[k][1]
         try:
-            return image_example(image, conv, opts.image_size, identity_dim)
+            return image_example(image, conv, opts.image_size, identity_dim, target_size)
         except (schema.SchemaError, OSError, ValueError) as e:
             skips.skip("missing image", i, str(e))
             return None

@@ -43,6 +43,13 @@ class Detokenizer(nnx.Module):
             return jnp.clip(latents, -1.0, 1.0)
         return self.vae.latents_to_images(latents)
 
+    def output_size(self) -> int:
+        """Side of the images it makes (and is trained on): the DiT's sample size, times the VAE's downsampling."""
+        c = self.dit.cfg
+        if self.vae is None:
+            return c.sample_size
+        return c.sample_size * self.vae.downsample_factor
+
     def latent_shape(self, batch: int) -> tuple[int, int, int, int]:
         c = self.dit.cfg
         return (batch, c.sample_size, c.sample_size, c.in_channels)
@@ -71,9 +78,11 @@ class Detokenizer(nnx.Module):
     def generate(self, key: jax.Array, visual_embeddings: jax.Array, identity_embeddings: Optional[jax.Array] = None,
                  cfg: DiffusionConfig = DiffusionConfig(), *, condition_mask: Optional[jax.Array] = None,
                  negative_visual: Optional[jax.Array] = None, visual_scale=None, identity_scale=None,
-                 num_steps: Optional[int] = None) -> jax.Array:
-        """Noise from `key` -> images [b, H, W, 3] in [-1, 1]. Scales default to the config's; with
-        negative_visual 'provided' the caller must pass `negative_visual` (e.g. the embeddings of a black image)."""
+                 num_steps: Optional[int] = None, on_step=None) -> jax.Array:
+        """Noise from `key` (one key, or one per sample) -> images [b, H, W, 3] in [-1, 1]. Scales default to the
+        config's (a scale may also be an array broadcasting against [b, H, W, C], e.g. a per-sample identity scale);
+        with negative_visual 'provided' the caller must pass `negative_visual` (e.g. the embeddings of a black
+        image). on_step: see `diffusion.sample`."""
         validate_diffusion(cfg)
         if cfg.negative_visual == "provided" and negative_visual is None:
             raise ValueError("cfg.negative_visual = 'provided': pass negative_visual (the embeddings of an all-zero image)")
@@ -82,5 +91,6 @@ class Detokenizer(nnx.Module):
             visual_scale=cfg.visual_guidance_scale if visual_scale is None else visual_scale,
             identity_scale=cfg.identity_guidance_scale if identity_scale is None else identity_scale,
             negative_visual=negative_visual, condition_mask=condition_mask)
-        latents = diffusion.sample(denoise, key, self.latent_shape(visual_embeddings.shape[0]), cfg, num_steps)
+        latents = diffusion.sample(denoise, key, self.latent_shape(visual_embeddings.shape[0]), cfg, num_steps,
+                                   on_step=on_step)
         return self.latents_to_images(latents)

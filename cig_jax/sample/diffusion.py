@@ -66,11 +66,27 @@ def flow_interpolate(x0: jax.Array, noise: jax.Array, t: jax.Array) -> jax.Array
     return (1.0 - t) * x0 + t * noise
 
 
+def velocity_from_sample(model_fn: ModelFn, timestep_scale: float, min_time: float) -> ModelFn:
+    """A model that predicts the clean sample x0 (`prediction: sample`) seen as a velocity model:
+    v = (x_t - x0_hat) / max(t, min_time), since x_t = x0 + t v. For pixel-space models whose patches are wider
+    than their tokens (64 px, patch 8: 192 values a token), x0 is easy to predict and the noise is not."""
+
+    def fn(x, timesteps, **cond):
+        x0_hat = model_fn(x, timesteps, **cond).astype(jnp.float32)[..., : x.shape[-1]]
+        t = _per_sample(jnp.maximum(timesteps.astype(jnp.float32) / timestep_scale, min_time), x)
+        return (x.astype(jnp.float32) - x0_hat) / t
+
+    return fn
+
+
 def flow_matching_loss(model_fn: ModelFn, x0_latents: jax.Array, key: jax.Array, cfg: DiffusionConfig,
                        weights: Optional[jax.Array] = None, **cond) -> jax.Array:
-    """Rectified-flow loss: mean ||model_fn(x_t, t * timestep_scale, **cond) - (noise - x0)||^2 (fp32 scalar).
-    A model with extra output channels (PixArt-alpha's 2C) is scored on its first C. The SD3 `shift` is a
-    sampling-schedule option only; training times are not shifted."""
+    """Rectified-flow loss: mean ||v_hat(x_t, t * timestep_scale, **cond) - (noise - x0)||^2 (fp32 scalar), v_hat
+    the model's output ('velocity') or derived from its x0 prediction ('sample'). A model with extra output
+    channels (PixArt-alpha's 2C) is scored on its first C. The SD3 `shift` is a sampling-schedule option only;
+    training times are not shifted."""
+    if cfg.prediction == "sample":
+        model_fn = velocity_from_sample(model_fn, cfg.timestep_scale, cfg.min_time)
     k_t, k_n = jax.random.split(key)
     b = x0_latents.shape[0]
     x0 = x0_latents.astype(jnp.float32)
@@ -275,14 +291,36 @@ def training_loss(model_fn: ModelFn, x0_latents: jax.Array, key: jax.Array, cfg:
     return epsilon_loss(model_fn, x0_latents, key, cfg, weights, **cond)
 
 
+def initial_noise(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """x_T ~ N(0, I) [shape] fp32 from one key, or from one key per sample (keys [shape[0]]): then each sample's
+    noise depends on its own key only, so a sample comes out the same whatever else shares its batch."""
+    per_sample = key.ndim == (1 if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else 2)
+    if not per_sample:
+        return jax.random.normal(key, shape, jnp.float32)
+    if key.shape[0] != shape[0]:
+        raise ValueError(f"{key.shape[0]} keys for a batch of {shape[0]} samples")
+    return jax.vmap(lambda k: jax.random.normal(k, shape[1:], jnp.float32))(key)
+
+
 def sample(denoise_fn: DenoiseFn, key: jax.Array, shape: tuple[int, ...], cfg: DiffusionConfig,
-           num_steps: Optional[int] = None) -> jax.Array:
-    """Draws x_T ~ N(0, I) of `shape` from `key` and runs the configured sampler -> x0 [shape] fp32."""
+           num_steps: Optional[int] = None, *, on_step: Optional[Callable[[jax.Array], None]] = None) -> jax.Array:
+    """Draws x_T ~ N(0, I) of `shape` from `key` (one key, or one per sample: `initial_noise`) and runs the
+    configured sampler -> x0 [shape] fp32. on_step: a host function called with the timestep after every model
+    evaluation (through `jax.debug.callback`, so under jit too), e.g. to move a progress bar."""
     validate_diffusion(cfg)
     n = num_steps or cfg.num_steps
-    noise = jax.random.normal(key, shape, jnp.float32)
+    noise = initial_noise(key, shape)
+    if on_step is not None:
+        inner = denoise_fn
+
+        def denoise_fn(x, timesteps):
+            out = inner(x, timesteps)
+            jax.debug.callback(on_step, timesteps[0])
+            return out
     if cfg.objective == "ddpm":
         return ddim_sample(denoise_fn, noise, cfg, n)
+    if cfg.prediction == "sample":
+        denoise_fn = velocity_from_sample(denoise_fn, cfg.timestep_scale, cfg.min_time)
     sigmas = flow_sigmas(n, cfg.shift)
     if cfg.sampler == "heun":
         return heun_sample(denoise_fn, noise, sigmas, cfg.timestep_scale)

@@ -145,7 +145,8 @@ def detokenizer_loss(model: CIGModel, batch: dict, *, diffusion, train_vit: bool
     mllm = model.mllm
     feats = mllm.encode_images(batch["images"], frozen=not train_vit)  # [b, K, D_vit]
     visual = pool_targets(feats, mllm.num_image_tokens, mllm.cfg.reg_target_pool)  # [b, Q, D_vit]
-    loss = model.detokenizer.loss(batch["rng"], batch["images"], visual, batch.get("identity"), diffusion,
+    targets = batch.get("targets", batch["images"])  # [b, T, T, 3] at the detokenizer's output size
+    loss = model.detokenizer.loss(batch["rng"], targets, visual, batch.get("identity"), diffusion,
                                   identity_mask=batch.get("identity_mask"))
     return loss, {"diffusion_loss": loss, "identity_fraction": jnp.mean(batch.get("identity_mask", 0.0))}
 
@@ -164,6 +165,9 @@ def conversation_loss(model: CIGModel, batch: dict, *, diffusion, detokenizer_we
     b, blocks = out.query_image_index.shape
     valid = (out.query_image_index >= 0).reshape(-1)
     target = take_images(batch["images"], out.query_image_index).reshape(b * blocks, *batch["images"].shape[2:])
+    side = model.detokenizer.output_size()
+    if target.shape[1] != side:  # the ViT's input size -> the detokenizer's output size
+        target = jax.image.resize(target, (target.shape[0], side, side, target.shape[3]), "bilinear")
     vis = out.visual_embeddings.reshape(b * blocks, *out.visual_embeddings.shape[2:])
     dit = model.detokenizer.loss(k_dit, target, vis, None, dataclasses.replace(diffusion, p_drop_visual=0.0,
                                                                                  p_drop_identity=0.0),
@@ -203,6 +207,7 @@ def _system_task(cfg: Config) -> Task:
     trainable = trainable_filter(parts)
     abstract = nnx.eval_shape(lambda: CIGModel(model_cfg, rngs=nnx.Rngs(0)))
     size = model_cfg.vit.image_size
+    out_size = abstract.detokenizer.output_size()
     n_img = data.max_images
     de = model_cfg.dit.identity.embedding_dim
 
@@ -220,11 +225,15 @@ def _system_task(cfg: Config) -> Task:
 
         def make_dataset(process_index, process_count):
             records = load_stage_records(cfg)
-            return pipeline.make_image_dataset(records, options(process_index, process_count), de)
+            return pipeline.make_image_dataset(records, options(process_index, process_count), de,
+                                               target_size=out_size)
 
         def spec(b):
-            return {"images": ((b, size, size, 3), jnp.float32), "identity": ((b, de), jnp.float32),
-                    "identity_mask": ((b,), jnp.float32)}
+            out = {"images": ((b, size, size, 3), jnp.float32), "identity": ((b, de), jnp.float32),
+                   "identity_mask": ((b,), jnp.float32)}
+            if out_size != size:
+                out["targets"] = ((b, out_size, out_size, 3), jnp.float32)
+            return out
 
         flops = _vit_flops(cfg, abstract, 1, train_vit) + _dit_flops(cfg, abstract, 1, True)
         return Task(stage, make_model, trainable,
