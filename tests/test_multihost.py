@@ -1,4 +1,6 @@
-"""Two local processes x 4 CPU devices (jax.distributed on localhost) train like one process x 8 devices."""
+"""Two local processes x 4 CPU devices (jax.distributed on localhost) train like one process x 8 devices:
+stage 2 ('personalize': the MLLM on conversations, ViT and detokenizer frozen) by default, and the LM smoke
+stage (slow)."""
 import json
 import os
 import subprocess
@@ -7,17 +9,25 @@ from pathlib import Path
 
 import numpy as np
 import portpicker
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs" / "smoke.yaml")
+STAGE2 = str(ROOT / "configs" / "stage2_personalize.yaml")
 STEPS = 5
+MESH = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
+LM = ["model.llm.hidden_size=128", "model.llm.intermediate_size=256"]
+# configs/model/demo.yaml shrunk, synthetic conversations drawn in memory; a global batch of 8 = 4 per process
+PERSONALIZE = ["data.source=synthetic", "data.num_records=40", "data.seq_len=96", "data.max_images=2",
+               "data.global_batch_size=8", "model.llm.num_layers=2", "model.vit.num_layers=1",
+               "model.dit.num_layers=2", "train.init_from=", "optimizer.warmup_steps=2",
+               "train.checkpoint_every=-1"]  # no checkpoint (the slow LM test covers the multi-process save)
 
 
-def _cmd(workdir):
-    return [sys.executable, str(ROOT / "train.py"), "--config", SMOKE, "--set", f"train.workdir={workdir}",
-            "--set", f"train.steps={STEPS}", "--set", "train.log_every=1", "--set", "train.tensorboard=false",
-            "--set", "mesh.data=2", "--set", "mesh.fsdp=2", "--set", "mesh.tensor=2",
-            "--set", "model.llm.hidden_size=128", "--set", "model.llm.intermediate_size=256"]
+def _cmd(config, workdir, overrides):
+    sets = [f"train.workdir={workdir}", f"train.steps={STEPS}", "train.log_every=1", "train.tensorboard=false",
+            *MESH, *overrides]
+    return [sys.executable, str(ROOT / "train.py"), "--config", config, *[x for o in sets for x in ("--set", o)]]
 
 
 def _env(devices, **kw):
@@ -28,20 +38,20 @@ def _env(devices, **kw):
     return env
 
 
-def _losses(workdir):
-    rows = [json.loads(l) for l in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
-    return np.array([r["loss"] for r in rows]), [r["step"] for r in rows]
+def _metrics(workdir):
+    return [json.loads(l) for l in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_processes_match_one_process(tmp_path):
+def _one_vs_two_processes(tmp_path, config, overrides):
     single = tmp_path / "single"
-    subprocess.run(_cmd(single), check=True, env=_env(8), capture_output=True, timeout=600)
+    out = subprocess.run(_cmd(config, single, overrides), env=_env(8), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
 
     multi = tmp_path / "multi"
     port = portpicker.pick_unused_port()
     procs = [
-        subprocess.Popen(_cmd(multi), env=_env(4, CIG_COORDINATOR=f"localhost:{port}", CIG_NUM_PROCESSES="2",
-                                               CIG_PROCESS_ID=str(i)),
+        subprocess.Popen(_cmd(config, multi, overrides),
+                         env=_env(4, CIG_COORDINATOR=f"localhost:{port}", CIG_NUM_PROCESSES="2", CIG_PROCESS_ID=str(i)),
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for i in range(2)
     ]
@@ -49,8 +59,20 @@ def test_two_processes_match_one_process(tmp_path):
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-3000:]
     assert "2 process(es)" in outs[0] and "over 8 cpu devices" in outs[0]
+    ref, got = _metrics(single), _metrics(multi)
+    assert [r["step"] for r in ref] == [r["step"] for r in got] == list(range(1, STEPS + 1))
+    return ref, got
 
-    ref, ref_steps = _losses(single)
-    got, got_steps = _losses(multi)
-    assert ref_steps == got_steps == list(range(1, STEPS + 1))
-    np.testing.assert_allclose(got, ref, rtol=1e-5)
+
+def test_two_processes_match_one_process_stage2(tmp_path):
+    ref, got = _one_vs_two_processes(tmp_path, STAGE2, PERSONALIZE)
+    for key in ("loss", "lm_loss", "reg_loss"):
+        np.testing.assert_allclose([r[key] for r in got], [r[key] for r in ref], rtol=1e-5, err_msg=key)
+    assert ref[-1]["loss"] < ref[0]["loss"]  # it trains
+    assert ref[0]["loss_tokens"] == got[0]["loss_tokens"]  # the same global batch, assembled from two hosts
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_lm(tmp_path):
+    ref, got = _one_vs_two_processes(tmp_path, SMOKE, LM)
+    np.testing.assert_allclose([r["loss"] for r in got], [r["loss"] for r in ref], rtol=1e-5)

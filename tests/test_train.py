@@ -1,6 +1,7 @@
 """The training loop: auto-resume after SIGKILL is exact, and checkpoints restore onto other meshes."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from cig_jax import sharding
 from cig_jax.config import MeshConfig, load_config
 from cig_jax.train import trainer
 from cig_jax.train.checkpoint import CheckpointMismatchError
+from cig_jax.train.stages import build_task
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs" / "smoke.yaml")
@@ -100,4 +102,152 @@ def test_checkpoint_from_another_model_config_is_a_clear_error(tmp_path):
     other = load_config(SMOKE, [f"train.workdir={workdir}", "train.steps=4", "model.llm.num_layers=3",
                                 "train.tensorboard=false", "mesh.fsdp=1", "mesh.data=-1"])
     with pytest.raises(CheckpointMismatchError, match=r"model\.llm\.num_layers"):
+        trainer.run(other)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Staged training (stage 1 detokenizer -> stage 2 personalize -> stage 3 multiround) on a small demo system
+# ----------------------------------------------------------------------------------------------------------
+CONFIGS = ROOT / "configs"
+STAGE_FILES = {"detokenizer": "stage1_detokenizer.yaml", "personalize": "stage2_personalize.yaml",
+               "multiround": "stage3_multiround.yaml"}
+# configs/model/demo.yaml shrunk (scanned layers: depth costs run time, not compile time), synthetic data
+# drawn in memory instead of the demo's array_record build.
+SMALL = ["data.source=synthetic", "data.num_records=40", "model.llm.num_layers=2", "model.vit.num_layers=1",
+         "model.dit.num_layers=2", "train.tensorboard=false", "train.init_from=", "optimizer.warmup_steps=5"]
+STAGE_DATA = {"detokenizer": ["train.trainable=[dit]"],  # the stage's default (the demo also trains the ViT)
+              "personalize": ["data.seq_len=96", "data.max_images=2"],
+              "multiround": ["data.seq_len=256", "data.max_images=4"]}
+OVERFIT_STEPS = 30  # updates on one fixed batch of 4 ...
+OVERFIT_FRACTION = 0.5  # ... bring its loss below this fraction of the loss before training (observed ~0.1-0.2)
+
+
+def _stage_cfg(stage, *extra):
+    return load_config(CONFIGS / STAGE_FILES[stage], SMALL + STAGE_DATA[stage] + list(extra))
+
+
+def _flat(state) -> dict:
+    return {p: np.asarray(v.value) for p, v in nnx.to_flat_state(state)}
+
+
+def _bitwise_equal(a, b) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
+@pytest.fixture(scope="module")
+def overfit_runs(tmp_path_factory):
+    """Each MLLM-era stage trained for OVERFIT_STEPS compiled, donated steps (the trainer's own state, step and
+    compile functions) on one fixed batch, on a 1-device mesh, from one shared initial model. Per stage: the
+    whole model state before, the trainable and frozen state before and after (numpy), and the loss on that
+    batch before and after training with the same diffusion noise / dropout key (the step's key for step 0)."""
+    mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+    workdir = tmp_path_factory.mktemp("overfit")
+    cfgs = {s: _stage_cfg(s, "data.global_batch_size=4", f"train.steps={OVERFIT_STEPS}", f"train.workdir={workdir}")
+            for s in STAGE_FILES}
+    rules = cfgs["detokenizer"].mesh.axis_rules
+    assert all(c.model == cfgs["detokenizer"].model for c in cfgs.values())  # one system, trained in parts
+    model = sharding.create_sharded(build_task(cfgs["detokenizer"]).make_model, mesh, rules)
+    graphdef, initial = nnx.split(model)
+    initial = jax.tree.map(np.asarray, initial)  # host copies: every stage starts from fresh device buffers
+    initial_flat = _flat(initial)
+    del model
+    runs = {}
+    for stage, cfg in cfgs.items():
+        task = build_task(cfg)
+        batch = sharding.host_to_global(next(iter(task.make_dataset(0, 1))), mesh, rules)
+        _, params, frozen = nnx.split(nnx.merge(graphdef, initial), task.trainable, ...)
+        tx = trainer.make_optimizer(cfg.optimizer, cfg.train.steps)
+        state, shardings = trainer.init_state(params, tx, mesh, rules, frozen)
+        step_fn = trainer.make_train_step(graphdef, tx, task.loss_fn, 1, cfg.train.seed)
+        with sharding.activation_sharding(mesh, rules):
+            step = trainer.compile_step(step_fn, state, batch, shardings, jax.tree.map(lambda x: x.sharding, batch),
+                                        mesh, verbose=False)
+        losses = []
+        for _ in range(cfg.train.steps):
+            state, metrics = step(state, batch)
+            losses.append(float(metrics["loss"]))
+        assert int(state.step) == cfg.train.steps
+        final_params, final_frozen = _flat(state.params), _flat(state.frozen)
+        # the loss at the trained parameters under step 0's key (the same draws as the first step's loss)
+        step0 = jax.device_put(np.zeros((), np.int32), shardings.step)
+        _, metrics = step(trainer.TrainState(state.params, state.opt_state, step0, state.frozen), batch)
+        runs[stage] = dict(initial=initial_flat, params=_flat(params), frozen=_flat(frozen),
+                           final_params=final_params, final_frozen=final_frozen, losses=losses,
+                           before=losses[0], after=float(metrics["loss"]))
+        print(f"[overfit] {stage}: loss {losses[0]:.4f} -> {runs[stage]['after']:.4f} "
+              f"(x{runs[stage]['after'] / losses[0]:.3f}) in {cfg.train.steps} steps")
+    return runs
+
+
+@pytest.mark.parametrize("stage", list(STAGE_FILES))
+def test_stage_overfits_a_fixed_batch(overfit_runs, stage):
+    run = overfit_runs[stage]
+    assert np.isfinite(run["after"])
+    assert run["after"] < OVERFIT_FRACTION * run["before"], (stage, run["before"], run["after"])
+
+
+MLLM_PARTS = ["mllm/input_resampler", "mllm/llm", "mllm/output_resampler", "mllm/patch_pos_embed"]
+
+
+@pytest.mark.parametrize("stage, trained, frozen", [
+    ("detokenizer", ["detokenizer/dit"], MLLM_PARTS + ["mllm/vit"]),  # train.trainable [dit]: the MLLM is frozen
+    ("personalize", MLLM_PARTS, ["detokenizer/dit", "mllm/vit"]),
+    ("multiround", MLLM_PARTS, ["detokenizer/dit", "mllm/vit"]),
+])
+def test_frozen_parameters_are_bitwise_unchanged_by_a_stage(overfit_runs, stage, trained, frozen):
+    run = overfit_runs[stage]
+    name = lambda path: "/".join(str(k) for k in path)  # noqa: E731
+    parts = lambda flat: sorted({name(p[:2]) for p in flat})  # noqa: E731
+    params, frozen_before, initial = run["params"], run["frozen"], run["initial"]
+    # the split is the stage's, and trainable + frozen is the whole model state
+    assert parts(params) == sorted(trained) and parts(frozen_before) == sorted(frozen)
+    assert params.keys() | frozen_before.keys() == initial.keys() and not params.keys() & frozen_before.keys()
+
+    after = run["final_frozen"]  # the state's frozen part after OVERFIT_STEPS compiled steps
+    assert after.keys() == frozen_before.keys()
+    changed = [name(p) for p in after if not _bitwise_equal(after[p], initial[p])]
+    assert not changed, f"{stage}: frozen leaves changed: {changed[:10]}"
+    trained_after = run["final_params"]
+    unchanged = [name(p) for p in trained_after if _bitwise_equal(trained_after[p], initial[p])]
+    assert not unchanged, f"{stage}: trainable leaves that did not move: {unchanged[:10]}"
+
+
+def _stage_cmd(stage, workdir, *extra):
+    overrides = SMALL + STAGE_DATA[stage] + [f"train.workdir={workdir}", *CHAIN, *extra]
+    return [sys.executable, str(ROOT / "train.py"), "--config", str(CONFIGS / STAGE_FILES[stage]),
+            *[x for o in overrides for x in ("--set", o)]]
+
+
+CHAIN = ["train.steps=2", "train.log_every=1", "data.global_batch_size=2", "optimizer.warmup_steps=1",
+         "train.async_checkpoints=false"]
+
+
+def test_stages_chain_through_init_from(tmp_path, monkeypatch):
+    s1, s2, bad = tmp_path / "stage1", tmp_path / "stage2", tmp_path / "bad"
+    for cmd in (_stage_cmd("detokenizer", s1),  # trainer.run on 1 device (in a subprocess: a quicker compile)
+                # another seed: stage 2's own initialisation differs everywhere, so weights equal to stage 1's
+                # come from stage 1's checkpoint
+                _stage_cmd("personalize", s2, f"train.init_from={s1}", "train.seed=7")):
+        out = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert "[init] whole model from the latest checkpoint" in out.stdout
+
+    mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+    model1 = trainer.load_trained(_stage_cfg("detokenizer", f"train.workdir={s1}", *CHAIN), mesh=mesh)
+    model2 = trainer.load_trained(_stage_cfg("personalize", f"train.workdir={s2}", *CHAIN), mesh=mesh)
+    part = lambda model, module: _flat(nnx.state(module(model), nnx.Param))  # noqa: E731
+    for module, carried in [(lambda m: m.detokenizer, True),  # trained by stage 1, frozen by stage 2
+                            (lambda m: m.mllm.vit, True),  # frozen in both
+                            (lambda m: m.mllm.llm, False)]:  # trained by stage 2
+        a, b = part(model1, module), part(model2, module)
+        assert a and a.keys() == b.keys()
+        same = [p for p in a if _bitwise_equal(a[p], b[p])]
+        assert same == (list(a) if carried else []), same
+
+    # a previous stage with another model: a clear error, raised before this run builds its model
+    other = _stage_cfg("personalize", f"train.workdir={bad}", f"train.init_from={s1}", "model.dit.num_layers=3",
+                       "data.global_batch_size=8")
+    monkeypatch.setattr(sharding, "create_sharded", lambda *a, **k: pytest.fail("built the model first"))
+    with pytest.raises(CheckpointMismatchError, match=re.escape(f"train.init_from {s1}: ") + ".*"
+                       + re.escape("model.dit.num_layers: checkpoint 2 vs config 3")):
         trainer.run(other)

@@ -218,10 +218,12 @@ def run(cfg: Config, task: Task | None = None) -> dict:
     data_iter = iter(task.make_dataset(pid, nproc))
 
     # --- model, shard and transfer ----------------------------------------------------------------------
-    model = sharding.create_sharded(task.make_model, mesh, rules)
     ckpt = Checkpointer(workdir / "checkpoints", save_every=max(cfg.train.checkpoint_every, 0) or cfg.train.steps,
                         keep=cfg.train.keep_checkpoints, async_save=cfg.train.async_checkpoints)
     start = ckpt.latest_step() if cfg.train.resume else None
+    if start is None and cfg.train.init_from:
+        check_init_from(cfg.train.init_from, cfg)  # a wrong previous stage fails before the model is built
+    model = sharding.create_sharded(task.make_model, mesh, rules)
     if start is None and cfg.train.init_from:  # a resumed run's checkpoint already holds these weights
         initialize_from(model, cfg.train.init_from, cfg, mesh)
         say(f"[init] whole model from the latest checkpoint of {cfg.train.init_from}")
@@ -362,6 +364,16 @@ def initialize_from(model: nnx.Module, workdir: str | Path, cfg: Config, mesh) -
     """Overwrites `model`'s parameters with those of the latest checkpoint under `workdir` (the previous stage).
     The model configs must agree (execution fields and LoRA settings aside: adapters absent there keep their
     fresh initialisation, which leaves the base model unchanged)."""
+    prev_cfg = check_init_from(workdir, cfg)
+    prev_cfg = dataclasses.replace(prev_cfg, train=dataclasses.replace(prev_cfg.train, workdir=str(workdir)))
+    state, graphdef, _ = restore_state(prev_cfg, mesh)
+    prev = nnx.state(nnx.merge(graphdef, state.model_state()), nnx.Param)
+    nnx.update(model, prev)
+
+
+def check_init_from(workdir: str | Path, cfg: Config) -> Config:
+    """The config of the run under `workdir` (the previous stage), after checking that its model is `cfg`'s
+    (execution fields and LoRA settings aside); a `CheckpointMismatchError` naming the differences if not."""
     from cig_jax.train.checkpoint import model_config_diffs
 
     prev_cfg = saved_config(workdir)
@@ -370,10 +382,7 @@ def initialize_from(model: nnx.Module, workdir: str | Path, cfg: Config, mesh) -
     if diffs:
         raise CheckpointMismatchError(f"train.init_from {workdir}: its model differs from this config's: "
                                       + "; ".join(diffs[:10]))
-    prev_cfg = dataclasses.replace(prev_cfg, train=dataclasses.replace(prev_cfg.train, workdir=str(workdir)))
-    state, graphdef, _ = restore_state(prev_cfg, mesh)
-    prev = nnx.state(nnx.merge(graphdef, state.model_state()), nnx.Param)
-    nnx.update(model, prev)
+    return prev_cfg
 
 
 def to_dict_model(cfg: Config) -> dict:
