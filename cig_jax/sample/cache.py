@@ -1,0 +1,244 @@
+"""KV-cache rows that mirror token lists: what a `ChatSession` keeps between rounds.
+
+Owns: `RowCache`, a batch of rows of one fixed-size `KVCache`, each row holding a known list of tokens
+(id, role, image key). `sync(targets)` makes row i hold `targets[i]`: it keeps the longest common prefix,
+retracts the rest (those slots masked out, the row's length set back) and feeds what is missing in chunks of at
+most CHUNK tokens, right-padded to a power of two and never splitting an image block, so the same few shapes
+come back round after round. Images are encoded once (ViT + input resampler) and kept by content key. The jitted
+model calls are module level and take the model's graph as a static argument, so caches over equal model
+structures share compiled code. Batch arrays go on the mesh along the logical `batch` axis (data x fsdp).
+
+Does not own: what the rows should hold (the chat template's encoding of a history: `session.py`), choosing
+tokens, the detokenizer, the model (`cig_jax/models/`).
+
+Slots: all rows share one write offset (`KVCache.index`, mirrored on the host); a chunk advances it by its
+longest row, so rows of different lengths leave masked holes. The physical cache has CHUNK slots beyond
+`max_len`, so a padded chunk written at any offset <= max_len fits.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from functools import partial
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from cig_jax import sharding
+from cig_jax.data.chat_template import IMAGE_QUERY, TEXT
+from cig_jax.data.pipeline import preprocess_image
+from cig_jax.models.llm import KVCache
+
+CHUNK = 256  # most tokens fed in one call
+MIN_CHUNK = 16  # chunks pad to a power of two >= this
+
+
+class Graph:
+    """A model's GraphDef as a jit static argument. GraphDefs holding mutable configs do not hash, so this is
+    hashed by identity, and models of equal structure share one instance (and so the compiled code)."""
+
+    _known: list = []
+
+    def __init__(self, graphdef):
+        self.graphdef = graphdef
+
+    @classmethod
+    def of(cls, graphdef) -> "Graph":
+        for g in cls._known:
+            if g.graphdef == graphdef:
+                return g
+        cls._known.append(cls(graphdef))
+        return cls._known[-1]
+
+
+@partial(jax.jit, static_argnums=(0,))
+def _encode_images(graph, state, pixels):
+    """pixels [n, S, S, 3] in [-1, 1] -> the input resampler's image tokens [n, Q, D_llm]."""
+    mllm = nnx.merge(graph.graphdef, state).mllm
+    return mllm.image_tokens(mllm.encode_images(pixels))
+
+
+@partial(jax.jit, static_argnums=(0, 7), donate_argnums=(6,))
+def _append(graph, state, ids, role, image_index, valid, cache, num_query_blocks, image_tokens):
+    """Feeds a chunk ([b, T]; `valid` marks real tokens, right-padded; image_tokens [b, n, Q, D_llm] for the chunk's
+    `image_index`) into the cache. Returns (logits of each row's last real token [b, V], visual embeddings of the
+    chunk's first query block [b, Q, D_vit] or None, cache)."""
+    mllm = nnx.merge(graph.graphdef, state).mllm
+    out = mllm(ids, role, image_index, image_tokens=image_tokens, attention_mask=valid, cache=cache,
+               num_query_blocks=num_query_blocks, return_logits=False)
+    last = jnp.maximum(jnp.sum(valid, axis=1) - 1, 0)
+    hidden = jnp.take_along_axis(out.hidden_states, last[:, None, None], axis=1)  # [b, 1, D_llm]
+    vis = out.visual_embeddings[:, 0] if num_query_blocks else None
+    return mllm.llm.logits(hidden)[:, 0], vis, out.cache
+
+
+@partial(jax.jit, donate_argnums=(0,))
+def _retract(cache, keep_slot, keep_len, rows):
+    """Masks out row r's slots from keep_slot[r] on and sets its length to keep_len[r] (rows [b] bool)."""
+    slot = jnp.arange(cache.mask.shape[1])
+    mask = cache.mask & (slot[None, :] < jnp.where(rows, keep_slot, cache.mask.shape[1])[:, None])
+    return dataclasses.replace(cache, mask=mask, lengths=jnp.where(rows, keep_len, cache.lengths))
+
+
+def bucket(n: int, least: int = MIN_CHUNK) -> int:
+    """The padded size of a chunk of n: a power of two, at least `least`."""
+    return max(least, 1 << max(n - 1, 0).bit_length())
+
+
+def pieces(tokens: list, limit: int = CHUNK) -> list:
+    """Splits tokens into runs of at most `limit`, never inside an image block."""
+    out, start = [], 0
+    while start < len(tokens):
+        end = min(start + limit, len(tokens))
+        while end < len(tokens) and end > start and tokens[end][1] != TEXT and tokens[end - 1][1] == tokens[end][1]:
+            end -= 1
+        if end == start:
+            raise ValueError(f"an image block is longer than the chunk limit {limit}")
+        out.append(tokens[start:end])
+        start = end
+    return out
+
+
+def common_prefix(a: list, b: list) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def image_key(pixels: np.ndarray) -> str:
+    """Content key of an image (uint8 [H, W, 3]): equal pixels, equal key."""
+    h = hashlib.sha1(str(pixels.shape).encode())
+    h.update(np.ascontiguousarray(pixels).tobytes())
+    return h.hexdigest()
+
+
+class RowCache:
+    """`batch_size` rows of a KV cache of `max_len` usable slots over one model (graph + state on `mesh`)."""
+
+    def __init__(self, graph: Graph, state, cfg, *, batch_size: int, max_len: int, pad_id: int, mesh, rules):
+        self.graph, self.state, self.cfg = graph, state, cfg  # cfg: the model config
+        self.batch_size, self.max_len, self.pad_id = batch_size, max_len, pad_id
+        self.mesh, self.rules = mesh, rules
+        self.image_size = cfg.vit.image_size
+        self.q, self.d_llm = cfg.mllm.num_image_tokens, cfg.llm.hidden_size
+        self.image_tokens: dict = {}  # image key -> [Q, D_llm] device array
+        self.pixels: dict = {}  # image key -> uint8 pixels, until encoded and while in use
+        self.clear()
+
+    def clear(self) -> None:
+        """Empties every row (encoded images are kept)."""
+        b = self.batch_size
+        cache = KVCache.init(self.cfg.llm, b, self.max_len + CHUNK)
+        names = KVCache(k=("layers", "batch", None, "kv_heads", None), v=("layers", "batch", None, "kv_heads", None),
+                        mask=("batch", None), lengths=("batch",), index=())
+        self.kv = jax.tree.map(lambda x, n: self.put(x, n), cache, names, is_leaf=lambda n: isinstance(n, tuple))
+        self.index = 0  # next slot to write (host mirror of the shared write offset)
+        self.logits = self.put(jnp.zeros((b, self.cfg.llm.vocab_size), jnp.float32), ("batch", None))
+        self.tokens = [[] for _ in range(b)]  # per row: (id, role, image key or None) per filled slot, in order
+        self.slots = [[] for _ in range(b)]  # per row: the cache slot of each token
+
+    def put(self, x, names):
+        """An array on the mesh, split along its logical `names` (e.g. ("batch", None))."""
+        x = x if isinstance(x, jax.Array) else np.asarray(x)
+        return jax.device_put(x, sharding.logical_sharding(names, self.mesh, self.rules, x.shape))
+
+    # -- images ----------------------------------------------------------------------------------------------
+    def add_image(self, pixels: np.ndarray) -> str:
+        """Registers an image (uint8 [H, W, 3]) for feeding; returns its key."""
+        key = image_key(pixels)
+        if key not in self.image_tokens:
+            self.pixels.setdefault(key, pixels)
+        return key
+
+    def keep_images(self, used: set) -> None:
+        """Forgets encoded images whose keys are not in `used`."""
+        for d in (self.image_tokens, self.pixels):
+            for key in [k for k in d if k not in used]:
+                del d[key]
+
+    def _encode_missing(self, keys: set) -> None:
+        missing = sorted(k for k in keys if k not in self.image_tokens)
+        if not missing:
+            return
+        pixels = np.zeros((bucket(len(missing), least=1), self.image_size, self.image_size, 3), np.float32)
+        for j, key in enumerate(missing):
+            pixels[j] = preprocess_image(self.pixels[key], self.image_size)
+        tokens = _encode_images(self.graph, self.state, self.put(pixels, ("batch", None, None, None)))
+        for j, key in enumerate(missing):
+            self.image_tokens[key] = tokens[j]
+            del self.pixels[key]
+
+    # -- tokens ----------------------------------------------------------------------------------------------
+    def slots_needed(self, targets: list) -> int:
+        """The write offset after `sync(targets)` (without padding)."""
+        kept, new = [], []
+        for tokens, slots, target in zip(self.tokens, self.slots, targets):
+            c = common_prefix(tokens, target)
+            kept.append(slots[c - 1] + 1 if c else 0)
+            new.append(pieces(target[c:]))
+        depth = max(len(p) for p in new)
+        return max(kept) + sum(max((len(p[k]) for p in new if k < len(p)), default=0) for k in range(depth))
+
+    def sync(self, targets: list, want_visual: bool = False) -> Optional[jax.Array]:
+        """Makes row i hold targets[i] (lists of (id, role, image key)): keeps the common prefix, retracts the
+        rest, feeds what is missing. Afterwards `logits` [b, V] are each row's next-token logits. Returns the visual
+        embeddings [b, Q, D_vit] of each row's last query block fed now (with want_visual), else None."""
+        keep = [common_prefix(tokens, t) for tokens, t in zip(self.tokens, targets)]
+        rows = np.asarray([k < len(tokens) for k, tokens in zip(keep, self.tokens)])
+        if rows.any():
+            keep_slot = np.asarray([s[k] if k < len(s) else 0 for k, s in zip(keep, self.slots)], np.int32)
+            self.kv = _retract(self.kv, self.put(keep_slot, ("batch",)),
+                               self.put(np.asarray(keep, np.int32), ("batch",)), self.put(rows, ("batch",)))
+            for k, tokens, slots in zip(keep, self.tokens, self.slots):
+                del tokens[k:], slots[k:]
+            self.index = max([s[-1] + 1 for s in self.slots if s], default=0)
+        new = [t[k:] for k, t in zip(keep, targets)]
+        self._encode_missing({t[2] for toks in new for t in toks if t[2] is not None})
+        split = [pieces(toks) for toks in new]
+        visual = None
+        for k in range(max(len(p) for p in split)):
+            chunk = [p[k] if k < len(p) else [] for p in split]
+            vis = self._append(chunk, want_visual)
+            if vis is not None:
+                has = self.put(np.asarray([any(t[1] == IMAGE_QUERY for t in c) for c in chunk]), ("batch",))
+                visual = vis if visual is None else jnp.where(has[:, None, None], vis, visual)
+        return visual
+
+    def step(self, chosen: np.ndarray, feed: np.ndarray) -> None:
+        """One decoding step: text token chosen[i] goes into row i where feed[i]; `logits` then follow them."""
+        self._append([[(int(t), TEXT, None)] if f else [] for t, f in zip(chosen, feed)], False, length=1)
+
+    def _append(self, chunk: list, want_visual: bool, length: Optional[int] = None):
+        b = self.batch_size
+        t_len = length or bucket(max(len(c) for c in chunk))
+        ids = np.full((b, t_len), self.pad_id, np.int32)
+        role = np.zeros((b, t_len), np.int32)
+        index = np.full((b, t_len), -1, np.int32)
+        valid = np.zeros((b, t_len), bool)
+        local = [list(dict.fromkeys(t[2] for t in c if t[2] is not None)) for c in chunk]  # the chunk's images
+        for i, c in enumerate(chunk):
+            for j, (tid, r, key) in enumerate(c):
+                ids[i, j], role[i, j], valid[i, j] = tid, r, True
+                index[i, j] = local[i].index(key) if key is not None else -1
+        images = np.zeros((b, bucket(max(len(x) for x in local), least=1), self.q, self.d_llm), np.float32)
+        images = jnp.asarray(images)
+        for i, keys in enumerate(local):
+            if keys:
+                images = images.at[i, :len(keys)].set(jnp.stack([self.image_tokens[key] for key in keys]))
+        queries = bool(want_visual and (role == IMAGE_QUERY).any())
+        logits, vis, self.kv = _append(
+            self.graph, self.state, self.put(ids, ("batch", None)), self.put(role, ("batch", None)),
+            self.put(index, ("batch", None)), self.put(valid, ("batch", None)),
+            dataclasses.replace(self.kv, index=jnp.asarray(self.index, jnp.int32)), 1 if queries else 0,
+            self.put(images, ("batch", None, None, None)))
+        self.logits = jnp.where(self.put(valid.any(axis=1), ("batch",))[:, None], logits, self.logits)
+        for i, c in enumerate(chunk):
+            self.tokens[i] += c
+            self.slots[i] += range(self.index, self.index + len(c))
+        self.index += max(len(c) for c in chunk)
+        return vis

@@ -1,0 +1,666 @@
+"""Sampling over a chat history: `ChatSession` keeps the history and a token-level KV cache across rounds.
+
+Owns: what a round does at sampling time (the user turn goes into the cache, images through ViT + input
+resampler; the assistant's text is decoded; on `<img>` the image queries are appended and the output
+resampler's visual embeddings go to the detokenizer with the identity of any face reference; the drawn image is
+written back into the cache as an input block, exactly as a user image, together with the next user turn), what
+the cache should hold (the chat template's encoding of the history), the cache-overflow policy, batching many
+conversations of one shape over the mesh, and `complete_conversation(s)`, which fills the pending rounds of a
+history (what `sample.py` and the evaluation code call).
+
+Does not own: keeping cache rows in step with token lists and the jitted model calls on them (`cache.py`), the
+token layout (`cig_jax/data/chat_template.py`), the models (`cig_jax/models/`), the diffusion samplers
+(`diffusion.py`), the next-token choice (`decode.choose_next`), files and the transcript (`sample.py`,
+`transcript.py`).
+
+How the cache stays right. Each row of the cache (`cache.RowCache`) mirrors, token for token, the chat
+template's encoding of its history (without the final `</s>`, which a round never feeds back): before each step
+the session encodes the history it wants in the cache and the cache keeps the common prefix and feeds the rest.
+So a generated text that tokenizes differently when re-encoded, a turn marker the model emits, a replayed
+history that shares its beginning with the cache, and the drawn image's write-back all go through one
+mechanism, and a cached round computes what recomputing the whole history computes (tests/test_session.py
+checks it to 1e-5).
+
+Batches: rows are conversations with the same number of rounds answered at the same time; each row keeps its
+own tokens (right-padded inside a chunk, padding masked out), its own seed (text sampling and diffusion noise per
+row, so a row's result does not depend on its neighbours) and its own identity. Batch arrays are placed on the
+mesh along the logical `batch` axis (data x fsdp).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+from functools import partial
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from cig_jax import sharding
+from cig_jax.config import Config, MeshConfig
+from cig_jax.data import schema, synthetic
+from cig_jax.data.chat_template import BOI, IMAGE_QUERY, INPUT_IMAGE, ChatTemplate, mllm_special_tokens
+from cig_jax.models.mllm import pool_targets
+from cig_jax.sample.cache import Graph, RowCache
+from cig_jax.sample.decode import choose_next
+
+log = logging.getLogger(__name__)
+
+OVERFLOW_POLICIES = ("error", "drop_oldest")
+
+
+class ContextOverflowError(ValueError):
+    """The history does not fit the session's KV cache under the 'error' overflow policy."""
+
+
+@dataclasses.dataclass
+class RoundResult:
+    """What one round produced for one conversation."""
+
+    text: str  # the assistant's text ("" when it only drew or said nothing)
+    image: Optional[np.ndarray]  # [H, W, 3] uint8, None when it did not draw
+    visual_embeddings: Optional[np.ndarray]  # [Q, D_vit] the detokenizer's condition
+    identity_used: bool
+    tokens: list  # text ids the decoder chose, stop token excluded
+    stop: str = ""  # eos | image | turn_marker | max_new_tokens
+    notes: list = dataclasses.field(default_factory=list)  # e.g. why no identity was used
+    dropped_rounds: list = dataclasses.field(default_factory=list)  # rounds left out of the cache (overflow policy)
+
+
+@dataclasses.dataclass
+class _Row:
+    conv: schema.Conversation  # the history; every image carries its pixels
+    dropped: set = dataclasses.field(default_factory=set)  # rounds left out of the cache
+    identities: dict = dataclasses.field(default_factory=dict)  # name -> (embedding, round) from face references
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Jitted pieces (module level: compiled once per model structure and shape, shared by sessions)
+# ----------------------------------------------------------------------------------------------------------
+@partial(jax.jit, static_argnums=(4, 5))
+def _choose(logits, seeds, step, banned, temperature, top_p):
+    """Next token per row [b]: banned ids masked, then greedy / temperature / top-p with the row's own key."""
+    logits = jnp.where(banned, -jnp.inf, logits)
+    keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.fold_in(jax.random.key(s), 0), step))(seeds)
+    return jax.vmap(lambda lg, k: choose_next(lg[None], k, temperature, top_p)[0])(logits, keys)
+
+
+_PROGRESS: list = [None]  # the host function the diffusion loop ticks (set while a progress bar is open)
+
+
+def _tick(_t):
+    if _PROGRESS[0] is not None:
+        _PROGRESS[0]()
+
+
+@partial(jax.jit, static_argnums=(0, 8, 9, 10))
+def _detokenize(graph, state, seeds, visual, identity, identity_on, visual_scale, identity_scale, cfg, num_steps,
+                progress):
+    """Visual embeddings [b, Q, D_vit] (+ identity [b, De], used where identity_on [b]) -> images [b, H, W, 3]
+    in [-1, 1], with the noise of each row from its own seed."""
+    model = nnx.merge(graph.graphdef, state)
+    keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), 1))(seeds)
+    negative = None
+    if cfg.negative_visual == "provided":  # SEED-X: the embeddings of an all-black image
+        mllm = model.mllm
+        side = mllm.vit.cfg.image_size
+        feats = mllm.encode_images(-jnp.ones((1, side, side, 3), jnp.float32))
+        negative = pool_targets(feats, mllm.num_image_tokens, mllm.cfg.reg_target_pool)[0]
+    id_scale = identity_scale * identity_on.astype(jnp.float32)[:, None, None, None]
+    return model.detokenizer.generate(keys, visual, identity, cfg, negative_visual=negative,
+                                      visual_scale=visual_scale, identity_scale=id_scale, num_steps=num_steps,
+                                      on_step=_tick if progress else None)
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """[..., H, W, 3] in [-1, 1] -> uint8 (what is saved, and what later rounds see)."""
+    return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def default_mesh() -> "jax.sharding.Mesh":
+    """One device: a session's default (a batch of conversations may use a bigger mesh)."""
+    return sharding.make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+
+
+def _label(conv: schema.Conversation) -> str:
+    return conv.file or (f"conversation {conv.id!r}" if conv.id else "<conversation>")
+
+
+def _as_image(x, where: str) -> schema.Image:
+    """A user image given as uint8 [H, W, 3] or a schema.Image -> a schema.Image carrying its pixels."""
+    if isinstance(x, schema.Image):
+        if x.pixels is not None:
+            schema._check_pixels(x.pixels, f"{where}.pixels")
+            return x
+        return dataclasses.replace(x, pixels=x.load(None, where=where))
+    if isinstance(x, np.ndarray):
+        schema._check_pixels(x, where)
+        return schema.Image(pixels=x)
+    raise schema.SchemaError(f"{where}: expected a uint8 [H, W, 3] array or a schema.Image, got {type(x).__name__}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The session
+# ----------------------------------------------------------------------------------------------------------
+class ChatSession:
+    """History + KV cache of one conversation (or `batch_size` conversations of one shape).
+
+    model: a `CIGModel`; template: its `ChatTemplate`; cfg: the run's `Config` (`cfg.sample` and `cfg.diffusion`
+    give the defaults of `round`). max_len: KV-cache slots for the history. overflow: 'error' (default: raise
+    `ContextOverflowError`) or 'drop_oldest' (leave the oldest text-only rounds out of the cache, logged and
+    reported in `RoundResult.dropped_rounds` and the round's metadata). mesh: where batch rows and parameters
+    live (default: one device). identity_embedder: face embedder for user photos that carry no drawn-person
+    metadata (None: built on first need with `make_identity_embedder('auto')`; False: never). progress: show a
+    tqdm bar over diffusion steps.
+    """
+
+    def __init__(self, model, template: ChatTemplate, cfg: Config, *, max_len: int = 2048, overflow: str = "error",
+                 mesh=None, identity_embedder=None, batch_size: int = 1, progress: bool = False):
+        if overflow not in OVERFLOW_POLICIES:
+            raise ValueError(f"overflow must be one of {OVERFLOW_POLICIES}, got {overflow!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.template, self.cfg, self.max_len, self.overflow = template, cfg, max_len, overflow
+        self.batch_size, self.progress = batch_size, progress
+        self.mesh = mesh if mesh is not None else default_mesh()
+        graphdef, state = nnx.split(model)
+        self.graph = Graph.of(graphdef)
+        self.state = sharding.place_state(state, self.mesh, cfg.mesh.axis_rules)
+        self.image_size = model.image_size()
+        self.q = model.mllm.num_image_tokens
+        self._identity_dim = cfg.model.dit.identity.embedding_dim
+        self._has_identity = cfg.model.dit.identity_injection != "none"
+        self._embedder = identity_embedder
+        vocab = cfg.model.llm.vocab_size
+        banned = np.zeros((vocab,), bool)  # what assistant text may not contain: markup of images and the chat
+        tok = template.tokenizer
+        special = [t for t in mllm_special_tokens() if t != BOI] + [tok.bos_token, tok.pad_token, tok.unk_token]
+        for t in special:
+            i = tok.convert_tokens_to_ids(t) if t is not None else None
+            if i is not None and 0 <= i < vocab:
+                banned[i] = True
+        banned[len(tok):] = True  # rows of the embedding the tokenizer never produces
+        self._banned = jnp.asarray(banned)
+        self.reset()
+
+    # -- construction ----------------------------------------------------------------------------------
+    @classmethod
+    def from_checkpoint(cls, directory, *, config: Optional[Config] = None, step: Optional[int] = None,
+                        mesh=None, **kw) -> "ChatSession":
+        """A session over a training workdir (`DIR/checkpoints/<step>/`, `DIR/tokenizer/`). `config` overrides the
+        config saved in the checkpoint (the model must match it: `CheckpointMismatchError` otherwise). A missing
+        directory, checkpoint or tokenizer is a FileNotFoundError."""
+        from cig_jax.train import trainer
+
+        cfg, template = checkpoint_parts(directory, config)
+        mesh = mesh if mesh is not None else default_mesh()
+        run_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, workdir=str(directory)))
+        model = trainer.load_trained(run_cfg, step=step, mesh=mesh)
+        return cls(model, template, cfg, mesh=mesh, **kw)
+
+    def with_batch_size(self, batch_size: int) -> "ChatSession":
+        """A new, empty session over the same weights (shared, not copied) for `batch_size` conversations."""
+        new = copy.copy(self)
+        new.batch_size = batch_size
+        new.reset()
+        return new
+
+    def reset(self) -> None:
+        """Forgets the history, the encoded images and the cache (the compiled functions stay)."""
+        self.rows = [_Row(schema.Conversation(id="chat")) for _ in range(self.batch_size)]
+        self.cache = RowCache(self.graph, self.state, self.cfg.model, batch_size=self.batch_size,
+                              max_len=self.max_len, pad_id=self.template.pad_id, mesh=self.mesh,
+                              rules=self.cfg.mesh.axis_rules)
+        self._keys: dict = {}  # id(schema.Image) -> (image, key), for images of the history
+
+    # -- public API --------------------------------------------------------------------------------------
+    @property
+    def history(self) -> schema.Conversation:
+        """The conversation so far (a copy; images carry pixels). Only for batch_size 1: see `histories`."""
+        if self.batch_size != 1:
+            raise ValueError(f"this session holds {self.batch_size} conversations: use .histories")
+        return self.histories[0]
+
+    @property
+    def histories(self) -> list:
+        return [copy.deepcopy(r.conv) for r in self.rows]
+
+    def replay(self, conv: schema.Conversation) -> None:
+        """Makes `conv`'s answered rounds the history and feeds them into the cache, without generating
+        (cache entries shared with the current history are kept). Pending rounds are not included."""
+        self.replay_batch([conv])
+
+    def replay_batch(self, convs: Sequence[schema.Conversation]) -> None:
+        if len(convs) != self.batch_size:
+            raise ValueError(f"replay_batch: {len(convs)} conversations for a session of batch_size {self.batch_size}")
+        for row, conv in zip(self.rows, convs):
+            answered = [r for r in conv.rounds if not r.pending]
+            rounds = []
+            for r, rnd in enumerate(answered):
+                where = f"{_label(conv)}: rounds[{r}]"
+                rounds.append(dataclasses.replace(
+                    rnd, metadata=copy.deepcopy(rnd.metadata),
+                    user_images=[self._loaded(im, conv, f"{where}.user_images[{j}]")
+                                 for j, im in enumerate(rnd.user_images)],
+                    assistant_image=None if rnd.assistant_image is None else self._loaded(
+                        rnd.assistant_image, conv, f"{where}.assistant_image")))
+            row.conv = dataclasses.replace(conv, rounds=rounds, metadata=copy.deepcopy(conv.metadata),
+                                           people=copy.deepcopy(conv.people))
+            row.dropped = set()
+            row.identities = {}
+            for r, rnd in enumerate(rounds):
+                self._register_identities(row, rnd, r)
+        self._fit(reserve=0, prompt=False, what="history")
+        self.cache.sync([self._target(row) for row in self.rows])
+        self._prune_images()
+
+    def round(self, text: str, images=(), *, seed: int = 0, max_new_tokens: Optional[int] = None,
+              temperature: Optional[float] = None, top_p: Optional[float] = None, num_steps: Optional[int] = None,
+              visual_scale: Optional[float] = None, identity_scale: Optional[float] = None,
+              force_image: bool = False) -> RoundResult:
+        """One user turn -> the assistant's answer (text, and an image when the model opens `<img>` or when
+        `force_image`). Options default to the config's `sample` / `diffusion` sections. The answer joins the
+        history; the drawn image is written back into the cache as an input block, exactly as a user image, with
+        the next feed (the next round's user turn: one model call for both, and not on the way to the image), so
+        later rounds see it."""
+        if self.batch_size != 1:
+            raise ValueError(f"this session holds {self.batch_size} conversations: use .round_batch")
+        return self.round_batch([text], [images], seeds=[seed], max_new_tokens=max_new_tokens,
+                                temperature=temperature, top_p=top_p, num_steps=num_steps, visual_scale=visual_scale,
+                                identity_scale=identity_scale, force_image=force_image)[0]
+
+    def round_batch(self, texts: Sequence[str], images: Optional[Sequence] = None, *, seeds: Sequence[int] = (),
+                    max_new_tokens: Optional[int] = None, temperature: Optional[float] = None,
+                    top_p: Optional[float] = None, num_steps: Optional[int] = None,
+                    visual_scale: Optional[float] = None, identity_scale: Optional[float] = None,
+                    force_image: bool = False) -> list:
+        """`round` for every conversation of the batch at once: texts [b], images [b] lists, seeds [b]."""
+        b = self.batch_size
+        images = list(images) if images is not None else [()] * b
+        seeds = list(seeds) if seeds else [0] * b
+        if not (len(texts) == len(images) == len(seeds) == b):
+            raise ValueError(f"round_batch: need {b} texts, image lists and seeds, got {len(texts)}, {len(images)}, "
+                             f"{len(seeds)}")
+        s, d = self.cfg.sample, self.cfg.diffusion
+        max_new = s.max_new_tokens if max_new_tokens is None else max_new_tokens
+        temperature = s.temperature if temperature is None else temperature
+        top_p = s.top_p if top_p is None else top_p
+        n_steps = num_steps or d.num_steps
+        before = [len(row.conv.rounds) for row in self.rows]
+        try:
+            return self._round_batch(texts, images, seeds, max_new, float(temperature), float(top_p), n_steps,
+                                     visual_scale, identity_scale, force_image)
+        except BaseException:  # the history stays as it was; the next sync repairs the cache
+            for row, n in zip(self.rows, before):
+                del row.conv.rounds[n:]
+            raise
+
+    def _round_batch(self, texts, images, seeds, max_new, temperature, top_p, n_steps, visual_scale, identity_scale,
+                     force_image) -> list:
+        b, d = self.batch_size, self.cfg.diffusion
+        results = [RoundResult("", None, None, False, []) for _ in range(b)]
+
+        # --- the user turn -------------------------------------------------------------------------------
+        r_index = len(self.rows[0].conv.rounds)
+        for i, row in enumerate(self.rows):
+            where = f"{_label(row.conv)}: rounds[{r_index}]"
+            rnd = schema.Round(user_text=_user_text(texts[i]),
+                               user_images=[_as_image(im, f"{where}.user_images[{j}]")
+                                            for j, im in enumerate(images[i])],
+                               metadata={"sample": {"seed": int(seeds[i])}})
+            if not rnd.user_text and not rnd.user_images:
+                raise schema.SchemaError(f"{where}: user turn is empty (needs text or images)")
+            schema.user_segments(rnd)  # checks <image> markers against the images
+            row.conv.rounds.append(rnd)
+        reserve = (2 if b > 1 else 1) * max_new + 2 * self.q + 4  # the answer: text, <img> queries </img> + write-back
+        dropped = self._fit(reserve=reserve, prompt=True, what="round")
+        self.cache.sync([self._target(row, prompt=True) for row in self.rows])
+        for i, row in enumerate(self.rows):
+            results[i].dropped_rounds = sorted(row.dropped)
+            if dropped[i]:
+                results[i].notes.append(f"context full: rounds {sorted(dropped[i])} left out of the cache")
+            if row.dropped:  # what this round's context lacked
+                row.conv.rounds[-1].metadata["sample"]["dropped_rounds"] = sorted(row.dropped)
+
+        # --- text ----------------------------------------------------------------------------------------
+        seeds_arr = self.cache.put(np.asarray(seeds, np.int32), ("batch",))
+        marker = list(self.template.user_open_next)
+        active = np.ones((b,), bool)
+        for step in range(max_new):
+            chosen = np.asarray(_choose(self.cache.logits, seeds_arr, step, self._banned, temperature, top_p))
+            feed = np.zeros((b,), bool)
+            for i in np.flatnonzero(active):
+                t = int(chosen[i])
+                res = results[i]
+                if t in (self.template.eos_id, self.template.boi_id):
+                    res.stop, active[i] = ("eos" if t == self.template.eos_id else "image"), False
+                    continue
+                res.tokens.append(t)
+                if marker and res.tokens[-len(marker):] == marker:
+                    del res.tokens[-len(marker):]
+                    res.stop, active[i] = "turn_marker", False
+                    continue
+                feed[i] = True
+            if not active.any():
+                break
+            if step + 1 < max_new:  # the last token's logits are never read: the next sync feeds it
+                self.cache.step(chosen, feed)
+        for i in np.flatnonzero(active):
+            results[i].stop = "max_new_tokens"
+
+        # --- image queries -------------------------------------------------------------------------------
+        draw = [force_image or res.stop == "image" for res in results]
+        for i, row in enumerate(self.rows):
+            rnd = row.conv.rounds[-1]
+            rnd.assistant_text = results[i].text = self.template.tokenizer.decode(results[i].tokens)
+            rnd.assistant_image = _PENDING_IMAGE if draw[i] else None
+        visual = self.cache.sync([self._target(row, until_queries=draw[i]) for i, row in enumerate(self.rows)],
+                                 want_visual=any(draw))
+
+        # --- the image -----------------------------------------------------------------------------------
+        if any(draw):
+            identity, on = self._identities(results, draw)
+            v_scale = d.visual_guidance_scale if visual_scale is None else visual_scale
+            i_scale = d.identity_guidance_scale if identity_scale is None else identity_scale
+            with self._diffusion_bar(n_steps):
+                pixels = _detokenize(self.graph, self.state, seeds_arr, visual, identity,
+                                     self.cache.put(on, ("batch",)),
+                                     jnp.float32(v_scale), jnp.float32(i_scale), d, n_steps, self.progress)
+            pixels = to_uint8(jax.device_get(pixels))
+            vis_np = np.asarray(jax.device_get(visual))
+            for i, row in enumerate(self.rows):
+                if draw[i]:
+                    results[i].image, results[i].visual_embeddings = pixels[i], vis_np[i]
+                    row.conv.rounds[-1].assistant_image = schema.Image(pixels=pixels[i])
+        # The drawn image is now in the history; its write-back input block (and any re-tokenized text) goes
+        # into the cache with the next feed, in the same model call as the next user turn (`flush` does it now).
+        for i, row in enumerate(self.rows):
+            self._register_identities(row, row.conv.rounds[-1], len(row.conv.rounds) - 1)
+        self._prune_images()
+        return results
+
+    def flush(self) -> None:
+        """Feeds whatever of the history is not in the cache yet (the last drawn image's write-back block)."""
+        self.cache.sync([self._target(row) for row in self.rows])
+
+    # -- cache bookkeeping -------------------------------------------------------------------------------
+    def _loaded(self, image: schema.Image, conv: schema.Conversation, where: str) -> schema.Image:
+        if image.pixels is not None:
+            return image
+        return dataclasses.replace(image, pixels=image.load(conv.base_dir, where=where))
+
+    def _key(self, image) -> str:
+        hit = self._keys.get(id(image))
+        if hit is not None and hit[0] is image:
+            return hit[1]
+        key = self.cache.add_image(image.pixels)
+        self._keys[id(image)] = (image, key)
+        return key
+
+    def _target(self, row: _Row, *, prompt: bool = False, until_queries: bool = False) -> list:
+        """The tokens the row's cache should hold: the template's encoding of the history (rounds in
+        `row.dropped` left out), without the final </s>; `prompt`: the last round is pending (encode up to the
+        generation prompt); `until_queries`: only up to the end of the last round's query block."""
+        rounds = [r for k, r in enumerate(row.conv.rounds) if k not in row.dropped]
+        conv = dataclasses.replace(row.conv, rounds=rounds)
+        enc = self.template.encode(conv, add_generation_prompt=prompt)
+        n = len(enc)
+        if until_queries:
+            n = int(np.flatnonzero(enc.role == IMAGE_QUERY)[-1]) + 1
+        elif rounds and not rounds[-1].pending:
+            n -= 1  # </s>
+        keys = [self._key(im) if im is not _PENDING_IMAGE else None for im in enc.images]
+        ids, role, ii = enc.input_ids[:n].tolist(), enc.role[:n].tolist(), enc.image_index[:n].tolist()
+        return [(t, r, keys[k] if r == INPUT_IMAGE else None) for t, r, k in zip(ids, role, ii)]
+
+    def _fit(self, *, reserve: int, prompt: bool, what: str) -> list:
+        """Applies the overflow policy before the history (`prompt`: up to the generation prompt) goes into the
+        cache, with `reserve` slots for the answer. Returns, per row, the rounds dropped now (drop_oldest);
+        raises ContextOverflowError under 'error'."""
+        dropped_now = [set() for _ in self.rows]
+        while True:
+            targets = [self._target(row, prompt=prompt) for row in self.rows]
+            need = self.cache.slots_needed(targets) + reserve
+            if need <= self.max_len:
+                return dropped_now
+            if self.overflow == "error":
+                row = self.rows[0]
+                r = len(row.conv.rounds) - 1
+                raise ContextOverflowError(
+                    f"{_label(row.conv)}: rounds[{r}]: the {what} needs {need} KV-cache slots (incl. {reserve} for the "
+                    f"answer) but the context holds {self.max_len}; raise max_len (sample.py --max-len) or use "
+                    "overflow 'drop_oldest'")
+            progress = False
+            for i, row in enumerate(self.rows):
+                last = len(row.conv.rounds) - 1
+                for k, rnd in enumerate(row.conv.rounds[:last]):
+                    if k not in row.dropped and not rnd.user_images and rnd.assistant_image is None:
+                        row.dropped.add(k)
+                        dropped_now[i].add(k)
+                        progress = True
+                        log.warning("%s: context full (%d > %d slots): rounds[%d] (text only) left out of the cache",
+                                    _label(row.conv), need, self.max_len, k)
+                        break
+            if not progress:
+                row = self.rows[0]
+                raise ContextOverflowError(
+                    f"{_label(row.conv)}: rounds[{len(row.conv.rounds) - 1}]: the {what} needs {need} KV-cache slots "
+                    f"but the context holds {self.max_len}, and no text-only round is left to drop; raise max_len")
+            self.cache.clear()  # rebuilt from scratch: no holes left by the dropped rounds
+
+    def _prune_images(self) -> None:
+        """Drops encoded images no row's history uses any more."""
+        used = {self._key(im) for row in self.rows for _, im in schema.iter_images(row.conv)
+                if im is not _PENDING_IMAGE}
+        self.cache.keep_images(used)
+        self._keys = {k: v for k, v in self._keys.items() if v[1] in used}
+
+    # -- identity ------------------------------------------------------------------------------------------
+    def _identity_of(self, image: schema.Image) -> tuple[Optional[np.ndarray], str]:
+        """(embedding, how) of the one face in an image: drawn people from their metadata, photos by the face
+        embedder; (None, why not) otherwise."""
+        ident = synthetic.image_identity(image, self._identity_dim) if image.people else None
+        if ident is not None:
+            who = image.people[0].name or "the person"
+            return ident, f"{who} (drawn-person metadata)"
+        if self._embedder is False:
+            return None, "no face embedder"
+        if self._embedder is None:
+            try:
+                from cig_jax.models.identity import make_identity_embedder
+
+                self._embedder = make_identity_embedder("auto")
+            except Exception as e:  # noqa: BLE001 - no weights / no backend: sample without identity
+                log.warning("no face identity embedder (%s): sampling without identity", e)
+                self._embedder = False
+                return None, f"no face embedder ({type(e).__name__})"
+        faces = self._embedder.detect(image.pixels)
+        if not faces:
+            return None, "no face found in the reference image"
+        emb = np.asarray(faces[0].embedding, np.float32)
+        if emb.shape != (self._identity_dim,):
+            log.warning("face embedding has %d values but the DiT takes %d: sampling without identity",
+                        emb.size, self._identity_dim)
+            return None, f"face embedding of {emb.size} values, DiT takes {self._identity_dim}"
+        return emb, f"face found by {getattr(self._embedder, 'name', 'the embedder')}"
+
+    def _register_identities(self, row: _Row, rnd: schema.Round, r: int) -> None:
+        """Remembers the identity of named one-person user images (face references) for later rounds."""
+        if not self._has_identity:
+            return
+        for im in rnd.user_images:
+            if len(im.people) == 1 and im.people[0].name:
+                emb = synthetic.image_identity(im, self._identity_dim)
+                if emb is not None:
+                    row.identities[im.people[0].name] = (emb, r)
+
+    def _identities(self, results: list, draw: list):
+        """Identity embeddings [b, De] and which rows use one [b], with a note per drawing row: the face of this
+        round's first user image that has one, else the face reference of the one known person the text names."""
+        b = self.batch_size
+        out = np.zeros((b, self._identity_dim), np.float32)
+        on = np.zeros((b,), bool)
+        for i, row in enumerate(self.rows):
+            if not draw[i]:
+                continue
+            note = "no identity: the detokenizer has no identity branch"
+            if self._has_identity:
+                rnd = row.conv.rounds[-1]
+                note = "no identity: no face reference"
+                for im in rnd.user_images:
+                    emb, how = self._identity_of(im)
+                    if emb is not None:
+                        out[i], on[i], note = emb, True, f"identity: {how}, this round"
+                        break
+                    note = f"no identity: {how}"
+                if not on[i]:
+                    named = schema.mentioned_names(rnd.user_text, list(row.identities))
+                    if len(named) == 1:
+                        emb, r = row.identities[named[0]]
+                        out[i], on[i], note = emb, True, f"identity: {named[0]} (face reference of rounds[{r}])"
+                    elif len(named) > 1:
+                        note = f"no identity: the text names {len(named)} people with face references"
+            results[i].identity_used = bool(on[i])
+            results[i].notes.append(note)
+            row.conv.rounds[-1].metadata["sample"]["identity"] = note
+        if not self._has_identity:
+            return None, on
+        return self.cache.put(out, ("batch", None)), on  # an array even if unused (scale 0): one compiled sampler
+
+    def _diffusion_bar(self, n_steps: int):
+        if not self.progress:
+            return _Null()
+        return _Bar(n_steps * (2 if self.cfg.diffusion.sampler == "heun" else 1))
+
+
+def _user_text(text) -> str:
+    if text is None:
+        return ""
+    if not isinstance(text, str):
+        raise schema.SchemaError(f"user text must be a string, got {type(text).__name__}")
+    return text
+
+
+_PENDING_IMAGE = schema.Image()  # stands for the image being drawn while its query block is encoded
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+class _Bar:
+    """A tqdm bar over diffusion steps, ticked from inside the jitted sampler."""
+
+    def __init__(self, total: int):
+        self.total = total
+
+    def __enter__(self):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=self.total, desc="diffusion", unit="step", leave=False)
+        _PROGRESS[0] = lambda: self.bar.update(1)
+        return self
+
+    def __exit__(self, *a):
+        jax.effects_barrier()
+        _PROGRESS[0] = None
+        self.bar.close()
+        return False
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints and whole conversations
+# ----------------------------------------------------------------------------------------------------------
+def checkpoint_parts(directory, config: Optional[Config] = None) -> tuple[Config, ChatTemplate]:
+    """(config, chat template) of a training workdir, without loading weights. Raises FileNotFoundError for a
+    missing directory / checkpoint / tokenizer and CheckpointMismatchError when the tokenizer does not fit."""
+    from cig_jax.data.chat_template import load_tokenizer
+    from cig_jax.train.checkpoint import CheckpointMismatchError
+    from cig_jax.train.trainer import saved_config
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: checkpoint directory not found")
+    cfg = config if config is not None else saved_config(directory, source="checkpoint")
+    if not (directory / "tokenizer").is_dir():
+        raise FileNotFoundError(f"{directory / 'tokenizer'}: no tokenizer saved with this run "
+                                "(MLLM stages save one)")
+    tokenizer = load_tokenizer(directory / "tokenizer")
+    if len(tokenizer) > cfg.model.llm.vocab_size:
+        raise CheckpointMismatchError(f"{directory / 'tokenizer'}: {len(tokenizer)} tokens do not fit "
+                                      f"model.llm.vocab_size {cfg.model.llm.vocab_size}")
+    return cfg, ChatTemplate(tokenizer, cfg.model.mllm.num_image_tokens)
+
+
+def check_context(template: ChatTemplate, conv: schema.Conversation, max_len: int, max_new_tokens: int) -> None:
+    """Raises ContextOverflowError when completing `conv` could need more than `max_len` cache slots: its answered
+    rounds, every pending user turn and, per pending round, room for the longest answer (text and an image)."""
+    pending = schema.pending_rounds(conv)
+    filled = dataclasses.replace(conv, rounds=[dataclasses.replace(r, assistant_text="") if i in pending else r
+                                               for i, r in enumerate(conv.rounds)])
+    need = len(template.encode(filled, add_generation_prompt=False)) - 1  # the cache never holds </s>
+    need += len(pending) * (max_new_tokens + 2 * template.num_image_tokens + 4)
+    if need > max_len:
+        r = pending[0] if pending else len(conv.rounds) - 1
+        raise ContextOverflowError(
+            f"{_label(conv)}: rounds[{r}]: completing the history needs up to {need} KV-cache slots (with "
+            f"{max_new_tokens} new tokens and an image a round) but the context holds {max_len}; raise max_len "
+            "(sample.py --max-len), lower max_new_tokens, or use overflow 'drop_oldest'")
+
+
+def complete_conversation(session: ChatSession, conv: schema.Conversation, *, seed: int = 0,
+                          on_round: Optional[Callable[[int, RoundResult], None]] = None,
+                          **options) -> schema.Conversation:
+    """Fills the pending rounds of `conv` (validated first) with `session` and returns the completed copy: its
+    answered rounds are replayed into the cache, then every pending round is sampled in order, round r with
+    seed `seed + r`. The returned conversation keeps `conv`'s fields and image paths; generated images carry
+    pixels, and each sampled round's metadata["sample"] says how it was made. `options` go to `round`
+    (max_new_tokens, temperature, force_image, ...). on_round(r, result) is called after each round."""
+    return complete_conversations(session, [conv], seed=seed, on_round=lambda r, res: on_round and on_round(r, res[0]),
+                                  **options)[0]
+
+
+def complete_conversations(session: ChatSession, convs: Sequence[schema.Conversation], *, seed: int = 0,
+                           on_round: Optional[Callable[[int, list], None]] = None, **options) -> list:
+    """`complete_conversation` for `session.batch_size` conversations at once. They must have the same shape:
+    the same number of rounds and the same pending rounds (see `shape_of`)."""
+    if len(convs) != session.batch_size:
+        raise ValueError(f"{len(convs)} conversations for a session of batch_size {session.batch_size}")
+    shapes = {shape_of(c) for c in convs}
+    if len(shapes) != 1:
+        raise ValueError(f"conversations of different shapes cannot share a batch: {sorted(shapes)}")
+    for c in convs:
+        schema.validate(c)
+    pending = schema.pending_rounds(convs[0])
+    session.replay_batch(convs)
+    out = [copy.deepcopy(c) for c in convs]
+    for r in pending:
+        texts = [c.rounds[r].user_text for c in convs]
+        images = [[session._loaded(im, c, f"{_label(c)}: rounds[{r}].user_images[{j}]")
+                   for j, im in enumerate(c.rounds[r].user_images)] for c in convs]
+        results = session.round_batch(texts, images, seeds=[seed + r] * len(convs), **options)
+        for c, row, res in zip(out, session.rows, results):
+            done = row.conv.rounds[-1]
+            c.rounds[r].assistant_text = res.text
+            c.rounds[r].assistant_image = None if res.image is None else schema.Image(pixels=res.image)
+            c.rounds[r].metadata = dict(c.rounds[r].metadata, sample=dict(done.metadata["sample"], stop=res.stop))
+        if on_round is not None:
+            on_round(r, results)
+    return out
+
+
+def shape_of(conv: schema.Conversation) -> tuple:
+    """What conversations sharing a batch must agree on: (number of rounds, the pending rounds)."""
+    return (len(conv.rounds), tuple(schema.pending_rounds(conv)))
+
+
+__all__ = ["ChatSession", "RoundResult", "ContextOverflowError", "complete_conversation", "complete_conversations",
+           "checkpoint_parts", "check_context", "shape_of", "to_uint8", "default_mesh", "OVERFLOW_POLICIES"]

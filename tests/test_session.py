@@ -1,0 +1,389 @@
+"""Sampling over a chat history: a cached round equals recomputing the whole history, drawn images feed later
+rounds, batches and the mesh change nothing, the overflow policy is explicit, and sample.py refuses bad input
+with one line, exit status 2 and nothing written."""
+import copy
+import dataclasses
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image as PILImage
+
+from cig_jax.config import load_config
+from cig_jax.data import schema
+from cig_jax.data.chat_template import BOI, IMAGE_QUERY, mllm_special_tokens
+from cig_jax.data.pipeline import preprocess_image
+from cig_jax.sample.session import ChatSession, ContextOverflowError, default_mesh
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "two_friends.json"
+TINY = ["model.llm.vocab_size=1024", "model.use_vae=false", "model.dit.in_channels=3", "model.dit.sample_size=32",
+        "model.dit.patch_size=8", "model.dit.identity_injection=concat", "model.dit.identity.width=64",
+        "model.dit.identity.depth=1", "model.dit.identity.num_tokens=4", "diffusion.num_steps=2",
+        "sample.max_new_tokens=4", "train.stage=multiround"]
+
+
+def _sample_main():
+    spec = importlib.util.spec_from_file_location("cig_sample_cli", ROOT / "sample.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def save_tiny_checkpoint(workdir: Path) -> Path:
+    """A tiny run with random weights (config + weights + tokenizer) saved as the trainer saves one. The weights
+    are drawn with numpy, nothing to compile: norm scales 1, biases 0, the rest N(0, 1 / fan_in)."""
+    from cig_jax.train import stages, trainer
+    from cig_jax.train.checkpoint import Checkpointer
+
+    cfg = load_config(ROOT / "configs" / "model" / "tiny.yaml", TINY + [f"train.workdir={workdir}"])
+    mesh, rules = default_mesh(), cfg.mesh.axis_rules
+    task = stages.build_task(cfg)
+    graphdef, abstract = nnx.split(nnx.eval_shape(task.make_model))
+    rng = np.random.default_rng(0)
+
+    def draw(name, x):
+        if name in ("scale", "bias") or x.ndim < 2:
+            return np.full(x.shape, float(name == "scale"), x.dtype)
+        fan_in = np.prod(x.shape[:-1]) if x.ndim == 4 else x.shape[-2]  # conv [kh, kw, in, out]; [(layers,) in, out]
+        return (rng.standard_normal(x.shape) / np.sqrt(fan_in)).astype(x.dtype)
+
+    flat = [(path, var.replace(draw(str(path[-1]), var.value))) for path, var in nnx.to_flat_state(abstract)]
+    model = nnx.merge(graphdef, nnx.from_flat_state(flat))
+    _, params, frozen = nnx.split(model, task.trainable, ...)
+    state, _ = trainer.init_state(params, trainer.make_optimizer(cfg.optimizer, cfg.train.steps), mesh, rules, frozen)
+    ckpt = Checkpointer(workdir / "checkpoints", save_every=1, keep=1, async_save=False)
+    ckpt.save(1, state, None, cfg, force=True)
+    ckpt.close()
+    trainer.write_artifacts(cfg, workdir)
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny_run"))
+
+
+@pytest.fixture(scope="module")
+def session(ckpt):
+    return ChatSession.from_checkpoint(ckpt, identity_embedder=False)  # max_len 2048, as sample.py: shared compiles
+
+
+def _picture(seed, size=40):
+    return np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The reference: every token recomputed from the whole history, no cache
+# ----------------------------------------------------------------------------------------------------------
+class Recompute:
+    """Greedy decoding of a round by running the whole history through the model without a KV cache, once per
+    new token (the chat template encodes it; padded to a fixed length so it compiles once)."""
+
+    LENGTH, IMAGES, BLOCKS = 256, 4, 4
+
+    def __init__(self, session):
+        self.t = session.template
+        self.size = session.image_size
+        graphdef, state = nnx.split(nnx.merge(session.graph.graphdef, session.state).mllm)
+        tok = self.t.tokenizer
+        vocab = session.cfg.model.llm.vocab_size
+        self.banned = np.zeros((vocab,), bool)  # assistant text never holds image / chat markup
+        for name in [t for t in mllm_special_tokens() if t != BOI] + [tok.bos_token, tok.pad_token, tok.unk_token]:
+            self.banned[tok.convert_tokens_to_ids(name)] = True
+        self.banned[len(tok):] = True
+
+        @jax.jit
+        def forward(state, ids, role, index, mask, images):
+            out = nnx.merge(graphdef, state)(ids, role, index, images=images, attention_mask=mask,
+                                              num_query_blocks=self.BLOCKS)
+            return out.logits[0], out.visual_embeddings[0]
+
+        self.forward = lambda *a: forward(state, *a)
+
+    def run(self, ids, role, index, images):
+        n = len(ids)
+        pad = lambda x, v: jnp.asarray([list(x) + [v] * (self.LENGTH - n)])  # noqa: E731
+        pixels = np.zeros((1, self.IMAGES, self.size, self.size, 3), np.float32)
+        for k, im in enumerate(images):
+            pixels[0, k] = preprocess_image(im.pixels, self.size)
+        return self.forward(pad(ids, self.t.pad_id), pad(role, 0), pad(index, -1), pad([1] * n, 0), jnp.asarray(pixels))
+
+    def round(self, history: schema.Conversation, rnd: schema.Round, max_new: int, force_image: bool):
+        conv = dataclasses.replace(history, rounds=history.rounds + [rnd])
+        enc = self.t.encode(conv)
+        ids, role, index = enc.input_ids.tolist(), enc.role.tolist(), enc.image_index.tolist()
+        marker = list(self.t.user_open_next)
+        tokens, stop = [], "max_new_tokens"
+        while len(tokens) < max_new:
+            logits, _ = self.run(ids, role, index, enc.images)
+            t = int(np.argmax(np.where(self.banned, -np.inf, np.asarray(logits[len(ids) - 1]))))
+            if t in (self.t.eos_id, self.t.boi_id):
+                stop = "eos" if t == self.t.eos_id else "image"
+                break
+            tokens.append(t)
+            ids, role, index = ids + [t], role + [0], index + [-1]
+            if tokens[-len(marker):] == marker:
+                del tokens[-len(marker):]
+                stop = "turn_marker"
+                break
+        if not (force_image or stop == "image"):
+            return tokens, stop, None
+        drawn = dataclasses.replace(rnd, assistant_text=self.t.tokenizer.decode(tokens),
+                                    assistant_image=schema.Image(pixels=np.zeros((8, 8, 3), np.uint8)))
+        enc = self.t.encode(dataclasses.replace(history, rounds=history.rounds + [drawn]), add_generation_prompt=False)
+        n = int(np.flatnonzero(enc.role == IMAGE_QUERY)[-1]) + 1  # up to the end of this round's query block
+        _, vis = self.run(enc.input_ids[:n].tolist(), enc.role[:n].tolist(), enc.image_index[:n].tolist(), enc.images)
+        block = int(np.sum(enc.role[:n] == IMAGE_QUERY)) // self.t.num_image_tokens - 1
+        return tokens, stop, np.asarray(vis[block])
+
+
+def _cache_ids(session, row=0):
+    return [t[0] for t in session.cache.tokens[row]]
+
+
+# ----------------------------------------------------------------------------------------------------------
+def test_cached_round_equals_full_recompute(session):
+    """Four rounds (a user photo, two drawings, a text-only answer): every round's text tokens and visual
+    embeddings equal those of recomputing the whole history from scratch, and the cache then holds exactly the
+    chat template's encoding of the history."""
+    ref = Recompute(session)
+    session.reset()
+    spec = [("Julian has red hair.", [_picture(0)], True), ("Draw Julian and Maya in the park.", [], True),
+            ("Who wears a hat?", [], False), ("Show Julian again in the snow.", [], True)]
+    drawn = 0
+    for r, (text, images, force) in enumerate(spec):
+        before = session.history
+        res = session.round(text, images, seed=r, force_image=force, max_new_tokens=5)
+        rnd = schema.Round(user_text=text, user_images=[schema.Image(pixels=p) for p in images])
+        tokens, stop, vis = ref.round(before, rnd, 5, force)
+        assert (res.tokens, res.stop) == (tokens, stop), f"round {r}"
+        assert (res.image is None) == (vis is None)
+        if vis is not None:
+            np.testing.assert_allclose(res.visual_embeddings, vis, atol=1e-5, err_msg=f"round {r}")
+            assert res.image.dtype == np.uint8 and res.image.shape == (32, 32, 3)
+            drawn += 1
+    assert drawn == 3 and any(len(r.assistant_text or "") for r in session.history.rounds)
+    session.flush()  # the last drawing's write-back block, which otherwise goes in with the next user turn
+    enc = session.template.encode(session.history, add_generation_prompt=False)
+    assert _cache_ids(session) == enc.input_ids[:-1].tolist()  # everything but the final </s>
+
+
+def test_drawn_image_is_seen_by_later_rounds(session):
+    """Round 1's drawing goes back into the cache: replaying the same history gives the same round 3, and
+    changing only round 1's image changes round 3, which names the person drawn there."""
+    session.reset()
+    session.round("Draw Julian in the park.", seed=1, force_image=True)
+    session.round("Who wears a hat?", seed=2)
+    third = session.round("Now show Julian from the first picture at the beach.", seed=3, force_image=True)
+    history = session.history
+
+    other = session.with_batch_size(1)
+    other.replay(dataclasses.replace(history, rounds=history.rounds[:2]))
+    again = other.round("Now show Julian from the first picture at the beach.", seed=3, force_image=True)
+    np.testing.assert_allclose(again.visual_embeddings, third.visual_embeddings, atol=1e-5)
+    assert again.tokens == third.tokens
+
+    changed = copy.deepcopy(history)
+    changed.rounds[0].assistant_image = schema.Image(pixels=255 - history.rounds[0].assistant_image.pixels)
+    other.replay(dataclasses.replace(changed, rounds=changed.rounds[:2]))
+    moved = other.round("Now show Julian from the first picture at the beach.", seed=3, force_image=True)
+    assert np.abs(moved.visual_embeddings - third.visual_embeddings).max() > 1e-3
+    other.flush()
+    enc = other.template.encode(other.history, add_generation_prompt=False)
+    assert _cache_ids(other) == enc.input_ids[:-1].tolist()
+
+
+def _sibling(session, **kw):
+    """Another session over the same weights (same max_len: the compiled code is shared)."""
+    return ChatSession(nnx.merge(session.graph.graphdef, session.state), session.template, session.cfg,
+                       identity_embedder=False, **kw)
+
+
+def test_overflow_is_an_error_or_drops_oldest_text_rounds_explicitly(session, caplog):
+    """A history that fits the 2048-slot cache, and a next round that does not: 'error' raises and leaves the
+    history as it was; 'drop_oldest' leaves the oldest text-only round out, says so, and the cache then holds
+    the encoding of the rounds kept."""
+    t, max_new = session.template, 2
+    reserve = max_new + 2 * t.num_image_tokens + 4  # text, <img> + queries + </img>, the write-back block
+    prompt = schema.Round(user_text="Show Julian at the beach.")
+    tail = [schema.Round("Draw Julian.", [], "Here is Julian.", schema.Image(pixels=_picture(5, 32))),
+            schema.Round("Who wears a hat?", [], "Maya wears a hat.")]
+    for k in range(1, 1000):  # a first round just long enough that the history fits but the next round does not
+        history = schema.Conversation(id="long", rounds=[schema.Round("Julian has red hair. " * k, [], "Sure.")] + tail)
+        n_history = len(t.encode(history, add_generation_prompt=False)) - 1
+        n_prompt = len(t.encode(dataclasses.replace(history, rounds=history.rounds + [prompt]))) - n_history
+        if n_history + n_prompt + reserve > session.max_len:
+            break
+    assert n_history <= session.max_len
+
+    strict = _sibling(session)
+    strict.replay(history)
+    with pytest.raises(ContextOverflowError, match=r"long.*rounds\[3\].*KV-cache slots.*drop_oldest"):
+        strict.round(prompt.user_text, seed=3, max_new_tokens=max_new)
+    assert len(strict.history.rounds) == 3  # a failed round leaves the history as it was
+
+    dropping = _sibling(session, overflow="drop_oldest")
+    dropping.replay(history)
+    with caplog.at_level("WARNING"):
+        res = dropping.round(prompt.user_text, seed=3, max_new_tokens=max_new)
+    assert res.dropped_rounds == [0] and "rounds[0] (text only) left out of the cache" in caplog.text
+    assert dropping.history.rounds[-1].metadata["sample"]["dropped_rounds"] == [0]
+    assert len(dropping.history.rounds) == 4  # the history itself keeps every round
+    dropping.flush()
+    kept = dataclasses.replace(dropping.history, rounds=dropping.history.rounds[1:])
+    assert _cache_ids(dropping) == t.encode(kept, add_generation_prompt=False).input_ids[:-1].tolist()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sample.py
+# ----------------------------------------------------------------------------------------------------------
+def _copy_example(folder: Path) -> Path:
+    shutil.copytree(EXAMPLE.parent, folder, dirs_exist_ok=True)
+    return folder / EXAMPLE.name
+
+
+@pytest.fixture(scope="module")
+def single_run(ckpt, tmp_path_factory):
+    """sample.py on the example conversation; returns (input file, its bytes before, output dir)."""
+    chat = _copy_example(tmp_path_factory.mktemp("chat"))
+    before = chat.read_bytes()
+    out = tmp_path_factory.mktemp("out") / "run"
+    rc = _sample_main()(["--checkpoint", str(ckpt), "--chat", str(chat), "--out", str(out), "--devices", "1",
+                         "--no-progress", "--max-new-tokens", "4", "--force-image"])
+    assert rc == 0
+    return chat, before, out
+
+
+def test_sample_cli_writes_images_history_and_transcript(single_run):
+    chat, before, out = single_run
+    assert chat.read_bytes() == before  # the input is never modified
+    done = schema.load_conversation(out / chat.name)  # validates; every image file is readable
+    original = schema.load_conversation(chat)
+    assert len(done.rounds) == 3 and not schema.pending_rounds(done)
+    assert [r.user_text for r in done.rounds] == [r.user_text for r in original.rounds]
+    assert [p.name for p in done.people] == [p.name for p in original.people]
+    html = (out / "transcript.html").read_text()
+    for where, im in schema.iter_images(done):
+        assert (out / im.path).is_file() and f'src="{im.path}"' in html, where
+    assert all(r.assistant_image is not None for r in done.rounds)  # --force-image
+    assert all(r.metadata["sample"]["seed"] == k for k, r in enumerate(done.rounds))
+    # identity: Maya's face reference (drawn-person metadata) in round 1, and again in round 2 which names her;
+    # Julian has no face reference
+    identity = [r.metadata["sample"]["identity"] for r in done.rounds]
+    assert identity[0].startswith("identity: Maya") and identity[1].startswith("identity: Maya (face reference")
+    assert identity[2].startswith("no identity")
+
+
+def test_sample_cli_batches_jsonl_over_the_mesh_like_single_runs(ckpt, single_run, tmp_path):
+    """Two conversations in one JSONL, one batch of two rows over a 2-device mesh: each comes out as when it
+    runs alone on one device."""
+    chat, _, single_out = single_run
+    folder = tmp_path / "in"
+    chat = _copy_example(folder)
+    first = json.loads(chat.read_text())
+    second = copy.deepcopy(first)
+    second["id"] = "two_friends_b"
+    second["rounds"][1]["user_text"] = "Show Maya in the snow."
+    (folder / "both.jsonl").write_text(json.dumps(first) + "\n" + json.dumps(second) + "\n")
+    out = tmp_path / "out"
+    rc = _sample_main()(["--checkpoint", str(ckpt), "--chat", str(folder / "both.jsonl"), "--out", str(out),
+                         "--devices", "2", "--batch-size", "2", "--no-progress", "--max-new-tokens", "4",
+                         "--force-image"])
+    assert rc == 0
+    alone = schema.with_pixels(schema.load_conversation(single_out / "two_friends.json"))
+    batched = schema.with_pixels(schema.load_conversation(out / f"{first['id']}.json"))
+    assert schema.load_conversation(out / "two_friends_b.json").rounds[1].user_text == "Show Maya in the snow."
+    for a, b in zip(alone.rounds, batched.rounds):
+        assert a.assistant_text == b.assistant_text
+        assert (a.assistant_image is None) == (b.assistant_image is None)
+        if a.assistant_image is not None:
+            assert np.abs(a.assistant_image.pixels.astype(int) - b.assistant_image.pixels.astype(int)).max() <= 1
+
+
+def test_sample_cli_interactive_saves_after_every_round(ckpt, tmp_path, monkeypatch, capsys):
+    lines = iter(["Draw Maya at the beach.", f"/image {EXAMPLE.parent / 'images' / 'maya.png'}",
+                  "This is Maya. Show her in the snow.", "/quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    out = tmp_path / "out"
+    rc = _sample_main()(["--checkpoint", str(ckpt), "--out", str(out), "--interactive", "--devices", "1",
+                         "--no-progress", "--max-new-tokens", "2", "--force-image"])
+    assert rc == 0 and capsys.readouterr().out.count("assistant> ") == 2
+    chat = schema.load_conversation(out / "chat.json")
+    assert [r.user_text for r in chat.rounds] == ["Draw Maya at the beach.", "This is Maya. Show her in the snow."]
+    assert len(chat.rounds[1].user_images) == 1 and all(r.assistant_image is not None for r in chat.rounds)
+    assert (out / "transcript.html").is_file()
+
+
+def _bad_inputs(folder: Path, ckpt: Path) -> dict:
+    """name -> (history file, extra args, what the one-line error must say)."""
+    chat = _copy_example(folder)
+    d = json.loads(chat.read_text())
+
+    def variant(name, mutate):
+        dd = copy.deepcopy(d)
+        mutate(dd)
+        path = folder / f"{name}.json"
+        path.write_text(json.dumps(dd, indent=1))
+        return path
+
+    (folder / "garbage.png").write_bytes(b"this is not a png")
+    PILImage.new("CMYK", (16, 16), (0, 50, 100, 0)).save(folder / "cmyk.jpg")
+    malformed = folder / "malformed.json"
+    malformed.write_text(chat.read_text()[:-20])
+    swap = lambda p: (lambda dd: dd["rounds"][0]["user_images"][0].__setitem__("path", p))  # noqa: E731
+    long_history = variant("long", lambda dd: dd["rounds"][0].__setitem__(
+        "user_text", dd["rounds"][0]["user_text"] + " Maya is here." * 60))
+    return {
+        "malformed JSON": (malformed, [], [str(malformed), "malformed JSON at line"]),
+        "missing image": (variant("missing", swap("images/nope.png")), [],
+                          ["missing.json", "rounds[0].user_images[0].path: file not found: images/nope.png"]),
+        "undecodable image": (variant("undecodable", swap("garbage.png")), [],
+                              ["undecodable.json", "rounds[0].user_images[0].path: cannot decode image garbage.png"]),
+        "unsupported mode": (variant("cmyk", swap("cmyk.jpg")), [],
+                             ["cmyk.json", "rounds[0].user_images[0].path: unsupported image mode 'CMYK'"]),
+        "checkpoint does not match": (chat, ["--set", "model.llm.num_layers=3"], ["model.llm.num_layers"]),
+        "missing checkpoint": (chat, ["--checkpoint", str(folder / "no_such_run")],
+                               ["no_such_run: checkpoint directory not found"]),
+        "history too long": (long_history, ["--max-len", "256"], ["long.json", "rounds[0]", "KV-cache slots"]),
+    }
+
+
+def test_bad_input_is_one_line_exit_2_nothing_written(ckpt, tmp_path, capsys):
+    cases = _bad_inputs(tmp_path / "in", ckpt)
+    main = _sample_main()
+    for name, (chat, extra, expected) in cases.items():
+        before = chat.read_bytes()
+        out = tmp_path / "out" / name.replace(" ", "_")
+        capsys.readouterr()
+        rc = main(["--checkpoint", str(ckpt), "--chat", str(chat), "--out", str(out), "--devices", "1",
+                   "--no-progress"] + extra)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2, name
+        assert len(err) == 1 and err[0].startswith("sample.py: "), (name, err)
+        for piece in expected:
+            assert piece in err[0], (name, err[0])
+        assert chat.read_bytes() == before, name  # byte-identical
+        assert not out.exists(), name  # nothing written
+
+
+@pytest.mark.slow
+def test_transcript_renders_in_headless_chromium(single_run, tmp_path):
+    """The transcript's images show in a browser: headless Chromium's screenshot holds each image's pixels."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import screenshot_transcript as shot
+    finally:
+        sys.path.pop(0)
+    if shot.find_chromium() is None:
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    _, _, out = single_run
+    report = shot.check(out / "transcript.html", tmp_path / "shot.png")
+    assert report["images"] >= 2 and report["rendered"] == report["images"], report
