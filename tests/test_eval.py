@@ -325,3 +325,169 @@ def test_evaluate_reports_every_metric_and_is_json_ready(dlib_embedder):
     assert report["consistency"]["people"] == 4
     assert report["clip_t"]["status"].startswith("skipped: ")
     json.dumps(report)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluating a checkpoint (cig_jax/eval/run.py)
+# ----------------------------------------------------------------------------------------------------------
+from cig_jax.eval import run as eval_run  # noqa: E402
+
+TINY_RUN = ["model.llm.vocab_size=1024", "model.use_vae=false", "model.dit.in_channels=3", "model.dit.sample_size=32",
+            "model.dit.patch_size=8", "model.dit.identity_injection=concat", "model.dit.identity.width=64",
+            "model.dit.identity.depth=1", "model.dit.identity.num_tokens=4", "diffusion.num_steps=2",
+            "sample.max_new_tokens=4", "train.stage=multiround"]
+
+
+class RecordingSession:
+    """Stands in for a ChatSession: records what each round is given and draws a solid image whose grey level
+    encodes (call number), so the protocol of `generate_rounds` is checked without a model."""
+
+    def __init__(self, batch_size):
+        self.batch_size, self.calls, self.history = batch_size, [], [[] for _ in range(batch_size)]
+
+    def reset(self):
+        self.history = [[] for _ in range(self.batch_size)]
+        self.calls.append(("reset",))
+
+    def replay_batch(self, convs):
+        self.history = [list(c.rounds) for c in convs]
+        self.calls.append(("replay", [len(c.rounds) for c in convs]))
+
+    def round_batch(self, texts, images, seeds, force_image=False, **kw):
+        from cig_jax.sample.session import RoundResult
+
+        assert force_image
+        self.calls.append(("round", list(texts), [[im.pixels for im in ims] for ims in images], list(seeds),
+                           [len(h) for h in self.history]))
+        level = len([c for c in self.calls if c[0] == "round"])
+        out = []
+        for i, t in enumerate(texts):
+            px = np.full((16, 16, 3), 10 * level + i, np.uint8)
+            self.history[i].append(Round(user_text=t, assistant_image=Image(pixels=px)))
+            out.append(RoundResult("", px, None, False, []))
+        return out
+
+
+def test_history_view_replays_ground_truth_rounds_before_each_round():
+    convs = name_based(3)
+    session = RecordingSession(batch_size=2)
+    gen = eval_run.generate_rounds(session, convs, view="history", context="truth", seed=5)
+    assert len(gen) == 3 and all(len(g) == 3 and all(x is not None for x in g) for g in gen)
+    rounds = [c for c in session.calls if c[0] == "round"]
+    replays = [c for c in session.calls if c[0] == "replay"]
+    assert [r[1] for r in replays] == [[0, 0], [1, 1], [2, 2]] * 2  # two batches (the last padded), 3 rounds each
+    assert [r[4] for r in rounds] == [[0, 0], [1, 1], [2, 2]] * 2  # the round sees r ground-truth rounds
+    assert rounds[2][1] == [convs[0].rounds[2].user_text, convs[1].rounds[2].user_text]
+    assert all(ims == [[], []] for _, _, ims, _, _ in rounds)  # name-based rounds have no user images
+    assert rounds[1][3] == [5 + 1, 5 + 1000 + 1] and rounds[4][3] == [5 + 2000 + 1, 5 + 3000 + 1]
+    assert gen[2][0][0, 0, 0] == 40  # batch 2, round 1: the 4th round call, row 0 (padding row dropped)
+
+
+def test_markov_view_sees_only_the_previous_image_without_its_people():
+    convs = name_based(2)
+    for context in ("truth", "generated"):
+        session = RecordingSession(batch_size=2)
+        gen = eval_run.generate_rounds(session, convs, view="markov", context=context)
+        rounds = [c for c in session.calls if c[0] == "round"]
+        assert [r[4] for r in rounds] == [[0, 0]] * 3  # a fresh context every round
+        assert all(ims == [] for ims in rounds[0][2])
+        for r in (1, 2):
+            for i, c in enumerate(convs):
+                (prev,) = rounds[r][2][i]
+                want = c.rounds[r - 1].assistant_image.pixels if context == "truth" else gen[i][r - 1]
+                np.testing.assert_array_equal(prev, want)
+                from cig_jax.data.pipeline import markov_view
+
+                assert rounds[r][1][i] == markov_view(schema_cut(c, r)).rounds[0].user_text
+    text, images = eval_run._round_inputs(convs[0], 2, "markov", convs[0].rounds[1].assistant_image.pixels)
+    assert images[0].people == []  # no drawn-person metadata: no identity read off the previous image
+
+
+def schema_cut(conv, r):
+    import dataclasses
+
+    return dataclasses.replace(conv, rounds=conv.rounds[:r + 1])
+
+
+def test_grid_puts_generated_beside_ground_truth():
+    convs = name_based(2)
+    gen = [[np.full((20, 20, 3), 200, np.uint8), None, np.zeros((64, 64, 3), np.uint8)] for _ in convs]
+    cell, pad = 50, 6
+    sheet = np.asarray(eval_run.grid_image(convs, gen, cell=cell))
+    cap = 12 * 4 + 4
+    assert sheet.shape == (2 * (cell + cap + pad) + pad, 3 * (2 * cell + 3 * pad) + pad, 3)
+    y = pad + (cell + cap + pad) + cell // 2  # second row
+    assert (sheet[y, pad + 5] == 200).all()  # round 1, generated
+    truth = np.asarray(PILImage.fromarray(convs[1].rounds[0].assistant_image.pixels).resize((cell, cell), PILImage.NEAREST))
+    np.testing.assert_array_equal(sheet[pad + cell + cap + pad:][:cell, 2 * pad + cell:2 * pad + 2 * cell], truth)
+    x2 = pad + (2 * cell + 3 * pad) + 5  # round 2, generated: missing -> grey
+    assert (sheet[y, x2] == 160).all()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A tiny multiround run saved as the trainer saves one (random weights, nothing trained or compiled)."""
+    from flax import nnx
+
+    from cig_jax.config import load_config
+    from cig_jax.sample.session import default_mesh
+    from cig_jax.train import stages, trainer
+    from cig_jax.train.checkpoint import Checkpointer
+
+    workdir = tmp_path_factory.mktemp("eval_run") / "run"
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "configs" / "model" / "tiny.yaml", TINY_RUN + [f"train.workdir={workdir}"])
+    task = stages.build_task(cfg)
+    graphdef, abstract = nnx.split(nnx.eval_shape(task.make_model))
+    rng = np.random.default_rng(0)
+
+    def draw(name, x):  # numpy weights: nothing to compile (norm scales 1, biases 0, the rest N(0, 1 / fan_in))
+        if name in ("scale", "bias") or x.ndim < 2:
+            return np.full(x.shape, float(name == "scale"), x.dtype)
+        return (rng.standard_normal(x.shape) / np.sqrt(np.prod(x.shape[:-1]) if x.ndim == 4 else x.shape[-2])
+                ).astype(x.dtype)
+
+    flat = [(path, var.replace(draw(str(path[-1]), var.value))) for path, var in nnx.to_flat_state(abstract)]
+    _, params, frozen = nnx.split(nnx.merge(graphdef, nnx.from_flat_state(flat)), task.trainable, ...)
+    state, _ = trainer.init_state(params, trainer.make_optimizer(cfg.optimizer, cfg.train.steps), default_mesh(),
+                                  cfg.mesh.axis_rules, frozen)
+    ckpt = Checkpointer(workdir / "checkpoints", save_every=1, keep=1, async_save=False)
+    ckpt.save(1, state, None, cfg, force=True)
+    ckpt.close()
+    trainer.write_artifacts(cfg, workdir)
+    return workdir
+
+
+def test_eval_cli_writes_metrics_and_grid(tiny_run, classifier, request, tmp_path, capsys):
+    out = tmp_path / "eval"
+    folder = tmp_path / "held_out"
+    from cig_jax.data.schema import save_conversation
+
+    convs = name_based(3, seed=EVAL_SEED + 7)
+    for c in convs:
+        save_conversation(c, folder / f"{c.id}.json")
+    eval_run.main(["--checkpoint", str(tiny_run), "--data", str(folder), "--out", str(out), "--num", "2",
+                   "--batch-size", "2", "--cache", str(request.config.cache.mkdir("cig_eval")), "--identity", "none"])
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["conversations"] == 2 and report["protocol"]["view"] == "history"
+    assert [r["round"] for r in report["attributes"]["rounds"]] == [0, 1, 2]
+    assert [r["people"] for r in report["attributes"]["rounds"]] == [4, 2, 2]
+    assert report["attributes"]["missing_images"] == 0
+    for r in report["attributes"]["rounds"]:
+        assert 0 <= r["image_only"]["accuracy"] <= 1 and 0 < r["image_only"]["chance"] < 1
+    assert [r["round"] for r in report["drawn_identity"]["rounds"]] == [0, 1, 2]
+    grid = PILImage.open(out / "samples.png")
+    assert grid.size[1] > 2 * 50 and grid.size[0] > 6 * 50
+    table = capsys.readouterr().out
+    assert "image-only" in table and table.count("history ") == 3
+
+
+def test_drawn_identity_is_the_fraction_of_identity_attributes_right():
+    from cig_jax.eval.metrics import drawn_identity_similarity
+
+    truth = {k: v[0] for k, v in synthetic.ATTRIBUTES.items()}
+    wrong = dict(truth, hair_color="red", skin_tone="dark", accessory="hat")  # 2 of 5 identity attributes wrong
+    res = drawn_identity_similarity([{"round": 0, "predicted": truth, "truth": truth},
+                                     {"round": 1, "predicted": wrong, "truth": truth}])
+    assert res["rounds"][0]["mean"] == pytest.approx(1.0) and res["rounds"][1]["mean"] == pytest.approx(3 / 5)
+    assert res["n"] == 2 and res["mean"] == pytest.approx(0.8)

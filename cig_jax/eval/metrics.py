@@ -9,6 +9,8 @@ Owns:
   - `identity_similarity`: cosine of identity embeddings (`models/identity.py`) between reference and
     generated faces; face-detection failures are counted and reported, never dropped silently.
   - `clip_t_score`: CLIP-T prompt alignment with a local CLIP checkpoint, or a 'skipped: <reason>' result.
+  - `drawn_identity_similarity`: the same question for drawn people, through the identity code of the
+    attributes the classifier reads (the procedural faces are not faces to a face embedder).
   - `multi_round_consistency`: how alike the same named person looks across the generated rounds they
     appear in (identity cosine, and attribute agreement when given a classifier).
   - `evaluate`: all of the above as one JSON-ready report, and a CLI over conversation folders.
@@ -322,6 +324,24 @@ def round_identity_similarity(truth: Sequence[Conversation], generated, embedder
         res.pop("values")
         rounds.append(dict(round=r, **res))
     return {"overall": overall, "rounds": rounds}
+
+
+def drawn_identity_similarity(items: Sequence[dict]) -> dict:
+    """Identity of drawn people, where face embedders see no faces: the cosine between the identity code
+    (`synthetic.identity_embedding`) of the attributes the classifier read and that of the ground truth, per
+    (round, person) item of `round_attribute_accuracy(..., return_items=True)`. The codes are one-hot blocks
+    of `synthetic.IDENTITY_ATTRIBUTES`, so the cosine is the fraction of those attributes drawn right (a
+    random person scores about 0.27). -> {"mean", "n", "rounds": [{"round", "mean", "n"}], "note"}."""
+    values: dict = {}
+    for it in items:
+        a = synthetic.identity_embedding(it["predicted"])
+        b = synthetic.identity_embedding(it["truth"])
+        values.setdefault(it["round"], []).append(float(np.dot(a, b)))
+    every = [v for vs in values.values() for v in vs]
+    return {"mean": float(np.mean(every)) if every else None, "n": len(every),
+            "rounds": [{"round": r, "mean": float(np.mean(values[r])), "n": len(values[r])} for r in sorted(values)],
+            "note": "cosine of identity codes read by the attribute classifier; = fraction of "
+                    f"{', '.join(synthetic.IDENTITY_ATTRIBUTES)} drawn right"}
 
 
 # ----------------------------------------------------------------------------------------------------------

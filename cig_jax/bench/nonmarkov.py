@@ -1,0 +1,294 @@
+"""Non-Markov benchmark: does a model that sees the whole history draw a person named in round 3 as the round-1
+image showed them, where a Markov model (previous image only) cannot?
+
+    python -m cig_jax.bench.nonmarkov            # full: demo scale (~15 min on 2 idle CPU cores, longer if shared)
+    python -m cig_jax.bench.nonmarkov --quick    # a few minutes: the same pipeline end to end, tiny budgets
+    python -m cig_jax.bench.nonmarkov --init workdir/demo/stage1   # reuse a trained detokenizer (read only)
+
+Steps (workdir default workdir/bench_nonmarkov/{full,quick}):
+  1. a stage-1 detokenizer on in-memory synthetic images (`configs/bench/nonmarkov_stage1.yaml`), or `--init
+     DIR` to reuse one (any stage checkpoint with the demo model, e.g. workdir/demo/stage1; read only);
+  2. its ceiling: held-out ground-truth images reconstructed from their own ViT features (what perfect visual
+     embeddings would give), scored like the models;
+  3. two runs of `configs/bench/nonmarkov.yaml` from that checkpoint with the same seeds, steps and data:
+     'history' (every round sees the whole conversation) and 'markov' (`data.markov_view: true`: each round
+     sees only the previous round's image before its text). The Markov run trains on every round of every
+     conversation (each conversation's prefixes through the Markov view), with a batch of 3x as many
+     examples, so both runs see the same rounds, images and targets per step;
+  4. both scored on held-out name-based conversations (`cig_jax.eval.run`, ground-truth earlier rounds as
+     context), and a table: per round, attribute accuracy of text-described and image-only attributes with
+     chance, the drawn-identity cosine and the face-embedder identity (which rarely finds cartoon faces).
+
+The point is round 3: it names the second person of round 1, whose image-only attributes were shown only in
+the round-1 image. A history model can copy them; the Markov model sees round 2's image (the other person)
+and can only guess (chance). Round 1 (text -> two people) and its text-described attributes are within reach
+of both; in round 3 the text-described attributes, too, were said only in round 1 (out of the Markov view).
+
+Writes WORKDIR/nonmarkov.json (the table's numbers, the configs, timings) and per model WORKDIR/eval_<name>/
+(metrics.json, samples.png).
+
+Does not own: training (`cig_jax/train`), generation and scoring (`cig_jax/eval/run.py`, `metrics.py`).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cig_jax.config import Config, load_config
+from cig_jax.data import schema, synthetic
+
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "bench" / "nonmarkov.yaml"
+STAGE1_CONFIG = CONFIG.with_name("nonmarkov_stage1.yaml")
+HELDOUT_SEED = 9_200_000  # held-out name-based conversations (training draws use the configs' seeds)
+MARKOV_SEQ_LEN = 112  # one name-based round through the Markov view holds <= 96 tokens and 2 images
+KEYS = ("input_ids", "role", "image_index", "loss_mask", "attention_mask", "images")
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """How much of everything a mode spends (None: the config's value)."""
+
+    stage1_steps: Optional[int]
+    steps: Optional[int]
+    num_records: Optional[int]
+    num_eval: int
+    num_steps: Optional[int]  # diffusion steps at evaluation
+    batch_size: int  # conversations generated at once
+
+
+FULL = Budget(stage1_steps=None, steps=None, num_records=None, num_eval=48, num_steps=None, batch_size=16)
+QUICK = Budget(stage1_steps=20, steps=12, num_records=64, num_eval=4, num_steps=4, batch_size=4)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Configs and the Markov run's data
+# ----------------------------------------------------------------------------------------------------------
+def configs(workdir: Path, budget: Budget, init: Optional[str] = None, overrides: Sequence[str] = ()) -> dict:
+    """{'stage1' (None with `init`), 'history', 'markov'}: the runs' configs with workdirs under `workdir`."""
+    common = [f"train.init_from={init or workdir / 'stage1'}"]
+    if budget.steps is not None:
+        common.append(f"train.steps={budget.steps}")
+        common.append(f"train.log_every={max(1, budget.steps // 4)}")
+    if budget.num_records is not None:
+        common.append(f"data.num_records={budget.num_records}")
+    common += list(overrides)
+    history = load_config(CONFIG, common + [f"train.workdir={workdir / 'history'}"])
+    markov = load_config(CONFIG, common + [f"train.workdir={workdir / 'markov'}", "data.markov_view=true",
+                                           f"data.global_batch_size={3 * history.data.global_batch_size}",
+                                           f"data.seq_len={MARKOV_SEQ_LEN}", "data.max_images=2"])
+    out = {"stage1": None, "history": history, "markov": markov}
+    if init is None:
+        s1 = [f"train.workdir={workdir / 'stage1'}"]
+        if budget.stage1_steps is not None:
+            s1 += [f"train.steps={budget.stage1_steps}", f"train.log_every={max(1, budget.stage1_steps // 4)}",
+                   "train.checkpoint_every=0"]
+        out["stage1"] = load_config(STAGE1_CONFIG, s1)
+    return out
+
+
+def prefixes(conv: schema.Conversation) -> list:
+    """The conversation cut after each of its rounds: through `pipeline.markov_view` they give every round
+    with its previous image."""
+    return [dataclasses.replace(conv, rounds=conv.rounds[:k]) for k in range(1, len(conv.rounds) + 1)]
+
+
+def markov_task(cfg: Config):
+    """The configured stage's task whose data are every round of every record through the Markov view."""
+    from cig_jax.data import pipeline
+    from cig_jax.data.chat_template import ChatTemplate
+    from cig_jax.train import stages
+
+    if not cfg.data.markov_view:
+        raise ValueError("markov_task: set data.markov_view=true")
+    task = stages.build_task(cfg)
+
+    def make_dataset(process_index: int, process_count: int):
+        template = ChatTemplate(stages.stage_tokenizer(cfg), cfg.model.mllm.num_image_tokens)
+        records = [p for c in stages.load_stage_records(cfg) for p in prefixes(c)]
+        d = cfg.data
+        opts = pipeline.PipelineOptions(seq_len=d.seq_len, max_images=d.max_images,
+                                        image_size=cfg.model.vit.image_size,
+                                        batch_size=d.global_batch_size // process_count, seed=d.seed,
+                                        markov_view=True, process_index=process_index, process_count=process_count)
+        return pipeline.make_dataset(records, template, opts).map(lambda ex: {k: ex[k] for k in KEYS})
+
+    return dataclasses.replace(task, make_dataset=make_dataset)
+
+
+def train(cfg: Config, name: str) -> dict:
+    from cig_jax.train import trainer
+
+    t = time.perf_counter()
+    print(f"[nonmarkov] training {name}: {cfg.train.steps} steps, batch {cfg.data.global_batch_size}, "
+          f"workdir {cfg.train.workdir}", flush=True)
+    metrics = trainer.run(cfg, markov_task(cfg) if name == "markov" else None)
+    return {"seconds": round(time.perf_counter() - t, 1), "last": metrics}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The detokenizer's ceiling
+# ----------------------------------------------------------------------------------------------------------
+def reconstruct(model, cfg: Config, images: np.ndarray, seed: int = 0, num_steps: Optional[int] = None,
+                batch: int = 32) -> np.ndarray:
+    """uint8 [n, H, W, 3] -> the detokenizer's drawing of each from the pooled ViT features of itself (the
+    targets the MLLM regresses onto), without identity: uint8 [n, H, W, 3]."""
+    from flax import nnx
+
+    from cig_jax.data.pipeline import preprocess_image
+    from cig_jax.models.mllm import pool_targets
+    from cig_jax.sample.session import to_uint8
+
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def draw(state, pixels, keys):
+        m = nnx.merge(graphdef, state)
+        feats = m.mllm.encode_images(pixels)
+        visual = pool_targets(feats, m.mllm.num_image_tokens, m.mllm.cfg.reg_target_pool)
+        return m.detokenizer.generate(keys, visual, None, cfg.diffusion, num_steps=num_steps)
+
+    side = model.image_size()
+    out = []
+    for s in range(0, len(images), batch):
+        chunk = np.stack([preprocess_image(px, side) for px in images[s:s + batch]])
+        n = len(chunk)
+        if n < batch:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - n, 0)])
+        keys = jax.vmap(lambda i: jax.random.key(seed + i))(jnp.arange(s, s + batch))
+        out.append(to_uint8(jax.device_get(draw(state, jnp.asarray(chunk), keys)))[:n])
+    return np.concatenate(out)
+
+
+def ceiling(checkpoint: str, convs: Sequence[schema.Conversation], classifier, num_steps=None) -> dict:
+    """Scores of every ground-truth assistant image redrawn by the checkpoint's detokenizer from its own ViT
+    features: the most that regression onto those features can give either model."""
+    from cig_jax.eval.run import score
+    from cig_jax.train import trainer
+
+    cfg = trainer.saved_config(checkpoint)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, workdir=str(checkpoint)))
+    from cig_jax.sample.session import default_mesh
+
+    model = trainer.load_trained(cfg, mesh=default_mesh())
+    where = [(i, r) for i, c in enumerate(convs) for r, rnd in enumerate(c.rounds) if rnd.assistant_image is not None]
+    drawn = reconstruct(model, cfg, np.stack([convs[i].rounds[r].assistant_image.pixels for i, r in where]),
+                        num_steps=num_steps)
+    generated = [[None] * len(c.rounds) for c in convs]
+    for (i, r), px in zip(where, drawn):
+        generated[i][r] = px
+    return score(convs, generated, classifier), generated
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The benchmark
+# ----------------------------------------------------------------------------------------------------------
+def _round(report: dict, r: int) -> dict:
+    return next((e for e in report["attributes"]["rounds"] if e["round"] == r), None)
+
+
+def verdict(reports: dict) -> dict:
+    """Round 3's image-only accuracy of both models against chance and the targets (history >= markov + 25
+    points, well above chance; round 1 and text-described attributes high for both)."""
+    h, m = _round(reports["history"], 2), _round(reports["markov"], 2)
+    if h is None or m is None:
+        return {"met": False, "reason": "no round-3 scores"}
+    hi, mi, ch = h["image_only"]["accuracy"], m["image_only"]["accuracy"], h["image_only"]["chance"]
+    return {"round3_image_only": {"history": hi, "markov": mi, "chance": ch},
+            "gap_points": None if hi is None or mi is None else round(100 * (hi - mi), 1),
+            "met": bool(hi is not None and mi is not None and hi - mi >= 0.25 and hi >= ch + 0.25)}
+
+
+def run(workdir, budget: Budget = FULL, *, init: Optional[str] = None, overrides: Sequence[str] = (),
+        classifier_cache: str = "/tmp/cig_eval", identity: str = "dlib", seed: int = 0) -> dict:
+    from cig_jax.eval import run as eval_run
+    from cig_jax.eval.attributes import load_or_train_classifier
+    from cig_jax.train import trainer
+
+    workdir = Path(workdir)
+    t0 = time.perf_counter()
+    cfgs = configs(workdir, budget, init, overrides)
+    timings = {}
+    classifier = load_or_train_classifier(classifier_cache, verbose=True)
+    embedder = eval_run.make_embedder(identity)
+    if cfgs["stage1"] is not None:
+        t = time.perf_counter()
+        print(f"[nonmarkov] stage 1 (detokenizer): {cfgs['stage1'].train.steps} steps, workdir "
+              f"{cfgs['stage1'].train.workdir}", flush=True)
+        trainer.run(cfgs["stage1"])
+        timings["stage1"] = round(time.perf_counter() - t, 1)
+    stage1_dir = init or str(workdir / "stage1")
+    convs = [schema.with_pixels(c) for c in synthetic.generate(budget.num_eval, seed=HELDOUT_SEED,
+                                                                kinds=("name_based",))]
+    t = time.perf_counter()
+    reports = {}
+    reports["ceiling"], _ = ceiling(stage1_dir, convs, classifier, budget.num_steps)
+    timings["ceiling"] = round(time.perf_counter() - t, 1)
+    training = {}
+    for name in ("history", "markov"):
+        training[name] = train(cfgs[name], name)
+        timings[f"train_{name}"] = training[name]["seconds"]
+    for name in ("history", "markov"):
+        t = time.perf_counter()
+        reports[name] = eval_run.evaluate_checkpoint(
+            cfgs[name].train.workdir, out=workdir / f"eval_{name}", convs=convs, view=name, context="truth",
+            seed=seed, batch_size=budget.batch_size, num_steps=budget.num_steps, classifier=classifier,
+            embedder=embedder, verbose=False, kinds=("name_based",))
+        reports[name]["train"] = training[name]
+        timings[f"eval_{name}"] = round(time.perf_counter() - t, 1)
+    timings["total"] = round(time.perf_counter() - t0, 1)
+    result = {"verdict": verdict(reports), "timings_s": timings, "num_eval": len(convs),
+              "budget": dataclasses.asdict(budget), "stage1": stage1_dir,
+              "configs": {k: str(CONFIG if k != "stage1" else STAGE1_CONFIG) for k in cfgs},
+              "overrides": list(overrides), "reports": reports}
+    result = eval_run._json_safe(result)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "nonmarkov.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(summary(result))
+    print(f"[nonmarkov] wrote {workdir / 'nonmarkov.json'}")
+    return result
+
+
+def summary(result: dict) -> str:
+    from cig_jax.eval.run import format_table
+
+    v = result["verdict"]
+    r3 = v.get("round3_image_only", {})
+    pct = lambda x: "-" if x is None else f"{100 * x:.0f}%"  # noqa: E731
+    lines = [f"Non-Markov benchmark: {result['num_eval']} held-out name-based conversations; attribute accuracy in %, "
+             "earlier rounds = ground truth; 'ceiling' = ground-truth images redrawn by the stage-1 detokenizer",
+             format_table(result["reports"]),
+             f"round 3, image-only attributes: history {pct(r3.get('history'))}, markov {pct(r3.get('markov'))}, "
+             f"chance {pct(r3.get('chance'))}; gap {v.get('gap_points')} points; target (>= 25 points over markov "
+             f"and over chance) {'met' if v.get('met') else 'NOT met'}",
+             "timings (s): " + ", ".join(f"{k} {x}" for k, x in result["timings_s"].items())]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    ap = argparse.ArgumentParser(description="History vs Markov model on held-out name-based conversations.")
+    ap.add_argument("--quick", action="store_true", help="tiny budgets (CI): checks the pipeline, not the result")
+    ap.add_argument("--workdir", help="default workdir/bench_nonmarkov/{full,quick}")
+    ap.add_argument("--init", help="reuse this stage-1 (or later) checkpoint instead of training a detokenizer")
+    ap.add_argument("--num-eval", type=int, help="held-out conversations (default 48, --quick 4)")
+    ap.add_argument("--cache", default="/tmp/cig_eval", help="where the attribute classifier is cached")
+    ap.add_argument("--identity", default="dlib", choices=("auto", "dlib", "insightface", "none"))
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override of configs/bench/nonmarkov.yaml for both runs (e.g. train.steps=3000)")
+    args = ap.parse_args(argv)
+    budget = QUICK if args.quick else FULL
+    if args.num_eval:
+        budget = dataclasses.replace(budget, num_eval=args.num_eval)
+    workdir = args.workdir or f"workdir/bench_nonmarkov/{'quick' if args.quick else 'full'}"
+    run(workdir, budget, init=args.init, overrides=args.set, classifier_cache=args.cache, identity=args.identity)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,344 @@
+"""Evaluating a trained checkpoint: held-out conversations -> generated rounds -> `metrics.json` + a PNG grid.
+
+Owns: reading held-out conversations (a split of an array_record build, a folder of conversation JSON files,
+or a fresh synthetic draw), the generation protocol (`generate_rounds`: which history each generated round
+sees), the picture of the results (`grid_image`: per round the generated image beside the ground truth), the
+printed table (`format_table`) and the CLI:
+
+    python -m cig_jax.eval.run --checkpoint workdir/demo/stage3 --data validation --out workdir/demo/eval
+        [--data-dir workdir/demo/data] [--num 16] [--kinds name_based] [--view history|markov]
+        [--context truth|generated] [--num-steps 20] [--identity auto|dlib|insightface|none]
+
+prints the per-round table and writes OUT/metrics.json and OUT/samples.png.
+
+Does not own: the metrics (`metrics.py`), the attribute classifier (`attributes.py`), sampling and the KV
+cache (`cig_jax/sample/session.py`), the Markov view of a conversation (`cig_jax/data/pipeline.markov_view`).
+
+Protocol. Every round of every conversation is generated with `force_image`, so each round has an image to
+score. `view`: 'history' gives the model the whole conversation so far (one session per batch of
+conversations); 'markov' gives it what `data.markov_view` trains on: a fresh context holding only the round's
+text, its own user images and, before them, the previous round's image. `context`: 'truth' (default) puts
+the ground-truth earlier rounds in that history (teacher forcing: round r is judged on its own, and an
+attribute shown only in the round-1 image is determined for later rounds by the ground truth, so it can be
+scored against it); 'generated' runs freely on the model's own earlier answers (then only the round-1 text
+and `consistency` say whether a later round got the person right). Previous-round images given to the Markov
+view carry no drawn-person metadata, so no identity is read off them (the history view has none either).
+Round r of conversation i uses seed `seed + 1000 i + r`.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import textwrap
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+from PIL import Image as PILImage
+from PIL import ImageDraw, ImageFont
+
+from cig_jax.data import schema, synthetic
+from cig_jax.data.schema import Conversation
+
+VIEWS = ("history", "markov")
+CONTEXTS = ("truth", "generated")
+HELDOUT_SEED = 9_100_000  # synthetic draws for evaluation: a stream no training config uses
+DEFAULT_KINDS = ("name_based",)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Held-out conversations
+# ----------------------------------------------------------------------------------------------------------
+def load_conversations(data: str, *, data_dir: str = "workdir/demo/data", num: Optional[int] = None,
+                       kinds: Sequence[str] = DEFAULT_KINDS, seed: int = HELDOUT_SEED, size: int = 64) -> list:
+    """The conversations to evaluate, every image with its pixels loaded, at most `num`, only `kinds` (empty:
+    all). `data`: a folder of conversation JSON files, 'synthetic' (a fresh draw of `num` conversations from
+    `seed`), or a split name ('validation', 'train') of the array_record build under `data_dir`."""
+    kinds = tuple(kinds)
+    path = Path(data)
+    if path.is_dir():
+        files = sorted(path.glob("*.json"))
+        if not files:
+            raise FileNotFoundError(f"{path}: no conversation JSON files in this folder")
+        convs = []
+        for f in files:
+            c = schema.load_conversation(f)
+            if not kinds or c.kind in kinds:
+                convs.append(c)
+            if num is not None and len(convs) >= num:
+                break
+    elif data == "synthetic":
+        convs = list(synthetic.generate(num or 16, seed=seed, kinds=kinds or synthetic.KINDS, size=size))
+    else:
+        if not Path(data_dir).is_dir():
+            raise FileNotFoundError(f"{data_dir}: no dataset folder (draw it with `python train.py --config "
+                                    f"configs/demo.yaml`, or pass --data-dir, a JSON folder, or --data synthetic)")
+        from cig_jax.data import tfds_builder
+
+        records = tfds_builder.load_records(data_dir, data)
+        convs = []
+        for i in range(len(records)):
+            c = records[i]
+            if not kinds or c.kind in kinds:
+                convs.append(c)
+            if num is not None and len(convs) >= num:
+                break
+    if not convs:
+        raise ValueError(f"--data {data}: no conversations of kinds {list(kinds)} found")
+    return [schema.with_pixels(c) for c in convs]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Generation
+# ----------------------------------------------------------------------------------------------------------
+def _round_inputs(conv: Conversation, r: int, view: str, previous: Optional[np.ndarray]) -> tuple:
+    """(text, user images) of round r as the model sees it: under the Markov view the previous round's image
+    (`previous`, uint8) comes first, as `pipeline.markov_view` places it."""
+    rnd = conv.rounds[r]
+    images = list(rnd.user_images)
+    text = rnd.user_text
+    if view == "markov" and r > 0 and previous is not None:
+        from cig_jax.data.pipeline import markov_view
+
+        prev = dataclasses.replace(conv.rounds[r - 1], assistant_image=schema.Image(pixels=previous))
+        pending = dataclasses.replace(rnd, assistant_text="", assistant_image=None)
+        text = markov_view(dataclasses.replace(conv, rounds=[prev, pending])).rounds[0].user_text
+        images = [schema.Image(pixels=previous)] + images  # bare pixels: no identity is read off them
+    return text, images
+
+
+def generate_rounds(session, convs: Sequence[Conversation], *, view: str = "history", context: str = "truth",
+                    seed: int = 0, on_batch=None, **round_options) -> list:
+    """Per conversation, per round, the generated image (uint8 [H, W, 3], or None): `len(convs)` lists.
+
+    `session`: a `ChatSession`; its `batch_size` conversations are generated at once (the last batch is padded
+    with copies). `round_options` go to `round_batch` (num_steps, visual_scale, ...); see the module docstring
+    for `view` and `context`."""
+    if view not in VIEWS:
+        raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
+    if context not in CONTEXTS:
+        raise ValueError(f"context must be one of {CONTEXTS}, got {context!r}")
+    b = session.batch_size
+    out: list = []
+    for start in range(0, len(convs), b):
+        chunk = list(convs[start:start + b])
+        n_real = len(chunk)
+        chunk += [chunk[-1]] * (b - n_real)
+        n_rounds = {len(c.rounds) for c in chunk}
+        if len(n_rounds) != 1:  # rows of a batch answer their rounds together
+            raise ValueError("conversations in one batch must have the same number of rounds; use batch_size 1")
+        n_rounds = n_rounds.pop()
+        gen = [[None] * n_rounds for _ in chunk]
+        session.reset()
+        for r in range(n_rounds):
+            if view == "history" and context == "truth":
+                session.replay_batch([dataclasses.replace(c, rounds=c.rounds[:r]) for c in chunk])
+            elif view == "markov":
+                session.reset()
+            prev = []
+            for i, c in enumerate(chunk):
+                if r == 0:
+                    prev.append(None)
+                elif context == "truth":
+                    im = c.rounds[r - 1].assistant_image
+                    prev.append(None if im is None else im.pixels)
+                else:
+                    prev.append(gen[i][r - 1])
+            inputs = [_round_inputs(c, r, view, p) for c, p in zip(chunk, prev)]
+            seeds = [seed + 1000 * (start + i) + r for i in range(b)]
+            results = session.round_batch([t for t, _ in inputs], [ims for _, ims in inputs], seeds=seeds,
+                                          force_image=True, **round_options)
+            for i, res in enumerate(results):
+                gen[i][r] = res.image
+        out.extend(gen[:n_real])
+        if on_batch is not None:
+            on_batch(len(out), len(convs))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Picture
+# ----------------------------------------------------------------------------------------------------------
+def grid_image(truth: Sequence[Conversation], generated: Sequence[Sequence], cell: int = 96,
+               text_lines: int = 3) -> PILImage.Image:
+    """One row per conversation; per round two cells, the generated image ('rN gen') then the ground truth
+    ('rN truth'), captioned with the start of the round's user text. Missing images are grey."""
+    font = ImageFont.load_default()
+    cap = 12 * (text_lines + 1) + 4
+    cols = max(len(c.rounds) for c in truth)
+    pad = 6
+    width = cols * (2 * cell + 3 * pad) + pad
+    sheet = PILImage.new("RGB", (width, len(truth) * (cell + cap + pad) + pad), (255, 255, 255))
+    d = ImageDraw.Draw(sheet)
+
+    def tile(px):
+        if px is None:
+            return PILImage.new("RGB", (cell, cell), (160, 160, 160))
+        return PILImage.fromarray(np.asarray(px, np.uint8)).resize((cell, cell), PILImage.NEAREST)
+
+    for row, (conv, gen) in enumerate(zip(truth, generated)):
+        y = pad + row * (cell + cap + pad)
+        for r, rnd in enumerate(conv.rounds):
+            x = pad + r * (2 * cell + 3 * pad)
+            truth_px = rnd.assistant_image.pixels if rnd.assistant_image is not None else None
+            for k, (px, label, colour) in enumerate(((gen[r], f"r{r + 1} gen", (0, 110, 0)),
+                                                     (truth_px, f"r{r + 1} truth", (0, 0, 160)))):
+                sheet.paste(tile(px), (x + k * (cell + pad), y))
+                d.text((x + k * (cell + pad), y + cell + 1), label, fill=colour, font=font)
+            lines = textwrap.wrap(rnd.user_text or "", width=max(8, (2 * cell + pad) // 6))[:text_lines]
+            for k, line in enumerate(lines):
+                d.text((x, y + cell + 13 + 12 * k), line, fill=(40, 40, 40), font=font)
+    return sheet
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Scoring and the table
+# ----------------------------------------------------------------------------------------------------------
+def score(truth: Sequence[Conversation], generated: Sequence, classifier, embedder=None) -> dict:
+    """metrics.evaluate's report plus `drawn_identity` (the identity-code cosine of classifier-read people)."""
+    from cig_jax.eval import metrics
+
+    report = metrics.evaluate(truth, generated, classifier=classifier, embedder=embedder)
+    items = metrics.round_attribute_accuracy(truth, generated, classifier, return_items=True)["items"]
+    report["drawn_identity"] = metrics.drawn_identity_similarity(items)
+    return report
+
+
+def _pct(x) -> str:
+    return "   -" if x is None else f"{100 * x:4.0f}"
+
+
+def table_rows(report: dict) -> list:
+    """Per round: (round, people, text acc, text chance, image-only acc, image-only chance, drawn-identity
+    cosine, face-identity cosine or None, face pairs scored / pairs)."""
+    att = report["attributes"]
+    drawn = {e["round"]: e["mean"] for e in report.get("drawn_identity", {}).get("rounds", [])}
+    face = {e["round"]: e for e in (report.get("identity") or {}).get("rounds", [])}
+    rows = []
+    for e in att["rounds"]:
+        r = e["round"]
+        f = face.get(r, {})
+        rows.append((r, e["people"], e["text"]["accuracy"], e["text"]["chance"], e["image_only"]["accuracy"],
+                     e["image_only"]["chance"], drawn.get(r), f.get("mean"), f"{f.get('n', 0)}/{f.get('pairs', 0)}"))
+    return rows
+
+
+def format_table(reports: dict) -> str:
+    """A text table, one line per (model, round): attribute accuracy (%) of text-described and image-only
+    attributes with their chance levels, the drawn-identity cosine and the face-embedder identity cosine."""
+    head = (f"{'model':<10} {'round':>5} {'people':>6} | {'text':>4} {'chance':>6} | {'image-only':>10} {'chance':>6} | "
+            f"{'drawn-id':>8} | {'face-id':>7} {'scored':>7}")
+    lines = [head, "-" * len(head)]
+    for name, report in reports.items():
+        for r, n, ta, tc, ia, ic, di, fi, fn in table_rows(report):
+            lines.append(f"{name:<10} {r + 1:>5} {n:>6} | {_pct(ta):>4} {_pct(tc):>6} | {_pct(ia):>10} {_pct(ic):>6} | "
+                         f"{'-' if di is None else f'{di:.3f}':>8} | {'-' if fi is None else f'{fi:.3f}':>7} {fn:>7}")
+    return "\n".join(lines)
+
+
+def _json_safe(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {str(k): _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    return x
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A checkpoint, end to end
+# ----------------------------------------------------------------------------------------------------------
+def make_embedder(identity: str):
+    """The face embedder for identity similarity ('none': None). Cartoon faces mostly go undetected: the
+    failures are counted in the report."""
+    if identity == "none":
+        return None
+    from cig_jax.models.identity import make_identity_embedder
+
+    return make_identity_embedder(identity)
+
+
+def evaluate_checkpoint(checkpoint, data: str = "validation", out=None, *, data_dir: str = "workdir/demo/data",
+                        num: Optional[int] = 16, kinds: Sequence[str] = DEFAULT_KINDS, view: str = "history",
+                        context: str = "truth", seed: int = 0, batch_size: int = 8, max_len: int = 1024,
+                        num_steps: Optional[int] = None, classifier=None, classifier_cache: str = "/tmp/cig_eval",
+                        identity: str = "auto", embedder=None, convs: Optional[Sequence[Conversation]] = None,
+                        grid_rows: int = 8, verbose: bool = True) -> dict:
+    """Generates the held-out conversations with the checkpoint under `view` / `context`, scores them and, with
+    `out`, writes OUT/metrics.json and OUT/samples.png (the first `grid_rows` conversations). `convs` replaces
+    loading from `data`. Returns the report (the JSON written)."""
+    from cig_jax.eval.attributes import load_or_train_classifier
+    from cig_jax.sample.session import ChatSession
+
+    say = print if verbose else (lambda *a, **k: None)
+    t0 = time.perf_counter()
+    if convs is None:
+        convs = load_conversations(data, data_dir=data_dir, num=num, kinds=kinds)
+    convs = list(convs)
+    if classifier is None:
+        classifier = load_or_train_classifier(classifier_cache, verbose=verbose)
+    if embedder is None:
+        embedder = make_embedder(identity)
+    batch_size = max(1, min(batch_size, len(convs)))
+    if len({len(c.rounds) for c in convs}) > 1:
+        batch_size = 1
+    session = ChatSession.from_checkpoint(checkpoint, max_len=max_len, batch_size=batch_size,
+                                          identity_embedder=False)
+    t_gen = time.perf_counter()
+    generated = generate_rounds(session, convs, view=view, context=context, seed=seed, num_steps=num_steps,
+                                on_batch=lambda n, total: say(f"[eval] generated {n}/{total} conversations "
+                                                              f"({time.perf_counter() - t_gen:.0f}s)", flush=True))
+    t_score = time.perf_counter()
+    report = score(convs, generated, classifier, embedder)
+    report["checkpoint"] = str(checkpoint)
+    report["data"] = str(data)
+    report["protocol"] = {"view": view, "context": context, "seed": seed, "kinds": list(kinds),
+                          "num_steps": num_steps or session.cfg.diffusion.num_steps, "force_image": True}
+    report["timing_s"] = {"generate": round(t_score - t_gen, 1), "score": round(time.perf_counter() - t_score, 1),
+                          "total": round(time.perf_counter() - t0, 1)}
+    report = _json_safe(report)
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(report, indent=1) + "\n")
+        grid_image(convs[:grid_rows], generated[:grid_rows]).save(out / "samples.png")
+        say(f"[eval] wrote {out / 'metrics.json'} and {out / 'samples.png'}")
+    return report
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    ap = argparse.ArgumentParser(description="Evaluate a trained checkpoint on held-out conversations.")
+    ap.add_argument("--checkpoint", required=True, help="a training workdir (e.g. workdir/demo/stage3)")
+    ap.add_argument("--data", default="validation",
+                    help="a split of the array_record build under --data-dir, a folder of conversation JSON files, "
+                         "or 'synthetic' (a fresh held-out draw)")
+    ap.add_argument("--data-dir", default="workdir/demo/data")
+    ap.add_argument("--out", required=True, help="where metrics.json and samples.png go")
+    ap.add_argument("--num", type=int, default=16, help="at most this many conversations")
+    ap.add_argument("--kinds", default=",".join(DEFAULT_KINDS), help="comma-separated kinds ('' for all)")
+    ap.add_argument("--view", default="history", choices=VIEWS)
+    ap.add_argument("--context", default="truth", choices=CONTEXTS)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch-size", type=int, default=8, help="conversations generated at once")
+    ap.add_argument("--max-len", type=int, default=1024, help="KV-cache slots per conversation")
+    ap.add_argument("--num-steps", type=int, help="diffusion steps (default: the checkpoint's config)")
+    ap.add_argument("--cache", default="/tmp/cig_eval", help="where the attribute classifier is cached")
+    ap.add_argument("--identity", default="auto", choices=("auto", "dlib", "insightface", "none"))
+    args = ap.parse_args(argv)
+    kinds = tuple(k for k in args.kinds.split(",") if k)
+    report = evaluate_checkpoint(args.checkpoint, args.data, args.out, data_dir=args.data_dir, num=args.num,
+                                 kinds=kinds, view=args.view, context=args.context, seed=args.seed,
+                                 batch_size=args.batch_size, max_len=args.max_len, num_steps=args.num_steps,
+                                 classifier_cache=args.cache, identity=args.identity)
+    print(format_table({args.view: report}))
+    print(f"chance levels per attribute: " + ", ".join(f"{k} {v:.2f}" for k, v in report["attributes"]["chance"].items()))
+
+
+if __name__ == "__main__":
+    main()
