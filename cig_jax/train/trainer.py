@@ -273,6 +273,7 @@ def run(cfg: Config, task: Task | None = None) -> dict:
             pending.append((i + 1, fp, m))
             done = i + 1 == cfg.train.steps
             if (i + 1) % cfg.train.log_every == 0 or done:
+                jax.block_until_ready(m)  # steps are dispatched asynchronously: time them once they finished
                 dt = (time.perf_counter() - t0) / len(pending)
                 for s, fp_s, m_s in pending:
                     m_s = jax.device_get(m_s)
