@@ -248,7 +248,9 @@ def run(workdir, budget: Budget = FULL, *, init: Optional[str] = None, overrides
               "budget": dataclasses.asdict(budget), "stage1": stage1_dir,
               "configs": {k: str(CONFIG if k != "stage1" else STAGE1_CONFIG) for k in cfgs},
               "overrides": list(overrides), "reports": reports}
-    result = eval_run._json_safe(result)
+    from cig_jax.eval.metrics import json_safe
+
+    result = json_safe(result)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "nonmarkov.json").write_text(json.dumps(result, indent=1) + "\n")
     print(summary(result))

@@ -483,13 +483,16 @@ def evaluate(truth: Sequence[Conversation], generated=None, *, classifier=None, 
     return report
 
 
-def _json_safe(x):
+def json_safe(x):
+    """A metrics report ready for json.dumps: NaN/inf -> null, numpy scalars -> Python numbers, keys -> str."""
     if isinstance(x, float) and not math.isfinite(x):
         return None
     if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
+        return {str(k): json_safe(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
+        return [json_safe(v) for v in x]
+    if isinstance(x, (np.floating, np.integer)):
+        return json_safe(x.item())
     return x
 
 
@@ -523,7 +526,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
         embedder = make_identity_embedder(args.identity)
     classifier = load_or_train_classifier(args.cache, verbose=True)
-    report = _json_safe(evaluate(truth, generated, classifier=classifier, embedder=embedder, clip_path=args.clip))
+    report = json_safe(evaluate(truth, generated, classifier=classifier, embedder=embedder, clip_path=args.clip))
     text = json.dumps(report, indent=1)
     if args.out:
         Path(args.out).write_text(text + "\n")

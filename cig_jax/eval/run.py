@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import textwrap
 import time
 from pathlib import Path
@@ -239,18 +238,6 @@ def format_table(reports: dict) -> str:
     return "\n".join(lines)
 
 
-def _json_safe(x):
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {str(k): _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    if isinstance(x, (np.floating, np.integer)):
-        return x.item()
-    return x
-
-
 # ----------------------------------------------------------------------------------------------------------
 # A checkpoint, end to end
 # ----------------------------------------------------------------------------------------------------------
@@ -302,7 +289,9 @@ def evaluate_checkpoint(checkpoint, data: str = "validation", out=None, *, data_
                           "num_steps": num_steps or session.cfg.diffusion.num_steps, "force_image": True}
     report["timing_s"] = {"generate": round(t_score - t_gen, 1), "score": round(time.perf_counter() - t_score, 1),
                           "total": round(time.perf_counter() - t0, 1)}
-    report = _json_safe(report)
+    from cig_jax.eval.metrics import json_safe
+
+    report = json_safe(report)
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
