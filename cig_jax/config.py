@@ -198,6 +198,11 @@ class DiTConfig:
     mlp_ratio: int = 4
     use_additional_conditions: bool = False  # PixArt-alpha 1024 micro-conditions (resolution, aspect ratio)
     identity_injection: str = "none"  # none | concat | parallel
+    # True: the visual embeddings, read as a q x q grid in raster order (q^2 = their number, q dividing the
+    # patch grid), are also added to the patch tokens of their image region (nearest upsampling, a zero-init
+    # projection, so a PixArt checkpoint starts unchanged): spatial conditioning as in SR3 / cascaded
+    # diffusion, beside the cross-attention. For grid-pooled visual embeddings (mllm.reg_target_pool: grid).
+    visual_grid_injection: bool = False
     identity_every: int = 1  # parallel: an identity cross-attention after every N blocks
     identity: IDEncoderConfig = dataclasses.field(default_factory=IDEncoderConfig)
     # Execution.
@@ -635,6 +640,8 @@ def validate_dit(dit: "DiTConfig", source: str = "<config>", key: str = "model.d
         raise ConfigError(f"{source}: '{key}.identity_every' ({dit.identity_every}) must divide '{key}.num_layers' ({dit.num_layers})")
     if dit.use_additional_conditions and dit.inner_dim() % 3:
         raise ConfigError(f"{source}: '{key}' micro-conditions need num_heads * head_dim divisible by 3")
+    if dit.visual_grid_injection and dit.caption_channels is None:
+        raise ConfigError(f"{source}: '{key}.visual_grid_injection' needs '{key}.caption_channels' (the projected condition)")
     if dit.remat_policy not in REMAT_POLICIES:
         raise ConfigError(f"{source}: '{key}.remat_policy' must be one of {sorted(REMAT_POLICIES)}, got {dit.remat_policy!r}")
     if dit.identity.width % dit.identity.num_heads:

@@ -117,3 +117,26 @@ def test_concat_identity_changes_output_and_scale_zero_masks_it(tmp_path):
     e1 = jax.random.normal(jax.random.key(0), (2, ID.embedding_dim))
     assert np.abs(_ours(ours, inputs, identity_embeddings=e1) - want).max() > 1e-3
     np.testing.assert_allclose(_ours(ours, inputs, identity_embeddings=e1, id_scale=0.0), want, atol=1e-4, rtol=1e-4)
+
+
+def test_visual_grid_injection_starts_as_pixart_then_adds_each_embedding_to_its_region(tmp_path):
+    ref, path = _tiny_pixart_dir(tmp_path, "plain")
+    latents, timesteps, cond, mask, extra = _inputs(ref, (8, 8))
+    inputs = (latents, timesteps, cond[:, :4], mask[:, :4], extra)  # 4 embeddings = a 2x2 grid over 4x4 patches
+    want = _ref(ref, inputs)
+    ours = load_pixart(path, visual_grid_injection=True)
+    np.testing.assert_allclose(_ours(ours, inputs), want, atol=1e-4, rtol=1e-4)  # zero-init: PixArt exactly
+
+    kernel = ours.visual_grid_proj.kernel
+    kernel[...] = jax.random.normal(jax.random.key(2), kernel[...].shape)
+    projected = np.asarray(ours.caption_projection(jnp.asarray(cond[:, :4].numpy())))  # [b, 4, d]
+    got = np.asarray(ours.grid_condition(jnp.asarray(projected), jnp.asarray(mask[:, :4].numpy()), 4, 4))
+    k, m = np.asarray(kernel[...]), mask[:, :4].numpy()
+    for b in range(2):
+        for i in range(4):
+            for j in range(4):
+                src = (i // 2) * 2 + j // 2  # the grid cell covering patch (i, j)
+                np.testing.assert_allclose(got[b, i * 4 + j], m[b, src] * projected[b, src] @ k, atol=1e-5, rtol=1e-5)
+    assert np.abs(_ours(ours, inputs) - want).max() > 1e-3
+    with pytest.raises(ValueError, match="square grid"):
+        _ours(ours, (latents, timesteps, cond, mask, extra))  # 5 embeddings are no grid

@@ -241,5 +241,5 @@ def load_pixart(path: str | Path, *, seed: int = 0, **overrides):
     cfg = dit_config_from_diffusers(read_config(path), **overrides)
     model = DiT(cfg, rngs=nnx.Rngs(seed))
     load_params(model, read_tensors(path), renames=RENAMES_PIXART, stacked=["transformer_blocks"],
-                new=["id_encoder", "id_attn"], what=f"PixArt checkpoint {path}")
+                new=["id_encoder", "id_attn", "visual_grid_proj"], what=f"PixArt checkpoint {path}")
     return model

@@ -6,8 +6,9 @@ of self-attention, cross-attention to the projected condition sequence (`caption
 MLLM's `visual_embeddings`), GELU-tanh feed-forward, the final modulated layer and unpatchify; and the
 identity branch: an `IDEncoder` (face embedding -> identity tokens) injected either by 'concat' (identity
 tokens appended to the condition sequence) or 'parallel' (zero-initialised cross-attention to identity
-tokens after every N blocks, scaled by `id_scale`, PuLID-FLUX style). With `identity_injection='none'`
-it is number-for-number diffusers `PixArtTransformer2DModel`.
+tokens after every N blocks, scaled by `id_scale`, PuLID-FLUX style); optionally (`visual_grid_injection`)
+the projected visual embeddings, read as a spatial grid, added to the patch tokens of their region. With
+`identity_injection='none'` and no grid injection it is number-for-number diffusers `PixArtTransformer2DModel`.
 
 Does not own: noise schedules and samplers (`sample/diffusion.py`), checkpoint loading
 (`convert/diffusers.py`), face embedders (`models/identity.py`).
@@ -213,6 +214,9 @@ class DiT(nnx.Module):
         self.adaln_single = AdaLNSingle(cfg, **kw)
         self.caption_projection = (MLP2(cfg.caption_channels, d, d, _gelu_tanh, (("mlp", "embed"), ("embed", "mlp")), **kw)
                                    if cfg.caption_channels is not None else None)
+        # zero-init: a model with grid injection starts as the same model without it
+        self.visual_grid_proj = (layers.dense(d, d, ("mlp", "embed"), use_bias=False, kernel_init=nnx.initializers.zeros_init(), **kw)
+                                 if cfg.visual_grid_injection else None)
 
         @nnx.split_rngs(splits=cfg.num_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -249,6 +253,19 @@ class DiT(nnx.Module):
         p, c = self.cfg.patch_size, self.out_channels
         x = x.reshape(x.shape[0], gh, gw, p, p, c)
         return jnp.einsum("nhwpqc->nhpwqc", x).reshape(x.shape[0], gh * p, gw * p, c)
+
+    def grid_condition(self, condition, mask, gh: int, gw: int):
+        """Projected condition [b, q*q, d] (raster order) -> [b, gh*gw, d]: each token's region of the patch grid."""
+        b, n, d = condition.shape
+        q = math.isqrt(n)
+        if q * q != n or gh % q or gw % q:
+            raise ValueError(f"visual_grid_injection: {n} visual embeddings are not a square grid dividing the "
+                             f"{gh}x{gw} patch grid")
+        if mask is not None:
+            condition = condition * mask[..., None].astype(condition.dtype)
+        grid = self.visual_grid_proj(condition).reshape(b, q, 1, q, 1, d)
+        grid = jnp.broadcast_to(grid, (b, q, gh // q, q, gw // q, d))
+        return grid.reshape(b, gh * gw, d)
 
     def identity_tokens(self, identity_embeddings, identity_features=None):
         """[b, De] (+ [b, Nf, Df]) -> [b, K, id_dim]; the branch must be enabled."""
@@ -310,6 +327,8 @@ class DiT(nnx.Module):
         if self.caption_projection is not None:
             condition = self.caption_projection(condition)  # [b, Nc, d]
         mask = None if condition_mask is None else condition_mask.astype(bool)  # [b, Nc]
+        if self.visual_grid_proj is not None:
+            x = x + self.grid_condition(condition, mask, gh, gw)
 
         id_tokens = None
         scale = jnp.asarray(id_scale, dt).reshape(-1, 1, 1)  # [b or 1, 1, 1]
