@@ -122,7 +122,9 @@ class Attention(nnx.Module):
         self.v_proj = _proj(cfg, "v_proj", d, kvh * hd, ("embed", "kv_heads"), rngs=rngs, use_bias=cfg.qkv_bias)
         self.o_proj = _proj(cfg, "o_proj", h * hd, d, ("heads", "embed"), rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask, cache_k=None, cache_v=None, index=None, rng=None):
+    def __call__(self, x, cos, sin, mask, cache_k=None, cache_v=None, index=None, rng=None, layer=None):
+        """cache_k / cache_v: the whole stacked cache [layers, b, max_len, kv_heads, head_dim]; this layer
+        (`layer`, traced) writes its chunk at [index, index + t) in place and attends over its slice."""
         b, t, _ = x.shape
         kq, kk, kv, ko = _dropout_keys(rng, 4)
         drop = self.lora_dropout
@@ -130,10 +132,13 @@ class Attention(nnx.Module):
         k = self.k_proj(x, dropout_rng=kk, dropout_rate=drop).reshape(b, t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x, dropout_rng=kv, dropout_rate=drop).reshape(b, t, self.num_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache_k is not None:  # write this chunk at [index, index + t) and attend over the whole cache
-            cache_k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), index, axis=1)
-            cache_v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), index, axis=1)
-            k, v = cache_k.astype(q.dtype), cache_v.astype(q.dtype)
+        if cache_k is not None:  # only the chunk is written: no copy of the cache per call
+            zero = jnp.zeros((), jnp.int32)
+            at = (layer, zero, index, zero, zero)
+            cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype)[None], at)
+            cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype)[None], at)
+            k = jax.lax.dynamic_index_in_dim(cache_k, layer, 0, keepdims=False).astype(q.dtype)
+            v = jax.lax.dynamic_index_in_dim(cache_v, layer, 0, keepdims=False).astype(q.dtype)
         block = None if cache_k is not None else CAUSAL_BLOCK  # no cache: the mask is causal over q == k
         out = layers.attention(q, k, v, mask=mask, implementation=self.attention_impl, causal_block=block)
         return self.o_proj(out.reshape(b, t, -1), dropout_rng=ko, dropout_rate=drop), cache_k, cache_v
@@ -165,9 +170,10 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=pd)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask, cache_k=None, cache_v=None, index=None, rng=None):
+    def __call__(self, x, cos, sin, mask, cache_k=None, cache_v=None, index=None, rng=None, layer=None):
         ka, km = _dropout_keys(rng, 2)
-        h, cache_k, cache_v = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_k, cache_v, index, ka)
+        h, cache_k, cache_v = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_k, cache_v, index, ka,
+                                             layer)
         x = x + h
         x = x + self.mlp(self.post_attention_layernorm(x), km)
         return x, cache_k, cache_v
@@ -229,16 +235,29 @@ class LLM(nnx.Module):
         graphdef, state = nnx.split(self.layers)
         index = None if cache is None else cache.index
 
-        def body(x, xs):
-            layer_state, ck, cv, rng = xs
-            layer = nnx.merge(graphdef, layer_state)
-            x, ck, cv = layer(x, cos, sin, mask, ck, cv, index, rng)
-            return x, (ck, cv)
-
-        body = layers.remat(body, self.cfg.remat_policy, scanned=self.cfg.scan_layers)
         rngs = None if dropout_rng is None else jax.random.split(dropout_rng, self.cfg.num_layers)
-        xs = (state, None, None, rngs) if cache is None else (state, cache.k, cache.v, rngs)
-        x, (ks, vs) = layers.scan_or_loop(body, x, xs, scan=self.cfg.scan_layers, length=self.cfg.num_layers)
+        if cache is None:
+            def body(x, xs):
+                layer_state, rng = xs
+                return nnx.merge(graphdef, layer_state)(x, cos, sin, mask, rng=rng)[0], None
+
+            body = layers.remat(body, self.cfg.remat_policy, scanned=self.cfg.scan_layers)
+            x, _ = layers.scan_or_loop(body, x, (state, rngs), scan=self.cfg.scan_layers, length=self.cfg.num_layers)
+            return x, None, None
+
+        # With a cache, the whole stacked cache is the loop carry and each layer writes only its new chunk
+        # into it: under jit with the cache donated, XLA updates the buffer in place (the cost of a call
+        # no longer grows with the cache size through copies of it).
+        def cached_body(carry, xs):
+            x, ks, vs = carry
+            layer_state, i, rng = xs
+            x, ks, vs = nnx.merge(graphdef, layer_state)(x, cos, sin, mask, ks, vs, index, rng, layer=i)
+            return (x, ks, vs), None
+
+        cached_body = layers.remat(cached_body, self.cfg.remat_policy, scanned=self.cfg.scan_layers)
+        xs = (state, jnp.arange(self.cfg.num_layers, dtype=jnp.int32), rngs)
+        (x, ks, vs), _ = layers.scan_or_loop(cached_body, (x, cache.k, cache.v), xs, scan=self.cfg.scan_layers,
+                                             length=self.cfg.num_layers)
         return x, ks, vs
 
     # -- forward -----------------------------------------------------------------------------------------
