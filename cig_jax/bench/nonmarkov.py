@@ -1,7 +1,7 @@
 """Non-Markov benchmark: does a model that sees the whole history draw a person named in round 3 as the round-1
 image showed them, where a Markov model (previous image only) cannot?
 
-    python -m cig_jax.bench.nonmarkov            # full: demo scale (~15 min on 2 idle CPU cores, longer if shared)
+    python -m cig_jax.bench.nonmarkov            # full: demo scale (~29 min on 2 idle CPU cores, longer if shared)
     python -m cig_jax.bench.nonmarkov --quick    # a few minutes: the same pipeline end to end, tiny budgets
     python -m cig_jax.bench.nonmarkov --init workdir/demo/stage1   # reuse a trained detokenizer (read only)
 
