@@ -491,3 +491,38 @@ def test_drawn_identity_is_the_fraction_of_identity_attributes_right():
                                      {"round": 1, "predicted": wrong, "truth": truth}])
     assert res["rounds"][0]["mean"] == pytest.approx(1.0) and res["rounds"][1]["mean"] == pytest.approx(3 / 5)
     assert res["n"] == 2 and res["mean"] == pytest.approx(0.8)
+
+
+def _bench_report(round3_image_only: float, chance: float = 0.28) -> dict:
+    return {"attributes": {"rounds": [{"round": 2, "image_only": {"accuracy": round3_image_only, "chance": chance}}]}}
+
+
+def test_nonmarkov_verdict_needs_25_points_over_markov_and_over_chance():
+    from cig_jax.bench.nonmarkov import verdict
+
+    assert verdict({"history": _bench_report(0.70), "markov": _bench_report(0.28)})["met"]
+    v = verdict({"history": _bench_report(0.50), "markov": _bench_report(0.30)})
+    assert not v["met"] and v["gap_points"] == 20.0
+    assert not verdict({"history": _bench_report(0.50), "markov": _bench_report(0.10)})["met"]  # 22 over chance
+    assert not verdict({"history": {"attributes": {"rounds": []}}, "markov": _bench_report(0.3)})["met"]
+
+
+def test_nonmarkov_bench_quick_trains_both_models_and_writes_the_table(classifier, request, tmp_path, capsys):
+    from cig_jax.bench import nonmarkov
+
+    result = nonmarkov.run(tmp_path, nonmarkov.QUICK, classifier_cache=str(request.config.cache.mkdir("cig_eval")),
+                           identity="none")
+    saved = json.loads((tmp_path / "nonmarkov.json").read_text())
+    assert saved["verdict"] == result["verdict"] and isinstance(saved["verdict"]["met"], bool)
+    for name in ("ceiling", "history", "markov"):
+        rounds = saved["reports"][name]["attributes"]["rounds"]
+        assert [e["round"] for e in rounds] == [0, 1, 2]
+        assert all(0.0 <= e["text"]["accuracy"] <= 1.0 for e in rounds)
+    for name in ("history", "markov"):
+        assert (tmp_path / f"eval_{name}" / "metrics.json").is_file()
+        assert (tmp_path / f"eval_{name}" / "samples.png").is_file()
+    h = saved["reports"]["history"]["attributes"]["rounds"][2]["image_only"]["accuracy"]
+    m = saved["reports"]["markov"]["attributes"]["rounds"][2]["image_only"]["accuracy"]
+    assert saved["verdict"]["gap_points"] == round(100 * (h - m), 1)
+    out = capsys.readouterr().out
+    assert "round 3, image-only attributes" in out and "ceiling" in out
