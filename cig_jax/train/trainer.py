@@ -221,11 +221,12 @@ def run(cfg: Config, task: Task | None = None) -> dict:
     ckpt = Checkpointer(workdir / "checkpoints", save_every=max(cfg.train.checkpoint_every, 0) or cfg.train.steps,
                         keep=cfg.train.keep_checkpoints, async_save=cfg.train.async_checkpoints)
     start = ckpt.latest_step() if cfg.train.resume else None
+    prev_cfg = None  # a resumed run's checkpoint already holds the previous stage's weights
     if start is None and cfg.train.init_from:
-        check_init_from(cfg.train.init_from, cfg)  # a wrong previous stage fails before the model is built
+        prev_cfg = check_init_from(cfg.train.init_from, cfg)  # a wrong previous stage fails before the model is built
     model = sharding.create_sharded(task.make_model, mesh, rules)
-    if start is None and cfg.train.init_from:  # a resumed run's checkpoint already holds these weights
-        initialize_from(model, cfg.train.init_from, cfg, mesh)
+    if prev_cfg is not None:
+        initialize_from(model, prev_cfg, mesh)
         say(f"[init] whole model from the latest checkpoint of {cfg.train.init_from}")
     graphdef, params, frozen = nnx.split(model, task.trainable, ...)
     del model
@@ -361,20 +362,19 @@ def saved_config(workdir: str | Path, source: str = "train.init_from") -> Config
     return from_dict(Config, read_config(Path(workdir) / "checkpoints"), source=f"{source} {workdir}")
 
 
-def initialize_from(model: nnx.Module, workdir: str | Path, cfg: Config, mesh) -> None:
-    """Overwrites `model`'s parameters with those of the latest checkpoint under `workdir` (the previous stage).
-    The model configs must agree (execution fields and LoRA settings aside: adapters absent there keep their
-    fresh initialisation, which leaves the base model unchanged)."""
-    prev_cfg = check_init_from(workdir, cfg)
-    prev_cfg = dataclasses.replace(prev_cfg, train=dataclasses.replace(prev_cfg.train, workdir=str(workdir)))
+def initialize_from(model: nnx.Module, prev_cfg: Config, mesh) -> None:
+    """Overwrites `model`'s parameters with those of the latest checkpoint of the previous stage, `prev_cfg` as
+    `check_init_from` returned it (the model configs agree, execution fields and LoRA settings aside: adapters
+    absent there keep their fresh initialisation, which leaves the base model unchanged)."""
     state, graphdef, _ = restore_state(prev_cfg, mesh)
     prev = nnx.state(nnx.merge(graphdef, state.model_state()), nnx.Param)
     nnx.update(model, prev)
 
 
 def check_init_from(workdir: str | Path, cfg: Config) -> Config:
-    """The config of the run under `workdir` (the previous stage), after checking that its model is `cfg`'s
-    (execution fields and LoRA settings aside); a `CheckpointMismatchError` naming the differences if not."""
+    """The config of the run under `workdir` (the previous stage, its train.workdir set to `workdir`), after
+    checking that its model is `cfg`'s (execution fields and LoRA settings aside); a `CheckpointMismatchError`
+    naming the differences if not."""
     from cig_jax.train.checkpoint import model_config_diffs
 
     prev_cfg = saved_config(workdir)
@@ -383,7 +383,7 @@ def check_init_from(workdir: str | Path, cfg: Config) -> Config:
     if diffs:
         raise CheckpointMismatchError(f"train.init_from {workdir}: its model differs from this config's: "
                                       + "; ".join(diffs[:10]))
-    return prev_cfg
+    return dataclasses.replace(prev_cfg, train=dataclasses.replace(prev_cfg.train, workdir=str(workdir)))
 
 
 def to_dict_model(cfg: Config) -> dict:
