@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cig_jax.config import Config, load_config
-from cig_jax.data import schema, synthetic
+from cig_jax.data import schema
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "bench" / "nonmarkov.yaml"
 STAGE1_CONFIG = CONFIG.with_name("nonmarkov_stage1.yaml")
@@ -170,21 +170,19 @@ def reconstruct(model, cfg: Config, images: np.ndarray, seed: int = 0, num_steps
 def ceiling(checkpoint: str, convs: Sequence[schema.Conversation], classifier, num_steps=None) -> dict:
     """Scores of every ground-truth assistant image redrawn by the checkpoint's detokenizer from its own ViT
     features: the most that regression onto those features can give either model."""
-    from cig_jax.eval.run import score
+    from cig_jax.eval.metrics import evaluate
+    from cig_jax.sample.session import default_mesh
     from cig_jax.train import trainer
 
     cfg = trainer.saved_config(checkpoint)
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, workdir=str(checkpoint)))
-    from cig_jax.sample.session import default_mesh
-
-    model = trainer.load_trained(cfg, mesh=default_mesh())
+    model = trainer.load_trained(cfg, mesh=default_mesh(), workdir=checkpoint)
     where = [(i, r) for i, c in enumerate(convs) for r, rnd in enumerate(c.rounds) if rnd.assistant_image is not None]
     drawn = reconstruct(model, cfg, np.stack([convs[i].rounds[r].assistant_image.pixels for i, r in where]),
                         num_steps=num_steps)
     generated = [[None] * len(c.rounds) for c in convs]
     for (i, r), px in zip(where, drawn):
         generated[i][r] = px
-    return score(convs, generated, classifier), generated
+    return evaluate(convs, generated, classifier=classifier)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -225,11 +223,10 @@ def run(workdir, budget: Budget = FULL, *, init: Optional[str] = None, overrides
         trainer.run(cfgs["stage1"])
         timings["stage1"] = round(time.perf_counter() - t, 1)
     stage1_dir = init or str(workdir / "stage1")
-    convs = [schema.with_pixels(c) for c in synthetic.generate(budget.num_eval, seed=HELDOUT_SEED,
-                                                                kinds=("name_based",))]
+    convs = eval_run.load_conversations("synthetic", num=budget.num_eval, kinds=("name_based",), seed=HELDOUT_SEED)
     t = time.perf_counter()
     reports = {}
-    reports["ceiling"], _ = ceiling(stage1_dir, convs, classifier, budget.num_steps)
+    reports["ceiling"] = ceiling(stage1_dir, convs, classifier, budget.num_steps)
     timings["ceiling"] = round(time.perf_counter() - t, 1)
     training = {}
     for name in ("history", "markov"):

@@ -465,14 +465,15 @@ def multi_round_consistency(truth: Sequence[Conversation], generated, embedder=N
 # ----------------------------------------------------------------------------------------------------------
 def evaluate(truth: Sequence[Conversation], generated=None, *, classifier=None, embedder=None,
              clip_path=None) -> dict:
-    """One JSON-ready report: attribute accuracy (with `classifier`), identity similarity and consistency
-    (with `embedder`), CLIP-T (with `clip_path`, else skipped). `generated=None` scores the ground truth
-    against itself (the ceiling each metric can reach)."""
+    """One JSON-ready report: attribute accuracy and drawn-person identity (with `classifier`), identity
+    similarity and consistency (with `embedder`), CLIP-T (with `clip_path`, else skipped). `generated=None`
+    scores the ground truth against itself (the ceiling each metric can reach)."""
     truth = list(truth)
     generated = None if generated is None else list(generated)
     report: dict = {"conversations": len(truth)}
     if classifier is not None:
-        report["attributes"] = round_attribute_accuracy(truth, generated, classifier)
+        report["attributes"] = round_attribute_accuracy(truth, generated, classifier, return_items=True)
+        report["drawn_identity"] = drawn_identity_similarity(report["attributes"].pop("items"))
     if embedder is not None:
         report["identity"] = round_identity_similarity(truth, generated, embedder)
         report["identity"]["overall"].pop("values")

@@ -40,6 +40,7 @@ from PIL import Image as PILImage
 from PIL import ImageDraw, ImageFont
 
 from cig_jax.data import schema, synthetic
+from cig_jax.eval import metrics
 from cig_jax.data.schema import Conversation
 
 VIEWS = ("history", "markov")
@@ -97,16 +98,14 @@ def _round_inputs(conv: Conversation, r: int, view: str, previous: Optional[np.n
     """(text, user images) of round r as the model sees it: under the Markov view the previous round's image
     (`previous`, uint8) comes first, as `pipeline.markov_view` places it."""
     rnd = conv.rounds[r]
-    images = list(rnd.user_images)
-    text = rnd.user_text
     if view == "markov" and r > 0 and previous is not None:
         from cig_jax.data.pipeline import markov_view
 
+        # bare pixels: no identity is read off the previous image
         prev = dataclasses.replace(conv.rounds[r - 1], assistant_image=schema.Image(pixels=previous))
         pending = dataclasses.replace(rnd, assistant_text="", assistant_image=None)
-        text = markov_view(dataclasses.replace(conv, rounds=[prev, pending])).rounds[0].user_text
-        images = [schema.Image(pixels=previous)] + images  # bare pixels: no identity is read off them
-    return text, images
+        rnd = markov_view(dataclasses.replace(conv, rounds=[prev, pending])).rounds[0]
+    return rnd.user_text, list(rnd.user_images)
 
 
 def generate_rounds(session, convs: Sequence[Conversation], *, view: str = "history", context: str = "truth",
@@ -196,16 +195,6 @@ def grid_image(truth: Sequence[Conversation], generated: Sequence[Sequence], cel
 # ----------------------------------------------------------------------------------------------------------
 # Scoring and the table
 # ----------------------------------------------------------------------------------------------------------
-def score(truth: Sequence[Conversation], generated: Sequence, classifier, embedder=None) -> dict:
-    """metrics.evaluate's report plus `drawn_identity` (the identity-code cosine of classifier-read people)."""
-    from cig_jax.eval import metrics
-
-    report = metrics.evaluate(truth, generated, classifier=classifier, embedder=embedder)
-    items = metrics.round_attribute_accuracy(truth, generated, classifier, return_items=True)["items"]
-    report["drawn_identity"] = metrics.drawn_identity_similarity(items)
-    return report
-
-
 def _pct(x) -> str:
     return "   -" if x is None else f"{100 * x:4.0f}"
 
@@ -282,16 +271,14 @@ def evaluate_checkpoint(checkpoint, data: str = "validation", out=None, *, data_
                                 on_batch=lambda n, total: say(f"[eval] generated {n}/{total} conversations "
                                                               f"({time.perf_counter() - t_gen:.0f}s)", flush=True))
     t_score = time.perf_counter()
-    report = score(convs, generated, classifier, embedder)
+    report = metrics.evaluate(convs, generated, classifier=classifier, embedder=embedder)
     report["checkpoint"] = str(checkpoint)
     report["data"] = str(data)
     report["protocol"] = {"view": view, "context": context, "seed": seed, "kinds": list(kinds),
                           "num_steps": num_steps or session.cfg.diffusion.num_steps, "force_image": True}
     report["timing_s"] = {"generate": round(t_score - t_gen, 1), "score": round(time.perf_counter() - t_score, 1),
                           "total": round(time.perf_counter() - t0, 1)}
-    from cig_jax.eval.metrics import json_safe
-
-    report = json_safe(report)
+    report = metrics.json_safe(report)
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
@@ -326,7 +313,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                                  batch_size=args.batch_size, max_len=args.max_len, num_steps=args.num_steps,
                                  classifier_cache=args.cache, identity=args.identity)
     print(format_table({args.view: report}))
-    print(f"chance levels per attribute: " + ", ".join(f"{k} {v:.2f}" for k, v in report["attributes"]["chance"].items()))
+    print("chance levels per attribute: " + ", ".join(f"{k} {v:.2f}" for k, v in report["attributes"]["chance"].items()))
 
 
 if __name__ == "__main__":

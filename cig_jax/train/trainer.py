@@ -346,11 +346,12 @@ def restore_state(cfg: Config, mesh, *, step: Optional[int] = None, task: Option
     return state, graphdef, step
 
 
-def load_trained(cfg: Config, *, step: int | None = None, mesh=None, task: Task | None = None) -> nnx.Module:
-    """The model of a finished (or running) run, restored from `cfg.train.workdir` onto `mesh` (default: the
-    config's mesh over all devices), with its trained and its frozen parameters."""
+def load_trained(cfg: Config, *, step: int | None = None, mesh=None, task: Task | None = None,
+                 workdir: str | Path | None = None) -> nnx.Module:
+    """The model of a finished (or running) run, restored from `workdir` (default `cfg.train.workdir`) onto
+    `mesh` (default: the config's mesh over all devices), with its trained and its frozen parameters."""
     mesh = mesh or sharding.make_mesh(cfg.mesh)
-    state, graphdef, _ = restore_state(cfg, mesh, step=step, task=task)
+    state, graphdef, _ = restore_state(cfg, mesh, step=step, task=task, workdir=workdir)
     return nnx.merge(graphdef, state.model_state())
 
 
