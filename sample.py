@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -77,7 +76,7 @@ def _load_chats(path: Path) -> list:
                 raise schema.SchemaError(f"{where}: malformed JSON at column {e.colno}: {e.msg}") from None
             conv = schema.conversation_from_dict(d, source=where, base_dir=path.parent)
             schema.validate(conv)
-            out.append((conv, re.sub(r"[^A-Za-z0-9_.-]+", "_", conv.id or f"line{n}") + ".json"))
+            out.append((conv, schema._safe(conv.id or f"line{n}") + ".json"))
         if not out:
             raise schema.SchemaError(f"{path}: no conversations in this file")
         return out

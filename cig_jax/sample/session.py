@@ -126,10 +126,6 @@ def default_mesh() -> "jax.sharding.Mesh":
     return sharding.make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
 
 
-def _label(conv: schema.Conversation) -> str:
-    return conv.file or (f"conversation {conv.id!r}" if conv.id else "<conversation>")
-
-
 def _as_image(x, where: str) -> schema.Image:
     """A user image given as uint8 [H, W, 3] or a schema.Image -> a schema.Image carrying its pixels."""
     if isinstance(x, schema.Image):
@@ -198,8 +194,7 @@ class ChatSession:
 
         cfg, template = checkpoint_parts(directory, config)
         mesh = mesh if mesh is not None else default_mesh()
-        run_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, workdir=str(directory)))
-        model = trainer.load_trained(run_cfg, step=step, mesh=mesh)
+        model = trainer.load_trained(cfg, step=step, mesh=mesh, workdir=directory)
         return cls(model, template, cfg, mesh=mesh, **kw)
 
     def with_batch_size(self, batch_size: int) -> "ChatSession":
@@ -241,7 +236,7 @@ class ChatSession:
             answered = [r for r in conv.rounds if not r.pending]
             rounds = []
             for r, rnd in enumerate(answered):
-                where = f"{_label(conv)}: rounds[{r}]"
+                where = f"{schema._label(conv)}: rounds[{r}]"
                 rounds.append(dataclasses.replace(
                     rnd, metadata=copy.deepcopy(rnd.metadata),
                     user_images=[self._loaded(im, conv, f"{where}.user_images[{j}]")
@@ -254,8 +249,8 @@ class ChatSession:
             row.identities = {}
             for r, rnd in enumerate(rounds):
                 self._register_identities(row, rnd, r)
-        self._fit(reserve=0, prompt=False, what="history")
-        self.cache.sync([self._target(row) for row in self.rows])
+        targets, _ = self._fit(reserve=0, prompt=False, what="history")
+        self.cache.sync(targets)
         self._prune_images()
 
     def round(self, text: str, images=(), *, seed: int = 0, max_new_tokens: Optional[int] = None,
@@ -307,7 +302,7 @@ class ChatSession:
         # --- the user turn -------------------------------------------------------------------------------
         r_index = len(self.rows[0].conv.rounds)
         for i, row in enumerate(self.rows):
-            where = f"{_label(row.conv)}: rounds[{r_index}]"
+            where = f"{schema._label(row.conv)}: rounds[{r_index}]"
             rnd = schema.Round(user_text=_user_text(texts[i]),
                                user_images=[_as_image(im, f"{where}.user_images[{j}]")
                                             for j, im in enumerate(images[i])],
@@ -317,8 +312,8 @@ class ChatSession:
             schema.user_segments(rnd)  # checks <image> markers against the images
             row.conv.rounds.append(rnd)
         reserve = (2 if b > 1 else 1) * max_new + 2 * self.q + 4  # the answer: text, <img> queries </img> + write-back
-        dropped = self._fit(reserve=reserve, prompt=True, what="round")
-        self.cache.sync([self._target(row, prompt=True) for row in self.rows])
+        targets, dropped = self._fit(reserve=reserve, prompt=True, what="round")
+        self.cache.sync(targets)
         for i, row in enumerate(self.rows):
             results[i].dropped_rounds = sorted(row.dropped)
             if dropped[i]:
@@ -417,21 +412,21 @@ class ChatSession:
         ids, role, ii = enc.input_ids[:n].tolist(), enc.role[:n].tolist(), enc.image_index[:n].tolist()
         return [(t, r, keys[k] if r == INPUT_IMAGE else None) for t, r, k in zip(ids, role, ii)]
 
-    def _fit(self, *, reserve: int, prompt: bool, what: str) -> list:
+    def _fit(self, *, reserve: int, prompt: bool, what: str) -> tuple[list, list]:
         """Applies the overflow policy before the history (`prompt`: up to the generation prompt) goes into the
-        cache, with `reserve` slots for the answer. Returns, per row, the rounds dropped now (drop_oldest);
-        raises ContextOverflowError under 'error'."""
+        cache, with `reserve` slots for the answer. Returns (per row the cache target that fits, per row the
+        rounds dropped now (drop_oldest)); raises ContextOverflowError under 'error'."""
         dropped_now = [set() for _ in self.rows]
         while True:
             targets = [self._target(row, prompt=prompt) for row in self.rows]
             need = self.cache.slots_needed(targets) + reserve
             if need <= self.max_len:
-                return dropped_now
+                return targets, dropped_now
             if self.overflow == "error":
                 row = self.rows[0]
                 r = len(row.conv.rounds) - 1
                 raise ContextOverflowError(
-                    f"{_label(row.conv)}: rounds[{r}]: the {what} needs {need} KV-cache slots (incl. {reserve} for the "
+                    f"{schema._label(row.conv)}: rounds[{r}]: the {what} needs {need} KV-cache slots (incl. {reserve} for the "
                     f"answer) but the context holds {self.max_len}; raise max_len (sample.py --max-len) or use "
                     "overflow 'drop_oldest'")
             progress = False
@@ -443,12 +438,12 @@ class ChatSession:
                         dropped_now[i].add(k)
                         progress = True
                         log.warning("%s: context full (%d > %d slots): rounds[%d] (text only) left out of the cache",
-                                    _label(row.conv), need, self.max_len, k)
+                                    schema._label(row.conv), need, self.max_len, k)
                         break
             if not progress:
                 row = self.rows[0]
                 raise ContextOverflowError(
-                    f"{_label(row.conv)}: rounds[{len(row.conv.rounds) - 1}]: the {what} needs {need} KV-cache slots "
+                    f"{schema._label(row.conv)}: rounds[{len(row.conv.rounds) - 1}]: the {what} needs {need} KV-cache slots "
                     f"but the context holds {self.max_len}, and no text-only round is left to drop; raise max_len")
             self.cache.clear()  # rebuilt from scratch: no holes left by the dropped rounds
 
@@ -611,7 +606,7 @@ def check_context(template: ChatTemplate, conv: schema.Conversation, max_len: in
     if need > max_len:
         r = pending[0] if pending else len(conv.rounds) - 1
         raise ContextOverflowError(
-            f"{_label(conv)}: rounds[{r}]: completing the history needs up to {need} KV-cache slots (with "
+            f"{schema._label(conv)}: rounds[{r}]: completing the history needs up to {need} KV-cache slots (with "
             f"{max_new_tokens} new tokens and an image a round) but the context holds {max_len}; raise max_len "
             "(sample.py --max-len), lower max_new_tokens, or use overflow 'drop_oldest'")
 
@@ -644,7 +639,7 @@ def complete_conversations(session: ChatSession, convs: Sequence[schema.Conversa
     out = [copy.deepcopy(c) for c in convs]
     for r in pending:
         texts = [c.rounds[r].user_text for c in convs]
-        images = [[session._loaded(im, c, f"{_label(c)}: rounds[{r}].user_images[{j}]")
+        images = [[session._loaded(im, c, f"{schema._label(c)}: rounds[{r}].user_images[{j}]")
                    for j, im in enumerate(c.rounds[r].user_images)] for c in convs]
         results = session.round_batch(texts, images, seeds=[seed + r] * len(convs), **options)
         for c, row, res in zip(out, session.rows, results):
