@@ -10,3 +10,54 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running test (run with -m slow)")
     config.addinivalue_line("markers", "gpu: needs a GPU")
+
+
+import pytest  # noqa: E402  (after the environment above)
+
+# A tiny multiround system (MLLM + pixel-space DiT) for sampling and evaluation tests.
+TINY_RUN = ["model.llm.vocab_size=1024", "model.use_vae=false", "model.dit.in_channels=3", "model.dit.sample_size=32",
+            "model.dit.patch_size=8", "model.dit.identity_injection=concat", "model.dit.identity.width=64",
+            "model.dit.identity.depth=1", "model.dit.identity.num_tokens=4", "diffusion.num_steps=2",
+            "sample.max_new_tokens=4", "train.stage=multiround"]
+
+
+def save_tiny_checkpoint(workdir):
+    """A tiny run with random weights (config + weights + tokenizer) saved as the trainer saves one. The weights
+    are drawn with numpy, nothing to compile: norm scales 1, biases 0, the rest N(0, 1 / fan_in)."""
+    from pathlib import Path
+
+    import numpy as np
+    from flax import nnx
+
+    from cig_jax.config import load_config
+    from cig_jax.sample.session import default_mesh
+    from cig_jax.train import stages, trainer
+    from cig_jax.train.checkpoint import Checkpointer
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "configs" / "model" / "tiny.yaml", TINY_RUN + [f"train.workdir={workdir}"])
+    task = stages.build_task(cfg)
+    graphdef, abstract = nnx.split(nnx.eval_shape(task.make_model))
+    rng = np.random.default_rng(0)
+
+    def draw(name, x):
+        if name in ("scale", "bias") or x.ndim < 2:
+            return np.full(x.shape, float(name == "scale"), x.dtype)
+        fan_in = np.prod(x.shape[:-1]) if x.ndim == 4 else x.shape[-2]  # conv [kh, kw, in, out]; [(layers,) in, out]
+        return (rng.standard_normal(x.shape) / np.sqrt(fan_in)).astype(x.dtype)
+
+    flat = [(path, var.replace(draw(str(path[-1]), var.value))) for path, var in nnx.to_flat_state(abstract)]
+    _, params, frozen = nnx.split(nnx.merge(graphdef, nnx.from_flat_state(flat)), task.trainable, ...)
+    state, _ = trainer.init_state(params, trainer.make_optimizer(cfg.optimizer, cfg.train.steps), default_mesh(),
+                                  cfg.mesh.axis_rules, frozen)
+    ckpt = Checkpointer(workdir / "checkpoints", save_every=1, keep=1, async_save=False)
+    ckpt.save(1, state, None, cfg, force=True)
+    ckpt.close()
+    trainer.write_artifacts(cfg, workdir)
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A tiny multiround run saved as the trainer saves one (random weights, nothing trained or compiled)."""
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny_run") / "run")

@@ -332,12 +332,6 @@ def test_evaluate_reports_every_metric_and_is_json_ready(dlib_embedder):
 # ----------------------------------------------------------------------------------------------------------
 from cig_jax.eval import run as eval_run  # noqa: E402
 
-TINY_RUN = ["model.llm.vocab_size=1024", "model.use_vae=false", "model.dit.in_channels=3", "model.dit.sample_size=32",
-            "model.dit.patch_size=8", "model.dit.identity_injection=concat", "model.dit.identity.width=64",
-            "model.dit.identity.depth=1", "model.dit.identity.num_tokens=4", "diffusion.num_steps=2",
-            "sample.max_new_tokens=4", "train.stage=multiround"]
-
-
 class RecordingSession:
     """Stands in for a ChatSession: records what each round is given and draws a solid image whose grey level
     encodes (call number), so the protocol of `generate_rounds` is checked without a model."""
@@ -422,40 +416,6 @@ def test_grid_puts_generated_beside_ground_truth():
     np.testing.assert_array_equal(sheet[pad + cell + cap + pad:][:cell, 2 * pad + cell:2 * pad + 2 * cell], truth)
     x2 = pad + (2 * cell + 3 * pad) + 5  # round 2, generated: missing -> grey
     assert (sheet[y, x2] == 160).all()
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """A tiny multiround run saved as the trainer saves one (random weights, nothing trained or compiled)."""
-    from flax import nnx
-
-    from cig_jax.config import load_config
-    from cig_jax.sample.session import default_mesh
-    from cig_jax.train import stages, trainer
-    from cig_jax.train.checkpoint import Checkpointer
-
-    workdir = tmp_path_factory.mktemp("eval_run") / "run"
-    root = Path(__file__).resolve().parents[1]
-    cfg = load_config(root / "configs" / "model" / "tiny.yaml", TINY_RUN + [f"train.workdir={workdir}"])
-    task = stages.build_task(cfg)
-    graphdef, abstract = nnx.split(nnx.eval_shape(task.make_model))
-    rng = np.random.default_rng(0)
-
-    def draw(name, x):  # numpy weights: nothing to compile (norm scales 1, biases 0, the rest N(0, 1 / fan_in))
-        if name in ("scale", "bias") or x.ndim < 2:
-            return np.full(x.shape, float(name == "scale"), x.dtype)
-        return (rng.standard_normal(x.shape) / np.sqrt(np.prod(x.shape[:-1]) if x.ndim == 4 else x.shape[-2])
-                ).astype(x.dtype)
-
-    flat = [(path, var.replace(draw(str(path[-1]), var.value))) for path, var in nnx.to_flat_state(abstract)]
-    _, params, frozen = nnx.split(nnx.merge(graphdef, nnx.from_flat_state(flat)), task.trainable, ...)
-    state, _ = trainer.init_state(params, trainer.make_optimizer(cfg.optimizer, cfg.train.steps), default_mesh(),
-                                  cfg.mesh.axis_rules, frozen)
-    ckpt = Checkpointer(workdir / "checkpoints", save_every=1, keep=1, async_save=False)
-    ckpt.save(1, state, None, cfg, force=True)
-    ckpt.close()
-    trainer.write_artifacts(cfg, workdir)
-    return workdir
 
 
 def test_eval_cli_writes_metrics_and_grid(tiny_run, classifier, request, tmp_path, capsys):

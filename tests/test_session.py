@@ -16,18 +16,13 @@ import pytest
 from flax import nnx
 from PIL import Image as PILImage
 
-from cig_jax.config import load_config
 from cig_jax.data import schema
 from cig_jax.data.chat_template import BOI, IMAGE_QUERY, mllm_special_tokens
 from cig_jax.data.pipeline import preprocess_image
-from cig_jax.sample.session import ChatSession, ContextOverflowError, default_mesh
+from cig_jax.sample.session import ChatSession, ContextOverflowError
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "two_friends.json"
-TINY = ["model.llm.vocab_size=1024", "model.use_vae=false", "model.dit.in_channels=3", "model.dit.sample_size=32",
-        "model.dit.patch_size=8", "model.dit.identity_injection=concat", "model.dit.identity.width=64",
-        "model.dit.identity.depth=1", "model.dit.identity.num_tokens=4", "diffusion.num_steps=2",
-        "sample.max_new_tokens=4", "train.stage=multiround"]
 
 
 def _sample_main():
@@ -37,38 +32,9 @@ def _sample_main():
     return module.main
 
 
-def save_tiny_checkpoint(workdir: Path) -> Path:
-    """A tiny run with random weights (config + weights + tokenizer) saved as the trainer saves one. The weights
-    are drawn with numpy, nothing to compile: norm scales 1, biases 0, the rest N(0, 1 / fan_in)."""
-    from cig_jax.train import stages, trainer
-    from cig_jax.train.checkpoint import Checkpointer
-
-    cfg = load_config(ROOT / "configs" / "model" / "tiny.yaml", TINY + [f"train.workdir={workdir}"])
-    mesh, rules = default_mesh(), cfg.mesh.axis_rules
-    task = stages.build_task(cfg)
-    graphdef, abstract = nnx.split(nnx.eval_shape(task.make_model))
-    rng = np.random.default_rng(0)
-
-    def draw(name, x):
-        if name in ("scale", "bias") or x.ndim < 2:
-            return np.full(x.shape, float(name == "scale"), x.dtype)
-        fan_in = np.prod(x.shape[:-1]) if x.ndim == 4 else x.shape[-2]  # conv [kh, kw, in, out]; [(layers,) in, out]
-        return (rng.standard_normal(x.shape) / np.sqrt(fan_in)).astype(x.dtype)
-
-    flat = [(path, var.replace(draw(str(path[-1]), var.value))) for path, var in nnx.to_flat_state(abstract)]
-    model = nnx.merge(graphdef, nnx.from_flat_state(flat))
-    _, params, frozen = nnx.split(model, task.trainable, ...)
-    state, _ = trainer.init_state(params, trainer.make_optimizer(cfg.optimizer, cfg.train.steps), mesh, rules, frozen)
-    ckpt = Checkpointer(workdir / "checkpoints", save_every=1, keep=1, async_save=False)
-    ckpt.save(1, state, None, cfg, force=True)
-    ckpt.close()
-    trainer.write_artifacts(cfg, workdir)
-    return workdir
-
-
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny_run"))
+def ckpt(tiny_run):  # conftest.py: a tiny run with random weights
+    return tiny_run
 
 
 @pytest.fixture(scope="module")
