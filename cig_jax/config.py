@@ -228,7 +228,7 @@ class MLLMConfig:
     num_image_tokens: int = 4  # slots per image block; = input_resampler / output_resampler num_queries (SEED-X: 64)
     lm_weight: float = 1.0  # SEED-X lm_loss_scale
     reg_weight: float = 6.0  # SEED-X rec_loss_scale
-    reg_loss: str = "mse"  # mse (SEED-X agent) | cosine
+    reg_loss: str = "mse"  # mse (SEED-X agent) | mse_position (each slot / its targets' batch variance) | cosine
     reg_target_pool: str = "sequence"  # sequence (SEED-X) | grid
     add_patch_pos: bool = True  # SEED-X agent `patch_pos_embed` [4, llm width], added to input image tokens
 
@@ -347,7 +347,8 @@ class TrainConfig:
     # Staged training (see cig_jax/train/stages.py).
     init_from: str = ""  # workdir of the previous stage: its latest checkpoint initialises the whole model
     trainable: list[str] = dataclasses.field(default_factory=list)  # parts that train; [] = the stage's default
-    detokenizer_loss_weight: float = 0.0  # MLLM stages: + this x the frozen DiT's loss on predicted embeddings
+    detokenizer_loss_weight: float = 0.0  # MLLM stages: + this x the DiT's loss on predicted embeddings (trains
+    # the MLLM through the frozen DiT, or with trainable: [dit] adapts the DiT to the MLLM's embeddings)
 
 
 @dataclasses.dataclass
@@ -449,6 +450,11 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             raise ConfigError(f"{source}: '{key}' must be an integer, got {value!r}")
         return value
     if origin is float:
+        if isinstance(value, str):  # YAML 1.1 reads exponents without a dot ('5e-4', '1e5') as strings
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{source}: '{key}' must be a number, got {value!r}")
         return float(value)
