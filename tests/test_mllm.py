@@ -13,7 +13,7 @@ from cig_jax.data.chat_template import (IMAGE_QUERY, INPUT_IMAGE, ChatTemplate, 
                                         role_segments)
 from cig_jax.data.schema import Conversation, Image, Round
 from cig_jax.models.llm import KVCache
-from cig_jax.models.mllm import MLLM, mllm_loss, pool_targets, validate_mllm
+from cig_jax.models.mllm import MLLM, mllm_loss, pool_targets, regression_loss, validate_mllm
 
 ROOT = Path(__file__).resolve().parents[1]
 Q = 4  # num_image_tokens of the tiny config
@@ -186,6 +186,24 @@ def test_targets_pool_like_seedx_and_config_mismatches_are_named(model_cfg):
     bad = dataclasses.replace(model_cfg, output_resampler=dataclasses.replace(model_cfg.output_resampler, num_queries=9))
     with pytest.raises(ConfigError, match="output_resampler.num_queries"):
         validate_mllm(bad)
+
+
+def test_position_normalized_regression_weighs_each_slot_by_its_target_variance():
+    rng = np.random.default_rng(0)
+    pred, target = rng.normal(size=(2, 3, 4, 8)), rng.normal(size=(2, 3, 4, 8))  # [batch, blocks, Q, D]
+    valid = np.array([[1, 1, 0], [1, 0, 1]])
+    # known answer: per slot, the mean squared error over valid blocks / the slot's target variance over them
+    v = valid.astype(bool)
+    want = np.mean(((pred - target) ** 2)[v].mean(-1) / target[v].var(0).mean(-1))
+    np.testing.assert_allclose(regression_loss(pred, target, valid, "mse_position"), want, rtol=1e-5)
+    # invariance: scaling one slot's targets and predictions (a slot whose targets vary more) leaves it unchanged,
+    # where the plain MSE grows with the scale
+    scale = np.array([1.0, 10.0, 1.0, 1.0])[:, None]
+    np.testing.assert_allclose(regression_loss(pred * scale, target * scale, valid, "mse_position"), want, rtol=1e-5)
+    assert regression_loss(pred * scale, target * scale, valid, "mse") > 10 * regression_loss(pred, target, valid)
+    # padded blocks play no part
+    junk = np.where(v[..., None, None], target, 1e3)
+    np.testing.assert_allclose(regression_loss(pred, junk, valid, "mse_position"), want, rtol=1e-5)
 
 
 def test_train_step_compiles_ahead_of_time_sharded_by_batch(model_cfg):

@@ -81,7 +81,7 @@ def validate_mllm(cfg: ModelConfig, source: str = "<config>") -> None:
     need(out_dim(orr) == d_vit,
          f"'model.output_resampler' output width ({out_dim(orr)}) must equal the ViT feature width ({d_vit}): "
          "visual embeddings regress pooled ViT features")
-    need(m.reg_loss in ("mse", "cosine"), f"'model.mllm.reg_loss' must be mse or cosine, got {m.reg_loss!r}")
+    need(m.reg_loss in ("mse", "mse_position", "cosine"), f"'model.mllm.reg_loss' must be mse, mse_position or cosine, got {m.reg_loss!r}")
     need(m.reg_target_pool in ("sequence", "grid"),
          f"'model.mllm.reg_target_pool' must be sequence or grid, got {m.reg_target_pool!r}")
     need(k % m.num_image_tokens == 0, f"ViT tokens per image ({k}) must be a multiple of 'model.mllm.num_image_tokens'")
@@ -276,12 +276,19 @@ class MLLM(nnx.Module):
 # ----------------------------------------------------------------------------------------------------------
 def regression_loss(pred: jax.Array, target: jax.Array, valid: jax.Array, kind: str = "mse") -> jax.Array:
     """pred/target [batch, blocks, Q, D], valid [batch, blocks]. 'mse': mean squared error over the elements of
-    valid blocks (torch F.mse_loss); 'cosine': mean over valid tokens of 1 - cos(pred, target)."""
+    valid blocks (torch F.mse_loss); 'mse_position': the same with each slot's squared error divided by the
+    variance of that slot's targets over the batch's valid blocks (no gradient), so slots whose targets vary
+    little (small image regions) weigh as much as those that vary a lot; 'cosine': mean over valid tokens of
+    1 - cos(pred, target)."""
     pred, target = pred.astype(jnp.float32), target.astype(jnp.float32)
     w = valid.astype(jnp.float32)[..., None]  # [batch, blocks, 1]
     tokens = jnp.sum(w) * pred.shape[2]
-    if kind == "mse":
-        per_token = jnp.mean(jnp.square(pred - target), axis=-1)
+    if kind in ("mse", "mse_position"):
+        per_token = jnp.mean(jnp.square(pred - target), axis=-1)  # [batch, blocks, Q]
+        if kind == "mse_position":  # each slot's error over its targets' variance across the batch's blocks
+            mean = jnp.sum(target * w[..., None], axis=(0, 1)) / jnp.maximum(jnp.sum(w), 1.0)  # [Q, D]
+            var = jnp.sum(jnp.mean(jnp.square(target - mean), axis=-1) * w, axis=(0, 1)) / jnp.maximum(jnp.sum(w), 1.0)
+            per_token = per_token / jax.lax.stop_gradient(jnp.maximum(var, 1e-6))  # [Q] broadcast
     else:
         unit = lambda v: v / jnp.maximum(jnp.linalg.norm(v, axis=-1, keepdims=True), 1e-12)  # noqa: E731
         per_token = 1.0 - jnp.sum(unit(pred) * unit(target), axis=-1)
