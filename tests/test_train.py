@@ -94,6 +94,16 @@ def test_checkpoint_restores_on_other_meshes(tmp_path):
             np.testing.assert_array_equal(np.asarray(v), ref_params[p], err_msg=str(p))
 
 
+def test_overrides_read_numbers_as_yaml_1_1_does_not():
+    from cig_jax.config import ConfigError
+
+    # PyYAML reads '5e-4' (an exponent without a dot) as a string; a float field takes it as the number
+    cfg = load_config(SMOKE, ["optimizer.learning_rate=5e-4", "optimizer.b2=0.95"])
+    assert cfg.optimizer.learning_rate == 5e-4 and cfg.optimizer.b2 == 0.95
+    with pytest.raises(ConfigError, match="'optimizer.learning_rate' must be a number, got 'fast'"):
+        load_config(SMOKE, ["optimizer.learning_rate=fast"])
+
+
 def test_checkpoint_from_another_model_config_is_a_clear_error(tmp_path):
     workdir = tmp_path / "run"
     cfg = load_config(SMOKE, [f"train.workdir={workdir}", "train.steps=2", "train.tensorboard=false",
@@ -142,8 +152,10 @@ def overfit_runs(tmp_path_factory):
     batch before and after training with the same diffusion noise / dropout key (the step's key for step 0)."""
     mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
     workdir = tmp_path_factory.mktemp("overfit")
-    cfgs = {s: _stage_cfg(s, "data.global_batch_size=4", f"train.steps={OVERFIT_STEPS}", f"train.workdir={workdir}")
-            for s in STAGE_FILES}
+    common = ["data.global_batch_size=4", f"train.steps={OVERFIT_STEPS}", f"train.workdir={workdir}"]
+    cfgs = {s: _stage_cfg(s, *common) for s in STAGE_FILES}
+    # the detokenizer adapting to the MLLM's predicted embeddings (configs/bench/nonmarkov_adapt.yaml)
+    cfgs["adapt"] = _stage_cfg("multiround", *common, "train.trainable=[dit]", "train.detokenizer_loss_weight=1.0")
     rules = cfgs["detokenizer"].mesh.axis_rules
     assert all(c.model == cfgs["detokenizer"].model for c in cfgs.values())  # one system, trained in parts
     model = sharding.create_sharded(build_task(cfgs["detokenizer"]).make_model, mesh, rules)
@@ -193,6 +205,7 @@ MLLM_PARTS = ["mllm/input_resampler", "mllm/llm", "mllm/output_resampler", "mllm
     ("detokenizer", ["detokenizer/dit"], MLLM_PARTS + ["mllm/vit"]),  # train.trainable [dit]: the MLLM is frozen
     ("personalize", MLLM_PARTS, ["detokenizer/dit", "mllm/vit"]),
     ("multiround", MLLM_PARTS, ["detokenizer/dit", "mllm/vit"]),
+    ("adapt", ["detokenizer/dit"], MLLM_PARTS + ["mllm/vit"]),  # multiround, trainable [dit], detokenizer loss
 ])
 def test_frozen_parameters_are_bitwise_unchanged_by_a_stage(overfit_runs, stage, trained, frozen):
     run = overfit_runs[stage]
@@ -209,6 +222,8 @@ def test_frozen_parameters_are_bitwise_unchanged_by_a_stage(overfit_runs, stage,
     assert not changed, f"{stage}: frozen leaves changed: {changed[:10]}"
     trained_after = run["final_params"]
     unchanged = [name(p) for p in trained_after if _bitwise_equal(trained_after[p], initial[p])]
+    if stage == "adapt":  # drawn from predicted embeddings alone: the identity encoder gets no input, no gradient
+        unchanged = [p for p in unchanged if not p.startswith("detokenizer/dit/id_encoder/")]
     assert not unchanged, f"{stage}: trainable leaves that did not move: {unchanged[:10]}"
 
 

@@ -151,10 +151,15 @@ def detokenizer_loss(model: CIGModel, batch: dict, *, diffusion, train_vit: bool
     return loss, {"diffusion_loss": loss, "identity_fraction": jnp.mean(batch.get("identity_mask", 0.0))}
 
 
-def conversation_loss(model: CIGModel, batch: dict, *, diffusion, detokenizer_weight: float, lora_dropout: bool
-                      ) -> tuple[jax.Array, dict]:
-    """Stages 2 and 3: the MLLM's next-token + regression loss; with `detokenizer_weight` > 0 also the frozen
-    DiT's diffusion loss of each target image given the MLLM's *predicted* visual embeddings."""
+def conversation_loss(model: CIGModel, batch: dict, *, diffusion, detokenizer_weight: float, lora_dropout: bool,
+                      train_dit: bool = False) -> tuple[jax.Array, dict]:
+    """Stages 2 and 3: the MLLM's next-token + regression loss; with `detokenizer_weight` > 0 also the DiT's
+    diffusion loss of each target image given the MLLM's *predicted* visual embeddings.
+
+    With the DiT frozen, that loss trains the MLLM through the DiT (condition dropout off: every image is drawn
+    from its embeddings). With the DiT trainable (`train_dit`, e.g. `train.trainable: [dit]`: the detokenizer
+    adapts to the embeddings the MLLM predicts, which leave what the text does not say under-specified) the
+    diffusion config's condition dropout stays on, so the unconditional branch of guidance keeps training."""
     key = batch["rng"]
     k_drop, k_dit = jax.random.split(key)
     mllm = model.mllm
@@ -169,9 +174,9 @@ def conversation_loss(model: CIGModel, batch: dict, *, diffusion, detokenizer_we
     if target.shape[1] != side:  # the ViT's input size -> the detokenizer's output size
         target = jax.image.resize(target, (target.shape[0], side, side, target.shape[3]), "bilinear")
     vis = out.visual_embeddings.reshape(b * blocks, *out.visual_embeddings.shape[2:])
-    dit = model.detokenizer.loss(k_dit, target, vis, None, dataclasses.replace(diffusion, p_drop_visual=0.0,
-                                                                                 p_drop_identity=0.0),
-                                 weights=valid.astype(jnp.float32))
+    if not train_dit:
+        diffusion = dataclasses.replace(diffusion, p_drop_visual=0.0, p_drop_identity=0.0)
+    dit = model.detokenizer.loss(k_dit, target, vis, None, diffusion, weights=valid.astype(jnp.float32))
     return loss + detokenizer_weight * dit, dict(metrics, detokenizer_loss=dit)
 
 
@@ -263,7 +268,7 @@ def _system_task(cfg: Config) -> Task:
              + (_dit_flops(cfg, abstract, n_img, True) if weight else 0.0))
     return Task(stage, make_model, trainable,
                 lambda m, b: conversation_loss(m, b, diffusion=cfg.diffusion, detokenizer_weight=weight,
-                                               lora_dropout=model_cfg.llm.lora_dropout > 0),
+                                               lora_dropout=model_cfg.llm.lora_dropout > 0, train_dit="dit" in parts),
                 make_dataset, flops, data.seq_len, spec, images_per_example=float(n_img))
 
 

@@ -380,7 +380,8 @@ def check_init_from(workdir: str | Path, cfg: Config) -> Config:
 
     prev_cfg = saved_config(workdir)
     diffs = model_config_diffs(to_dict_model(prev_cfg), to_dict_model(cfg), ignore=("lora_rank", "lora_alpha",
-                                                                                   "lora_dropout", "lora_targets"))
+                                                                                   "lora_dropout", "lora_targets",
+                                                                                   "lm_weight", "reg_weight", "reg_loss"))
     if diffs:
         raise CheckpointMismatchError(f"train.init_from {workdir}: its model differs from this config's: "
                                       + "; ".join(diffs[:10]))
