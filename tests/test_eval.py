@@ -479,10 +479,13 @@ def test_nonmarkov_bench_quick_trains_both_models_and_writes_the_table(classifie
         assert [e["round"] for e in rounds] == [0, 1, 2]
         assert all(0.0 <= e["text"]["accuracy"] <= 1.0 for e in rounds)
     for name in ("history", "markov"):
+        train = saved["reports"][name]["train"]  # the MLLM run, then its detokenizer's adaptation
+        assert train["adapt_detokenizer"]["last"]["detokenizer_loss"] > 0 and "reg_loss" in train["mllm"]["last"]
+        assert (tmp_path / f"{name}_adapted" / "checkpoints").is_dir()
         assert (tmp_path / f"eval_{name}" / "metrics.json").is_file()
         assert (tmp_path / f"eval_{name}" / "samples.png").is_file()
     h = saved["reports"]["history"]["attributes"]["rounds"][2]["image_only"]["accuracy"]
     m = saved["reports"]["markov"]["attributes"]["rounds"][2]["image_only"]["accuracy"]
     assert saved["verdict"]["gap_points"] == round(100 * (h - m), 1)
     out = capsys.readouterr().out
-    assert "round 3, image-only attributes" in out and "ceiling" in out
+    assert "round 3, image-only attributes" in out and "ceiling" in out and "round 1, text-described" in out

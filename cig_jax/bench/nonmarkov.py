@@ -14,7 +14,10 @@ Steps (workdir default workdir/bench_nonmarkov/{full,quick}):
      'history' (every round sees the whole conversation) and 'markov' (`data.markov_view: true`: each round
      sees only the previous round's image before its text). The Markov run trains on every round of every
      conversation (each conversation's prefixes through the Markov view), with a batch of 3x as many
-     examples, so both runs see the same rounds, images and targets per step;
+     examples, so both runs see the same rounds, images and targets per step. Then each model's detokenizer
+     adapts to the visual embeddings its MLLM predicts (`configs/bench/nonmarkov_adapt.yaml`: DiT only, the
+     same data and view): a text-only request leaves attributes unsaid, the regression predicts their mean, and
+     the stage-1 DiT (trained on real images' features) draws that mean as a blur of alternatives;
   4. both scored on held-out name-based conversations (`cig_jax.eval.run`, ground-truth earlier rounds as
      context), and a table: per round, attribute accuracy of text-described and image-only attributes with
      chance, the drawn-identity cosine and the face-embedder identity (which rarely finds cartoon faces).
@@ -47,8 +50,9 @@ from cig_jax.data import schema
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "bench" / "nonmarkov.yaml"
 STAGE1_CONFIG = CONFIG.with_name("nonmarkov_stage1.yaml")
+ADAPT_CONFIG = CONFIG.with_name("nonmarkov_adapt.yaml")
 HELDOUT_SEED = 9_200_000  # held-out name-based conversations (training draws use the configs' seeds)
-MARKOV_SEQ_LEN = 112  # one name-based round through the Markov view holds <= 96 tokens and 2 images
+MARKOV_SEQ_LEN = 104  # one name-based round through the Markov view holds <= 100 tokens and 2 images
 KEYS = ("input_ids", "role", "image_index", "loss_mask", "attention_mask", "images")
 
 
@@ -58,38 +62,43 @@ class Budget:
 
     stage1_steps: Optional[int]
     steps: Optional[int]
+    adapt_steps: Optional[int]
     num_records: Optional[int]
     num_eval: int
     num_steps: Optional[int]  # diffusion steps at evaluation
     batch_size: int  # conversations generated at once
 
 
-FULL = Budget(stage1_steps=None, steps=None, num_records=None, num_eval=48, num_steps=None, batch_size=16)
-QUICK = Budget(stage1_steps=20, steps=12, num_records=64, num_eval=4, num_steps=4, batch_size=4)
+FULL = Budget(stage1_steps=None, steps=None, adapt_steps=None, num_records=None, num_eval=48, num_steps=None,
+              batch_size=16)
+QUICK = Budget(stage1_steps=20, steps=12, adapt_steps=4, num_records=64, num_eval=4, num_steps=4, batch_size=4)
+MODELS = ("history", "markov")
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Configs and the Markov run's data
 # ----------------------------------------------------------------------------------------------------------
 def configs(workdir: Path, budget: Budget, init: Optional[str] = None, overrides: Sequence[str] = ()) -> dict:
-    """{'stage1' (None with `init`), 'history', 'markov'}: the runs' configs with workdirs under `workdir`."""
-    common = [f"train.init_from={init or workdir / 'stage1'}"]
-    if budget.steps is not None:
-        common.append(f"train.steps={budget.steps}")
-        common.append(f"train.log_every={max(1, budget.steps // 4)}")
-    if budget.num_records is not None:
-        common.append(f"data.num_records={budget.num_records}")
-    common += list(overrides)
-    history = load_config(CONFIG, common + [f"train.workdir={workdir / 'history'}"])
-    markov = load_config(CONFIG, common + [f"train.workdir={workdir / 'markov'}", "data.markov_view=true",
-                                           f"data.global_batch_size={3 * history.data.global_batch_size}",
-                                           f"data.seq_len={MARKOV_SEQ_LEN}", "data.max_images=2"])
-    out = {"stage1": None, "history": history, "markov": markov}
+    """{'stage1' (None with `init`), 'history', 'markov', 'history_adapt', 'markov_adapt'}: the runs' configs
+    with workdirs under `workdir`. `overrides` apply to both MLLM runs; their data.*, model.* and diffusion.*
+    entries also to the adaptation runs (which must read the same data and model)."""
+    budget_steps = lambda n: [] if n is None else [f"train.steps={n}", f"train.log_every={max(1, n // 4)}"]  # noqa: E731
+    records = [] if budget.num_records is None else [f"data.num_records={budget.num_records}"]
+    shared = [o for o in overrides if o.split("=", 1)[0].split(".")[0] in ("data", "model", "diffusion")]
+    out = {"stage1": None}
+    for name in MODELS:
+        view = [] if name == "history" else [
+            "data.markov_view=true", "data.seq_len=" + str(MARKOV_SEQ_LEN), "data.max_images=2",
+            f"data.global_batch_size={3 * load_config(CONFIG, list(overrides)).data.global_batch_size}"]
+        out[name] = load_config(CONFIG, [f"train.init_from={init or workdir / 'stage1'}"] + budget_steps(budget.steps)
+                                + records + list(overrides) + view + [f"train.workdir={workdir / name}"])
+        out[f"{name}_adapt"] = load_config(
+            ADAPT_CONFIG, [f"train.init_from={workdir / name}"] + budget_steps(budget.adapt_steps) + records + shared
+            + view + [f"train.workdir={workdir / (name + '_adapted')}"])
     if init is None:
         s1 = [f"train.workdir={workdir / 'stage1'}"]
         if budget.stage1_steps is not None:
-            s1 += [f"train.steps={budget.stage1_steps}", f"train.log_every={max(1, budget.stage1_steps // 4)}",
-                   "train.checkpoint_every=0"]
+            s1 += budget_steps(budget.stage1_steps) + ["train.checkpoint_every=0"]
         out["stage1"] = load_config(STAGE1_CONFIG, s1)
     return out
 
@@ -100,36 +109,36 @@ def prefixes(conv: schema.Conversation) -> list:
     return [dataclasses.replace(conv, rounds=conv.rounds[:k]) for k in range(1, len(conv.rounds) + 1)]
 
 
-def markov_task(cfg: Config):
-    """The configured stage's task whose data are every round of every record through the Markov view."""
+def bench_task(cfg: Config, records: Sequence[schema.Conversation]):
+    """The configured stage's task reading `records` (drawn once for all runs): as they are, or with
+    data.markov_view every round of every record through the Markov view."""
     from cig_jax.data import pipeline
     from cig_jax.data.chat_template import ChatTemplate
     from cig_jax.train import stages
 
-    if not cfg.data.markov_view:
-        raise ValueError("markov_task: set data.markov_view=true")
     task = stages.build_task(cfg)
+    d = cfg.data
+    rows = [p for c in records for p in prefixes(c)] if d.markov_view else list(records)
 
     def make_dataset(process_index: int, process_count: int):
         template = ChatTemplate(stages.stage_tokenizer(cfg), cfg.model.mllm.num_image_tokens)
-        records = [p for c in stages.load_stage_records(cfg) for p in prefixes(c)]
-        d = cfg.data
         opts = pipeline.PipelineOptions(seq_len=d.seq_len, max_images=d.max_images,
                                         image_size=cfg.model.vit.image_size,
                                         batch_size=d.global_batch_size // process_count, seed=d.seed,
-                                        markov_view=True, process_index=process_index, process_count=process_count)
-        return pipeline.make_dataset(records, template, opts).map(lambda ex: {k: ex[k] for k in KEYS})
+                                        markov_view=d.markov_view, process_index=process_index,
+                                        process_count=process_count)
+        return pipeline.make_dataset(rows, template, opts).map(lambda ex: {k: ex[k] for k in KEYS})
 
     return dataclasses.replace(task, make_dataset=make_dataset)
 
 
-def train(cfg: Config, name: str) -> dict:
+def train(cfg: Config, name: str, records: Sequence[schema.Conversation]) -> dict:
     from cig_jax.train import trainer
 
     t = time.perf_counter()
     print(f"[nonmarkov] training {name}: {cfg.train.steps} steps, batch {cfg.data.global_batch_size}, "
-          f"workdir {cfg.train.workdir}", flush=True)
-    metrics = trainer.run(cfg, markov_task(cfg) if name == "markov" else None)
+          f"trainable {list(cfg.train.trainable) or 'the MLLM'}, workdir {cfg.train.workdir}", flush=True)
+    metrics = trainer.run(cfg, bench_task(cfg, records))
     return {"seconds": round(time.perf_counter() - t, 1), "last": metrics}
 
 
@@ -229,21 +238,26 @@ def run(workdir, budget: Budget = FULL, *, init: Optional[str] = None, overrides
     reports["ceiling"] = ceiling(stage1_dir, convs, classifier, budget.num_steps)
     timings["ceiling"] = round(time.perf_counter() - t, 1)
     training = {}
-    for name in ("history", "markov"):
-        training[name] = train(cfgs[name], name)
-        timings[f"train_{name}"] = training[name]["seconds"]
-    for name in ("history", "markov"):
+    from cig_jax.train.stages import load_stage_records
+
+    records = load_stage_records(cfgs["history"])  # every run reads the same records (the configs' data)
+    for name in MODELS:
+        for run_name in (name, f"{name}_adapt"):
+            training[run_name] = train(cfgs[run_name], run_name, records)
+            timings[f"train_{run_name}"] = training[run_name]["seconds"]
+    for name in MODELS:
         t = time.perf_counter()
         reports[name] = eval_run.evaluate_checkpoint(
-            cfgs[name].train.workdir, out=workdir / f"eval_{name}", convs=convs, view=name, context="truth",
+            cfgs[f"{name}_adapt"].train.workdir, out=workdir / f"eval_{name}", convs=convs, view=name, context="truth",
             seed=seed, batch_size=budget.batch_size, num_steps=budget.num_steps, classifier=classifier,
             embedder=embedder, verbose=False, kinds=("name_based",))
-        reports[name]["train"] = training[name]
+        reports[name]["train"] = {"mllm": training[name], "adapt_detokenizer": training[f"{name}_adapt"]}
         timings[f"eval_{name}"] = round(time.perf_counter() - t, 1)
     timings["total"] = round(time.perf_counter() - t0, 1)
     result = {"verdict": verdict(reports), "timings_s": timings, "num_eval": len(convs),
               "budget": dataclasses.asdict(budget), "stage1": stage1_dir,
-              "configs": {k: str(CONFIG if k != "stage1" else STAGE1_CONFIG) for k in cfgs},
+              "configs": {k: str(STAGE1_CONFIG if k == "stage1" else ADAPT_CONFIG if k.endswith("_adapt") else CONFIG)
+                          for k in cfgs},
               "overrides": list(overrides), "reports": reports}
     from cig_jax.eval.metrics import json_safe
 
@@ -267,6 +281,10 @@ def summary(result: dict) -> str:
              f"round 3, image-only attributes: history {pct(r3.get('history'))}, markov {pct(r3.get('markov'))}, "
              f"chance {pct(r3.get('chance'))}; gap {v.get('gap_points')} points; target (>= 25 points over markov "
              f"and over chance) {'met' if v.get('met') else 'NOT met'}",
+             "round 1, text-described attributes: " + ", ".join(
+                 f"{name} {pct((_round(result['reports'][name], 0) or {}).get('text', {}).get('accuracy'))}"
+                 for name in ("history", "markov", "ceiling"))
+             + f"; chance {pct((_round(result['reports']['history'], 0) or {}).get('text', {}).get('chance'))}",
              "timings (s): " + ", ".join(f"{k} {x}" for k, x in result["timings_s"].items())]
     return "\n".join(lines)
 
@@ -280,7 +298,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--cache", default="/tmp/cig_eval", help="where the attribute classifier is cached")
     ap.add_argument("--identity", default="dlib", choices=("auto", "dlib", "insightface", "none"))
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override of configs/bench/nonmarkov.yaml for both runs (e.g. train.steps=3000)")
+                    help="override of configs/bench/nonmarkov.yaml for both MLLM runs (e.g. train.steps=3000); "
+                         "data.*, model.* and diffusion.* entries also apply to the adaptation runs")
     args = ap.parse_args(argv)
     budget = QUICK if args.quick else FULL
     if args.num_eval:
