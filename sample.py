@@ -155,8 +155,9 @@ def main(argv=None) -> int:
         _, template = S.checkpoint_parts(args.checkpoint, cfg)
         max_new = args.max_new_tokens if args.max_new_tokens is not None else cfg.sample.max_new_tokens
         if args.overflow == "error":
-            for conv, _ in chats:
-                S.check_context(template, conv, args.max_len, max_new)
+            for batch in _batches(chats, args.batch_size):
+                for k in batch:
+                    S.check_context(template, chats[k][0], args.max_len, max_new, batch_size=len(batch))
         devices = jax.devices()[: args.devices] if args.devices else jax.devices()
         session = S.ChatSession.from_checkpoint(
             args.checkpoint, config=cfg, step=args.step, mesh=sharding.make_mesh(cfg.mesh, devices),
@@ -174,14 +175,22 @@ def main(argv=None) -> int:
     return 0
 
 
-def _complete_all(first, chats: list, seed: int, args) -> list:
-    """Completes every conversation, batching those of the same shape; returns (conversation, name) pairs."""
-    from cig_jax.data import schema
+def _batches(chats: list, batch_size: int) -> list:
+    """Indices into `chats`, in batches of at most `batch_size` conversations of the same shape."""
     from cig_jax.sample import session as S
 
     groups: dict = {}
     for k, (conv, _) in enumerate(chats):
         groups.setdefault(S.shape_of(conv), []).append(k)
+    size = max(batch_size, 1)
+    return [members[i:i + size] for members in groups.values() for i in range(0, len(members), size)]
+
+
+def _complete_all(first, chats: list, seed: int, args) -> list:
+    """Completes every conversation, batching those of the same shape; returns (conversation, name) pairs."""
+    from cig_jax.data import schema
+    from cig_jax.sample import session as S
+
     total = sum(len(schema.pending_rounds(conv)) for conv, _ in chats)
     bar = None
     if not args.no_progress:
@@ -191,17 +200,14 @@ def _complete_all(first, chats: list, seed: int, args) -> list:
     done: dict = {}
     sessions = {1: first}
     opts = _round_options(args)
-    for shape, members in groups.items():
-        for i in range(0, len(members), max(args.batch_size, 1)):
-            batch = members[i:i + args.batch_size]
-            b = len(batch)
-            if b not in sessions:  # the same weights, another batch size
-                sessions[b] = first.with_batch_size(b)
-            session = sessions[b]
-            convs = [chats[k][0] for k in batch]
-            tick = (lambda r, res: bar.update(len(res))) if bar is not None else None
-            for k, conv in zip(batch, S.complete_conversations(session, convs, seed=seed, on_round=tick, **opts)):
-                done[k] = (conv, chats[k][1])
+    for batch in _batches(chats, args.batch_size):
+        b = len(batch)
+        if b not in sessions:  # the same weights, another batch size
+            sessions[b] = first.with_batch_size(b)
+        convs = [chats[k][0] for k in batch]
+        tick = (lambda r, res: bar.update(len(res))) if bar is not None else None
+        for k, conv in zip(batch, S.complete_conversations(sessions[b], convs, seed=seed, on_round=tick, **opts)):
+            done[k] = (conv, chats[k][1])
     if bar is not None:
         bar.close()
     return [done[k] for k in range(len(chats))]

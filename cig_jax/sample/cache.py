@@ -128,6 +128,7 @@ class RowCache:
         self.q, self.d_llm = cfg.mllm.num_image_tokens, cfg.llm.hidden_size
         self.image_tokens: dict = {}  # image key -> [Q, D_llm] device array
         self.pixels: dict = {}  # image key -> uint8 pixels, until encoded and while in use
+        self._no_images: dict = {}  # shape -> zero image-token block on the devices (text-only chunks)
         self.clear()
 
     def clear(self) -> None:
@@ -225,17 +226,23 @@ class RowCache:
             for j, (tid, r, key) in enumerate(c):
                 ids[i, j], role[i, j], valid[i, j] = tid, r, True
                 index[i, j] = local[i].index(key) if key is not None else -1
-        images = np.zeros((b, bucket(max(len(x) for x in local), least=1), self.q, self.d_llm), np.float32)
-        images = jnp.asarray(images)
-        for i, keys in enumerate(local):
-            if keys:
-                images = images.at[i, :len(keys)].set(jnp.stack([self.image_tokens[key] for key in keys]))
+        shape = (b, bucket(max(len(x) for x in local), least=1), self.q, self.d_llm)
+        if any(local):
+            images = jnp.zeros(shape, jnp.float32)
+            for i, keys in enumerate(local):
+                if keys:
+                    images = images.at[i, :len(keys)].set(jnp.stack([self.image_tokens[key] for key in keys]))
+            images = self.put(images, ("batch", None, None, None))
+        else:  # text only (every decoding step): one zero block per shape, placed once
+            if shape not in self._no_images:
+                self._no_images[shape] = self.put(np.zeros(shape, np.float32), ("batch", None, None, None))
+            images = self._no_images[shape]
         queries = bool(want_visual and (role == IMAGE_QUERY).any())
         logits, vis, self.kv = _append(
             self.graph, self.state, self.put(ids, ("batch", None)), self.put(role, ("batch", None)),
             self.put(index, ("batch", None)), self.put(valid, ("batch", None)),
             dataclasses.replace(self.kv, index=jnp.asarray(self.index, jnp.int32)), 1 if queries else 0,
-            self.put(images, ("batch", None, None, None)))
+            images)
         self.logits = jnp.where(self.put(valid.any(axis=1), ("batch",))[:, None], logits, self.logits)
         for i, c in enumerate(chunk):
             self.tokens[i] += c

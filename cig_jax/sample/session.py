@@ -311,8 +311,7 @@ class ChatSession:
                 raise schema.SchemaError(f"{where}: user turn is empty (needs text or images)")
             schema.user_segments(rnd)  # checks <image> markers against the images
             row.conv.rounds.append(rnd)
-        reserve = (2 if b > 1 else 1) * max_new + 2 * self.q + 4  # the answer: text, <img> queries </img> + write-back
-        targets, dropped = self._fit(reserve=reserve, prompt=True, what="round")
+        targets, dropped = self._fit(reserve=answer_slots(max_new, self.q, b), prompt=True, what="round")
         self.cache.sync(targets)
         for i, row in enumerate(self.rows):
             results[i].dropped_rounds = sorted(row.dropped)
@@ -595,14 +594,23 @@ def checkpoint_parts(directory, config: Optional[Config] = None) -> tuple[Config
     return cfg, ChatTemplate(tokenizer, cfg.model.mllm.num_image_tokens)
 
 
-def check_context(template: ChatTemplate, conv: schema.Conversation, max_len: int, max_new_tokens: int) -> None:
-    """Raises ContextOverflowError when completing `conv` could need more than `max_len` cache slots: its answered
-    rounds, every pending user turn and, per pending round, room for the longest answer (text and an image)."""
+def answer_slots(max_new_tokens: int, num_image_tokens: int, batch_size: int = 1) -> int:
+    """KV-cache slots a round keeps free for its answer: the text, <img> + queries + </img> and their write-back.
+    In a batch the rows share one write position: an answer re-encoded after decoding is written past the
+    longest row's decoded text, so the text is reserved twice."""
+    return (2 if batch_size > 1 else 1) * max_new_tokens + 2 * num_image_tokens + 4
+
+
+def check_context(template: ChatTemplate, conv: schema.Conversation, max_len: int, max_new_tokens: int,
+                  batch_size: int = 1) -> None:
+    """Raises ContextOverflowError when completing `conv` (in a batch of `batch_size`) could need more than
+    `max_len` cache slots: its answered rounds, every pending user turn and, per pending round, room for the
+    longest answer (`answer_slots`)."""
     pending = schema.pending_rounds(conv)
     filled = dataclasses.replace(conv, rounds=[dataclasses.replace(r, assistant_text="") if i in pending else r
                                                for i, r in enumerate(conv.rounds)])
     need = len(template.encode(filled, add_generation_prompt=False)) - 1  # the cache never holds </s>
-    need += len(pending) * (max_new_tokens + 2 * template.num_image_tokens + 4)
+    need += len(pending) * answer_slots(max_new_tokens, template.num_image_tokens, batch_size)
     if need > max_len:
         r = pending[0] if pending else len(conv.rounds) - 1
         raise ContextOverflowError(
@@ -658,4 +666,4 @@ def shape_of(conv: schema.Conversation) -> tuple:
 
 
 __all__ = ["ChatSession", "RoundResult", "ContextOverflowError", "complete_conversation", "complete_conversations",
-           "checkpoint_parts", "check_context", "shape_of", "to_uint8", "default_mesh", "OVERFLOW_POLICIES"]
+           "checkpoint_parts", "check_context", "answer_slots", "shape_of", "to_uint8", "default_mesh", "OVERFLOW_POLICIES"]
