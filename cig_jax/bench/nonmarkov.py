@@ -53,7 +53,6 @@ STAGE1_CONFIG = CONFIG.with_name("nonmarkov_stage1.yaml")
 ADAPT_CONFIG = CONFIG.with_name("nonmarkov_adapt.yaml")
 HELDOUT_SEED = 9_200_000  # held-out name-based conversations (training draws use the configs' seeds)
 MARKOV_SEQ_LEN = 104  # one name-based round through the Markov view holds <= 100 tokens and 2 images
-KEYS = ("input_ids", "role", "image_index", "loss_mask", "attention_mask", "images")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,10 +85,10 @@ def configs(workdir: Path, budget: Budget, init: Optional[str] = None, overrides
     records = [] if budget.num_records is None else [f"data.num_records={budget.num_records}"]
     shared = [o for o in overrides if o.split("=", 1)[0].split(".")[0] in ("data", "model", "diffusion")]
     out = {"stage1": None}
-    for name in MODELS:
+    for name in MODELS:  # history first: the Markov batch holds its rounds
         view = [] if name == "history" else [
             "data.markov_view=true", "data.seq_len=" + str(MARKOV_SEQ_LEN), "data.max_images=2",
-            f"data.global_batch_size={3 * load_config(CONFIG, list(overrides)).data.global_batch_size}"]
+            f"data.global_batch_size={3 * out['history'].data.global_batch_size}"]
         out[name] = load_config(CONFIG, [f"train.init_from={init or workdir / 'stage1'}"] + budget_steps(budget.steps)
                                 + records + list(overrides) + view + [f"train.workdir={workdir / name}"])
         out[f"{name}_adapt"] = load_config(
@@ -112,24 +111,11 @@ def prefixes(conv: schema.Conversation) -> list:
 def bench_task(cfg: Config, records: Sequence[schema.Conversation]):
     """The configured stage's task reading `records` (drawn once for all runs): as they are, or with
     data.markov_view every round of every record through the Markov view."""
-    from cig_jax.data import pipeline
-    from cig_jax.data.chat_template import ChatTemplate
     from cig_jax.train import stages
 
-    task = stages.build_task(cfg)
-    d = cfg.data
-    rows = [p for c in records for p in prefixes(c)] if d.markov_view else list(records)
-
-    def make_dataset(process_index: int, process_count: int):
-        template = ChatTemplate(stages.stage_tokenizer(cfg), cfg.model.mllm.num_image_tokens)
-        opts = pipeline.PipelineOptions(seq_len=d.seq_len, max_images=d.max_images,
-                                        image_size=cfg.model.vit.image_size,
-                                        batch_size=d.global_batch_size // process_count, seed=d.seed,
-                                        markov_view=d.markov_view, process_index=process_index,
-                                        process_count=process_count)
-        return pipeline.make_dataset(rows, template, opts).map(lambda ex: {k: ex[k] for k in KEYS})
-
-    return dataclasses.replace(task, make_dataset=make_dataset)
+    rows = [p for c in records for p in prefixes(c)] if cfg.data.markov_view else list(records)
+    return dataclasses.replace(stages.build_task(cfg),
+                               make_dataset=lambda index, count: stages.conversation_dataset(cfg, rows, index, count))
 
 
 def train(cfg: Config, name: str, records: Sequence[schema.Conversation]) -> dict:

@@ -81,7 +81,8 @@ def validate_mllm(cfg: ModelConfig, source: str = "<config>") -> None:
     need(out_dim(orr) == d_vit,
          f"'model.output_resampler' output width ({out_dim(orr)}) must equal the ViT feature width ({d_vit}): "
          "visual embeddings regress pooled ViT features")
-    need(m.reg_loss in ("mse", "mse_position", "cosine"), f"'model.mllm.reg_loss' must be mse, mse_position or cosine, got {m.reg_loss!r}")
+    need(m.reg_loss in ("mse", "mse_position", "cosine"),
+         f"'model.mllm.reg_loss' must be mse, mse_position or cosine, got {m.reg_loss!r}")
     need(m.reg_target_pool in ("sequence", "grid"),
          f"'model.mllm.reg_target_pool' must be sequence or grid, got {m.reg_target_pool!r}")
     need(k % m.num_image_tokens == 0, f"ViT tokens per image ({k}) must be a multiple of 'model.mllm.num_image_tokens'")
@@ -286,9 +287,10 @@ def regression_loss(pred: jax.Array, target: jax.Array, valid: jax.Array, kind: 
     if kind in ("mse", "mse_position"):
         per_token = jnp.mean(jnp.square(pred - target), axis=-1)  # [batch, blocks, Q]
         if kind == "mse_position":  # each slot's error over its targets' variance across the batch's blocks
-            mean = jnp.sum(target * w[..., None], axis=(0, 1)) / jnp.maximum(jnp.sum(w), 1.0)  # [Q, D]
-            var = jnp.sum(jnp.mean(jnp.square(target - mean), axis=-1) * w, axis=(0, 1)) / jnp.maximum(jnp.sum(w), 1.0)
-            per_token = per_token / jax.lax.stop_gradient(jnp.maximum(var, 1e-6))  # [Q] broadcast
+            n = jnp.maximum(jnp.sum(w), 1.0)  # valid blocks
+            mean = jnp.sum(target * w[..., None], axis=(0, 1)) / n  # [Q, D]
+            var = jnp.sum(jnp.mean(jnp.square(target - mean), axis=-1) * w, axis=(0, 1)) / n  # [Q]
+            per_token = per_token / jax.lax.stop_gradient(jnp.maximum(var, 1e-6))
     else:
         unit = lambda v: v / jnp.maximum(jnp.linalg.norm(v, axis=-1, keepdims=True), 1e-12)  # noqa: E731
         per_token = 1.0 - jnp.sum(unit(pred) * unit(target), axis=-1)

@@ -219,18 +219,12 @@ def _system_task(cfg: Config) -> Task:
     def make_model():
         return CIGModel(model_cfg, rngs=nnx.Rngs(cfg.train.seed))
 
-    def options(process_index, process_count):
-        return pipeline.PipelineOptions(seq_len=data.seq_len, max_images=n_img, image_size=size,
-                                        batch_size=data.global_batch_size // process_count, seed=data.seed,
-                                        markov_view=data.markov_view, process_index=process_index,
-                                        process_count=process_count)
-
     if stage == "detokenizer":
         train_vit = "vit" in parts
 
         def make_dataset(process_index, process_count):
             records = load_stage_records(cfg)
-            return pipeline.make_image_dataset(records, options(process_index, process_count), de,
+            return pipeline.make_image_dataset(records, pipeline_options(cfg, process_index, process_count), de,
                                                target_size=out_size)
 
         def spec(b):
@@ -247,16 +241,12 @@ def _system_task(cfg: Config) -> Task:
 
     if "vit" in parts:
         raise ConfigError(f"stage {stage!r}: the ViT stays frozen in MLLM stages (drop 'vit' from train.trainable)")
-    keys = ("input_ids", "role", "image_index", "loss_mask", "attention_mask", "images")
 
     def make_dataset(process_index, process_count):
-        template = _template(cfg)
-        records = load_stage_records(cfg, DEFAULT_KINDS[stage])
-        ds = pipeline.make_dataset(records, template, options(process_index, process_count))
-        return ds.map(lambda ex: {k: ex[k] for k in keys})
+        return conversation_dataset(cfg, load_stage_records(cfg, DEFAULT_KINDS[stage]), process_index, process_count)
 
     def spec(b):
-        out = {k: ((b, data.seq_len), jnp.int32) for k in keys[:-1]}
+        out = {k: ((b, data.seq_len), jnp.int32) for k in CONVERSATION_KEYS[:-1]}
         out["images"] = ((b, n_img, size, size, 3), jnp.float32)
         return out
 
@@ -270,6 +260,28 @@ def _system_task(cfg: Config) -> Task:
                 lambda m, b: conversation_loss(m, b, diffusion=cfg.diffusion, detokenizer_weight=weight,
                                                lora_dropout=model_cfg.llm.lora_dropout > 0, train_dit="dit" in parts),
                 make_dataset, flops, data.seq_len, spec, images_per_example=float(n_img))
+
+
+CONVERSATION_KEYS = ("input_ids", "role", "image_index", "loss_mask", "attention_mask", "images")
+
+
+def pipeline_options(cfg: Config, process_index: int, process_count: int):
+    """The data config as `pipeline.PipelineOptions` for this process's share of the global batch."""
+    from cig_jax.data import pipeline
+
+    d = cfg.data
+    return pipeline.PipelineOptions(seq_len=d.seq_len, max_images=d.max_images, image_size=cfg.model.vit.image_size,
+                                    batch_size=d.global_batch_size // process_count, seed=d.seed,
+                                    markov_view=d.markov_view, process_index=process_index,
+                                    process_count=process_count)
+
+
+def conversation_dataset(cfg: Config, records: Sequence, process_index: int, process_count: int):
+    """MLLM stages' batches of `records` (CONVERSATION_KEYS), this process's share."""
+    from cig_jax.data import pipeline
+
+    ds = pipeline.make_dataset(records, _template(cfg), pipeline_options(cfg, process_index, process_count))
+    return ds.map(lambda ex: {k: ex[k] for k in CONVERSATION_KEYS})
 
 
 def _template(cfg: Config):
