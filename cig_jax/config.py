@@ -361,7 +361,7 @@ class SampleConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DiffusionConfig:
-    """How the detokenizer is trained and sampled (`cig_jax/sample/diffusion.py`).
+    """How the detokenizer is trained and sampled (`cig_jax/cig_jax/diffusion.py`).
 
     objective 'flow': rectified flow, x_t = (1 - t) x0 + t noise, the model predicts v = noise - x0 and is
     given t * timestep_scale (PixArt's timestep embedding expects [0, 1000)); t ~ logit-normal (SD3) or
@@ -513,6 +513,19 @@ def _shallow_dict(obj) -> dict:
 
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg) -> str:
+    """The fully resolved config as YAML; `load_config` on that text gives back an equal config."""
+
+    def plain(v):
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+
+    return yaml.safe_dump(plain(to_dict(cfg)), sort_keys=False, allow_unicode=True)
 
 
 # ----------------------------------------------------------------------------------------------------------

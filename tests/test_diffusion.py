@@ -1,4 +1,4 @@
-"""Samplers, losses and guidance in cig_jax.sample.diffusion: DDIM against diffusers, flow integrators
+"""Samplers, losses and guidance in cig_jax.diffusion: DDIM against diffusers, flow integrators
 against analytic fields, guidance algebra, determinism."""
 import dataclasses
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from cig_jax.config import ConfigError, DiffusionConfig, validate_diffusion
-from cig_jax.sample import diffusion as D
+from cig_jax import diffusion as D
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")

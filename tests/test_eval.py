@@ -34,7 +34,7 @@ def classifier(request):
 
 @pytest.fixture(scope="module")
 def dlib_embedder():
-    from cig_jax.models.identity import make_identity_embedder
+    from cig_jax.faces.identity import make_identity_embedder
 
     return make_identity_embedder("dlib")
 

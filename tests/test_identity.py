@@ -12,9 +12,9 @@ pytest.importorskip("dlib")
 insightface = pytest.importorskip("insightface")
 onnx = pytest.importorskip("onnx")
 
-from cig_jax.models import identity  # noqa: E402
-from cig_jax.models.face_align import align_face, arcface_template, umeyama_similarity  # noqa: E402
-from cig_jax.models.identity import (  # noqa: E402
+from cig_jax.faces import identity  # noqa: E402
+from cig_jax.faces.align import align_face, arcface_template, umeyama_similarity  # noqa: E402
+from cig_jax.faces.identity import (  # noqa: E402
     IdentityEmbedder,
     IdentityModelNotFoundError,
     make_identity_embedder,

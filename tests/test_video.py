@@ -12,7 +12,7 @@ from PIL import ImageDraw, ImageFilter
 
 from cig_jax.data import schema, video
 from cig_jax.data.video import Frame, build_from_videos, process_clip
-from cig_jax.models.identity import Face
+from cig_jax.faces.identity import Face
 
 FPS = 10  # rendered clip
 SAMPLE_FPS = 5  # sampled by the builder
@@ -115,7 +115,7 @@ def render_clip(path: Path, schedule, frames: int) -> list:
 @pytest.fixture(scope="module")
 def dlib_embedder():
     pytest.importorskip("dlib")
-    from cig_jax.models.identity import make_identity_embedder
+    from cig_jax.faces.identity import make_identity_embedder
 
     return make_identity_embedder("dlib")
 

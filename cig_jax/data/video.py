@@ -6,7 +6,7 @@ through an `IdentityEmbedder`, linking faces into tracks (`track_faces`) and tra
 the people, captioning (`TemplateCaptioner`, `HFCaptioner`), and the builder + CLI that writes conversations
 and says why each clip was kept or dropped (`build_from_videos`, `Report`).
 
-Does not own: face detection and embedding (`models/identity.py`), the conversation schema and file format
+Does not own: face detection and embedding (`faces/identity.py`), the conversation schema and file format
 (`schema.py`), records (`tfds_builder.py`).
 
 A kept clip becomes a 'name_based' conversation (source 'video:<file>'): round 1 introduces two names and
@@ -597,7 +597,7 @@ def build_from_videos(video_dir: Union[str, Path], out_dir: Union[str, Path], *,
     OUT/report.json. `embedder`: any IdentityEmbedder (default `make_identity_embedder(backend)`);
     `clip_kwargs` go to `process_clip` (fps, decoder, seed, image_size, captioner, min_face, ...)."""
     if embedder is None:
-        from cig_jax.models.identity import make_identity_embedder
+        from cig_jax.faces.identity import make_identity_embedder
 
         embedder = make_identity_embedder(backend)
     threshold, link_threshold = default_thresholds(embedder, threshold, link_threshold)

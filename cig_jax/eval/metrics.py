@@ -6,7 +6,7 @@ Owns:
     (`text`) versus what only an earlier image showed (`image_only`, from the record metadata
     `text_attributes` / `image_only_attributes`), with chance levels, and a `recalled` summary over
     people named in a round after the one that introduced them.
-  - `identity_similarity`: cosine of identity embeddings (`models/identity.py`) between reference and
+  - `identity_similarity`: cosine of identity embeddings (`faces/identity.py`) between reference and
     generated faces; face-detection failures are counted and reported, never dropped silently.
   - `clip_t_score`: CLIP-T prompt alignment with a local CLIP checkpoint, or a 'skipped: <reason>' result.
   - `drawn_identity_similarity`: the same question for drawn people, through the identity code of the
@@ -293,7 +293,7 @@ def identity_similarity(references: Sequence, generated: Sequence, embedder=None
     if len(references) != len(generated):
         raise ValueError(f"got {len(references)} references but {len(generated)} generated images")
     if embedder is None:
-        from cig_jax.models.identity import make_identity_embedder
+        from cig_jax.faces.identity import make_identity_embedder
 
         embedder = make_identity_embedder("auto")
     embed = _embed or _EmbeddingCache(embedder)
@@ -523,7 +523,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         generated = [by_id[c.id] for c in truth]
     embedder = None
     if args.identity != "none":
-        from cig_jax.models.identity import make_identity_embedder
+        from cig_jax.faces.identity import make_identity_embedder
 
         embedder = make_identity_embedder(args.identity)
     classifier = load_or_train_classifier(args.cache, verbose=True)

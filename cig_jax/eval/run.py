@@ -235,7 +235,7 @@ def make_embedder(identity: str):
     failures are counted in the report."""
     if identity == "none":
         return None
-    from cig_jax.models.identity import make_identity_embedder
+    from cig_jax.faces.identity import make_identity_embedder
 
     return make_identity_embedder(identity)
 

@@ -5,7 +5,7 @@ Owns: wiring the personalization DiT (which holds its own IDEncoder) to a VAE (l
 generation with visual + identity classifier-free guidance, both by a `DiffusionConfig`.
 
 Does not own: the network pieces (`dit.py`, `id_encoder.py`, `vae.py`), schedules, samplers and guidance
-(`sample/diffusion.py`), computing face embeddings (`identity.py`), which parameters train (train/stages.py).
+(`cig_jax/diffusion.py`), computing face embeddings (`identity.py`), which parameters train (train/stages.py).
 The VAE is used under `stop_gradient`: it is frozen whenever it is here.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from flax import nnx
 from cig_jax.config import DiffusionConfig, DiTConfig, VAEConfig, validate_diffusion
 from cig_jax.models.dit import DiT
 from cig_jax.models.vae import AutoencoderKL
-from cig_jax.sample import diffusion
+from cig_jax import diffusion
 
 
 class Detokenizer(nnx.Module):

@@ -10,8 +10,8 @@ tokens after every N blocks, scaled by `id_scale`, PuLID-FLUX style); optionally
 the projected visual embeddings, read as a spatial grid, added to the patch tokens of their region. With
 `identity_injection='none'` and no grid injection it is number-for-number diffusers `PixArtTransformer2DModel`.
 
-Does not own: noise schedules and samplers (`sample/diffusion.py`), checkpoint loading
-(`convert/diffusers.py`), face embedders (`models/identity.py`).
+Does not own: noise schedules and samplers (`cig_jax/diffusion.py`), checkpoint loading
+(`convert/diffusers.py`), face embedders (`faces/identity.py`).
 
 Latents are NHWC: [batch, H, W, C]. Block parameters are stacked on a leading 'layers' axis and run under
 `lax.scan` (or a Python loop, `scan_layers=False`) with an optional remat policy.

@@ -6,7 +6,7 @@ optionally with `identity_features` [batch, Nf, Df] (e.g. ViT patch features of 
 K learned latent queries cross-attend (Flamingo/IP-Adapter-Plus style: keys are context + latents) in
 `depth` layers, each followed by a feed-forward.
 
-Does not own: computing face embeddings (`models/identity.py`), or how identity tokens enter the DiT
+Does not own: computing face embeddings (`faces/identity.py`), or how identity tokens enter the DiT
 (`models/dit.py`: 'concat' or 'parallel' injection).
 """
 from __future__ import annotations

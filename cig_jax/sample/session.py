@@ -465,7 +465,7 @@ class ChatSession:
             return None, "no face embedder"
         if self._embedder is None:
             try:
-                from cig_jax.models.identity import make_identity_embedder
+                from cig_jax.faces.identity import make_identity_embedder
 
                 self._embedder = make_identity_embedder("auto")
             except Exception as e:  # noqa: BLE001 - no weights / no backend: sample without identity

@@ -3,7 +3,7 @@
 Owns: the ArcFace landmark template, the Umeyama similarity estimate, and the
 affine warp that turns an image plus 5 landmarks into an aligned crop.
 Does not own: detecting faces or landmarks, or embedding crops
-(`cig_jax.models.identity`).
+(`cig_jax.faces.identity`).
 
 Landmark order everywhere in cig_jax (insightface's order): left eye centre,
 right eye centre, nose tip, left mouth corner, right mouth corner, where

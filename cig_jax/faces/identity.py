@@ -14,7 +14,7 @@ and `make_identity_embedder`, which picks one.
   package.
 
 Images are RGB uint8 [H, W, 3]; embeddings are float32 and L2-normalised.
-Does not own: alignment maths (`face_align`), how identity embeddings become
+Does not own: alignment maths (`faces/align.py`), how identity embeddings become
 DiT identity tokens (`models/dit.py`), identity-similarity metrics (`eval/`),
 face tracking in videos (`data/video.py`).
 """
@@ -28,7 +28,7 @@ from typing import Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-from cig_jax.models.face_align import align_face, arcface_template
+from cig_jax.faces.align import align_face, arcface_template
 
 CROP_SIZE = 112
 DLIB_WEIGHT_FILES = {
@@ -56,7 +56,7 @@ class Face:
     """One detected face. Coordinates are image pixels (x, y)."""
 
     box: tuple[float, float, float, float]  # x0, y0, x1, y1
-    landmarks: np.ndarray  # [5, 2] eye centres, nose tip, mouth corners (face_align order)
+    landmarks: np.ndarray  # [5, 2] eye centres, nose tip, mouth corners (faces.align order)
     score: float  # detector confidence (backend-specific scale)
     aligned_crop: np.ndarray  # [112, 112, 3] uint8 RGB, ArcFace alignment
     embedding: np.ndarray  # [D] float32, L2-normalised identity embedding
