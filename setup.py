@@ -6,6 +6,7 @@ setup(
     version="0.1.0",
     description="Conversational image generation with a multimodal LLM and a personalization DiT, in JAX/Flax NNX.",
     packages=find_packages(include=["cig_jax", "cig_jax.*"]),
+    license="Apache-2.0",
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.10.2",
@@ -17,6 +18,7 @@ setup(
         "array-record>=0.8",
         "safetensors>=0.4",
         "tokenizers>=0.20",
+        "transformers>=4.50",  # tokenizers (tiny, LLaMA-2 SentencePiece, SEED-X) for training, sampling and eval
         "pyyaml>=6",
         "numpy",
         "pillow",
@@ -30,7 +32,6 @@ setup(
         # CPU build of 2.13.0 is what the test machines carry; an unpinned torch pulls CUDA.
         "test": [
             "torch==2.13.0",
-            "transformers>=4.50",
             "diffusers>=0.32",
             "pytest>=8",
             "av>=12",
@@ -47,4 +48,8 @@ setup(
         # Building multi-round records from video clips (OpenCV, pulled in by insightface, is the fallback).
         "video": ["av>=12"],
     },
+    entry_points={"console_scripts": [
+        "cig-train = cig_jax.train.cli:console",
+        "cig-eval = cig_jax.eval.run:console",
+    ]},
 )

@@ -27,7 +27,6 @@ Round r of conversation i uses seed `seed + 1000 i + r`.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import textwrap
@@ -39,6 +38,7 @@ import numpy as np
 from PIL import Image as PILImage
 from PIL import ImageDraw, ImageFont
 
+from cig_jax import cli
 from cig_jax.data import schema, synthetic
 from cig_jax.eval import metrics
 from cig_jax.data.schema import Conversation
@@ -235,6 +235,13 @@ def make_embedder(identity: str):
     failures are counted in the report."""
     if identity == "none":
         return None
+    import importlib.util
+
+    if identity == "auto" and not any(importlib.util.find_spec(m) for m in ("dlib", "insightface")):
+        print("[eval] identity similarity not computed: no face backend installed (pip install -e '.[face]')",
+              flush=True)
+        return None
+    cli.require("dlib" if identity in ("auto", "dlib") else "insightface", "face", f"--identity {identity}")
     from cig_jax.faces.identity import make_identity_embedder
 
     return make_identity_embedder(identity)
@@ -288,8 +295,9 @@ def evaluate_checkpoint(checkpoint, data: str = "validation", out=None, *, data_
     return report
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    ap = argparse.ArgumentParser(description="Evaluate a trained checkpoint on held-out conversations.")
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = cli.parser(cli.prog(module="cig_jax.eval.run", console="cig-eval"),
+                    "Evaluate a trained checkpoint on held-out conversations.")
     ap.add_argument("--checkpoint", required=True, help="a training workdir (e.g. workdir/demo/stage3)")
     ap.add_argument("--data", default="validation",
                     help="a split of the array_record build under --data-dir, a folder of conversation JSON files, "
@@ -314,7 +322,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                                  classifier_cache=args.cache, identity=args.identity)
     print(format_table({args.view: report}))
     print("chance levels per attribute: " + ", ".join(f"{k} {v:.2f}" for k, v in report["attributes"]["chance"].items()))
+    return 0
+
+
+def console() -> None:
+    """The `cig-eval` console script."""
+    cli.run_main(main)
 
 
 if __name__ == "__main__":
-    main()
+    console()

@@ -2,7 +2,8 @@
 
 Owns: the `recipe:` file format and running it. A recipe names an optional dataset to draw first and a list
 of stage configs (paths relative to the recipe); each stage is an ordinary training run (`trainer.run`),
-chained by the stages' own `train.init_from`. Command-line overrides apply to every stage. A stage whose
+chained by the stages' own `train.init_from`. Command-line overrides apply to every stage, except those
+under `recipe.` (e.g. `--set recipe.data.num_train=64`), which change the recipe itself. A stage whose
 checkpoint is complete is skipped by the trainer's auto-resume, so re-running a recipe continues it.
 
     recipe:
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from cig_jax.config import ConfigError, load_config
+from cig_jax.config import ConfigError, apply_override, load_config
 
 _DATA_KEYS = {"dir", "num_train", "num_val", "size", "seed", "kinds"}
 
@@ -33,6 +34,13 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> tuple[dict, list
     """(data spec or {}, [(stage path, Config)]) with every stage config loaded and checked up front."""
     path = Path(path)
     tree = yaml.safe_load(path.read_text()) or {}
+    # `--set recipe.data.num_train=64` changes the recipe itself; every other override goes to each stage.
+    stage_overrides = []
+    for ov in overrides:
+        if ov.split("=", 1)[0].strip().startswith("recipe."):
+            tree = apply_override(tree, ov)
+        else:
+            stage_overrides.append(ov)
     extra = sorted(set(tree) - {"recipe"})
     if extra:
         raise ConfigError(f"{path}: a recipe file holds only 'recipe:' (found {extra})")
@@ -49,7 +57,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> tuple[dict, list
     stages = []
     for s in recipe["stages"]:
         stage_path = path.parent / str(s)
-        stages.append((stage_path, load_config(stage_path, overrides)))
+        stages.append((stage_path, load_config(stage_path, stage_overrides)))
     return data, stages
 
 

@@ -395,7 +395,11 @@ def to_dict_model(cfg: Config) -> dict:
 
 
 def write_artifacts(cfg: Config, workdir: Path) -> None:
-    """What sampling needs beside the checkpoint: the tokenizer of MLLM stages, under <workdir>/tokenizer."""
+    """Written before step 1: <workdir>/config.yaml (the resolved config; `train.py --config` takes it again) and
+    what sampling needs beside the checkpoint: the tokenizer of MLLM stages, under <workdir>/tokenizer."""
+    from cig_jax.config import dump_yaml
+
+    (workdir / "config.yaml").write_text(dump_yaml(cfg))
     if cfg.train.stage == "lm":
         return
     from cig_jax.train.stages import stage_tokenizer
