@@ -1,0 +1,87 @@
+"""The training command line as a user runs it: real subprocesses of `python train.py` from another directory."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from cig_jax.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def train_py(*args, cwd, timeout=600):
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("XLA_FLAGS", None)  # one CPU device, as a user's laptop
+    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_help_exits_0_and_lists_print_config_and_dry_run(tmp_path):
+    for flag in ("--help", "-h"):
+        r = train_py(flag, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        assert "--print-config" in r.stdout and "--dry-run" in r.stdout and "--set" in r.stdout
+        assert r.stdout.startswith("usage: python train.py")
+        assert "configs/demo.yaml" in r.stdout  # the configs it can take
+
+
+def test_no_config_is_an_error_with_usage_and_trains_nothing(tmp_path):
+    r = train_py(cwd=tmp_path)
+    assert r.returncode == 2
+    assert "usage: python train.py" in r.stderr and "--config" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert list(tmp_path.iterdir()) == []  # no silent default job: no workdir/
+
+
+def test_unknown_argument_and_missing_file_exit_2_in_one_line(tmp_path):
+    r = train_py("--config", str(REPO / "configs/smoke.yaml"), "--bogus", cwd=tmp_path)
+    assert r.returncode == 2 and "--bogus" in r.stderr and "Traceback" not in r.stderr
+    r = train_py("--config", "nowhere.yaml", cwd=tmp_path)
+    assert r.returncode == 2 and "nowhere.yaml" in r.stderr and "Traceback" not in r.stderr
+    r = train_py("--config", str(REPO / "configs/smoke.yaml"), "--set", "model.llm.remat_policy=sometimes", cwd=tmp_path)
+    assert r.returncode == 2 and "model.llm.remat_policy" in r.stderr and "Traceback" not in r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_print_config_loads_back_to_an_equal_config(tmp_path):
+    stage = REPO / "configs/stage2_personalize.yaml"
+    r = train_py("--config", str(stage), "--set", "train.steps=7", "--print-config", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    (tmp_path / "printed.yaml").write_text(r.stdout)
+    expected = load_config(stage, ["train.steps=7"])
+    assert load_config(tmp_path / "printed.yaml") == expected
+    assert expected != load_config(stage)  # the override is in what was printed
+
+    # a recipe prints each stage's resolved config, one YAML document each
+    r = train_py("--config", str(REPO / "configs/demo.yaml"), "--print-config", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    docs = list(yaml.safe_load_all(r.stdout))
+    assert [d["train"]["stage"] for d in docs] == ["detokenizer", "personalize", "multiround"]
+    for i, (d, name) in enumerate(zip(docs, ("stage1_detokenizer", "stage2_personalize", "stage3_multiround"))):
+        (tmp_path / f"s{i}.yaml").write_text(yaml.safe_dump(d))
+        assert load_config(tmp_path / f"s{i}.yaml") == load_config(REPO / f"configs/{name}.yaml")
+    assert list(p.name for p in tmp_path.iterdir() if p.is_dir()) == []
+
+
+def test_dry_run_prints_per_device_memory_and_flops_and_writes_nothing(tmp_path):
+    r = train_py("--config", str(REPO / "configs/stage2_personalize.yaml"), "--dry-run", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "[memory] per device:" in r.stdout and "GiB" in r.stdout
+    assert "FLOPs per step" in r.stdout
+    assert not (tmp_path / "workdir").exists()  # stage 2's workdir is relative: no checkpoint, no directory
+
+
+def test_a_run_leaves_config_yaml_that_reloads_to_the_same_config(tmp_path):
+    workdir = tmp_path / "run"
+    overrides = ["train.steps=2", "train.log_every=1", f"train.workdir={workdir}"]
+    args = [a for o in overrides for a in ("--set", o)]
+    r = train_py("--config", str(REPO / "configs/smoke.yaml"), *args, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    saved = workdir / "config.yaml"
+    assert saved.is_file()
+    assert load_config(saved) == load_config(REPO / "configs/smoke.yaml", overrides)
+    # and train.py takes it again as --config (the finished run resumes and does nothing more)
+    r = train_py("--config", str(saved), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
