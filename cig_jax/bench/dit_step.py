@@ -8,7 +8,7 @@ torch and diffusers come from the [test] extra.
 """
 from __future__ import annotations
 
-import argparse
+from cig_jax import cli
 import os
 import tempfile
 import time
@@ -24,7 +24,7 @@ from flax import nnx  # noqa: E402
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(cli.prog(module="cig_jax.bench.dit_step"), __doc__)
     p.add_argument("--steps", type=int, default=5, help="timed steps per framework (after one warm-up step)")
     p.add_argument("--hidden", type=int, default=384)
     p.add_argument("--heads", type=int, default=6)
@@ -57,8 +57,8 @@ def make_batch(a, seed=0):
 
 
 def torch_model(a):
-    import diffusers
-    import torch
+    torch = cli.require("torch", "test", "the diffusers reference of bench.dit_step (or --skip-torch)")
+    diffusers = cli.require("diffusers", "test", "the diffusers reference of bench.dit_step (or --skip-torch)")
 
     torch.manual_seed(0)
     return diffusers.PixArtTransformer2DModel(

@@ -15,7 +15,7 @@ round 10 at well under 1/3 of the uncached one, and cached latencies about flat 
 """
 from __future__ import annotations
 
-import argparse
+from cig_jax import cli
 import tempfile
 import time
 from pathlib import Path
@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(cli.prog(module="cig_jax.bench.history_cache"), __doc__)
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--llm-hidden", type=int, default=512)
     p.add_argument("--llm-layers", type=int, default=8)

@@ -10,7 +10,7 @@ without torch).
 """
 from __future__ import annotations
 
-import argparse
+from cig_jax import cli
 import time
 
 import jax
@@ -46,7 +46,7 @@ def bench_ours(cfg: LLMConfig, batch: int, seq: int, steps: int) -> float:
 
 
 def bench_torch(cfg: LLMConfig, batch: int, seq: int, steps: int, threads: int) -> float:
-    import torch
+    torch = cli.require("torch", "test", "the PyTorch reference of bench.llm_step (or --no-torch)")
     import transformers
 
     torch.set_num_threads(threads)
@@ -76,7 +76,7 @@ def bench_torch(cfg: LLMConfig, batch: int, seq: int, steps: int, threads: int) 
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = cli.parser(cli.prog(module="cig_jax.bench.llm_step"), __doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--heads", type=int, default=8)

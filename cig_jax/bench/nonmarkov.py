@@ -34,7 +34,7 @@ Does not own: training (`cig_jax/train`), generation and scoring (`cig_jax/eval/
 """
 from __future__ import annotations
 
-import argparse
+from cig_jax import cli
 import dataclasses
 import json
 import time
@@ -276,7 +276,7 @@ def summary(result: dict) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    ap = argparse.ArgumentParser(description="History vs Markov model on held-out name-based conversations.")
+    ap = cli.parser(cli.prog(module="cig_jax.bench.nonmarkov"), "History vs Markov model on held-out name-based conversations.")
     ap.add_argument("--quick", action="store_true", help="tiny budgets (CI): checks the pipeline, not the result")
     ap.add_argument("--workdir", help="default workdir/bench_nonmarkov/{full,quick}")
     ap.add_argument("--init", help="reuse this stage-1 (or later) checkpoint instead of training a detokenizer")

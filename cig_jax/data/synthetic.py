@@ -24,7 +24,7 @@ CLI (writes DIR/conversations/<id>.json + DIR/conversations/images/*.png, and DI
 """
 from __future__ import annotations
 
-import argparse
+from cig_jax import cli
 import textwrap
 import time
 from pathlib import Path
@@ -501,7 +501,7 @@ def contact_sheet(convs: Sequence[Conversation], cell: int = 128, text_lines: in
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    ap = argparse.ArgumentParser(description="Write synthetic conversations (JSON + PNG) and a contact sheet.")
+    ap = cli.parser(cli.prog(module="cig_jax.data.synthetic"), "Write synthetic conversations (JSON + PNG) and a contact sheet.")
     ap.add_argument("--out", required=True, help="output folder")
     ap.add_argument("--num", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)

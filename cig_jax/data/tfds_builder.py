@@ -19,11 +19,11 @@ VAL_START.. of the same seed (so the validation set does not move when num_train
 The builder class is not put in tfds' global registry; read with `load_records` or
 `tfds.builder_from_directory(<data_dir>/cig_conversations/<config>/<version>)`.
 
-CLI: python -m cig_jax.data.tfds_builder --data_dir /tmp/cig_tfds [--source synthetic|DIR] --num_train 1000 --num_val 100
+CLI: python -m cig_jax.data.tfds_builder --data-dir /tmp/cig_tfds [--source synthetic|DIR] --num-train 1000 --num-val 100
 """
 from __future__ import annotations
 
-import argparse
+from cig_jax import cli
 import dataclasses
 import json
 import shutil
@@ -242,11 +242,11 @@ def load_records(data_dir: Union[str, Path], split: str = "train", config: Optio
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    ap = argparse.ArgumentParser(description="Build the cig_conversations array_record dataset.")
-    ap.add_argument("--data_dir", required=True)
+    ap = cli.parser(cli.prog(module="cig_jax.data.tfds_builder"), "Build the cig_conversations array_record dataset.")
+    ap.add_argument("--data-dir", required=True)
     ap.add_argument("--source", default="synthetic", help="'synthetic' or a folder of conversation JSON files")
-    ap.add_argument("--num_train", type=int, default=1000)
-    ap.add_argument("--num_val", type=int, default=100)
+    ap.add_argument("--num-train", type=int, default=1000)
+    ap.add_argument("--num-val", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--overwrite", action="store_true")
