@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cig_jax.config import DiTConfig, validate_dit
+from cig_jax.config import DiTConfig
 from cig_jax.models import layers
 from cig_jax.models.id_encoder import IDEncoder
 from cig_jax.models.layers import dtype_of
@@ -199,7 +199,6 @@ class AdaLNSingle(nnx.Module):
 # ----------------------------------------------------------------------------------------------------------
 class DiT(nnx.Module):
     def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
-        validate_dit(cfg)
         self.cfg = cfg
         dt, pd = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
         d, p = cfg.inner_dim(), cfg.patch_size

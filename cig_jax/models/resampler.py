@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cig_jax.config import ConfigError, ResamplerConfig
+from cig_jax.config import ResamplerConfig
 from cig_jax.models import layers
 from cig_jax.models.layers import dtype_of
 
@@ -145,8 +145,6 @@ class Resampler(nnx.Module):
     def __init__(self, cfg: ResamplerConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         self.side = grid_side(cfg.num_queries, "resampler num_queries")
-        if cfg.pos_interpolation not in ("bicubic", "bilinear"):
-            raise ConfigError(f"resampler pos_interpolation must be bicubic or bilinear, got {cfg.pos_interpolation!r}")
         dt, pd = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
         self.dtype = dt
         e = cfg.embed_dim

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cig_jax.config import VAEConfig, validate_vae
+from cig_jax.config import VAEConfig
 from cig_jax.models import layers
 from cig_jax.models.layers import dtype_of
 
@@ -185,7 +185,6 @@ class AutoencoderKL(nnx.Module):
     """images [b, H, W, 3] in [-1, 1] <-> latents [b, H/f, W/f, latent_channels], f = 2**(len(blocks)-1)."""
 
     def __init__(self, cfg: VAEConfig, *, rngs: nnx.Rngs):
-        validate_vae(cfg)
         self.cfg = cfg
         dt, pd = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
         lc = cfg.latent_channels

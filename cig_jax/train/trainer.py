@@ -374,14 +374,12 @@ def initialize_from(model: nnx.Module, prev_cfg: Config, mesh) -> None:
 
 def check_init_from(workdir: str | Path, cfg: Config) -> Config:
     """The config of the run under `workdir` (the previous stage, its train.workdir set to `workdir`), after
-    checking that its model is `cfg`'s (execution fields and LoRA settings aside); a `CheckpointMismatchError`
+    checking that its model is `cfg`'s (execution, adapter and objective fields aside); a `CheckpointMismatchError`
     naming the differences if not."""
     from cig_jax.train.checkpoint import model_config_diffs
 
     prev_cfg = saved_config(workdir)
-    diffs = model_config_diffs(to_dict_model(prev_cfg), to_dict_model(cfg), ignore=("lora_rank", "lora_alpha",
-                                                                                   "lora_dropout", "lora_targets",
-                                                                                   "lm_weight", "reg_weight", "reg_loss"))
+    diffs = model_config_diffs(to_dict_model(prev_cfg), to_dict_model(cfg), ignore_kinds=("adapter", "objective"))
     if diffs:
         raise CheckpointMismatchError(f"train.init_from {workdir}: its model differs from this config's: "
                                       + "; ".join(diffs[:10]))
