@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cig_jax.config import ConfigError, load_config
+from cig_jax.config import ConfigError, check, load_config
 from cig_jax.data.chat_template import (IMAGE_QUERY, INPUT_IMAGE, ChatTemplate, build_tiny_tokenizer, pad_to,
                                         role_segments)
 from cig_jax.data.schema import Conversation, Image, Round
 from cig_jax.models.llm import KVCache
-from cig_jax.models.mllm import MLLM, mllm_loss, pool_targets, regression_loss, validate_mllm
+from cig_jax.models.mllm import MLLM, mllm_loss, pool_targets, regression_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 Q = 4  # num_image_tokens of the tiny config
@@ -185,7 +185,7 @@ def test_targets_pool_like_seedx_and_config_mismatches_are_named(model_cfg):
     np.testing.assert_allclose(grid[:, 0], f[:, [0, 1, 4, 5]].mean(1))
     bad = dataclasses.replace(model_cfg, output_resampler=dataclasses.replace(model_cfg.output_resampler, num_queries=9))
     with pytest.raises(ConfigError, match="output_resampler.num_queries"):
-        validate_mllm(bad)
+        check(bad, key="model")
 
 
 def test_position_normalized_regression_weighs_each_slot_by_its_target_variance():
