@@ -102,22 +102,10 @@ def _lm_task(cfg: Config) -> Task:
 # Records and tokenizer
 # ----------------------------------------------------------------------------------------------------------
 def load_stage_records(cfg: Config, default_kinds: Sequence[str] = ()) -> Sequence:
-    """The conversations a stage reads: drawn in memory ('synthetic') or an array_record build ('tfds')."""
-    from cig_jax.data import pipeline, synthetic
+    """The conversations a stage reads (`cig_jax.data.sources.stage_records` of its data config)."""
+    from cig_jax.data import sources
 
-    data = cfg.data
-    kinds = list(data.kinds) or list(default_kinds)
-    if data.source == "synthetic":
-        return list(synthetic.generate(data.num_records, seed=data.seed, kinds=kinds or synthetic.KINDS,
-                                       size=data.render_size))
-    if data.source == "tfds":
-        if not data.dir:
-            raise ConfigError("data.source 'tfds' needs data.dir (the folder given to cig_jax.data.tfds_builder)")
-        from cig_jax.data import tfds_builder  # tensorflow-datasets only where records are read
-
-        records = tfds_builder.load_records(data.dir, data.split)
-        return pipeline.RecordSubset(records, sorted(set(kinds)))
-    raise ConfigError(f"stage {cfg.train.stage!r}: data.source must be 'synthetic' or 'tfds', got {data.source!r}")
+    return sources.stage_records(cfg.data, default_kinds)
 
 
 def stage_tokenizer(cfg: Config):
