@@ -92,10 +92,10 @@ class SpatialAttention(nnx.Module):
         dt, pd = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
         self.group_norm = group_norm(c, cfg.norm_num_groups, rngs=rngs, dtype=dt, param_dtype=pd)
         kw = dict(rngs=rngs, use_bias=True, dtype=dt, param_dtype=pd)
-        self.to_q = layers.dense(c, c, ("conv_in", "conv_out"), **kw)
-        self.to_k = layers.dense(c, c, ("conv_in", "conv_out"), **kw)
-        self.to_v = layers.dense(c, c, ("conv_in", "conv_out"), **kw)
-        self.to_out = layers.dense(c, c, ("conv_out", "conv_in"), **kw)
+        self.to_q = layers.Dense(c, c, ("conv_in", "conv_out"), **kw)
+        self.to_k = layers.Dense(c, c, ("conv_in", "conv_out"), **kw)
+        self.to_v = layers.Dense(c, c, ("conv_in", "conv_out"), **kw)
+        self.to_out = layers.Dense(c, c, ("conv_out", "conv_in"), **kw)
 
     def __call__(self, x):  # [b, h, w, c]
         b, hh, ww, c = x.shape

@@ -51,8 +51,8 @@ def qwen_vit_g_config(**overrides) -> ViTConfig:
 class MLP(nnx.Module):
     def __init__(self, dim: int, hidden: int, act: str, *, rngs: nnx.Rngs, dtype, param_dtype):
         kw = dict(rngs=rngs, use_bias=True, dtype=dtype, param_dtype=param_dtype, kernel_init=_INIT)
-        self.fc1 = layers.dense(dim, hidden, ("embed", "mlp"), **kw)
-        self.fc2 = layers.dense(hidden, dim, ("mlp", "embed"), **kw)
+        self.fc1 = layers.Dense(dim, hidden, ("embed", "mlp"), **kw)
+        self.fc2 = layers.Dense(hidden, dim, ("mlp", "embed"), **kw)
         self.act = ACTIVATIONS[act]
 
     def __call__(self, x):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -307,10 +306,6 @@ def run(cfg: Config, task: Task | None = None) -> dict:
             every = cfg.train.checkpoint_every
             if every >= 0 and (every and (i + 1) % every == 0 or done):
                 ckpt.save(i + 1, state, data_iter, cfg, force=done)
-                if os.environ.get("CIG_DEBUG_STALL_AFTER_STEP") == str(i + 1):  # fault injection for tests
-                    ckpt.wait()
-                    print(f"[debug] stalled after step {i + 1}", flush=True)
-                    time.sleep(3600)
             if not done:  # after the save: the saved iterator state points at the batch of step i + 2
                 host_batch = next(data_iter)
                 batch = sharding.host_to_global(host_batch, mesh, rules)
