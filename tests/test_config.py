@@ -234,7 +234,8 @@ SYNTHETIC_IMPORT_ALLOWED = {
     "cig_jax/data/tfds_builder.py",  # builds the synthetic split
     "cig_jax/data/video.py",
     "cig_jax/eval/attributes.py",  # the attribute classifier is trained on synthetic renders
-    "cig_jax/eval/metrics.py",  # identity codes of the attributes read
+    "cig_jax/eval/identity_score.py",  # identity codes of the attributes read
+    "cig_jax/eval/metrics.py",  # chance levels of the synthetic attributes
     "cig_jax/sample/session.py",  # identity codes of drawn people
     "cig_jax/train/recipe.py",
 }
