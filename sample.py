@@ -19,7 +19,6 @@ image to the next message, `/quit` ends) and saves the same outputs after every 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -55,32 +54,9 @@ def _args(argv):
 
 def _load_chats(path: Path) -> list:
     """(conversation, output file name) pairs from a JSON file, a directory of JSON files, or a JSONL file."""
-    from cig_jax.data import schema
+    from cig_jax.data import sources
 
-    if path.is_dir():
-        files = sorted(path.glob("*.json"))
-        if not files:
-            raise schema.SchemaError(f"{path}: no *.json conversations in this directory")
-        return [(schema.load_conversation(f), f.name) for f in files]
-    if path.suffix == ".jsonl":
-        if not path.is_file():
-            raise schema.SchemaError(f"{path}: conversation file not found")
-        out = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                d = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise schema.SchemaError(f"{where}: malformed JSON at column {e.colno}: {e.msg}") from None
-            conv = schema.conversation_from_dict(d, source=where, base_dir=path.parent)
-            schema.validate(conv)
-            out.append((conv, schema._safe(conv.id or f"line{n}") + ".json"))
-        if not out:
-            raise schema.SchemaError(f"{path}: no conversations in this file")
-        return out
-    return [(schema.load_conversation(path), path.name)]
+    return sources.open_files(path)
 
 
 def _config(args):

@@ -17,6 +17,6 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv || true
 python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-python3 train.py --config configs/stage2_personalize_1b.yaml --set train.workdir=/tmp/stage2_1b "$@" 2>&1 \
+python3 train.py --config configs/stage2_personalize_1b.yaml --set train.workdir=/tmp/stage2_1b --set data.tokenizer= "$@" 2>&1 \
   | grep -v -i "warning" | tee "$OUT/stage2_1b.log"
 cp /tmp/stage2_1b/metrics.jsonl "$OUT/stage2_1b_metrics.jsonl"

@@ -18,9 +18,14 @@ def template(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def records(tmp_path_factory):
+def data_dir(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("tfds")
     build_dataset(data_dir, source="synthetic", num_train=24, num_val=4, seed=0, size=32)
+    return data_dir
+
+
+@pytest.fixture(scope="module")
+def records(data_dir):
     return load_records(data_dir, "train")
 
 
@@ -110,3 +115,46 @@ def test_markov_view_keeps_only_the_last_round_and_its_previous_output():
     assert len(view.rounds) == 1
     assert view.rounds[0].assistant_image == conv.rounds[-1].assistant_image
     assert any(img == conv.rounds[-2].assistant_image for img in view.rounds[0].user_images)
+
+
+def test_kind_selection_and_image_counts_read_no_record(records, monkeypatch):
+    """The build stores each record's kind and image count: selecting by kind and listing a detokenizer
+    stage's images decode nothing; what they report equals the decoded records."""
+    from cig_jax.data import pipeline, sources, tfds_builder
+
+    truth = [(records[i].kind, len(list(schema.iter_images(records[i])))) for i in range(len(records))]
+    decoded = []
+    real = tfds_builder.example_to_conversation
+    monkeypatch.setattr(tfds_builder, "example_to_conversation", lambda ex: decoded.append(1) or real(ex))
+    subset = sources.KindSubset(records, ["single_turn", "rollback"])
+    counts = [sources.num_images(records, i) for i in range(len(records))]
+    pipeline.make_image_dataset(subset, OPTS, identity_dim=8)  # builds its (record, image) index
+    assert decoded == []
+    assert counts == [n for _, n in truth]
+    assert [subset.kind(i) for i in range(len(subset))] == [k for k, _ in truth if k in ("single_turn", "rollback")]
+    assert len(subset) > 0 and {subset[i].kind for i in range(len(subset))} == {"single_turn", "rollback"}
+    assert len(decoded) == len(subset)  # now each record was decoded once, on access
+
+
+def test_one_opener_for_every_source(data_dir, tmp_path):
+    """synthetic draws, array_record splits, JSON folders and JSONL files open through `sources.open_records`
+    to the same conversations."""
+    import json
+
+    from cig_jax.data import sources
+
+    drawn = sources.open_records("synthetic", num=6, seed=4, size=32, kinds=["name_based"])
+    assert [c.id for c in drawn] == [c.id for c in synthetic.generate(6, seed=4, kinds=["name_based"], size=32)]
+    folder = tmp_path / "json"
+    for c in drawn:
+        schema.save_conversation(c, folder / f"{c.id}.json")
+    lines = [json.dumps(json.loads((folder / f"{c.id}.json").read_text())) for c in drawn]  # paths relative to folder
+    (folder / "all.jsonl").write_text("\n".join(lines) + "\n")
+    from_folder = sources.open_records(str(folder))
+    from_jsonl = sources.open_records(str(folder / "all.jsonl"), num=4)
+    assert [c.id for c in from_folder] == sorted(c.id for c in drawn)
+    assert [c.id for c in from_jsonl] == [c.id for c in drawn][:4]
+    for a, b in zip(from_jsonl, drawn):
+        assert a.rounds[0].user_text == b.rounds[0].user_text
+    split = sources.open_records("tfds", data_dir=str(data_dir), kinds=["rollback"], num=2)
+    assert len(split) == 2 and all(split[i].kind == "rollback" for i in range(2))

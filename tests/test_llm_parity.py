@@ -9,7 +9,7 @@ import torch
 import transformers
 
 from cig_jax.convert.hf_llm import load_hf_llm, save_hf_llm
-from cig_jax.sample.decode import greedy_generate
+from cig_jax.sample.decode import choose_next
 from cig_jax.models.llm import KVCache
 
 torch.manual_seed(0)
@@ -94,8 +94,20 @@ def test_greedy_decoding_with_cache_equals_generate(hf_model):
     with torch.no_grad():
         ref = model.generate(torch.tensor(prompt), max_new_tokens=20, do_sample=False, min_new_tokens=20,
                              pad_token_id=0, eos_token_id=None)[0, prompt.shape[1]:].numpy()
-    got = greedy_generate(ours, jnp.asarray(prompt), max_new_tokens=20, cache_len=64)
+    got = _greedy(ours, jnp.asarray(prompt), max_new_tokens=20, cache_len=64)
     np.testing.assert_array_equal(np.asarray(got)[0], ref)
+
+
+def _greedy(model, prompt, *, max_new_tokens: int, cache_len: int):
+    """Prompt [batch, len] -> [batch, max_new_tokens]: the prompt in one chunk into the KV cache, then one token at
+    a time, each chosen by `decode.choose_next` (temperature 0) as sampling does."""
+    out = model(prompt, cache=KVCache.init(model.cfg, prompt.shape[0], cache_len))
+    toks = []
+    for _ in range(max_new_tokens):
+        tok = choose_next(out.logits[:, -1], jax.random.key(0))
+        toks.append(tok)
+        out = model(tok[:, None], cache=out.cache)
+    return jnp.stack(toks, axis=1)
 
 
 def test_chunked_prefill_equals_single_prefill(hf_model):

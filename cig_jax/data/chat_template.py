@@ -2,8 +2,8 @@
 
 Owns: the special tokens (`add_mllm_tokens`, added to any Hugging Face tokenizer loaded from a local path),
 the tiny offline tokenizer (`build_tiny_tokenizer`, a byte-level BPE trained here on a fixed corpus made from
-the synthetic dataset's vocabulary), `ChatTemplate.encode` (conversation -> `TemplateOutput` arrays) and its
-inverses (`ChatTemplate.segments`, `ChatTemplate.decode_rounds`), and `pad_to` for batching.
+the synthetic dataset's vocabulary), `ChatTemplate.encode` (conversation -> `TemplateOutput` arrays), and
+`pad_to` for batching.
 
 Does not own: the conversation dataclasses (`schema.py`), image pixels / preprocessing and batching across
 examples (`pipeline.py`), what the model does with the slots (`models/mllm.py`).
@@ -26,7 +26,7 @@ text, on the `<img>` that opens a query block, and on the final `</s>`; 0 on use
 on `</img>`, and on the write-back input block. A round that is not the last ends without `</s>` (as in
 SEED-X): at sampling time a round ends when the model predicts `</s>`, which is not fed back, so the cache holds
 exactly the training layout. Text pieces are tokenized one by one (never across an image or a turn marker), so
-the turn markers always have the same ids and `segments` can parse a sequence from its ids alone.
+the turn markers always have the same ids (sampling finds round starts by them).
 """
 from __future__ import annotations
 
@@ -35,9 +35,11 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
+
+from cig_jax.data.schema import user_segments
 
 BOI, EOI = "<img>", "</img>"
 BOP, EOP = "<patch>", "</patch>"  # any-resolution sub-image blocks (SEED-X); reserved, not produced here
@@ -49,11 +51,9 @@ NUM_LOC_TOKENS = 224  # grounding coordinates <loc-0>..<loc-223>
 BOX_START, BOX_END = "<box_start>", "<box_end>"
 
 USER_OPEN, USER_OPEN_NEXT, USER_CLOSE = "[INST] ", "\n[INST] ", " [/INST]\n"
-IMAGE_PLACEHOLDER = "<image>"
 
-# role values
+# role values (the MLLM's `role` input: cig_jax.models.mllm reads them from here)
 TEXT, INPUT_IMAGE, IMAGE_QUERY = 0, 1, 2
-KINDS = {TEXT: "text", INPUT_IMAGE: "input_image", IMAGE_QUERY: "image_query"}
 
 
 def mllm_special_tokens() -> list[str]:
@@ -89,15 +89,6 @@ def load_tokenizer(path: str | Path):
 # ----------------------------------------------------------------------------------------------------------
 # The tiny offline tokenizer
 # ----------------------------------------------------------------------------------------------------------
-_FALLBACK_VOCAB = dict(
-    names=["Julian", "Maya", "Leo", "Nora", "Omar", "Ines", "Felix", "Hana", "Theo", "Lena"],
-    attributes={"face_shape": ["round", "oval", "square"], "skin_tone": ["light", "medium", "tan", "dark"],
-                "hair_color": ["black", "brown", "blonde", "red", "grey", "blue"],
-                "hair_style": ["short", "long", "bald", "ponytail"], "eye_color": ["brown", "blue", "green"],
-                "clothing_color": ["red", "green", "blue", "yellow", "purple", "white"],
-                "accessory": ["none", "glasses", "hat"]},
-    scenes=["beach", "park", "office", "night", "snow", "studio"],
-)
 _WORDS = """the a an and or but of to in on at by for with from into onto over under near next is are was were be
 been being have has had do does did can could will would should may might must this that these those here there
 it its they them their he him his she her we us our you your i me my who what which where when why how please
@@ -124,13 +115,11 @@ _SCENE_PHRASES = ["at the beach", "in the park", "in an office", "outside at nig
 
 
 def _vocabulary() -> dict:
-    """Names, attributes and scenes of the synthetic dataset (imported when the module is there)."""
-    try:
-        from cig_jax.data import synthetic
-        return dict(names=list(synthetic.NAMES), attributes={k: list(v) for k, v in synthetic.ATTRIBUTES.items()},
-                    scenes=list(synthetic.SCENES))
-    except Exception:  # noqa: BLE001 - any import problem: the built-in lists keep tests running
-        return _FALLBACK_VOCAB
+    """Names, attributes and scenes of the synthetic dataset."""
+    from cig_jax.data import synthetic
+
+    return dict(names=list(synthetic.NAMES), attributes={k: list(v) for k, v in synthetic.ATTRIBUTES.items()},
+                scenes=list(synthetic.SCENES))
 
 
 def tiny_corpus(vocab: Optional[dict] = None) -> list[str]:
@@ -208,16 +197,6 @@ class TemplateOutput:
         return int(self.input_ids.shape[0])
 
 
-@dataclasses.dataclass(frozen=True)
-class Segment:
-    """A span of a token sequence (what `ChatTemplate.segments` returns)."""
-
-    kind: str  # text | input_image | image_query
-    start: int
-    end: int  # exclusive
-    round: int = -1
-
-
 class _Builder:
     def __init__(self):
         self.ids, self.role, self.image, self.loss, self.round = [], [], [], [], []
@@ -236,18 +215,8 @@ class _Builder:
         return TemplateOutput(a(self.ids), a(self.role), a(self.image), a(self.loss), a(self.round), list(images))
 
 
-def _user_segments(rnd) -> list:
-    """User turn in reading order (str and image objects): schema.user_segments when available."""
-    try:
-        from cig_jax.data.schema import user_segments
-        return user_segments(rnd)
-    except ImportError:
-        text = rnd.user_text or ""
-        return list(rnd.user_images) + ([text] if text else [])
-
-
 class ChatTemplate:
-    """Turns conversations into token arrays and parses token ids back, for one tokenizer.
+    """Turns conversations into token arrays, for one tokenizer.
 
     tokenizer: a Hugging Face tokenizer (its MLLM tokens are added if missing).
     num_image_tokens: slots per image block (config `model.mllm.num_image_tokens`, 64 for SEED-X).
@@ -304,7 +273,7 @@ class ChatTemplate:
                     raise ValueError(f"round {r} has no assistant output but is not the last round")
                 break
             b.add(self.user_open if r == 0 else self.user_open_next, rnd=r)
-            for seg in _user_segments(rnd):
+            for seg in user_segments(rnd):
                 if isinstance(seg, str):
                     b.add(self.text_ids(seg), rnd=r)
                 else:
@@ -327,105 +296,6 @@ class ChatTemplate:
             b.add([self.eos_id], loss=1, rnd=len(rounds) - 1)
         return b.arrays(images)
 
-    # -- parsing ids back ----------------------------------------------------------------------------------
-    def _match(self, ids: Sequence[int], i: int, pattern: Sequence[int]) -> bool:
-        return len(pattern) > 0 and list(ids[i:i + len(pattern)]) == list(pattern)
-
-    def _walk(self, ids: list[int]):
-        """Parses ids: (image spans [(kind, start, end)], round per position, turn per position with
-        0 = markup (turn markers, <s>, </s>), 1 = user, 2 = assistant)."""
-        n = len(ids)
-        rounds, turn = np.zeros((n,), np.int32), np.zeros((n,), np.int32)
-        slot_set = set(self.slot_ids.tolist())
-        spans = []
-        rnd, in_assistant, blocks, i = -1, False, 0, 0
-        while i < n:
-            step, markup = 1, True
-            if rnd < 0 and self._match(ids, i, self.user_open):
-                rnd, step = 0, len(self.user_open)
-            elif in_assistant and self._match(ids, i, self.user_open_next):
-                rnd, in_assistant, step = rnd + 1, False, len(self.user_open_next)
-            elif rnd >= 0 and not in_assistant and self._match(ids, i, self.user_close):
-                in_assistant, blocks, step = True, 0, len(self.user_close)
-            elif ids[i] == self.boi_id:
-                j = i + 1
-                while j < n and ids[j] in slot_set:
-                    j += 1
-                kind = "input_image"
-                if in_assistant:  # an assistant image: query block, then its write-back input block
-                    kind = "image_query" if blocks % 2 == 0 else "input_image"
-                    blocks += 1
-                spans.append((kind, i + 1, j))
-                step, markup = j - i, False
-            else:
-                markup = ids[i] in (self.bos_id, self.eos_id) or rnd < 0
-            rounds[i:i + step] = max(rnd, 0)
-            turn[i:i + step] = 0 if markup else (2 if in_assistant else 1)
-            i += step
-        return spans, rounds, turn
-
-    def segments(self, input_ids) -> list[Segment]:
-        """The inverse of `encode` at the span level: text / input_image / image_query spans with their round.
-        Image spans are the slots only (`<img>`/`</img>` are text); text spans also break at round changes;
-        padding is text. Parsed from ids alone: inside an assistant turn, blocks alternate query block,
-        write-back input block, query block..."""
-        ids = [int(x) for x in np.asarray(input_ids).reshape(-1)]
-        spans, rounds, _ = self._walk(ids)
-        out: list[Segment] = []
-
-        def text(a, b):
-            while a < b:
-                c = a
-                while c < b and rounds[c] == rounds[a]:
-                    c += 1
-                out.append(Segment("text", a, c, int(rounds[a])))
-                a = c
-
-        pos = 0
-        for kind, a, b in spans:
-            text(pos, a)
-            out.append(Segment(kind, a, b, int(rounds[a]) if a < len(ids) else int(rounds[-1])))
-            pos = b
-        text(pos, len(ids))
-        return out
-
-    def decode_rounds(self, input_ids) -> list[dict]:
-        """Token ids -> per round {user_text, num_user_images, assistant_text, assistant_image (bool)}.
-        User images placed inside the text (not all first) come back as `<image>` markers."""
-        ids = [int(x) for x in np.asarray(input_ids).reshape(-1)]
-        spans, rounds, turn = self._walk(ids)
-        n_rounds = int(rounds.max()) + 1 if len(ids) else 0
-        # per (round, turn): text runs (lists of ids) and None for an image, in reading order
-        turns = {(r, t): [] for r in range(n_rounds) for t in (1, 2)}
-        starts = {a: (kind, b) for kind, a, b in spans}
-        i = 0
-        while i < len(ids):
-            r, t = int(rounds[i]), int(turn[i])
-            if i in starts:
-                kind, b = starts[i]
-                if t == 1 or kind == "image_query":  # a query block and its write-back are one image
-                    turns[(r, t)].append(None)
-                i = b
-                continue
-            if t and ids[i] not in (self.boi_id, self.eoi_id, self.pad_id):
-                run = turns[(r, t)]
-                if not run or run[-1] is None:
-                    run.append([])
-                run[-1].append(ids[i])
-            i += 1
-        out = []
-        dec = lambda run: self.tokenizer.decode(run) if run else ""  # noqa: E731
-        for r in range(n_rounds):
-            user, asst = turns[(r, 1)], turns[(r, 2)]
-            n_img = sum(p is None for p in user)
-            lead = all(p is None for p in user[:n_img])
-            user_text = ("".join(dec(p) for p in user if p is not None) if lead
-                         else "".join(IMAGE_PLACEHOLDER if p is None else dec(p) for p in user))
-            asst_text = "".join(dec(p) for p in asst if p is not None)
-            out.append(dict(user_text=user_text, num_user_images=n_img, assistant_text=asst_text or None,
-                            assistant_image=any(p is None for p in asst)))
-        return out
-
 
 def pad_to(out: TemplateOutput, length: int, pad_id: int) -> dict[str, np.ndarray]:
     """TemplateOutput -> dict of [length] arrays (right padding) plus `attention_mask`. Raises if too long."""
@@ -442,18 +312,6 @@ def pad_to(out: TemplateOutput, length: int, pad_id: int) -> dict[str, np.ndarra
                 attention_mask=p(np.ones((t,), np.int32), 0))
 
 
-def role_segments(out: TemplateOutput) -> list[Segment]:
-    """Spans from the encoder's role / image_index / round_index arrays (what `ChatTemplate.segments` recovers
-    from ids alone): consecutive positions with the same role, image and round form one span."""
-    keys = np.stack([out.role, out.image_index, out.round_index], axis=1)
-    spans, start = [], 0
-    for t in range(1, len(out) + 1):
-        if t == len(out) or (keys[t] != keys[start]).any():
-            spans.append(Segment(KINDS[int(out.role[start])], start, t, int(out.round_index[start])))
-            start = t
-    return spans
-
-
 __all__ = ["BOI", "EOI", "BOP", "EOP", "IMG", "LOC", "TEXT", "INPUT_IMAGE", "IMAGE_QUERY", "ChatTemplate",
-           "TemplateOutput", "Segment", "add_mllm_tokens", "build_tiny_tokenizer", "load_tokenizer",
-           "mllm_special_tokens", "pad_to", "role_segments", "tiny_corpus"]
+           "TemplateOutput", "add_mllm_tokens", "build_tiny_tokenizer", "load_tokenizer",
+           "mllm_special_tokens", "pad_to", "tiny_corpus"]

@@ -7,7 +7,7 @@ image preprocessing for the ViT, the Markov view used by the baseline, skipping 
 count per reason, and batching. Everything is a pure function of (records, seed), so the same seed gives
 byte-identical batches, and the grain iterator's state (saved with every checkpoint) resumes exactly.
 
-Does not own: where records come from (`tfds_builder.load_records`, or any Sequence of Conversations),
+Does not own: where records come from (`sources.py`, or any Sequence of Conversations),
 how a conversation becomes tokens (`chat_template.py`), or global arrays (`cig_jax.sharding`).
 
 Batch (all [batch, ...] numpy): input_ids, role, image_index, loss_mask, round_index, attention_mask
@@ -28,7 +28,7 @@ import grain
 import numpy as np
 from PIL import Image as PILImage
 
-from cig_jax.data import schema, synthetic
+from cig_jax.data import schema, sources, synthetic
 from cig_jax.data.chat_template import ChatTemplate, pad_to
 
 log = logging.getLogger(__name__)
@@ -131,35 +131,8 @@ def make_dataset(records: Sequence[schema.Conversation], template: ChatTemplate,
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Record selection and single images (detokenizer stage)
+# Single images (detokenizer stage)
 # ----------------------------------------------------------------------------------------------------------
-class RecordSubset(Sequence):
-    """The records of `records` whose conversation kind is in `kinds` (all when empty), random access."""
-
-    def __init__(self, records: Sequence[schema.Conversation], kinds: Sequence[str] = ()):
-        self._records = records
-        if kinds:
-            self._index = [i for i in range(len(records)) if _kind(records, i) in set(kinds)]
-        else:
-            self._index = list(range(len(records)))
-
-    def __len__(self) -> int:
-        return len(self._index)
-
-    def __getitem__(self, i: int) -> schema.Conversation:
-        return self._records[self._index[int(i)]]
-
-
-def _kind(records, i: int) -> str:
-    raw = getattr(records, "raw", None)
-    if raw is not None:  # array_record source: read the JSON, not the images
-        import json
-
-        text = raw(i)["conversation"]
-        return json.loads(text.decode() if isinstance(text, bytes) else text).get("kind", "chat")
-    return records[i].kind
-
-
 def image_example(image: schema.Image, conv: schema.Conversation, size: int, identity_dim: int,
                   target_size: Optional[int] = None) -> dict:
     """One image for the detokenizer stage: `images` at the ViT's size, `targets` at the detokenizer's output
@@ -180,8 +153,8 @@ def make_image_dataset(records: Sequence[schema.Conversation], opts: PipelineOpt
     batched: images [batch, S, S, 3], identity [batch, identity_dim], identity_mask [batch] (and targets
     [batch, T, T, 3] when target_size T differs from S)."""
     skips = skips if skips is not None else SkipCounter()
-    pairs = np.asarray([(i, k) for i in range(len(records)) for k in range(len(list(schema.iter_images(records[i]))))],
-                       np.int64).reshape(-1, 2)
+    pairs = np.asarray([(i, k) for i in range(len(records)) for k in range(sources.num_images(records, i))],
+                       np.int64).reshape(-1, 2)  # image counts from the source's index: no record decoded
     if len(pairs) == 0:
         raise ValueError("make_image_dataset: the records hold no images")
 

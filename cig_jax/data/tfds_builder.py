@@ -11,6 +11,10 @@ One record per conversation:
     conversation  Text   the conversation JSON (schema.to_dict) with every image `path` set to null
     images        Sequence(Image png)   every image in `schema.iter_images` order, [H, W, 3] uint8 on read
 
+Per split, the builder's metadata (`dataset_info` folder, `metadata.json`) lists every record's `kind` and
+image count in record order, so readers select records by kind and count images without decoding any record
+(`ConversationRecords.kind`, `.num_images`).
+
 Splits: 'train' and 'validation'. Synthetic: train is records 0..num_train-1 of `seed`, validation records
 VAL_START.. of the same seed (so the validation set does not move when num_train changes). Directory: the
 `num_val` files with the smallest crc32(seed, relative path) are validation, the rest train (at most
@@ -41,7 +45,7 @@ from cig_jax.data.schema import (Conversation, SchemaError, conversation_from_di
                                  load_conversation, to_dict, validate, with_pixels)
 
 NAME = "cig_conversations"
-VERSION = "1.0.0"
+VERSION = "1.1.0"  # 1.1.0: per-record kind and image count in the metadata
 VAL_START = 1_000_000_000  # synthetic validation records start at this index
 
 
@@ -102,6 +106,7 @@ class CigConversations(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 "images": tfds.features.Sequence(tfds.features.Image(shape=(None, None, 3), encoding_format="png")),
             }),
             disable_shuffling=True,
+            metadata=tfds.core.MetadataDict(),
         )
 
     def _split_generators(self, dl_manager):
@@ -110,23 +115,32 @@ class CigConversations(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             if cfg.num_train is None:
                 raise ValueError("synthetic source needs num_train (an integer)")
             return {
-                "train": self._generate_examples(indices=(0, cfg.num_train)),
-                "validation": self._generate_examples(indices=(VAL_START, cfg.num_val)),
+                "train": self._generate_examples("train", indices=(0, cfg.num_train)),
+                "validation": self._generate_examples("validation", indices=(VAL_START, cfg.num_val)),
             }
         train, val = _split_files(Path(cfg.source), cfg.num_train, cfg.num_val, cfg.seed)
-        return {"train": self._generate_examples(files=train), "validation": self._generate_examples(files=val)}
+        return {"train": self._generate_examples("train", files=train),
+                "validation": self._generate_examples("validation", files=val)}
 
-    def _generate_examples(self, indices=None, files=None):
+    def _generate_examples(self, split: str, indices=None, files=None):
         cfg = self.builder_config
+        index = {"kind": [], "num_images": []}  # record k's kind and image count, in record order
+        self.info.metadata[split] = index
         if indices is not None:
             start, num = indices
-            for k, conv in enumerate(synthetic.generate(num, cfg.seed, cfg.kinds, cfg.size, start=start)):
-                yield k, conversation_to_example(conv)
+            convs = synthetic.generate(num, cfg.seed, cfg.kinds, cfg.size, start=start)
         else:
-            for k, f in enumerate(files):
-                conv = with_pixels(load_conversation(f, check_images=False))
-                validate(conv)  # pixels are in memory now: checks boxes against image sizes without rereading
-                yield k, conversation_to_example(conv)
+            convs = (_load_file(f) for f in files)
+        for k, conv in enumerate(convs):
+            index["kind"].append(conv.kind)
+            index["num_images"].append(len(list(iter_images(conv))))
+            yield k, conversation_to_example(conv)
+
+
+def _load_file(f: Path) -> Conversation:
+    conv = with_pixels(load_conversation(f, check_images=False))
+    validate(conv)  # pixels are in memory now: checks boxes against image sizes without rereading
+    return conv
 
 
 def _split_files(folder: Path, num_train: Optional[int], num_val: int, seed: int):
@@ -176,10 +190,21 @@ def _text(v) -> str:
 
 
 class ConversationRecords(Sequence):
-    """Random access to one split as Conversations: len(), [i]. Picklable (grain workers can hold it)."""
+    """Random access to one split as Conversations: len(), [i]; `kind(i)` and `num_images(i)` from the build's
+    metadata (no record read). Picklable (grain workers can hold it)."""
 
-    def __init__(self, data_source):
+    def __init__(self, data_source, index: dict):
         self._source = data_source
+        self._kinds, self._num_images = list(index["kind"]), [int(n) for n in index["num_images"]]
+        if len(self._kinds) != len(data_source) or len(self._num_images) != len(data_source):
+            raise ValueError(f"the build's metadata lists {len(self._kinds)} records, the split holds "
+                             f"{len(data_source)}: rebuild the dataset")
+
+    def kind(self, i: int) -> str:
+        return self._kinds[int(i)]
+
+    def num_images(self, i: int) -> int:
+        return self._num_images[int(i)]
 
     def __len__(self) -> int:
         return len(self._source)
@@ -238,7 +263,11 @@ def load_records(data_dir: Union[str, Path], split: str = "train", config: Optio
     builder = tfds.builder_from_directory(str(dataset_dir(data_dir, config)))
     if split not in builder.info.splits:
         raise ValueError(f"split {split!r} not in {sorted(builder.info.splits)}")
-    return ConversationRecords(builder.as_data_source(split=split))
+    index = builder.info.metadata.get(split) if builder.info.metadata else None
+    if index is None:
+        raise ValueError(f"{dataset_dir(data_dir, config)}: no per-record metadata for split {split!r} (a build "
+                         "older than version 1.1.0?): rebuild the dataset")
+    return ConversationRecords(builder.as_data_source(split=split), index)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -15,7 +15,8 @@ Owns:
     appear in (identity cosine, and attribute agreement when given a classifier).
   - `evaluate`: all of the above as one JSON-ready report, and a CLI over conversation folders.
 
-Does not own: the classifier itself, face detection/embedding, sampling.
+Does not own: the classifier itself, face detection/embedding, sampling. Identity scores live in
+`identity_score.py`, CLIP-T in `clip_score.py`, reading generated rounds in `rounds.py` (all re-exported here).
 
 Inputs: `truth` is a list of ground-truth Conversations (synthetic records carry each person's attributes
 and pixel box in every image); `generated` is aligned with it, one item per conversation: a Conversation
@@ -38,109 +39,27 @@ identity result names its backend, and only numbers from one backend compare.
 from __future__ import annotations
 
 import argparse
-import functools
 import itertools
 import json
 import math
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import numpy as np
 
 from cig_jax.data import synthetic
-from cig_jax.data.schema import Conversation, Image, load_conversation
+from cig_jax.data.schema import Conversation, load_conversation
+from cig_jax.eval.clip_score import clip_t_score, round_clip_t  # noqa: F401 (part of this module's API)
+from cig_jax.eval.identity_score import (BACKEND_NOTES, EmbeddingCache, cosine,  # noqa: F401
+                                         drawn_identity_similarity, face_embedding, identity_similarity,
+                                         round_identity_similarity)
+from cig_jax.eval.rounds import aligned, appearances, generated_images, intro_rounds, scale_box  # noqa: F401
 
 GROUPS = ("text", "image_only", "all")
-BACKEND_NOTES = {
-    "dlib": "dlib 128-d cosine: different people often score 0.8-0.9, the same person above ~0.93; "
-            "not comparable with ArcFace (insightface) numbers",
-    "insightface": "ArcFace cosine: different people near 0-0.3, the same person ~0.4-0.8; "
-                   "not comparable with dlib numbers",
-}
-
-
 def chance_levels(attributes: Optional[dict] = None) -> dict:
     """{attr: 1 / number of values}: the accuracy of guessing uniformly at random."""
     attributes = synthetic.ATTRIBUTES if attributes is None else attributes
     return {k: 1.0 / len(v) for k, v in attributes.items()}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Inputs
-# ----------------------------------------------------------------------------------------------------------
-def _pixels(image, base_dir=None) -> Optional[np.ndarray]:
-    if image is None:
-        return None
-    if isinstance(image, Image):
-        return image.load(base_dir) if (image.pixels is not None or image.path) else None
-    px = np.asarray(image)
-    if px.dtype != np.uint8 or px.ndim != 3 or px.shape[2] != 3:
-        raise ValueError(f"expected an RGB uint8 [H, W, 3] image, got {px.dtype} {px.shape}")
-    return px
-
-
-def generated_images(truth: Conversation, generated) -> list:
-    """Per-round generated pixels (None where a round has none) for one conversation."""
-    n = len(truth.rounds)
-    if generated is None:  # ground truth against itself: the metrics' upper bound
-        generated = truth
-    if isinstance(generated, Conversation):
-        if len(generated.rounds) != n:
-            raise ValueError(f"conversation {truth.id!r}: truth has {n} rounds, generated has {len(generated.rounds)}")
-        return [_pixels(r.assistant_image, generated.base_dir) for r in generated.rounds]
-    if isinstance(generated, dict):
-        return [_pixels(generated.get(r)) for r in range(n)]
-    generated = list(generated)
-    if len(generated) != n:
-        raise ValueError(f"conversation {truth.id!r}: truth has {n} rounds, got {len(generated)} generated images")
-    return [_pixels(g) for g in generated]
-
-
-def _aligned(truth: Sequence[Conversation], generated) -> list:
-    truth = list(truth)
-    if generated is None:
-        generated = [None] * len(truth)
-    generated = list(generated)
-    if len(generated) != len(truth):
-        raise ValueError(f"got {len(truth)} ground-truth conversations but {len(generated)} generated ones")
-    return [(t, generated_images(t, g)) for t, g in zip(truth, generated)]
-
-
-def scale_box(box, from_hw, to_hw) -> tuple:
-    """A pixel box [x0, y0, x1, y1] in an image of size `from_hw` mapped to one of size `to_hw`."""
-    sy, sx = to_hw[0] / from_hw[0], to_hw[1] / from_hw[1]
-    x0, y0, x1, y1 = box
-    return (x0 * sx, y0 * sy, x1 * sx, y1 * sy)
-
-
-def _appearances(truth: Conversation, gen: list):
-    """(round, truth person, generated pixels, box in generated pixels or None, truth pixels, truth box or None)
-    for every person with full ground-truth attributes in every round's assistant image."""
-    for r, rnd in enumerate(truth.rounds):
-        img = rnd.assistant_image
-        if img is None or not img.people:
-            continue
-        truth_px = _pixels(img, truth.base_dir)  # read once per round: face embeddings are cached by array
-        solo = len(img.people) == 1
-        g = gen[r]
-        for p in img.people:
-            if not solo and p.box is None:
-                continue
-            gbox = None if (solo or g is None) else scale_box(p.box, truth_px.shape[:2], g.shape[:2])
-            yield r, p, g, gbox, truth_px, (None if solo else p.box)
-
-
-def _intro_rounds(truth: Conversation) -> dict:
-    """{name: round that introduces it}: the round listing it in `introduces`, else its first image."""
-    out: dict = {}
-    for r, rnd in enumerate(truth.rounds):
-        for n in rnd.introduces:
-            out.setdefault(n, r)
-    for r, rnd in enumerate(truth.rounds):
-        if rnd.assistant_image is not None:
-            for p in rnd.assistant_image.people:
-                out.setdefault(p.name, r)
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -194,9 +113,9 @@ def round_attribute_accuracy(truth: Sequence[Conversation], generated, classifie
     people_per_round: dict = {}
     missing = 0
     queries, meta = [], []  # one classifier query per (conversation, round, person)
-    for conv, gen in _aligned(truth, generated):
-        intro = _intro_rounds(conv)
-        for r, p, g, gbox, _, _ in _appearances(conv, gen):
+    for conv, gen in aligned(truth, generated):
+        intro = intro_rounds(conv)
+        for r, p, g, gbox, _, _ in appearances(conv, gen):
             if not all(k in p.attributes for k in attrs):
                 continue
             if g is None:
@@ -234,185 +153,6 @@ def round_attribute_accuracy(truth: Sequence[Conversation], generated, classifie
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Identity similarity
-# ----------------------------------------------------------------------------------------------------------
-def _pick_face(faces, box):
-    """The largest face, or with `box` the largest face whose centre lies inside it (None if none)."""
-    if box is not None:
-        x0, y0, x1, y1 = box
-        faces = [f for f in faces if x0 <= (f.box[0] + f.box[2]) / 2 <= x1 and y0 <= (f.box[1] + f.box[3]) / 2 <= y1]
-    if not faces:
-        return None
-    return max(faces, key=lambda f: (f.box[2] - f.box[0]) * (f.box[3] - f.box[1]))
-
-
-def face_embedding(embedder, image, box=None) -> Optional[np.ndarray]:
-    """The identity embedding [D] of the face in `image` (inside `box` when given), None if none is found."""
-    px = _pixels(image)
-    if px is None:
-        return None
-    face = _pick_face(embedder.detect(px), box)
-    return None if face is None else np.asarray(face.embedding, np.float32)
-
-
-class _EmbeddingCache:
-    def __init__(self, embedder):
-        self.embedder, self.cache = embedder, {}
-
-    def __call__(self, image, box=None):
-        if image is None:
-            return None
-        key = (id(image), None if box is None else tuple(round(float(v), 2) for v in box))
-        if key not in self.cache:
-            self.cache[key] = (image, face_embedding(self.embedder, image, box))  # keep image alive: stable id
-        return self.cache[key][1]
-
-
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.dot(a, b) / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12))
-
-
-def _similarity_summary(values: list, ref_fail: int, gen_fail: int, backend: str) -> dict:
-    ok = [v for v in values if v is not None]
-    return {"mean": float(np.mean(ok)) if ok else None, "n": len(ok), "pairs": len(values),
-            "detect_failures": ref_fail + gen_fail, "reference_failures": ref_fail, "generated_failures": gen_fail,
-            "backend": backend, "note": BACKEND_NOTES.get(backend, ""), "values": values}
-
-
-def identity_similarity(references: Sequence, generated: Sequence, embedder=None,
-                        ref_boxes: Optional[Sequence] = None, gen_boxes: Optional[Sequence] = None,
-                        _embed=None) -> dict:
-    """Cosine between the identity embeddings of each reference face and its generated face.
-
-    `references`, `generated`: aligned lists of RGB uint8 images (or schema Images; a None generated image
-    counts as a generated-side failure); `ref_boxes` / `gen_boxes`: optional per-image person boxes that pick
-    the face (else the largest face). `embedder` defaults to `make_identity_embedder('auto')` (insightface
-    when a pack is on disk, else dlib). -> {"mean" (None when n is 0), "n" (pairs scored), "pairs",
-    "detect_failures" (faces not found, both sides), "reference_failures", "generated_failures", "backend",
-    "note", "values" (per pair, None where a face was not found)}."""
-    if len(references) != len(generated):
-        raise ValueError(f"got {len(references)} references but {len(generated)} generated images")
-    if embedder is None:
-        from cig_jax.faces.identity import make_identity_embedder
-
-        embedder = make_identity_embedder("auto")
-    embed = _embed or _EmbeddingCache(embedder)
-    ref_boxes = ref_boxes if ref_boxes is not None else [None] * len(references)
-    gen_boxes = gen_boxes if gen_boxes is not None else [None] * len(generated)
-    values, ref_fail, gen_fail = [], 0, 0
-    for ref, gen, rb, gb in zip(references, generated, ref_boxes, gen_boxes):
-        e_ref, e_gen = embed(ref, rb), embed(gen, gb)
-        ref_fail += e_ref is None
-        gen_fail += e_gen is None
-        values.append(_cosine(e_ref, e_gen) if e_ref is not None and e_gen is not None else None)
-    return _similarity_summary(values, ref_fail, gen_fail, embedder.name)
-
-
-def round_identity_similarity(truth: Sequence[Conversation], generated, embedder) -> dict:
-    """Identity similarity of every person in every generated round to the same person in the ground-truth
-    image of that round, overall and per round ({"overall": {...}, "rounds": [{"round": r, ...}]})."""
-    embed = _EmbeddingCache(embedder)
-    rows = [(r, tpx, tbox, g, gbox) for conv, gen in _aligned(truth, generated)
-            for r, p, g, gbox, tpx, tbox in _appearances(conv, gen)]
-    overall = identity_similarity([x[1] for x in rows], [x[3] for x in rows], embedder,
-                                  [x[2] for x in rows], [x[4] for x in rows], _embed=embed)
-    rounds = []
-    for r in sorted({x[0] for x in rows}):
-        sel = [x for x in rows if x[0] == r]
-        res = identity_similarity([x[1] for x in sel], [x[3] for x in sel], embedder,
-                                  [x[2] for x in sel], [x[4] for x in sel], _embed=embed)
-        res.pop("values")
-        rounds.append(dict(round=r, **res))
-    return {"overall": overall, "rounds": rounds}
-
-
-def drawn_identity_similarity(items: Sequence[dict]) -> dict:
-    """Identity of drawn people, where face embedders see no faces: the cosine between the identity code
-    (`synthetic.identity_embedding`) of the attributes the classifier read and that of the ground truth, per
-    (round, person) item of `round_attribute_accuracy(..., return_items=True)`. The codes are one-hot blocks
-    of `synthetic.IDENTITY_ATTRIBUTES`, so the cosine is the fraction of those attributes drawn right (a
-    random person scores about 0.27). -> {"mean", "n", "rounds": [{"round", "mean", "n"}], "note"}."""
-    values: dict = {}
-    for it in items:
-        a = synthetic.identity_embedding(it["predicted"])
-        b = synthetic.identity_embedding(it["truth"])
-        values.setdefault(it["round"], []).append(float(np.dot(a, b)))
-    every = [v for vs in values.values() for v in vs]
-    return {"mean": float(np.mean(every)) if every else None, "n": len(every),
-            "rounds": [{"round": r, "mean": float(np.mean(values[r])), "n": len(values[r])} for r in sorted(values)],
-            "note": "cosine of identity codes read by the attribute classifier; = fraction of "
-                    f"{', '.join(synthetic.IDENTITY_ATTRIBUTES)} drawn right"}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# CLIP-T
-# ----------------------------------------------------------------------------------------------------------
-def _skipped(reason: str, message: str) -> dict:
-    return {"status": f"skipped: {reason}", "mean": None, "n": 0, "scores": [], "message": message}
-
-
-@functools.lru_cache(maxsize=2)
-def _load_clip(path: str):
-    import torch  # noqa: F401  (transformers' CLIP is a PyTorch model)
-    from transformers import CLIPModel, CLIPProcessor
-
-    model = CLIPModel.from_pretrained(path, local_files_only=True).eval()
-    processor = CLIPProcessor.from_pretrained(path, local_files_only=True)
-    return model, processor
-
-
-def clip_t_score(images: Sequence, prompts: Sequence[str], clip_path: Union[str, Path, None] = None,
-                 batch_size: int = 16) -> dict:
-    """CLIP-T: cosine between CLIP's image and text embeddings of each (image, prompt) pair.
-
-    `clip_path`: a local folder with a transformers CLIPModel checkpoint and its processor files (e.g. a
-    saved openai/clip-vit-large-patch14). Nothing is downloaded: without a path, with a missing folder or
-    one that does not load, the result is {"status": "skipped: <reason>", "mean": None, "message": ...}
-    and nothing is raised. Prompts longer than CLIP's context are truncated. A None image is skipped.
-    -> {"status": "ok", "mean", "n", "scores" (per pair, None for a missing image), "model"}."""
-    how = ("save a CLIPModel and its CLIPProcessor (model.save_pretrained(DIR); processor.save_pretrained(DIR)) "
-           "to a local folder and pass its path; cig_jax never downloads models")
-    if clip_path is None:
-        return _skipped("no CLIP checkpoint given", f"CLIP-T not computed: {how}.")
-    path = Path(clip_path).expanduser()
-    if not path.is_dir():
-        return _skipped(f"CLIP checkpoint folder not found: {path}", f"CLIP-T not computed: {how}.")
-    if len(images) != len(prompts):
-        raise ValueError(f"got {len(images)} images but {len(prompts)} prompts")
-    try:
-        model, processor = _load_clip(str(path.resolve()))
-    except Exception as e:  # a broken or partial checkpoint: report, never crash an evaluation
-        return _skipped(f"cannot load CLIP from {path}: {type(e).__name__}: {e}", f"CLIP-T not computed: {how}.")
-    import torch
-
-    pixels = [_pixels(im) for im in images]
-    idx = [i for i, px in enumerate(pixels) if px is not None]
-    scores: list = [None] * len(pixels)
-    max_len = int(getattr(model.config.text_config, "max_position_embeddings", 77))
-    for s in range(0, len(idx), batch_size):
-        chunk = idx[s:s + batch_size]
-        inputs = processor(text=[prompts[i] for i in chunk], images=[pixels[i] for i in chunk], return_tensors="pt",
-                           padding=True, truncation=True, max_length=max_len)
-        with torch.no_grad():
-            out = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
-                        pixel_values=inputs["pixel_values"])
-        img = torch.nn.functional.normalize(out.image_embeds.float(), dim=-1)
-        txt = torch.nn.functional.normalize(out.text_embeds.float(), dim=-1)
-        for i, v in zip(chunk, (img * txt).sum(-1).tolist()):
-            scores[i] = float(v)
-    ok = [v for v in scores if v is not None]
-    return {"status": "ok", "mean": float(np.mean(ok)) if ok else None, "n": len(ok), "scores": scores,
-            "model": str(path)}
-
-
-def round_clip_t(truth: Sequence[Conversation], generated, clip_path=None) -> dict:
-    """CLIP-T of each generated round image against that round's user text."""
-    pairs = [(g, rnd.user_text) for conv, gen in _aligned(truth, generated) for rnd, g in zip(conv.rounds, gen)
-             if g is not None and rnd.user_text]
-    return clip_t_score([p[0] for p in pairs], [p[1] for p in pairs], clip_path)
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Multi-round consistency
 # ----------------------------------------------------------------------------------------------------------
 def multi_round_consistency(truth: Sequence[Conversation], generated, embedder=None, classifier=None) -> dict:
@@ -423,12 +163,12 @@ def multi_round_consistency(truth: Sequence[Conversation], generated, embedder=N
     without a face), "appearances", "backend", "note"} (when `embedder`), "attributes": {"agreement", "n"}
     (when `classifier`: the fraction of attributes read the same in two appearances, over attributes the
     ground truth keeps unchanged between them), "people": number of people seen in 2+ rounds}."""
-    embed = _EmbeddingCache(embedder) if embedder is not None else None
+    embed = EmbeddingCache(embedder) if embedder is not None else None
     id_values, failures, appearances, people = [], 0, 0, 0
     agree, agree_n = 0, 0
-    for conv, gen in _aligned(truth, generated):
+    for conv, gen in aligned(truth, generated):
         seen: dict = {}
-        for r, p, g, gbox, _, _ in _appearances(conv, gen):
+        for r, p, g, gbox, _, _ in appearances(conv, gen):
             if g is not None:
                 seen.setdefault(p.name, []).append((r, p, g, gbox))
         for name, apps in seen.items():
@@ -440,7 +180,7 @@ def multi_round_consistency(truth: Sequence[Conversation], generated, embedder=N
                 appearances += len(embs)
                 failures += sum(e is None for e in embs)
                 for a, b in itertools.combinations(embs, 2):
-                    id_values.append(_cosine(a, b) if a is not None and b is not None else None)
+                    id_values.append(cosine(a, b) if a is not None and b is not None else None)
             if classifier is not None:
                 preds = classifier.predict([g for _, _, g, _ in apps], [gbox for _, _, _, gbox in apps])
                 for (i, pa), (j, pb) in itertools.combinations(list(enumerate(preds)), 2):

@@ -39,7 +39,7 @@ from PIL import Image as PILImage
 from PIL import ImageDraw, ImageFont
 
 from cig_jax import cli
-from cig_jax.data import schema, synthetic
+from cig_jax.data import schema, sources
 from cig_jax.eval import metrics
 from cig_jax.data.schema import Conversation
 
@@ -55,37 +55,15 @@ DEFAULT_KINDS = ("name_based",)
 def load_conversations(data: str, *, data_dir: str = "workdir/demo/data", num: Optional[int] = None,
                        kinds: Sequence[str] = DEFAULT_KINDS, seed: int = HELDOUT_SEED, size: int = 64) -> list:
     """The conversations to evaluate, every image with its pixels loaded, at most `num`, only `kinds` (empty:
-    all). `data`: a folder of conversation JSON files, 'synthetic' (a fresh draw of `num` conversations from
-    `seed`), or a split name ('validation', 'train') of the array_record build under `data_dir`."""
+    all). `data`: a folder of conversation JSON files or a JSONL file, 'synthetic' (a fresh draw of `num`
+    conversations from `seed`), or a split name ('validation', 'train') of the array_record build under
+    `data_dir` (opened by `cig_jax.data.sources`)."""
     kinds = tuple(kinds)
-    path = Path(data)
-    if path.is_dir():
-        files = sorted(path.glob("*.json"))
-        if not files:
-            raise FileNotFoundError(f"{path}: no conversation JSON files in this folder")
-        convs = []
-        for f in files:
-            c = schema.load_conversation(f)
-            if not kinds or c.kind in kinds:
-                convs.append(c)
-            if num is not None and len(convs) >= num:
-                break
-    elif data == "synthetic":
-        convs = list(synthetic.generate(num or 16, seed=seed, kinds=kinds or synthetic.KINDS, size=size))
+    if data == "synthetic" or Path(data).exists():
+        convs = sources.open_records(data, num=num, seed=seed, size=size, kinds=kinds)
     else:
-        if not Path(data_dir).is_dir():
-            raise FileNotFoundError(f"{data_dir}: no dataset folder (draw it with `python train.py --config "
-                                    f"configs/demo.yaml`, or pass --data-dir, a JSON folder, or --data synthetic)")
-        from cig_jax.data import tfds_builder
-
-        records = tfds_builder.load_records(data_dir, data)
-        convs = []
-        for i in range(len(records)):
-            c = records[i]
-            if not kinds or c.kind in kinds:
-                convs.append(c)
-            if num is not None and len(convs) >= num:
-                break
+        convs = sources.open_records("tfds", data_dir=data_dir, split=data, num=num, kinds=kinds)
+    convs = [convs[i] for i in range(len(convs))]
     if not convs:
         raise ValueError(f"--data {data}: no conversations of kinds {list(kinds)} found")
     return [schema.with_pixels(c) for c in convs]

@@ -20,7 +20,7 @@ from flax import nnx
 from cig_jax.config import ConfigError, ModelConfig
 from cig_jax.models.detokenizer import Detokenizer
 from cig_jax.models.layers import LoRAParam
-from cig_jax.models.mllm import MLLM, vit_feature_shape
+from cig_jax.models.mllm import MLLM
 
 
 def _under(*prefix):
@@ -65,25 +65,10 @@ def trainable_filter(parts: Sequence[str]):
     return pred
 
 
-def validate_system(cfg: ModelConfig, source: str = "<config>") -> None:
-    _, d_vit = vit_feature_shape(cfg)
-    dit = cfg.dit
-    if dit.caption_channels != d_vit:
-        raise ConfigError(f"{source}: 'model.dit.caption_channels' ({dit.caption_channels}) must equal the ViT "
-                          f"feature width ({d_vit}): the DiT reads the MLLM's visual embeddings")
-    if not cfg.use_vae:
-        if dit.in_channels != 3:
-            raise ConfigError(f"{source}: 'model.use_vae: false' (pixel space) needs 'model.dit.in_channels: 3'")
-        if dit.sample_size != cfg.vit.image_size:
-            raise ConfigError(f"{source}: pixel space: 'model.dit.sample_size' ({dit.sample_size}) must equal "
-                              f"'model.vit.image_size' ({cfg.vit.image_size})")
-
-
 class CIGModel(nnx.Module):
     """`mllm` (MLLM) + `detokenizer` (Detokenizer)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        validate_system(cfg)
         self.mllm = MLLM(cfg, rngs=rngs)
         self.detokenizer = Detokenizer(cfg.dit, cfg.vae if cfg.use_vae else None, rngs=rngs)
 

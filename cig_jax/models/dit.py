@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cig_jax.config import DiTConfig, validate_dit
+from cig_jax.config import DiTConfig
 from cig_jax.models import layers
 from cig_jax.models.id_encoder import IDEncoder
 from cig_jax.models.layers import dtype_of
@@ -75,8 +75,8 @@ class MLP2(nnx.Module):
     def __init__(self, din: int, dhid: int, dout: int, act, names, *, rngs, dtype, param_dtype):
         kw = dict(rngs=rngs, use_bias=True, dtype=dtype, param_dtype=param_dtype)
         self.act = act
-        self.linear_1 = layers.dense(din, dhid, names[0], **kw)
-        self.linear_2 = layers.dense(dhid, dout, names[1], **kw)
+        self.linear_1 = layers.Dense(din, dhid, names[0], **kw)
+        self.linear_2 = layers.Dense(dhid, dout, names[1], **kw)
 
     def __call__(self, x):
         return self.linear_2(self.act(self.linear_1(x)))
@@ -94,12 +94,12 @@ class Attention(nnx.Module):
         self.heads, self.head_dim, self.impl = heads, head_dim, impl
         inner = heads * head_dim
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.to_q = layers.dense(dim, inner, ("embed", "heads"), use_bias=bias, **kw)
-        self.to_k = layers.dense(kv_dim, inner, ("embed", "heads"), use_bias=bias, **kw)
-        self.to_v = layers.dense(kv_dim, inner, ("embed", "heads"), use_bias=bias, **kw)
+        self.to_q = layers.Dense(dim, inner, ("embed", "heads"), use_bias=bias, **kw)
+        self.to_k = layers.Dense(kv_dim, inner, ("embed", "heads"), use_bias=bias, **kw)
+        self.to_v = layers.Dense(kv_dim, inner, ("embed", "heads"), use_bias=bias, **kw)
         zero = nnx.initializers.zeros_init()
         out_init = dict(kernel_init=zero) if zero_out else {}
-        self.to_out = layers.dense(inner, dim, ("heads", "embed"), use_bias=True, **out_init, **kw)
+        self.to_out = layers.Dense(inner, dim, ("heads", "embed"), use_bias=True, **out_init, **kw)
 
     def __call__(self, x, context=None, mask=None):  # x [b, n, dim], context [b, m, kv_dim], mask [b, 1, 1, m]
         ctx = x if context is None else context
@@ -114,8 +114,8 @@ class Attention(nnx.Module):
 class FeedForward(nnx.Module):
     def __init__(self, dim: int, hidden: int, *, rngs, dtype, param_dtype):
         kw = dict(rngs=rngs, use_bias=True, dtype=dtype, param_dtype=param_dtype)
-        self.proj_in = layers.dense(dim, hidden, ("embed", "mlp"), **kw)
-        self.proj_out = layers.dense(hidden, dim, ("mlp", "embed"), **kw)
+        self.proj_in = layers.Dense(dim, hidden, ("embed", "mlp"), **kw)
+        self.proj_out = layers.Dense(hidden, dim, ("mlp", "embed"), **kw)
 
     def __call__(self, x):
         return self.proj_out(_gelu_tanh(self.proj_in(x)))
@@ -180,7 +180,7 @@ class AdaLNSingle(nnx.Module):
             self.aspect_ratio_embedder = MLP2(256, d // 3, d // 3, jax.nn.silu, names, **kw)
         else:
             self.resolution_embedder = self.aspect_ratio_embedder = None
-        self.linear = layers.dense(d, 6 * d, ("embed", "mlp"), use_bias=True, **kw)
+        self.linear = layers.Dense(d, 6 * d, ("embed", "mlp"), use_bias=True, **kw)
 
     def __call__(self, timesteps, resolution=None, aspect_ratio=None, dtype=jnp.float32):
         emb = self.timestep_embedder(timestep_embedding(timesteps).astype(dtype))  # [b, d]
@@ -199,7 +199,6 @@ class AdaLNSingle(nnx.Module):
 # ----------------------------------------------------------------------------------------------------------
 class DiT(nnx.Module):
     def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
-        validate_dit(cfg)
         self.cfg = cfg
         dt, pd = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
         d, p = cfg.inner_dim(), cfg.patch_size
@@ -215,7 +214,7 @@ class DiT(nnx.Module):
         self.caption_projection = (MLP2(cfg.caption_channels, d, d, _gelu_tanh, (("mlp", "embed"), ("embed", "mlp")), **kw)
                                    if cfg.caption_channels is not None else None)
         # zero-init: a model with grid injection starts as the same model without it
-        self.visual_grid_proj = (layers.dense(d, d, ("mlp", "embed"), use_bias=False, kernel_init=nnx.initializers.zeros_init(), **kw)
+        self.visual_grid_proj = (layers.Dense(d, d, ("mlp", "embed"), use_bias=False, kernel_init=nnx.initializers.zeros_init(), **kw)
                                  if cfg.visual_grid_injection else None)
 
         @nnx.split_rngs(splits=cfg.num_layers)
@@ -226,7 +225,7 @@ class DiT(nnx.Module):
         self.transformer_blocks = make_blocks(rngs)
         self.scale_shift_table = layers.param(rngs, lambda k, s, t: jax.random.normal(k, s, t) / d ** 0.5,
                                               (2, d), (None, "embed"), dtype=pd)
-        self.proj_out = layers.dense(d, p * p * self.out_channels, ("embed", None), use_bias=True, **kw)
+        self.proj_out = layers.Dense(d, p * p * self.out_channels, ("embed", None), use_bias=True, **kw)
 
         # Identity branch (new parameters; absent with identity_injection='none').
         mode = cfg.identity_injection

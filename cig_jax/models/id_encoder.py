@@ -28,13 +28,13 @@ class PerceiverLayer(nnx.Module):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.norm_latents = layers.layer_norm(w, **kw)
         self.norm_context = layers.layer_norm(w, **kw)
-        self.to_q = layers.dense(w, w, ("embed", "heads"), **kw)
-        self.to_k = layers.dense(w, w, ("embed", "heads"), **kw)
-        self.to_v = layers.dense(w, w, ("embed", "heads"), **kw)
-        self.to_out = layers.dense(w, w, ("heads", "embed"), **kw)
+        self.to_q = layers.Dense(w, w, ("embed", "heads"), **kw)
+        self.to_k = layers.Dense(w, w, ("embed", "heads"), **kw)
+        self.to_v = layers.Dense(w, w, ("embed", "heads"), **kw)
+        self.to_out = layers.Dense(w, w, ("heads", "embed"), **kw)
         self.norm_ff = layers.layer_norm(w, **kw)
-        self.ff_in = layers.dense(w, w * cfg.mlp_ratio, ("embed", "mlp"), use_bias=True, **kw)
-        self.ff_out = layers.dense(w * cfg.mlp_ratio, w, ("mlp", "embed"), use_bias=True, **kw)
+        self.ff_in = layers.Dense(w, w * cfg.mlp_ratio, ("embed", "mlp"), use_bias=True, **kw)
+        self.ff_out = layers.Dense(w * cfg.mlp_ratio, w, ("mlp", "embed"), use_bias=True, **kw)
 
     def __call__(self, latents, context):  # latents [b, K, w], context [b, Nc, w]
         b, k, w = latents.shape
@@ -58,14 +58,14 @@ class IDEncoder(nnx.Module):
         self.dtype = dtype
         self.latents = layers.param(rngs, nnx.initializers.normal(w ** -0.5), (cfg.num_tokens, w), (None, "embed"),
                                     dtype=param_dtype)
-        self.embedding_in = layers.dense(cfg.embedding_dim, w, (None, "embed"), use_bias=True, **kw)
-        self.embedding_out = layers.dense(w, m * w, ("embed", "mlp"), use_bias=True, **kw)
-        self.feature_in = (layers.dense(cfg.feature_dim, w, (None, "embed"), use_bias=True, **kw)
+        self.embedding_in = layers.Dense(cfg.embedding_dim, w, (None, "embed"), use_bias=True, **kw)
+        self.embedding_out = layers.Dense(w, m * w, ("embed", "mlp"), use_bias=True, **kw)
+        self.feature_in = (layers.Dense(cfg.feature_dim, w, (None, "embed"), use_bias=True, **kw)
                            if cfg.feature_dim else None)
         self.layers = nnx.List([PerceiverLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
                                 for _ in range(cfg.depth)])
         self.norm_out = layers.layer_norm(w, **kw)
-        self.proj_out = layers.dense(w, out_dim, ("embed", "mlp"), use_bias=True, **kw)
+        self.proj_out = layers.Dense(w, out_dim, ("embed", "mlp"), use_bias=True, **kw)
 
     def __call__(self, identity_embeddings: jax.Array, identity_features: Optional[jax.Array] = None) -> jax.Array:
         """identity_embeddings [b, De], identity_features [b, Nf, Df] or None -> identity_tokens [b, K, out_dim]."""

@@ -106,22 +106,6 @@ class Dense(nnx.Module):
             y = y + self.bias.value.astype(self.dtype)
         return y.reshape(*lead, self.out_features)
 
-    def merged_kernel(self) -> jax.Array:
-        """kernel + lora_a @ lora_b * scale (the kernel itself without an adapter)."""
-        if self.lora_a is None:
-            return self.kernel.value
-        return self.kernel.value + (self.lora_a.value @ self.lora_b.value) * self.lora_scale
-
-
-def dense(in_features: int, out_features: int, names: tuple[Optional[str], Optional[str]], *, rngs: nnx.Rngs,
-          use_bias: bool = False, dtype=jnp.float32, param_dtype=jnp.float32,
-          kernel_init=nnx.initializers.lecun_normal(), bias_init=nnx.initializers.zeros_init(),
-          lora_rank: int = 0, lora_alpha: float = 0.0) -> Dense:
-    """A `Dense` layer: kernel [in, out] named `names`, bias named like the output dimension."""
-    return Dense(in_features, out_features, names, rngs=rngs, use_bias=use_bias, dtype=dtype,
-                 param_dtype=param_dtype, kernel_init=kernel_init, bias_init=bias_init, lora_rank=lora_rank,
-                 lora_alpha=lora_alpha)
-
 
 class RMSNorm(nnx.Module):
     """RMSNorm computed in fp32 (LLaMA/Qwen convention: normalise in fp32, scale, cast back)."""

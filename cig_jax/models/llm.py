@@ -104,7 +104,7 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 def _proj(cfg: LLMConfig, name: str, din: int, dout: int, names, *, rngs, use_bias=False):
     """A projection of the decoder, with a LoRA adapter when `name` is among `cfg.lora_targets`."""
     rank = cfg.lora_rank if name in cfg.lora_targets else 0
-    return layers.dense(din, dout, names, rngs=rngs, use_bias=use_bias, dtype=dtype_of(cfg.dtype),
+    return layers.Dense(din, dout, names, rngs=rngs, use_bias=use_bias, dtype=dtype_of(cfg.dtype),
                         param_dtype=dtype_of(cfg.param_dtype), lora_rank=rank, lora_alpha=cfg.lora_alpha)
 
 
@@ -212,7 +212,7 @@ class LLM(nnx.Module):
         self.layers = make_layers(rngs)
         self.norm = layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=pd)
         if not cfg.tie_word_embeddings:
-            self.lm_head = layers.dense(
+            self.lm_head = layers.Dense(
                 cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), rngs=rngs, dtype=dt, param_dtype=pd,
                 kernel_init=nnx.initializers.normal(0.02),
             )

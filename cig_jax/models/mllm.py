@@ -3,8 +3,7 @@
 Owns: `MLLM` (the four parts wired together), filling a token sequence's input-image slots with image tokens
 (`embed_sequence`), gathering the final hidden states at image-query slots into visual embeddings, generating
 an image's visual embeddings on a KV cache (`generate_image`), the training loss (`mllm_loss`: next-token
-cross-entropy on the loss mask + regression of visual embeddings onto pooled ViT features), and the filter
-of trainable parameters (`TRAINABLE`: everything but the ViT).
+cross-entropy on the loss mask + regression of visual embeddings onto pooled ViT features).
 
 Does not own: the token layout and masks (`cig_jax/data/chat_template.py`: role 0 text, 1 input-image slot,
 2 image-query slot, `image_index` = which image of the example fills / is the target of a slot), the parts
@@ -16,7 +15,7 @@ K, D_vit] (K = 256, D_vit = 4096 for ViT-G); image tokens [batch, num_images, Q,
 visual_embeddings [batch, num_blocks, Q, D_vit], one row per image-query block in sequence order.
 
 The ViT is frozen: its output passes through `stop_gradient`, so its parameters get exactly zero gradient
-(and `TRAINABLE` keeps them out of the optimizer). The image queries are the token embeddings of the slot tokens
+(and MLLM stages keep them out of the optimizer, `cig_jax.models.cig.PARTS`). The image queries are the token embeddings of the slot tokens
 `<img_00000>`..; an image block must not be split across KV-cache chunks (slot numbers restart at each block).
 """
 from __future__ import annotations
@@ -29,17 +28,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cig_jax.config import ConfigError, MLLMConfig, ModelConfig
+from cig_jax.config import MLLMConfig, ModelConfig, vit_feature_shape  # noqa: F401 (re-exported)
+from cig_jax.data.chat_template import IMAGE_QUERY, INPUT_IMAGE, TEXT  # role values
 from cig_jax.sharding import constrain
 from cig_jax.models import layers
 from cig_jax.models.llm import LLM, KVCache, next_token_loss
 from cig_jax.models.resampler import Resampler
 from cig_jax.models.vit import VisionTransformer
 
-TEXT, INPUT_IMAGE, IMAGE_QUERY = 0, 1, 2  # role values (as cig_jax.data.chat_template)
-
-# Parameters that train in MLLM stages: all but the frozen ViT.
-TRAINABLE = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("vit")))
 
 def _batch_names(x: jax.Array) -> tuple:
     return ("batch",) + (None,) * (x.ndim - 1)
@@ -48,50 +44,6 @@ def _batch_names(x: jax.Array) -> tuple:
 # ----------------------------------------------------------------------------------------------------------
 # Config checks and small pieces
 # ----------------------------------------------------------------------------------------------------------
-def vit_feature_shape(cfg: ModelConfig) -> tuple[int, int]:
-    """(K, D_vit): tokens per image and width of what the ViT hands the input resampler."""
-    v = cfg.vit
-    if v.pool == "resampler":
-        ap = v.attn_pool
-        return ap.num_queries, ap.out_dim if ap.out_dim is not None else ap.embed_dim
-    side = v.image_size // v.patch_size
-    return side * side + int(v.class_token), v.hidden_size
-
-
-def validate_mllm(cfg: ModelConfig, source: str = "<config>") -> None:
-    """The four parts must fit together; errors name the keys to change."""
-    m, ir, orr, llm = cfg.mllm, cfg.input_resampler, cfg.output_resampler, cfg.llm
-    k, d_vit = vit_feature_shape(cfg)
-    out_dim = lambda r: r.out_dim if r.out_dim is not None else r.embed_dim  # noqa: E731
-    kv_dim = lambda r: r.kv_dim if r.kv_dim is not None else r.embed_dim  # noqa: E731
-
-    def need(cond, msg):
-        if not cond:
-            raise ConfigError(f"{source}: {msg}")
-
-    need(0 < m.num_image_tokens <= 100, f"'model.mllm.num_image_tokens' must be in 1..100, got {m.num_image_tokens}")
-    need(ir.num_queries == m.num_image_tokens == orr.num_queries,
-         f"'model.input_resampler.num_queries' ({ir.num_queries}), 'model.output_resampler.num_queries' "
-         f"({orr.num_queries}) and 'model.mllm.num_image_tokens' ({m.num_image_tokens}) must be equal")
-    need(kv_dim(ir) == d_vit, f"'model.input_resampler.kv_dim' ({kv_dim(ir)}) must equal the ViT feature width ({d_vit})")
-    need(out_dim(ir) == llm.hidden_size,
-         f"'model.input_resampler' output width ({out_dim(ir)}) must equal 'model.llm.hidden_size' ({llm.hidden_size})")
-    need(kv_dim(orr) == llm.hidden_size,
-         f"'model.output_resampler.kv_dim' ({kv_dim(orr)}) must equal 'model.llm.hidden_size' ({llm.hidden_size})")
-    need(out_dim(orr) == d_vit,
-         f"'model.output_resampler' output width ({out_dim(orr)}) must equal the ViT feature width ({d_vit}): "
-         "visual embeddings regress pooled ViT features")
-    need(m.reg_loss in ("mse", "mse_position", "cosine"),
-         f"'model.mllm.reg_loss' must be mse, mse_position or cosine, got {m.reg_loss!r}")
-    need(m.reg_target_pool in ("sequence", "grid"),
-         f"'model.mllm.reg_target_pool' must be sequence or grid, got {m.reg_target_pool!r}")
-    need(k % m.num_image_tokens == 0, f"ViT tokens per image ({k}) must be a multiple of 'model.mllm.num_image_tokens'")
-    if m.reg_target_pool == "grid":
-        need(math.isqrt(k) ** 2 == k and math.isqrt(m.num_image_tokens) ** 2 == m.num_image_tokens
-             and math.isqrt(k) % math.isqrt(m.num_image_tokens) == 0,
-             f"'model.mllm.reg_target_pool: grid' needs square grids with {m.num_image_tokens} dividing {k} evenly")
-
-
 def pool_targets(features: jax.Array, num_out: int, mode: str = "sequence") -> jax.Array:
     """ViT features [..., K, D] -> regression targets [..., num_out, D] (average pooling).
 
@@ -159,7 +111,6 @@ class MLLM(nnx.Module):
     """SEED-X: `vit` (frozen), `input_resampler`, `llm`, `output_resampler` (+ `patch_pos_embed`)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        validate_mllm(cfg)
         self.cfg: MLLMConfig = cfg.mllm  # frozen: part of the graph's static attributes
         self.vit = VisionTransformer(cfg.vit, rngs=rngs)
         self.input_resampler = Resampler(cfg.input_resampler, rngs=rngs)

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cig_jax.config import ConfigError, ResamplerConfig
+from cig_jax.config import ResamplerConfig
 from cig_jax.models import layers
 from cig_jax.models.layers import dtype_of
 
@@ -124,10 +124,10 @@ class CrossAttention(nnx.Module):
         self.num_heads, self.head_dim, self.attention_impl = num_heads, dim // num_heads, attention_impl
         init = nnx.initializers.normal(0.02)
         kw = dict(rngs=rngs, use_bias=True, dtype=dtype, param_dtype=param_dtype, kernel_init=init)
-        self.q = layers.dense(dim, dim, ("embed", "heads"), **kw)
-        self.k = layers.dense(dim, dim, ("embed", "heads"), **kw)
-        self.v = layers.dense(dim, dim, ("embed", "heads"), **kw)
-        self.o = layers.dense(dim, dim, ("heads", "embed"), **kw)
+        self.q = layers.Dense(dim, dim, ("embed", "heads"), **kw)
+        self.k = layers.Dense(dim, dim, ("embed", "heads"), **kw)
+        self.v = layers.Dense(dim, dim, ("embed", "heads"), **kw)
+        self.o = layers.Dense(dim, dim, ("heads", "embed"), **kw)
 
     def __call__(self, q_in, k_in, v_in):
         split = lambda t: t.reshape(*t.shape[:-1], self.num_heads, self.head_dim)  # noqa: E731
@@ -145,8 +145,6 @@ class Resampler(nnx.Module):
     def __init__(self, cfg: ResamplerConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         self.side = grid_side(cfg.num_queries, "resampler num_queries")
-        if cfg.pos_interpolation not in ("bicubic", "bilinear"):
-            raise ConfigError(f"resampler pos_interpolation must be bicubic or bilinear, got {cfg.pos_interpolation!r}")
         dt, pd = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
         self.dtype = dt
         e = cfg.embed_dim
@@ -154,7 +152,7 @@ class Resampler(nnx.Module):
         self.query = layers.param(rngs, nnx.initializers.truncated_normal(0.02), (cfg.num_queries, e),
                                   (None, "embed"), pd)
         self.kv_proj = (
-            layers.dense(kv_dim, e, ("mlp", "embed"), rngs=rngs, dtype=dt, param_dtype=pd,
+            layers.Dense(kv_dim, e, ("mlp", "embed"), rngs=rngs, dtype=dt, param_dtype=pd,
                          kernel_init=nnx.initializers.truncated_normal(0.02))
             if kv_dim != e else None
         )
@@ -165,7 +163,7 @@ class Resampler(nnx.Module):
                                    attention_impl=cfg.attention_impl)
         if cfg.out_dim is not None:
             self.ln_post = layers.layer_norm(e, **ln)
-            self.proj = layers.dense(e, cfg.out_dim, ("embed", "mlp"), rngs=rngs, use_bias=cfg.proj_bias, dtype=dt,
+            self.proj = layers.Dense(e, cfg.out_dim, ("embed", "mlp"), rngs=rngs, use_bias=cfg.proj_bias, dtype=dt,
                                      param_dtype=pd, kernel_init=nnx.initializers.normal(e ** -0.5))
         else:
             self.ln_post = self.proj = None

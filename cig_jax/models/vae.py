@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cig_jax.config import VAEConfig, validate_vae
+from cig_jax.config import VAEConfig
 from cig_jax.models import layers
 from cig_jax.models.layers import dtype_of
 
@@ -92,10 +92,10 @@ class SpatialAttention(nnx.Module):
         dt, pd = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
         self.group_norm = group_norm(c, cfg.norm_num_groups, rngs=rngs, dtype=dt, param_dtype=pd)
         kw = dict(rngs=rngs, use_bias=True, dtype=dt, param_dtype=pd)
-        self.to_q = layers.dense(c, c, ("conv_in", "conv_out"), **kw)
-        self.to_k = layers.dense(c, c, ("conv_in", "conv_out"), **kw)
-        self.to_v = layers.dense(c, c, ("conv_in", "conv_out"), **kw)
-        self.to_out = layers.dense(c, c, ("conv_out", "conv_in"), **kw)
+        self.to_q = layers.Dense(c, c, ("conv_in", "conv_out"), **kw)
+        self.to_k = layers.Dense(c, c, ("conv_in", "conv_out"), **kw)
+        self.to_v = layers.Dense(c, c, ("conv_in", "conv_out"), **kw)
+        self.to_out = layers.Dense(c, c, ("conv_out", "conv_in"), **kw)
 
     def __call__(self, x):  # [b, h, w, c]
         b, hh, ww, c = x.shape
@@ -185,7 +185,6 @@ class AutoencoderKL(nnx.Module):
     """images [b, H, W, 3] in [-1, 1] <-> latents [b, H/f, W/f, latent_channels], f = 2**(len(blocks)-1)."""
 
     def __init__(self, cfg: VAEConfig, *, rngs: nnx.Rngs):
-        validate_vae(cfg)
         self.cfg = cfg
         dt, pd = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
         lc = cfg.latent_channels

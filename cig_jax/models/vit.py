@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cig_jax.config import ConfigError, ResamplerConfig, ViTConfig
+from cig_jax.config import ResamplerConfig, ViTConfig
 from cig_jax.models import layers
 from cig_jax.models.layers import dtype_of
 from cig_jax.models.resampler import CrossAttention, Resampler, resize_grid
@@ -45,44 +45,14 @@ def qwen_vit_g_config(**overrides) -> ViTConfig:
     return dataclasses.replace(cfg, **overrides)
 
 
-def validate_vit(cfg: ViTConfig, where: str = "model.vit") -> None:
-    def bad(msg):
-        raise ConfigError(f"'{where}': {msg}")
-
-    if cfg.hidden_act not in ACTIVATIONS:
-        bad(f"hidden_act must be one of {sorted(ACTIVATIONS)}, got {cfg.hidden_act!r}")
-    if cfg.hidden_size % cfg.num_heads:
-        bad(f"hidden_size {cfg.hidden_size} must be divisible by num_heads {cfg.num_heads}")
-    if cfg.post_norm not in ("none", "hidden", "pooled"):
-        bad(f"post_norm must be none, hidden or pooled, got {cfg.post_norm!r}")
-    if cfg.pool not in ("none", "cls", "map", "resampler"):
-        bad(f"pool must be none, cls, map or resampler, got {cfg.pool!r}")
-    if cfg.pool == "cls" and not cfg.class_token:
-        bad("pool 'cls' needs class_token: true")
-    if cfg.post_norm == "pooled" and cfg.pool != "cls":
-        bad("post_norm 'pooled' applies to the class token: use it with pool 'cls'")
-    if cfg.pos_interpolation not in ("bicubic", "bilinear"):
-        bad(f"pos_interpolation must be bicubic or bilinear, got {cfg.pos_interpolation!r}")
-    if cfg.remat_policy != "none" and cfg.remat_policy not in layers.REMAT_POLICIES:
-        bad(f"remat_policy must be none or one of {sorted(layers.REMAT_POLICIES)}, got {cfg.remat_policy!r}")
-    if cfg.pool == "resampler":
-        rc = cfg.attn_pool
-        if rc is None:
-            bad("pool 'resampler' needs an attn_pool section")
-        if (rc.kv_dim if rc.kv_dim is not None else rc.embed_dim) != cfg.hidden_size:
-            bad(f"attn_pool.kv_dim must equal hidden_size ({cfg.hidden_size})")
-        if cfg.class_token:
-            bad("pool 'resampler' needs class_token: false (its keys must form a square grid)")
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Blocks
 # ----------------------------------------------------------------------------------------------------------
 class MLP(nnx.Module):
     def __init__(self, dim: int, hidden: int, act: str, *, rngs: nnx.Rngs, dtype, param_dtype):
         kw = dict(rngs=rngs, use_bias=True, dtype=dtype, param_dtype=param_dtype, kernel_init=_INIT)
-        self.fc1 = layers.dense(dim, hidden, ("embed", "mlp"), **kw)
-        self.fc2 = layers.dense(hidden, dim, ("mlp", "embed"), **kw)
+        self.fc1 = layers.Dense(dim, hidden, ("embed", "mlp"), **kw)
+        self.fc2 = layers.Dense(hidden, dim, ("mlp", "embed"), **kw)
         self.act = ACTIVATIONS[act]
 
     def __call__(self, x):
@@ -140,7 +110,6 @@ class VisionTransformer(nnx.Module):
     """pixel_values [batch, height, width, channels] -> ViTOutput. Layers stacked on a leading 'layers' axis."""
 
     def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
-        validate_vit(cfg)
         self.cfg = cfg
         dt, pd = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
         self.dtype = dt

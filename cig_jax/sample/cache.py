@@ -36,37 +36,20 @@ CHUNK = 256  # most tokens fed in one call
 MIN_CHUNK = 16  # chunks pad to a power of two >= this
 
 
-class Graph:
-    """A model's GraphDef as a jit static argument. GraphDefs holding mutable configs do not hash, so this is
-    hashed by identity, and models of equal structure share one instance (and so the compiled code)."""
-
-    _known: list = []
-
-    def __init__(self, graphdef):
-        self.graphdef = graphdef
-
-    @classmethod
-    def of(cls, graphdef) -> "Graph":
-        for g in cls._known:
-            if g.graphdef == graphdef:
-                return g
-        cls._known.append(cls(graphdef))
-        return cls._known[-1]
-
-
 @partial(jax.jit, static_argnums=(0,))
-def _encode_images(graph, state, pixels):
-    """pixels [n, S, S, 3] in [-1, 1] -> the input resampler's image tokens [n, Q, D_llm]."""
-    mllm = nnx.merge(graph.graphdef, state).mllm
+def _encode_images(graphdef, state, pixels):
+    """pixels [n, S, S, 3] in [-1, 1] -> the input resampler's image tokens [n, Q, D_llm]. `graphdef`: the
+    model's nnx GraphDef (hashable: configs are frozen), so equal model structures share compiled code."""
+    mllm = nnx.merge(graphdef, state).mllm
     return mllm.image_tokens(mllm.encode_images(pixels))
 
 
 @partial(jax.jit, static_argnums=(0, 7), donate_argnums=(6,))
-def _append(graph, state, ids, role, image_index, valid, cache, num_query_blocks, image_tokens):
+def _append(graphdef, state, ids, role, image_index, valid, cache, num_query_blocks, image_tokens):
     """Feeds a chunk ([b, T]; `valid` marks real tokens, right-padded; image_tokens [b, n, Q, D_llm] for the chunk's
     `image_index`) into the cache. Returns (logits of each row's last real token [b, V], visual embeddings of the
     chunk's first query block [b, Q, D_vit] or None, cache)."""
-    mllm = nnx.merge(graph.graphdef, state).mllm
+    mllm = nnx.merge(graphdef, state).mllm
     out = mllm(ids, role, image_index, image_tokens=image_tokens, attention_mask=valid, cache=cache,
                num_query_blocks=num_query_blocks, return_logits=False)
     last = jnp.maximum(jnp.sum(valid, axis=1) - 1, 0)
@@ -120,7 +103,7 @@ def image_key(pixels: np.ndarray) -> str:
 class RowCache:
     """`batch_size` rows of a KV cache of `max_len` usable slots over one model (graph + state on `mesh`)."""
 
-    def __init__(self, graph: Graph, state, cfg, *, batch_size: int, max_len: int, pad_id: int, mesh, rules):
+    def __init__(self, graph, state, cfg, *, batch_size: int, max_len: int, pad_id: int, mesh, rules):
         self.graph, self.state, self.cfg = graph, state, cfg  # cfg: the model config
         self.batch_size, self.max_len, self.pad_id = batch_size, max_len, pad_id
         self.mesh, self.rules = mesh, rules

@@ -45,7 +45,7 @@ from cig_jax.config import Config, MeshConfig
 from cig_jax.data import schema, synthetic
 from cig_jax.data.chat_template import BOI, IMAGE_QUERY, INPUT_IMAGE, ChatTemplate, mllm_special_tokens
 from cig_jax.models.mllm import pool_targets
-from cig_jax.sample.cache import Graph, RowCache
+from cig_jax.sample.cache import RowCache
 from cig_jax.sample.decode import choose_next
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ def _detokenize(graph, state, seeds, visual, identity, identity_on, visual_scale
                 progress):
     """Visual embeddings [b, Q, D_vit] (+ identity [b, De], used where identity_on [b]) -> images [b, H, W, 3]
     in [-1, 1], with the noise of each row from its own seed."""
-    model = nnx.merge(graph.graphdef, state)
+    model = nnx.merge(graph, state)
     keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), 1))(seeds)
     negative = None
     if cfg.negative_visual == "provided":  # SEED-X: the embeddings of an all-black image
@@ -164,7 +164,7 @@ class ChatSession:
         self.batch_size, self.progress = batch_size, progress
         self.mesh = mesh if mesh is not None else default_mesh()
         graphdef, state = nnx.split(model)
-        self.graph = Graph.of(graphdef)
+        self.graph = graphdef  # hashable (frozen configs): a jit static argument
         self.state = sharding.place_state(state, self.mesh, cfg.mesh.axis_rules)
         self.image_size = model.image_size()
         self.q = model.mllm.num_image_tokens

@@ -17,7 +17,7 @@ from typing import Any, Optional
 import jax
 import orbax.checkpoint as ocp
 
-from cig_jax.config import Config, to_dict
+from cig_jax.config import Config, field_paths, to_dict
 
 
 class CheckpointMismatchError(ValueError):
@@ -73,7 +73,7 @@ class Checkpointer:
 
     def check_config(self, step: int, cfg: Config) -> None:
         saved = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-        diffs = _diff(saved.get("model", {}), to_dict(cfg)["model"], "model")
+        diffs = _diff(saved.get("model", {}), to_dict(cfg)["model"], "model", field_paths("execution"))
         if diffs:
             raise CheckpointMismatchError(
                 f"{self.directory / str(step)}: checkpoint was written with a different model config: "
@@ -104,16 +104,18 @@ def read_config(directory: str | Path, step: Optional[int] = None) -> dict:
         manager.close()
 
 
-def model_config_diffs(saved: dict, current: dict, ignore: tuple = ()) -> list[str]:
-    """Differences between two `model` config dicts, execution fields (and `ignore`) aside."""
-    return _diff(saved, current, "model", tuple(ignore))
+def model_config_diffs(saved: dict, current: dict, ignore_kinds: tuple = ()) -> list[str]:
+    """Differences between two `model` config dicts, execution fields (and those of `ignore_kinds`, see
+    `cig_jax.config.field_paths`) aside."""
+    ignore = frozenset().union(*(field_paths(k) for k in ("execution",) + tuple(ignore_kinds)))
+    return _diff(saved, current, "model", ignore)
 
 
-def _diff(saved: Any, current: Any, prefix: str, ignore: tuple = ()) -> list[str]:
+def _diff(saved: Any, current: Any, prefix: str, ignore: frozenset = frozenset()) -> list[str]:
     if isinstance(saved, dict) and isinstance(current, dict):
         out = []
         for k in sorted(set(saved) | set(current)):
-            if k in EXECUTION_FIELDS or k in ignore:
+            if f"{prefix}.{k}" in ignore:
                 continue
             if k not in current:
                 out.append(f"{prefix}.{k} only in the checkpoint")
@@ -132,7 +134,3 @@ def _diff(saved: Any, current: Any, prefix: str, ignore: tuple = ()) -> list[str
 def abstract_like(tree: Any) -> Any:
     """ShapeDtypeStructs (with shardings) of a pytree of arrays: the restore target."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
-
-
-# Execution-only model fields: they may differ between the saving and the restoring run.
-EXECUTION_FIELDS = ("scan_layers", "remat_policy", "attention_impl", "dtype")

@@ -78,9 +78,7 @@ def lm_loss(model: LLM, batch: dict) -> tuple[jax.Array, dict]:
 
 
 def _lm_task(cfg: Config) -> Task:
-    llm, data = cfg.model.llm, cfg.data
-    if data.source != "random_tokens":
-        raise ConfigError(f"stage 'lm': data.source must be 'random_tokens', got {data.source!r}")
+    llm, data = cfg.model.llm, cfg.data  # data.source: random_tokens (checked by config.Config.check)
 
     def make_dataset(process_index: int, process_count: int):
         return lm_smoke_dataset(vocab=llm.vocab_size, seq_len=data.seq_len,
@@ -104,22 +102,10 @@ def _lm_task(cfg: Config) -> Task:
 # Records and tokenizer
 # ----------------------------------------------------------------------------------------------------------
 def load_stage_records(cfg: Config, default_kinds: Sequence[str] = ()) -> Sequence:
-    """The conversations a stage reads: drawn in memory ('synthetic') or an array_record build ('tfds')."""
-    from cig_jax.data import pipeline, synthetic
+    """The conversations a stage reads (`cig_jax.data.sources.stage_records` of its data config)."""
+    from cig_jax.data import sources
 
-    data = cfg.data
-    kinds = list(data.kinds) or list(default_kinds)
-    if data.source == "synthetic":
-        return list(synthetic.generate(data.num_records, seed=data.seed, kinds=kinds or synthetic.KINDS,
-                                       size=data.render_size))
-    if data.source == "tfds":
-        if not data.dir:
-            raise ConfigError("data.source 'tfds' needs data.dir (the folder given to cig_jax.data.tfds_builder)")
-        from cig_jax.data import tfds_builder  # tensorflow-datasets only where records are read
-
-        records = tfds_builder.load_records(data.dir, data.split)
-        return pipeline.RecordSubset(records, sorted(set(kinds)))
-    raise ConfigError(f"stage {cfg.train.stage!r}: data.source must be 'synthetic' or 'tfds', got {data.source!r}")
+    return sources.stage_records(cfg.data, default_kinds)
 
 
 def stage_tokenizer(cfg: Config):
@@ -239,9 +225,6 @@ def _system_task(cfg: Config) -> Task:
                     lambda m, b: detokenizer_loss(m, b, diffusion=cfg.diffusion, train_vit=train_vit),
                     make_dataset, flops, 0, spec, images_per_example=1.0)
 
-    if "vit" in parts:
-        raise ConfigError(f"stage {stage!r}: the ViT stays frozen in MLLM stages (drop 'vit' from train.trainable)")
-
     def make_dataset(process_index, process_count):
         return conversation_dataset(cfg, load_stage_records(cfg, DEFAULT_KINDS[stage]), process_index, process_count)
 
@@ -294,6 +277,5 @@ STAGES = {"lm": _lm_task, "detokenizer": _system_task, "personalize": _system_ta
 
 
 def build_task(cfg: Config) -> Task:
-    if cfg.train.stage not in STAGES:
-        raise ConfigError(f"train.stage: unknown stage {cfg.train.stage!r} (known: {sorted(STAGES)})")
+    """The stage's task; `cfg` as `load_config` checked it (stage known, data source and parts fit)."""
     return STAGES[cfg.train.stage](cfg)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -307,10 +306,6 @@ def run(cfg: Config, task: Task | None = None) -> dict:
             every = cfg.train.checkpoint_every
             if every >= 0 and (every and (i + 1) % every == 0 or done):
                 ckpt.save(i + 1, state, data_iter, cfg, force=done)
-                if os.environ.get("CIG_DEBUG_STALL_AFTER_STEP") == str(i + 1):  # fault injection for tests
-                    ckpt.wait()
-                    print(f"[debug] stalled after step {i + 1}", flush=True)
-                    time.sleep(3600)
             if not done:  # after the save: the saved iterator state points at the batch of step i + 2
                 host_batch = next(data_iter)
                 batch = sharding.host_to_global(host_batch, mesh, rules)
@@ -374,14 +369,12 @@ def initialize_from(model: nnx.Module, prev_cfg: Config, mesh) -> None:
 
 def check_init_from(workdir: str | Path, cfg: Config) -> Config:
     """The config of the run under `workdir` (the previous stage, its train.workdir set to `workdir`), after
-    checking that its model is `cfg`'s (execution fields and LoRA settings aside); a `CheckpointMismatchError`
+    checking that its model is `cfg`'s (execution, adapter and objective fields aside); a `CheckpointMismatchError`
     naming the differences if not."""
     from cig_jax.train.checkpoint import model_config_diffs
 
     prev_cfg = saved_config(workdir)
-    diffs = model_config_diffs(to_dict_model(prev_cfg), to_dict_model(cfg), ignore=("lora_rank", "lora_alpha",
-                                                                                   "lora_dropout", "lora_targets",
-                                                                                   "lm_weight", "reg_weight", "reg_loss"))
+    diffs = model_config_diffs(to_dict_model(prev_cfg), to_dict_model(cfg), ignore_kinds=("adapter", "objective"))
     if diffs:
         raise CheckpointMismatchError(f"train.init_from {workdir}: its model differs from this config's: "
                                       + "; ".join(diffs[:10]))
