@@ -18,7 +18,7 @@ import pytest  # noqa: E402  (after the environment above)
 TINY_RUN = ["model.llm.vocab_size=1024", "model.use_vae=false", "model.dit.in_channels=3", "model.dit.sample_size=32",
             "model.dit.patch_size=8", "model.dit.identity_injection=concat", "model.dit.identity.width=64",
             "model.dit.identity.depth=1", "model.dit.identity.num_tokens=4", "diffusion.num_steps=2",
-            "sample.max_new_tokens=4", "train.stage=multiround"]
+            "sample.max_new_tokens=4", "train.stage=multiround", "data.source=synthetic"]
 
 
 def save_tiny_checkpoint(workdir):

@@ -58,7 +58,7 @@ class Recompute:
     def __init__(self, session):
         self.t = session.template
         self.size = session.image_size
-        graphdef, state = nnx.split(nnx.merge(session.graph.graphdef, session.state).mllm)
+        graphdef, state = nnx.split(nnx.merge(session.graph, session.state).mllm)
         tok = self.t.tokenizer
         vocab = session.cfg.model.llm.vocab_size
         self.banned = np.zeros((vocab,), bool)  # assistant text never holds image / chat markup
@@ -169,7 +169,7 @@ def test_drawn_image_is_seen_by_later_rounds(session):
 
 def _sibling(session, **kw):
     """Another session over the same weights (same max_len: the compiled code is shared)."""
-    return ChatSession(nnx.merge(session.graph.graphdef, session.state), session.template, session.cfg,
+    return ChatSession(nnx.merge(session.graph, session.state), session.template, session.cfg,
                        identity_embedder=False, **kw)
 
 
