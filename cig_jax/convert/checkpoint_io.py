@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping, Optional
 
 import jax.numpy as jnp
 import numpy as np
@@ -73,6 +73,51 @@ def load_tensors(directory: str | Path) -> dict[str, np.ndarray]:
                     a = a.astype(np.float32)
                 out[k] = a
     return out
+
+
+class LazyTensors:
+    """The tensors of safetensors files, read one at a time: `names` and `shape(name)` come from the headers,
+    `[name]` reads that tensor only (bf16/fp16 widened to fp32). What a loader uses to place a checkpoint
+    shard by shard without a host copy of the whole model."""
+
+    def __init__(self, files: Iterable[str | Path], rename: Callable[[str], Optional[str]] = lambda k: k):
+        from safetensors import safe_open
+
+        self._where: dict[str, tuple] = {}
+        self._handles = []
+        for f in files:
+            h = safe_open(str(f), framework="flax")  # 'flax' reads bfloat16 (numpy cannot)
+            self._handles.append(h)
+            for k in h.keys():
+                name = rename(k)
+                if name is not None:
+                    self._where[name] = (h, k)
+
+    def keys(self):
+        return self._where.keys()
+
+    def __contains__(self, name) -> bool:
+        return name in self._where
+
+    def __iter__(self):
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def shape(self, name: str) -> tuple:
+        h, k = self._where[name]
+        return tuple(h.get_slice(k).get_shape())
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        h, k = self._where[name]
+        a = np.asarray(h.get_tensor(k))
+        return a.astype(np.float32) if a.dtype.kind == "V" or str(a.dtype) in ("bfloat16", "float16") else a
+
+
+def lazy_tensors(directory: str | Path, rename: Callable[[str], Optional[str]] = lambda k: k) -> LazyTensors:
+    """`LazyTensors` over a checkpoint directory (its index, or its single / only safetensors files)."""
+    return LazyTensors(safetensors_files(directory), rename)
 
 
 def save_tensors(tensors: Mapping[str, np.ndarray], directory: str | Path, *, max_shard_bytes: int = 4 << 30,
