@@ -29,8 +29,8 @@ from cig_jax.config import Config, ConfigError
 from cig_jax.convert.checkpoint_io import CheckpointError, raise_if_mismatched
 
 # init_weights field -> where it lands in CIGModel
-PARTS = {"seedx_agent": ("mllm",), "llm": ("mllm", "llm"), "vit": ("mllm", "vit"), "vae": ("detokenizer", "vae"),
-         "dit": ("detokenizer", "dit")}
+PARTS = {"seedx_agent": ("mllm",), "llm": ("mllm", "llm"), "llm_adapters": ("mllm", "llm"), "vit": ("mllm", "vit"),
+         "vae": ("detokenizer", "vae"), "dit": ("detokenizer", "dit")}
 # DiT branches PixArt has no weights for: they keep their initialisation
 DIT_NEW = ("id_encoder", "id_attn", "visual_grid_proj")
 _PIPELINE_SUBFOLDER = {"vae": "vae", "dit": "transformer"}
@@ -67,6 +67,9 @@ def _problem(part: str, path: str) -> Optional[str]:
     elif part == "seedx_agent":
         if not p.exists():
             return f"{where}: not found (expected the SEED-X agent file, seed_x*/agent/pytorch_model.bin)"
+    elif part == "llm_adapters":
+        if not (p / "adapter_config.json").is_file():
+            return f"{where}: not found or no adapter_config.json in it (expected a PEFT LoRA folder)"
     elif part == "tokenizer":
         if not (p / "tokenizer.json").is_file() and not (p / "tokenizer.model").is_file():
             return (f"{where}: not found or no tokenizer.json / tokenizer.model in it (expected a Hugging Face "
@@ -79,6 +82,8 @@ def check_paths(cfg: Config, source: str = "<config>") -> None:
     problems = [m for part, path in cfg.init_weights.named().items() if (m := _problem(part, path))]
     if cfg.init_weights.llm and cfg.init_weights.seedx_agent:
         problems.append("init_weights: name either llm or seedx_agent (the agent holds the LLM), not both")
+    if cfg.init_weights.llm_adapters and not cfg.model.llm.lora_rank:
+        problems.append("init_weights.llm_adapters: model.llm.lora_rank is 0 (set the adapters' rank and alpha)")
     if problems:
         raise ConfigError(f"{source}: pretrained weights missing: " + "; ".join(problems))
 
@@ -179,6 +184,8 @@ def _keeps(part: str, rel: tuple, var) -> bool:
     """Parameters a part's checkpoint is not expected to hold (they keep their initialisation)."""
     from cig_jax.models.layers import LoRAParam
 
+    if part == "llm_adapters":
+        return not isinstance(var, LoRAParam)  # the adapters only
     if isinstance(var, LoRAParam):
         return True
     if part == "dit" and rel and rel[0] in DIT_NEW:
@@ -252,6 +259,10 @@ def _plan(part: str, path: str, cfg: Config, model) -> Plan:
         return _agent_plan(path, cfg)
     if part == "vit":
         return _vit_plan(path, cfg)
+    if part == "llm_adapters":
+        from cig_jax.convert.peft import peft_to_ours
+
+        return _eager(peft_to_ours(path, cfg.model.llm))
     return _diffusers_plan(part, path, model)
 
 
@@ -287,7 +298,7 @@ def load_into(model: nnx.Module, cfg: Config, mesh=None, rules=None, *, say: Cal
 def load_abstract(abstract: nnx.State, part: str, path: str, cfg: Config, *, say: Callable = print) -> nnx.State:
     """`abstract` (the nnx.State of ShapeDtypeStructs with shardings of the part's module, e.g. the LLM) filled
     from `path` with no random initialisation at all: what `bench.init_memory` measures."""
-    if part not in ("llm", "vit"):
+    if part not in ("llm", "vit", "llm_adapters"):
         raise ValueError(f"load_abstract: part {part!r} (llm or vit)")
     targets = dict(nnx.to_flat_state(abstract))
     out = {}
