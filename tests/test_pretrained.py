@@ -121,8 +121,8 @@ def stage2_overrides(w: dict, workdir: Path) -> list[str]:
                "model.use_vae=true", "model.dit.identity_injection=concat", "model.dit.visual_grid_injection=false",
                "model.dit.identity={embedding_dim: 128, num_tokens: 4, num_embedding_tokens: 2, width: 32, "
                "depth: 1, num_heads: 2}",
-               f"model.input_resampler={{num_queries: 4, embed_dim: {llm.hidden_size}, num_heads: 4, kv_dim: {d}}}",
-               # CLIP hands over 16 patches + CLS = 17 tokens: one image-query token (17 pools to 1)
+               f"model.input_resampler={{num_queries: 1, embed_dim: {llm.hidden_size}, num_heads: 4, kv_dim: {d}}}",
+               # CLIP hands over 16 patches + CLS = 17 tokens: one image token per block (17 pools to 1)
                f"model.output_resampler={{num_queries: 1, embed_dim: {d}, num_heads: 4, kv_dim: {llm.hidden_size}}}",
                "model.mllm.num_image_tokens=1", "model.mllm.reg_target_pool=sequence", "diffusion.prediction=velocity",
                f"init_weights.llm={w['root'] / 'llama'}", f"init_weights.llm_adapters={w['root'] / 'lora'}",

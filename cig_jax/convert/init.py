@@ -128,7 +128,7 @@ def _agent_plan(path: str, cfg: Config) -> Plan:
 
     source = f"init_weights.seedx_agent {path}"
     t = seedx.read_state_dict(path)
-    want = {k: s for k, s in seedx.seedx_shapes(cfg.model).items() if not k.startswith(seedx.VIT_PREFIX)}
+    want = seedx.seedx_shapes(cfg.model, vit=False)
     ignorable = lambda k: k.endswith("rotary_emb.inv_freq")  # noqa: E731
     raise_if_mismatched(f"{source}: not a SEED-X agent for this model config",
                         sorted(k for k in want if k not in t),
@@ -173,8 +173,12 @@ def _diffusers_plan(part: str, path: str, model) -> Plan:
         tensors = dc._modernise_vae_keys(dc.read_tensors(d))
         return _eager(dc.map_params(nnx.state(model.detokenizer.vae, nnx.Param), tensors,
                                     renames=[(".to_out.", ".to_out.0.")], what=what))
-    return _eager(dc.map_params(nnx.state(model.detokenizer.dit, nnx.Param), dc.read_tensors(d),
-                                renames=dc.RENAMES_PIXART, stacked=["transformer_blocks"], new=DIT_NEW, what=what))
+    from cig_jax.convert.export import load_extra
+
+    values = dc.map_params(nnx.state(model.detokenizer.dit, nnx.Param), dc.read_tensors(d),
+                           renames=dc.RENAMES_PIXART, stacked=["transformer_blocks"], new=DIT_NEW, what=what)
+    values.update(load_extra(d))  # a cig_jax export's identity branch, when the folder has one
+    return _eager(values)
 
 
 # ----------------------------------------------------------------------------------------------------------

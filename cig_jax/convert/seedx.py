@@ -91,9 +91,11 @@ def _check_vit(v: ViTConfig) -> None:
                               "no patch bias, pre_norm true, post_norm 'none' (see cig_jax.models.vit.qwen_vit_g_config)")
 
 
-def seedx_shapes(cfg: ModelConfig) -> dict[str, tuple]:
-    """Every tensor a SEED-X checkpoint (agent + `visual.` ViT) must hold for `cfg`, with its shape."""
-    _check_vit(cfg.vit)
+def seedx_shapes(cfg: ModelConfig, vit: bool = True) -> dict[str, tuple]:
+    """Every tensor a SEED-X checkpoint (agent + `visual.` ViT; vit=False: the agent alone, whatever ViT the
+    model has) must hold for `cfg`, with its shape."""
+    if vit:
+        _check_vit(cfg.vit)
     llm, v = cfg.llm, cfg.vit
     d, hd = llm.hidden_size, llm.resolved_head_dim()
     s = {"llm.model.embed_tokens.weight": (llm.vocab_size, d), "llm.model.norm.weight": (d,)}
@@ -114,6 +116,8 @@ def seedx_shapes(cfg: ModelConfig) -> dict[str, tuple]:
         s.update(_resampler_shapes(f"{name}.", getattr(cfg, name)))
     if cfg.mllm.add_patch_pos:
         s["patch_pos_embed"] = (4, d)
+    if not vit:
+        return s
     w, side = v.hidden_size, v.pos_grid_size or v.image_size // v.patch_size
     vp = VIT_PREFIX
     s[vp + "conv1.weight"] = (w, v.num_channels, v.patch_size, v.patch_size)
