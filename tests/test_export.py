@@ -119,7 +119,7 @@ def test_jinja_chat_template_renders_text_only_conversations_as_chat_template_py
     # a byte-level tokenizer decodes ids back to exactly the text they came from: the reference layout
     tiny = build_tiny_tokenizer(exported["root"] / "tiny_tokenizer")
     tiny.chat_template = exported_tok.chat_template
-    template = ChatTemplate(tiny, num_image_tokens=1)
+    template = ChatTemplate(tiny, num_image_tokens=4)
     checked = 0
     for conv in generate(40, seed=5):
         rounds = [Round(user_text=r.user_text.replace(IMAGE_PLACEHOLDER, "").strip() or "Hello.",

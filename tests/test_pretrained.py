@@ -121,10 +121,10 @@ def stage2_overrides(w: dict, workdir: Path) -> list[str]:
                "model.use_vae=true", "model.dit.identity_injection=concat", "model.dit.visual_grid_injection=false",
                "model.dit.identity={embedding_dim: 128, num_tokens: 4, num_embedding_tokens: 2, width: 32, "
                "depth: 1, num_heads: 2}",
-               f"model.input_resampler={{num_queries: 1, embed_dim: {llm.hidden_size}, num_heads: 4, kv_dim: {d}}}",
-               # CLIP hands over 16 patches + CLS = 17 tokens: one image token per block (17 pools to 1)
-               f"model.output_resampler={{num_queries: 1, embed_dim: {d}, num_heads: 4, kv_dim: {llm.hidden_size}}}",
-               "model.mllm.num_image_tokens=1", "model.mllm.reg_target_pool=sequence", "diffusion.prediction=velocity",
+               f"model.input_resampler={{num_queries: 4, embed_dim: {llm.hidden_size}, num_heads: 4, kv_dim: {d}}}",
+               # CLIP hands over its 16 patch tokens (not the class token): 4 image tokens per block
+               f"model.output_resampler={{num_queries: 4, embed_dim: {d}, num_heads: 4, kv_dim: {llm.hidden_size}}}",
+               "model.mllm.num_image_tokens=4", "model.mllm.reg_target_pool=sequence", "diffusion.prediction=velocity",
                f"init_weights.llm={w['root'] / 'llama'}", f"init_weights.llm_adapters={w['root'] / 'lora'}",
                f"init_weights.vit={w['root'] / 'clip'}",
                f"init_weights.vae={w['pipeline']}", f"init_weights.dit={w['pipeline']}",
@@ -186,7 +186,7 @@ def test_stage2_starts_from_released_weights_and_trains(tmp_path):
                                                                                 for a in ("--set", o)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    assert "[init] init_weights llm, vit, vae, dit" in out.stdout
+    assert "[init] init_weights llm, llm_adapters, vit, vae, dit" in out.stdout
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in rows)
     from cig_jax.train.checkpoint import load_trained

@@ -75,23 +75,29 @@ def load_tensors(directory: str | Path) -> dict[str, np.ndarray]:
     return out
 
 
+_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64,
+              "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
 class LazyTensors:
-    """The tensors of safetensors files, read one at a time: `names` and `shape(name)` come from the headers,
-    `[name]` reads that tensor only (bf16/fp16 widened to fp32). What a loader uses to place a checkpoint
-    shard by shard without a host copy of the whole model."""
+    """The tensors of safetensors files, read one at a time: `keys()` and `shape(name)` come from the headers,
+    `[name]` reads that tensor's bytes only (bf16/fp16 widened to fp32). The files are read, not memory-mapped,
+    so a loader that places one tensor at a time holds one tensor of host memory at a time (a mapping would
+    count every page it touched in the process's resident memory)."""
 
     def __init__(self, files: Iterable[str | Path], rename: Callable[[str], Optional[str]] = lambda k: k):
-        from safetensors import safe_open
-
         self._where: dict[str, tuple] = {}
-        self._handles = []
         for f in files:
-            h = safe_open(str(f), framework="flax")  # 'flax' reads bfloat16 (numpy cannot)
-            self._handles.append(h)
-            for k in h.keys():
-                name = rename(k)
-                if name is not None:
-                    self._where[name] = (h, k)
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(n))
+            for k, meta in header.items():
+                if k == "__metadata__" or (name := rename(k)) is None:
+                    continue
+                if meta["dtype"] not in _ST_DTYPES:
+                    raise CheckpointError(f"{f}: tensor {k} has dtype {meta['dtype']}, which is not supported")
+                begin, end = meta["data_offsets"]
+                self._where[name] = (str(f), 8 + n + begin, end - begin, meta["dtype"], tuple(meta["shape"]))
 
     def keys(self):
         return self._where.keys()
@@ -106,13 +112,19 @@ class LazyTensors:
         return len(self._where)
 
     def shape(self, name: str) -> tuple:
-        h, k = self._where[name]
-        return tuple(h.get_slice(k).get_shape())
+        return self._where[name][4]
 
     def __getitem__(self, name: str) -> np.ndarray:
-        h, k = self._where[name]
-        a = np.asarray(h.get_tensor(k))
-        return a.astype(np.float32) if a.dtype.kind == "V" or str(a.dtype) in ("bfloat16", "float16") else a
+        f, offset, nbytes, dtype, shape = self._where[name]
+        buf = np.empty(nbytes, np.uint8)
+        with open(f, "rb") as fh:
+            fh.seek(offset)
+            if fh.readinto(memoryview(buf)) != nbytes:
+                raise CheckpointError(f"{f}: tensor {name} is truncated")
+        a = buf.view(_ST_DTYPES[dtype]).reshape(shape)
+        if dtype == "BF16":  # the upper half of a float32
+            return (a.astype(np.uint32) << 16).view(np.float32)
+        return a.astype(np.float32) if dtype == "F16" else a
 
 
 def lazy_tensors(directory: str | Path, rename: Callable[[str], Optional[str]] = lambda k: k) -> LazyTensors:

@@ -55,7 +55,7 @@ def vit_feature_shape(cfg: ModelConfig) -> tuple[int, int]:
         ap = v.attn_pool
         return ap.num_queries, ap.out_dim if ap.out_dim is not None else ap.embed_dim
     side = v.image_size // v.patch_size
-    return side * side + int(v.class_token), v.hidden_size
+    return side * side, v.hidden_size  # patch tokens (a class token is not handed over)
 
 
 def validate_mllm(cfg: ModelConfig, source: str = "<config>") -> None:
