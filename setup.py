@@ -35,6 +35,10 @@ setup(
             "diffusers>=0.32",
             "pytest>=8",
             "av>=12",
+            # PEFT adapters in and out (tests build LoRA references with it); SentencePiece-only LLaMA-2 tokenizers
+            "peft==0.21.2",
+            "accelerate==1.15.0",
+            "sentencepiece==0.2.3",
         ],
         # Face identity embedders: insightface (ArcFace, needs a local model pack) and dlib (real weights ship
         # in face-recognition-models, so it works offline).

@@ -229,6 +229,37 @@ class DiffusionConfig(Section):
 
 
 @dataclasses.dataclass(frozen=True)
+class InitWeightsConfig(Section):
+    """Released weights a run starts from, per part: local paths ("" = the part keeps its initialisation).
+    Loaded before step 1 by `cig_jax.convert.init` (each tensor straight into its shard on the mesh); a path
+    that does not exist stops the run before any model is built. A resumed run, or one with `train.init_from`,
+    already holds trained weights and loads none of these.
+
+    llm: a Hugging Face LLaMA / Qwen2 / Mistral folder (config.json + safetensors). vit: a Hugging Face CLIP /
+    SigLIP vision folder, or the SEED-X Qwen-VL ViT-G file (qwen_vit_G.pt, .bin or .safetensors). seedx_agent:
+    the SEED-X agent file (LLM + input/output resamplers + patch position embeddings; LoRA already merged).
+    vae / dit: a diffusers AutoencoderKL / PixArtTransformer2DModel folder, or a whole pipeline folder (with
+    model_index.json: its vae/ and transformer/ subfolders are read). llm_adapters: a PEFT LoRA folder
+    (adapter_config.json + adapter_model.safetensors) loaded into the LLM's adapters after `llm`.
+    tokenizer: a Hugging Face tokenizer folder (tokenizer.json, or SentencePiece tokenizer.model only); the
+    MLLM tokens are added when absent and the LLM's embedding rows beyond the checkpoint's vocabulary keep
+    their initialisation (the matrix grows to `model.llm.vocab_size`). Overrides `data.tokenizer`.
+    """
+
+    llm: str = ""
+    vit: str = ""
+    seedx_agent: str = ""
+    vae: str = ""
+    dit: str = ""
+    llm_adapters: str = ""
+    tokenizer: str = ""
+
+    def named(self) -> dict[str, str]:
+        """{part: path} of the parts given a path."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name)}
+
+
+@dataclasses.dataclass(frozen=True)
 class Config(Section):
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
@@ -237,6 +268,7 @@ class Config(Section):
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
     diffusion: DiffusionConfig = dataclasses.field(default_factory=DiffusionConfig)
+    init_weights: InitWeightsConfig = dataclasses.field(default_factory=InitWeightsConfig)
 
     def check(self, key: str = "") -> None:
         """What a stage needs of the other sections (`cig_jax/train/stages.py` builds it)."""

@@ -212,7 +212,7 @@ class ViTConfig(Section):
         if self.pool == "resampler":
             return self.attn_pool.num_queries, self.attn_pool.out_width()
         side = self.image_size // self.patch_size
-        return side * side + int(self.class_token), self.hidden_size
+        return side * side, self.hidden_size  # patch tokens (a class token is not handed over)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -48,24 +48,18 @@ def abstract_batch(task, mesh, rules, global_batch: int) -> dict:
 
 def compile_train_step(cfg, mesh, *, per_device_batch: int = 1, verbose: bool = True) -> dict:
     """Lowers and compiles the training step of stage `cfg.train.stage` on `mesh` from abstract arrays, exactly
-    as the trainer builds it (`stages.build_task` + `trainer.make_train_step`, frozen parts as an argument).
+    as the trainer builds it (`state.setup_state(abstract=True)` + `trainer.make_train_step`, frozen parts as an
+    argument).
     Returns a report: memory stats (bytes), compile seconds, parameter counts, global batch."""
     import jax
-    from flax import nnx
 
     from cig_jax.sharding import activation_sharding
     from cig_jax.train import trainer
-    from cig_jax.train.stages import build_task
+    from cig_jax.train.state import setup_state
 
     rules = cfg.mesh.axis_rules
-    task = build_task(cfg)
-    abstract = nnx.eval_shape(task.make_model)
-    graphdef, params, frozen = nnx.split(abstract, task.trainable, ...)
-    params = trainer.sharded_abstract(params, mesh, rules)
-    frozen = trainer.sharded_abstract(frozen, mesh, rules) if jax.tree.leaves(frozen) else None
-    count = lambda s: sum(x.size for x in jax.tree.leaves(s))  # noqa: E731
-    tx = trainer.make_optimizer(cfg.optimizer, 1000)
-    state, shardings = trainer.abstract_state(params, tx, mesh, frozen)
+    setup = setup_state(cfg, mesh, abstract=True, load=False, total_steps=1000)
+    task, graphdef, state, shardings, tx = setup.task, setup.graphdef, setup.state, setup.shardings, setup.tx
     batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
     global_batch = per_device_batch * batch_shards * cfg.train.grad_accum_steps
     batch = abstract_batch(task, mesh, rules, global_batch)
@@ -76,8 +70,8 @@ def compile_train_step(cfg, mesh, *, per_device_batch: int = 1, verbose: bool = 
                                         verbose=False)
     t_compile = time.perf_counter() - t0
     stats = trainer.print_memory(compiled) if verbose else {}
-    return dict(compiled=compiled, memory=stats, compile_s=t_compile, trainable_params=count(params),
-                frozen_params=count(frozen), global_batch=global_batch, mesh=dict(mesh.shape), stage=task.name)
+    return dict(compiled=compiled, memory=stats, compile_s=t_compile, trainable_params=setup.trainable_params,
+                frozen_params=setup.frozen_params, global_batch=global_batch, mesh=dict(mesh.shape), stage=task.name)
 
 
 def main(argv=None) -> dict:

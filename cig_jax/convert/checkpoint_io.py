@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping, Optional
 
 import jax.numpy as jnp
 import numpy as np
@@ -73,6 +73,63 @@ def load_tensors(directory: str | Path) -> dict[str, np.ndarray]:
                     a = a.astype(np.float32)
                 out[k] = a
     return out
+
+
+_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64,
+              "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+class LazyTensors:
+    """The tensors of safetensors files, read one at a time: `keys()` and `shape(name)` come from the headers,
+    `[name]` reads that tensor's bytes only (bf16/fp16 widened to fp32). The files are read, not memory-mapped,
+    so a loader that places one tensor at a time holds one tensor of host memory at a time (a mapping would
+    count every page it touched in the process's resident memory)."""
+
+    def __init__(self, files: Iterable[str | Path], rename: Callable[[str], Optional[str]] = lambda k: k):
+        self._where: dict[str, tuple] = {}
+        for f in files:
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(n))
+            for k, meta in header.items():
+                if k == "__metadata__" or (name := rename(k)) is None:
+                    continue
+                if meta["dtype"] not in _ST_DTYPES:
+                    raise CheckpointError(f"{f}: tensor {k} has dtype {meta['dtype']}, which is not supported")
+                begin, end = meta["data_offsets"]
+                self._where[name] = (str(f), 8 + n + begin, end - begin, meta["dtype"], tuple(meta["shape"]))
+
+    def keys(self):
+        return self._where.keys()
+
+    def __contains__(self, name) -> bool:
+        return name in self._where
+
+    def __iter__(self):
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def shape(self, name: str) -> tuple:
+        return self._where[name][4]
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        f, offset, nbytes, dtype, shape = self._where[name]
+        buf = np.empty(nbytes, np.uint8)
+        with open(f, "rb") as fh:
+            fh.seek(offset)
+            if fh.readinto(memoryview(buf)) != nbytes:
+                raise CheckpointError(f"{f}: tensor {name} is truncated")
+        a = buf.view(_ST_DTYPES[dtype]).reshape(shape)
+        if dtype == "BF16":  # the upper half of a float32
+            return (a.astype(np.uint32) << 16).view(np.float32)
+        return a.astype(np.float32) if dtype == "F16" else a
+
+
+def lazy_tensors(directory: str | Path, rename: Callable[[str], Optional[str]] = lambda k: k) -> LazyTensors:
+    """`LazyTensors` over a checkpoint directory (its index, or its single / only safetensors files)."""
+    return LazyTensors(safetensors_files(directory), rename)
 
 
 def save_tensors(tensors: Mapping[str, np.ndarray], directory: str | Path, *, max_shard_bytes: int = 4 << 30,

@@ -97,20 +97,29 @@ def load_params(model: nnx.Module, tensors: dict[str, np.ndarray], *, renames: I
     parameters carry a leading layer axis, read from `<name>.<i>.<rest>`. new: top-level attributes that the
     checkpoint does not have (left at init).
     """
+    values = map_params(nnx.state(model, nnx.Param), tensors, renames=renames, stacked=stacked, new=new, what=what)
+    flat = [(p, v.replace(jnp.asarray(values[p], dtype=v[...].dtype)) if p in values else v)
+            for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+    nnx.update(model, nnx.from_flat_state(flat))
+
+
+def map_params(params: nnx.State, tensors: dict[str, np.ndarray], *, renames: Iterable[tuple[str, str]] = (),
+               stacked: Iterable[str] = (), new: Iterable[str] = (), what: str = "checkpoint") -> dict[tuple, np.ndarray]:
+    """{our parameter path: array} for every parameter of `params` (a real or abstract nnx.State) not under a
+    `new` attribute, from torch-named `tensors` (see `load_params`); one ConversionError lists every problem."""
     renames, stacked, new = list(renames), set(stacked), set(new)
-    flat = list(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-    used, missing, mismatched, updated = set(), [], [], []
+    flat = list(nnx.to_flat_state(params))
+    used, missing, mismatched, updated = set(), [], [], {}
     for path, var in flat:
         ours = ".".join(str(p) for p in path)
         if path[0] in new:
-            updated.append((path, var))
             continue
         leaf, convert = _to_torch_layout(str(path[-1]))
         dotted = "." + ".".join([str(p) for p in path[:-1]] + [leaf])
         for a, b in renames:
             dotted = dotted.replace(a, b)
         dotted = dotted[1:]
-        shape = tuple(var[...].shape)
+        shape = tuple(var.value.shape)
         if path[0] in stacked:
             head, rest = dotted.split(".", 1)
             keys = [f"{head}.{i}.{rest}" for i in range(shape[0])]
@@ -127,7 +136,7 @@ def load_params(model: nnx.Module, tensors: dict[str, np.ndarray], *, renames: I
             mismatched.append(f"{keys[0] if len(keys) == 1 else keys[0] + ' ...'}: checkpoint {value.shape} "
                               f"(after transpose) vs ours {shape} at {ours}")
             continue
-        updated.append((path, var.replace(jnp.asarray(value, dtype=var[...].dtype))))
+        updated[path] = value
     unexpected = sorted(set(tensors) - used)
     if missing or unexpected or mismatched:
         def block(title, items):
@@ -141,7 +150,7 @@ def load_params(model: nnx.Module, tensors: dict[str, np.ndarray], *, renames: I
             + block("unexpected in checkpoint", unexpected)
             + block("shape mismatch", mismatched)
         )
-    nnx.update(model, nnx.from_flat_state(updated))
+    return updated
 
 
 def _check(cond: bool, msg: str):

@@ -13,13 +13,14 @@ leading layers axis.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from flax import nnx
 
 from cig_jax.config import LLMConfig, RopeScalingConfig
-from cig_jax.convert.checkpoint_io import (CheckpointError, fill_state, load_tensors, read_json, save_tensors,
-                                           write_json_atomic)
+from cig_jax.convert.checkpoint_io import (CheckpointError, fill_state, load_tensors, raise_if_mismatched, read_json,
+                                           save_tensors, write_json_atomic)
 from cig_jax.models.llm import LLM, merge_lora
 
 SUPPORTED = ("llama", "qwen2", "mistral")
@@ -90,36 +91,71 @@ def config_to_hf(cfg: LLMConfig) -> dict:
     return hf
 
 
-def hf_to_ours(tensors: dict[str, np.ndarray], cfg: LLMConfig, *, source: str) -> dict[tuple, np.ndarray]:
-    """HF tensor dict -> {our state path: array}. Raises on tensors with no place in the model."""
-    out: dict[tuple, np.ndarray] = {}
+def hf_to_ours_lazy(tensors, cfg: LLMConfig, *, source: str) -> dict[tuple, tuple[tuple, Callable[[], np.ndarray]]]:
+    """HF tensors -> {our state path: (shape, read)}: nothing is read until `read()` is called, so a loader can
+    place one tensor at a time (`tensors`: a dict of arrays or a `checkpoint_io.LazyTensors`). The names and the
+    per-layer shapes are checked first: one CheckpointError lists every missing and unexpected tensor."""
     used: set[str] = set()
+    missing: list[str] = []
+    shape_of = getattr(tensors, "shape", lambda k: tuple(np.shape(tensors[k])))
+    out: dict[tuple, tuple] = {}
 
-    def take(name):
-        if name not in tensors:
-            raise CheckpointError(f"{source}: tensor {name!r} is missing from the checkpoint")
+    def want(name):
         used.add(name)
-        return tensors[name]
+        if name not in tensors:
+            missing.append(name)
+            return False
+        return True
 
-    out[("embed_tokens", "embedding")] = take("model.embed_tokens.weight")
-    out[("norm", "scale")] = take("model.norm.weight")
+    def single(path, name, transpose=False):
+        if want(name):
+            shape = tuple(shape_of(name))
+            out[path] = (shape[::-1] if transpose else shape,
+                         (lambda: tensors[name].T) if transpose else (lambda: tensors[name]))
+
+    def stacked(path, names, transpose=False):
+        present = [n for n in names if want(n)]
+        if len(present) != len(names):
+            return
+        shapes = {tuple(shape_of(n)) for n in names}
+        if len(shapes) > 1:
+            raise CheckpointError(f"{source}: layers disagree in shape for {names[0]}...: {sorted(shapes)}")
+        shape = shapes.pop()
+
+        def read():
+            first = tensors[names[0]]
+            first = first.T if transpose else first
+            buf = np.empty((len(names),) + first.shape, first.dtype)  # [layers, ...]: the one stacked copy
+            buf[0] = first
+            for i, n in enumerate(names[1:], 1):
+                buf[i] = tensors[n].T if transpose else tensors[n]
+            return buf
+
+        out[path] = ((len(names),) + (shape[::-1] if transpose else shape), read)
+
+    single(("embed_tokens", "embedding"), "model.embed_tokens.weight")
+    single(("norm", "scale"), "model.norm.weight")
     if not cfg.tie_word_embeddings:
-        out[("lm_head", "kernel")] = take("lm_head.weight").T
+        single(("lm_head", "kernel"), "lm_head.weight", transpose=True)
     elif "lm_head.weight" in tensors:  # some tied checkpoints still store it; it must equal the embedding
         used.add("lm_head.weight")
     L = cfg.num_layers
     for group, name in _LAYER_LINEARS:
-        out[("layers", group, name, "kernel")] = np.stack(
-            [take(f"model.layers.{i}.{group}.{name}.weight").T for i in range(L)])
+        stacked(("layers", group, name, "kernel"), [f"model.layers.{i}.{group}.{name}.weight" for i in range(L)],
+                transpose=True)
         if cfg.qkv_bias and name in ("q_proj", "k_proj", "v_proj"):
-            out[("layers", group, name, "bias")] = np.stack(
-                [take(f"model.layers.{i}.{group}.{name}.bias") for i in range(L)])
+            stacked(("layers", group, name, "bias"), [f"model.layers.{i}.{group}.{name}.bias" for i in range(L)])
     for norm in _LAYER_NORMS:
-        out[("layers", norm, "scale")] = np.stack([take(f"model.layers.{i}.{norm}.weight") for i in range(L)])
-    extra = sorted(k for k in set(tensors) - used if not k.endswith("rotary_emb.inv_freq"))
-    if extra:
-        raise CheckpointError(f"{source}: tensors in the checkpoint that the model has no place for: {extra}")
+        stacked(("layers", norm, "scale"), [f"model.layers.{i}.{norm}.weight" for i in range(L)])
+    extra = sorted(k for k in set(tensors.keys()) - used if not k.endswith("rotary_emb.inv_freq"))
+    raise_if_mismatched(f"{source}: not a checkpoint of this LLM config", missing, [],
+                        [f"{k} (no place in the model)" for k in extra])
     return out
+
+
+def hf_to_ours(tensors: dict[str, np.ndarray], cfg: LLMConfig, *, source: str) -> dict[tuple, np.ndarray]:
+    """HF tensor dict -> {our state path: array}. Raises on tensors with no place in the model."""
+    return {path: read() for path, (_, read) in hf_to_ours_lazy(tensors, cfg, source=source).items()}
 
 
 def ours_to_hf(params: dict[tuple, np.ndarray], cfg: LLMConfig) -> dict[str, np.ndarray]:

@@ -91,9 +91,11 @@ def _check_vit(v: ViTConfig) -> None:
                               "no patch bias, pre_norm true, post_norm 'none' (see cig_jax.models.vit.qwen_vit_g_config)")
 
 
-def seedx_shapes(cfg: ModelConfig) -> dict[str, tuple]:
-    """Every tensor a SEED-X checkpoint (agent + `visual.` ViT) must hold for `cfg`, with its shape."""
-    _check_vit(cfg.vit)
+def seedx_shapes(cfg: ModelConfig, vit: bool = True) -> dict[str, tuple]:
+    """Every tensor a SEED-X checkpoint (agent + `visual.` ViT; vit=False: the agent alone, whatever ViT the
+    model has) must hold for `cfg`, with its shape."""
+    if vit:
+        _check_vit(cfg.vit)
     llm, v = cfg.llm, cfg.vit
     d, hd = llm.hidden_size, llm.resolved_head_dim()
     s = {"llm.model.embed_tokens.weight": (llm.vocab_size, d), "llm.model.norm.weight": (d,)}
@@ -114,6 +116,8 @@ def seedx_shapes(cfg: ModelConfig) -> dict[str, tuple]:
         s.update(_resampler_shapes(f"{name}.", getattr(cfg, name)))
     if cfg.mllm.add_patch_pos:
         s["patch_pos_embed"] = (4, d)
+    if not vit:
+        return s
     w, side = v.hidden_size, v.pos_grid_size or v.image_size // v.patch_size
     vp = VIT_PREFIX
     s[vp + "conv1.weight"] = (w, v.num_channels, v.patch_size, v.patch_size)
@@ -176,14 +180,27 @@ def seedx_to_ours(tensors: dict[str, np.ndarray], cfg: ModelConfig, *, source: s
     """SEED-X tensors (agent + `visual.` ViT) -> {our parameter path: array}. Checks names and shapes first."""
     check_tensors(tensors, cfg, source)
     t = {k: np.asarray(v) for k, v in tensors.items()}
-    out: dict[tuple, np.ndarray] = {}
     llm_t = {k[len("llm."):]: v for k, v in t.items() if k.startswith("llm.")}
-    out.update({("llm",) + p: a for p, a in hf_llm.hf_to_ours(llm_t, cfg.llm, source=source).items()})
+    out = {("llm",) + p: a for p, a in hf_llm.hf_to_ours(llm_t, cfg.llm, source=source).items()}
+    out.update(agent_rest_to_ours(t, cfg, source=source))
+    out.update(vit_to_ours(t, cfg, source=source))
+    return out
+
+
+def agent_rest_to_ours(t: dict[str, np.ndarray], cfg: ModelConfig, *, source: str = "<tensors>"
+                       ) -> dict[tuple, np.ndarray]:
+    """The agent's resamplers and patch position embeddings (all but `llm.`) -> {our MLLM path: array}."""
+    out: dict[tuple, np.ndarray] = {}
     for name in RESAMPLERS:
         out.update({(name,) + p: a for p, a in _resampler_in(t, f"{name}.", getattr(cfg, name), source=source).items()})
     if cfg.mllm.add_patch_pos:
-        out[("patch_pos_embed",)] = t["patch_pos_embed"]
+        out[("patch_pos_embed",)] = np.asarray(t["patch_pos_embed"])
+    return out
 
+
+def vit_to_ours(t: dict[str, np.ndarray], cfg: ModelConfig, *, source: str = "<tensors>") -> dict[tuple, np.ndarray]:
+    """The Qwen-VL ViT-G tensors (under `visual.`) -> {our MLLM path (`vit`, ...): array}."""
+    out: dict[tuple, np.ndarray] = {}
     v, vp = cfg.vit, VIT_PREFIX
     out[("vit", "patch_kernel")] = t[vp + "conv1.weight"].transpose(2, 3, 1, 0)  # [p, p, C, D]
     out[("vit", "pos_embed")] = t[vp + "positional_embedding"]

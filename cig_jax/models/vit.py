@@ -194,6 +194,9 @@ class VisionTransformer(nnx.Module):
 
     def image_features(self, pixel_values: jax.Array) -> jax.Array:
         """What SEED-X feeds the input resampler: the pooled tokens of a 'resampler' ViT ([batch, 256, 4096] for
-        ViT-G), else the last hidden state."""
+        ViT-G), else the last hidden state's patch tokens (a CLIP class token is left out, as LLaVA selects
+        'patch' features: the resampler reads a square grid)."""
         out = self(pixel_values)
-        return out.pooled if self.cfg.pool == "resampler" else out.last_hidden_state
+        if self.cfg.pool == "resampler":
+            return out.pooled
+        return out.last_hidden_state[:, 1:] if self.cfg.class_token else out.last_hidden_state

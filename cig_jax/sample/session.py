@@ -190,11 +190,11 @@ class ChatSession:
         """A session over a training workdir (`DIR/checkpoints/<step>/`, `DIR/tokenizer/`). `config` overrides the
         config saved in the checkpoint (the model must match it: `CheckpointMismatchError` otherwise). A missing
         directory, checkpoint or tokenizer is a FileNotFoundError."""
-        from cig_jax.train import trainer
+        from cig_jax.train.checkpoint import load_trained
 
         cfg, template = checkpoint_parts(directory, config)
         mesh = mesh if mesh is not None else default_mesh()
-        model = trainer.load_trained(cfg, step=step, mesh=mesh, workdir=directory)
+        model = load_trained(cfg, step=step, mesh=mesh, workdir=directory)
         return cls(model, template, cfg, mesh=mesh, **kw)
 
     def with_batch_size(self, batch_size: int) -> "ChatSession":

@@ -134,3 +134,106 @@ def _diff(saved: Any, current: Any, prefix: str, ignore: frozenset = frozenset()
 def abstract_like(tree: Any) -> Any:
     """ShapeDtypeStructs (with shardings) of a pytree of arrays: the restore target."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Parameters-only loading (sampling, evaluation, train.init_from): the optimizer state is never read
+# ----------------------------------------------------------------------------------------------------------
+def _saved_paths(tree: Any) -> set[tuple[str, ...]]:
+    """Leaf paths (as strings, without nnx's trailing 'value') of a saved subtree's metadata."""
+    out = set()
+    for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        keys = tuple(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+        out.add(keys[:-1] if keys and keys[-1] == "value" else keys)
+    return out
+
+
+def restore_params(directory: str | Path, abstract: Any, step: Optional[int] = None) -> tuple[Any, int, list[str]]:
+    """(model state, step, missing paths): the leaves of `abstract` (an nnx.State of ShapeDtypeStructs with
+    shardings: the whole model's, however the saving run split it into trainable `params` and `frozen`) read
+    from checkpoint `step` (default: the latest) under `directory` with an orbax partial restore of the `state`
+    item's `params` and `frozen` subtrees: the optimizer moments are never read, so loading for sampling costs
+    the weights' memory only. Leaves the checkpoint lacks keep their abstract value and are listed in
+    `missing`, for the caller to judge (new LoRA adapters: fine; anything else: an error)."""
+    from flax import nnx
+
+    directory = Path(directory).absolute()
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: no checkpoints there (train first, or check the path)")
+    manager = ocp.CheckpointManager(directory, item_handlers={"state": ocp.PyTreeCheckpointHandler()})
+    try:
+        step = step if step is not None else manager.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"{directory}: no checkpoint to load (train first, or check train.workdir)")
+        saved = manager.item_metadata(step)["state"]
+        saved = getattr(saved, "tree", saved)
+        groups = {g: _saved_paths(saved[g]) for g in ("params", "frozen") if saved.get(g) is not None}
+        picked: dict[str, list] = {g: [] for g in groups}
+        missing, kept = [], []
+        for path, var in nnx.to_flat_state(abstract):
+            key = tuple(str(p) for p in path)
+            group = next((g for g, paths in groups.items() if key in paths), None)
+            if group is None:
+                missing.append(".".join(key))
+                kept.append((path, var))
+            else:
+                picked[group].append((path, var))
+        target = {g: nnx.from_flat_state(v) for g, v in picked.items() if v}
+        restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+        try:
+            out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+                item=target, restore_args=restore_args, partial_restore=True)))["state"]
+        except (ValueError, KeyError) as e:
+            raise CheckpointMismatchError(f"{directory / str(step)}: the saved parameters do not fit this config's "
+                                          f"model ({type(e).__name__}: {str(e)[:500]})") from None
+    finally:
+        manager.close()
+    flat = kept + [pv for g in target for pv in nnx.to_flat_state(out[g])]
+    return nnx.from_flat_state(flat), step, missing
+
+
+def check_model_config(directory: str | Path, step: int, cfg: Config) -> None:
+    """A `CheckpointMismatchError` if checkpoint `step` under `directory` was written with another model config
+    (execution fields aside)."""
+    diffs = _diff(read_config(directory, step).get("model", {}), to_dict(cfg)["model"], "model",
+                  field_paths("execution"))
+    if diffs:
+        raise CheckpointMismatchError(
+            f"{Path(directory) / str(step)}: checkpoint was written with a different model config: "
+            + "; ".join(diffs[:10]) + (f" (+{len(diffs) - 10} more)" if len(diffs) > 10 else "")
+            + ". Point train.workdir elsewhere or restore with the original config.")
+
+
+def load_trained(cfg: Config, *, step: Optional[int] = None, mesh=None, task=None,
+                 workdir: Optional[str | Path] = None):
+    """The model of a finished (or running) run, parameters only (no optimizer state is read), restored from
+    `workdir` (default `cfg.train.workdir`) onto `mesh` (default: the config's mesh over all devices), with its
+    trained and its frozen parameters. Checkpoints reshard: a run saved on 8 devices loads on 1."""
+    from flax import nnx
+
+    from cig_jax import sharding
+    from cig_jax.train.stages import build_task
+
+    mesh = mesh or sharding.make_mesh(cfg.mesh)
+    task = task or build_task(cfg)
+    graphdef, abstract = nnx.split(nnx.eval_shape(task.make_model))
+    shardings = sharding.state_shardings(abstract, mesh, cfg.mesh.axis_rules)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    directory = Path(workdir or cfg.train.workdir) / "checkpoints"
+    if step is None and directory.is_dir():
+        step = _latest_step(directory)
+    if step is not None:
+        check_model_config(directory, step, cfg)
+    state, step, missing = restore_params(directory, abstract, step)
+    if missing:
+        raise CheckpointMismatchError(f"{directory / str(step)}: parameters missing from the checkpoint: "
+                                      f"{missing[:20]}" + (f" (+{len(missing) - 20} more)" if len(missing) > 20 else ""))
+    return nnx.merge(graphdef, state)
+
+
+def _latest_step(directory: Path) -> Optional[int]:
+    manager = ocp.CheckpointManager(directory.absolute())
+    try:
+        return manager.latest_step()
+    finally:
+        manager.close()

@@ -109,12 +109,13 @@ def load_stage_records(cfg: Config, default_kinds: Sequence[str] = ()) -> Sequen
 
 
 def stage_tokenizer(cfg: Config):
-    """`data.tokenizer` (a Hugging Face tokenizer folder) or the tiny tokenizer built locally; checked against
-    `model.llm.vocab_size`. Saved under `<workdir>/tokenizer` by the trainer so sampling finds it."""
+    """`init_weights.tokenizer` or `data.tokenizer` (a Hugging Face tokenizer folder, the MLLM tokens added) or
+    the tiny tokenizer built locally; checked against `model.llm.vocab_size`. Saved under `<workdir>/tokenizer`
+    by the trainer so sampling finds it."""
     from cig_jax.data.chat_template import build_tiny_tokenizer, load_tokenizer
 
-    if cfg.data.tokenizer:
-        tok = load_tokenizer(cfg.data.tokenizer)
+    if cfg.init_weights.tokenizer or cfg.data.tokenizer:
+        tok = load_tokenizer(cfg.init_weights.tokenizer or cfg.data.tokenizer)
     else:
         tok = build_tiny_tokenizer(Path(cfg.train.workdir) / "tokenizer_cache")
     if len(tok) > cfg.model.llm.vocab_size:

@@ -26,6 +26,7 @@ from flax import nnx
 from cig_jax import sharding
 from cig_jax.config import Config, OptimizerConfig
 from cig_jax.train.checkpoint import Checkpointer, CheckpointMismatchError, abstract_like
+from cig_jax.train.checkpoint import load_trained  # noqa: F401  (parameters only; its home is checkpoint.py)
 from cig_jax.train.stages import Task, build_task
 
 # Dense bf16 peak FLOP/s per chip (vendor figures, no sparsity), for MFU.
@@ -220,24 +221,16 @@ def run(cfg: Config, task: Task | None = None) -> dict:
     ckpt = Checkpointer(workdir / "checkpoints", save_every=max(cfg.train.checkpoint_every, 0) or cfg.train.steps,
                         keep=cfg.train.keep_checkpoints, async_save=cfg.train.async_checkpoints)
     start = ckpt.latest_step() if cfg.train.resume else None
-    prev_cfg = None  # a resumed run's checkpoint already holds the previous stage's weights
-    if start is None and cfg.train.init_from:
-        prev_cfg = check_init_from(cfg.train.init_from, cfg)  # a wrong previous stage fails before the model is built
-    model = sharding.create_sharded(task.make_model, mesh, rules)
-    if prev_cfg is not None:
-        initialize_from(model, prev_cfg, mesh)
-        say(f"[init] whole model from the latest checkpoint of {cfg.train.init_from}")
-    graphdef, params, frozen = nnx.split(model, task.trainable, ...)
-    del model
-    n_train = sum(v.value.size for _, v in nnx.to_flat_state(params))
-    n_frozen = sum(getattr(v.value, "size", 0) for _, v in nnx.to_flat_state(frozen))
-    say(f"[model] stage {task.name!r}: {n_train / 1e6:.2f}M trainable, {n_frozen / 1e6:.2f}M frozen parameters")
-    if n_train == 0:
-        raise ValueError(f"stage {task.name!r}: train.trainable selects no parameters")
-    frozen = frozen if jax.tree.leaves(frozen) else None
-    tx = make_optimizer(cfg.optimizer, cfg.train.steps)
-    state, state_shardings = init_state(params, tx, mesh, rules, frozen)
-    del params, frozen
+    # a resumed run's checkpoint already holds its weights: only a fresh run reads init_from / init_weights
+    from cig_jax.train.state import setup_state
+
+    setup = setup_state(cfg, mesh, task=task, load=start is None, say=say)
+    graphdef, state, state_shardings, tx = setup.graphdef, setup.state, setup.shardings, setup.tx
+    if setup.source != "init":
+        say(f"[init] {setup.source}")
+    say(f"[model] stage {task.name!r}: {setup.trainable_params / 1e6:.2f}M trainable, "
+        f"{setup.frozen_params / 1e6:.2f}M frozen parameters")
+    del setup
 
     # --- resume ------------------------------------------------------------------------------------------
     if start is not None:
@@ -320,15 +313,12 @@ def run(cfg: Config, task: Task | None = None) -> dict:
 
 def restore_state(cfg: Config, mesh, *, step: Optional[int] = None, task: Optional[Task] = None,
                   workdir: Optional[str | Path] = None) -> tuple[TrainState, Any, int]:
-    """(TrainState, graphdef, step) of run `cfg` restored from its workdir onto `mesh`. Checkpoints reshard: a run
-    saved on 8 devices loads on 1."""
-    task = task or build_task(cfg)
-    rules = cfg.mesh.axis_rules
-    abstract_model = nnx.eval_shape(task.make_model)
-    graphdef, params, frozen = nnx.split(abstract_model, task.trainable, ...)
-    frozen = sharded_abstract(frozen, mesh, rules) if jax.tree.leaves(frozen) else None
-    tx = make_optimizer(cfg.optimizer, cfg.train.steps)
-    target, _ = abstract_state(sharded_abstract(params, mesh, rules), tx, mesh, frozen)
+    """(TrainState, graphdef, step) of run `cfg` restored in full (optimizer state included: for resuming; to
+    sample or chain stages use `checkpoint.load_trained` / `restore_params`, which read parameters only) from
+    its workdir onto `mesh`. Checkpoints reshard: a run saved on 8 devices loads on 1."""
+    from cig_jax.train.state import setup_state
+
+    setup = setup_state(cfg, mesh, task=task, abstract=True, load=False)
     directory = Path(workdir or cfg.train.workdir) / "checkpoints"
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: no checkpoints there (train first, or check the path)")
@@ -336,18 +326,9 @@ def restore_state(cfg: Config, mesh, *, step: Optional[int] = None, task: Option
     step = step if step is not None else ckpt.latest_step()
     if step is None:
         raise FileNotFoundError(f"{ckpt.directory}: no checkpoint to load (train first, or check train.workdir)")
-    state = ckpt.restore(step, target, None, cfg)
+    state = ckpt.restore(step, setup.state, None, cfg)
     ckpt.close()
-    return state, graphdef, step
-
-
-def load_trained(cfg: Config, *, step: int | None = None, mesh=None, task: Task | None = None,
-                 workdir: str | Path | None = None) -> nnx.Module:
-    """The model of a finished (or running) run, restored from `workdir` (default `cfg.train.workdir`) onto
-    `mesh` (default: the config's mesh over all devices), with its trained and its frozen parameters."""
-    mesh = mesh or sharding.make_mesh(cfg.mesh)
-    state, graphdef, _ = restore_state(cfg, mesh, step=step, task=task, workdir=workdir)
-    return nnx.merge(graphdef, state.model_state())
+    return state, setup.graphdef, step
 
 
 def saved_config(workdir: str | Path, source: str = "train.init_from") -> Config:
@@ -356,15 +337,6 @@ def saved_config(workdir: str | Path, source: str = "train.init_from") -> Config
     from cig_jax.train.checkpoint import read_config
 
     return from_dict(Config, read_config(Path(workdir) / "checkpoints"), source=f"{source} {workdir}")
-
-
-def initialize_from(model: nnx.Module, prev_cfg: Config, mesh) -> None:
-    """Overwrites `model`'s parameters with those of the latest checkpoint of the previous stage, `prev_cfg` as
-    `check_init_from` returned it (the model configs agree, execution fields and LoRA settings aside: adapters
-    absent there keep their fresh initialisation, which leaves the base model unchanged)."""
-    state, graphdef, _ = restore_state(prev_cfg, mesh)
-    prev = nnx.state(nnx.merge(graphdef, state.model_state()), nnx.Param)
-    nnx.update(model, prev)
 
 
 def check_init_from(workdir: str | Path, cfg: Config) -> Config:
