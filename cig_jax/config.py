@@ -66,7 +66,7 @@ class LLMConfig:
     # Execution.
     scan_layers: bool = True  # stack layers and run them under lax.scan (fast compiles at depth)
     remat_policy: str = "nothing_saveable"  # none | full | nothing_saveable | dots_saveable | dots_with_no_batch_dims_saveable
-    attention_impl: Optional[str] = None  # None (XLA picks), 'xla', or 'cudnn' (flash attention on GPU)
+    attention_impl: Optional[str] = None  # None (XLA picks), 'xla', 'einsum', 'cudnn' (GPU flash) or 'splash' (TPU)
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
 

@@ -142,6 +142,11 @@ def activation_sharding(mesh: Mesh, rules: Sequence):
         _ACTIVATION_SHARDING.reset(token)
 
 
+def active_activation_sharding():
+    """(mesh, rules) of the enclosing `activation_sharding` context, or None (for kernels that run per shard)."""
+    return _ACTIVATION_SHARDING.get()
+
+
 def constrain(x: jax.Array, names: Sequence[Optional[str]]) -> jax.Array:
     """`with_sharding_constraint` from logical names when an `activation_sharding` context is active; else x."""
     ctx = _ACTIVATION_SHARDING.get()
