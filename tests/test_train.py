@@ -72,6 +72,40 @@ def test_sigkill_then_auto_resume_matches_straight_run(tmp_path):
         np.testing.assert_array_equal(a[k], b[k], err_msg=str(k))
 
 
+def test_sigterm_saves_the_current_step_exits_0_and_resumes_to_the_straight_run(tmp_path):
+    """SIGTERM (what a preempted VM gets) mid-run, at a step that is no checkpoint_every multiple: the trainer
+    saves that step, waits for the save and exits 0; the next start resumes there and ends bitwise equal to an
+    uninterrupted run (parameters and data order)."""
+    steps = ["--set", "train.steps=40", "--set", "train.checkpoint_every=100"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    subprocess.run(_train_cmd(straight, *steps), check=True, env=_env(), capture_output=True, timeout=300)
+
+    proc = subprocess.Popen(_train_cmd(resumed, *steps), env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:  # progress read from the run's own log: signal it once step 3 is reported
+        lines.append(line)
+        m = re.search(r"\[train\] \S+ step\s+(\d+)/", line)
+        if m and int(m.group(1)) >= 3:
+            proc.send_signal(signal.SIGTERM)
+            break
+    lines += proc.stdout.readlines()
+    assert proc.wait(timeout=120) == 0, "".join(lines)[-3000:]
+    logged = max(_fingerprints(resumed))
+    saved = sorted(int(p.name) for p in (resumed / "checkpoints").iterdir() if p.name.isdigit())
+    assert 3 <= logged < 40 and saved == [logged], (logged, saved)  # the step it was on, nothing later
+    assert f"[preempted] stopped after step {logged}" in "".join(lines)
+
+    out = subprocess.run(_train_cmd(resumed, *steps), check=True, env=_env(), capture_output=True, text=True,
+                         timeout=300)
+    assert f"at step {logged}" in out.stdout
+    assert _fingerprints(resumed) == _fingerprints(straight)  # identical data order, steps 1..40
+    a, b = _params(straight), _params(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=str(k))
+
+
 def test_checkpoint_restores_on_other_meshes(tmp_path):
     workdir = tmp_path / "run"
     overrides = [f"train.workdir={workdir}", "train.steps=3", "train.log_every=1", "train.tensorboard=false",

@@ -74,6 +74,9 @@ def run_recipe(path: str | Path, overrides: list[str] = ()) -> dict:
         print(f"[recipe] stage {i}/{len(stages)}: {stage_path.name} (stage {cfg.train.stage!r}, {cfg.train.steps} "
               f"steps, workdir {cfg.train.workdir})", flush=True)
         metrics = trainer.run(cfg)
+        if metrics.get("preempted"):  # saved at the step it was on; re-running the recipe continues there
+            print(f"[recipe] preempted in stage {i}/{len(stages)}; run the same command again to continue", flush=True)
+            return metrics
         print(f"[recipe] stage {i}/{len(stages)} done in {time.perf_counter() - t:.0f}s", flush=True)
     print(f"[recipe] all {len(stages)} stages done in {time.perf_counter() - t0:.0f}s; final checkpoint: "
           f"{stages[-1][1].train.workdir}", flush=True)

@@ -27,6 +27,7 @@ from flax import nnx
 from cig_jax import sharding
 from cig_jax.config import Config, OptimizerConfig
 from cig_jax.train.checkpoint import Checkpointer, CheckpointMismatchError, abstract_like
+from cig_jax.train.preemption import PreemptionWatch
 from cig_jax.train.stages import Task, build_task
 
 # Dense bf16 peak FLOP/s per chip (vendor figures, no sparsity), for MFU.
@@ -267,13 +268,15 @@ def run(cfg: Config, task: Task | None = None) -> dict:
     pending: list = []
     bar = _progress(cfg, start) if is_main else None
     t0 = time.perf_counter()
-    with open(workdir / "metrics.jsonl", "a") if is_main else _null() as log:
+    preempted = False
+    with open(workdir / "metrics.jsonl", "a") if is_main else _null() as log, PreemptionWatch() as watch:
         for i in range(start, cfg.train.steps):
             fp = fingerprint(host_batch)
             state, m = step(state, batch)
             pending.append((i + 1, fp, m))
             done = i + 1 == cfg.train.steps
-            if (i + 1) % cfg.train.log_every == 0 or done:
+            preempted = not done and watch.reached(i + 1)  # SIGTERM / the pod's notice: save this step, stop
+            if (i + 1) % cfg.train.log_every == 0 or done or preempted:
                 jax.block_until_ready(m)  # steps are dispatched asynchronously: time them once they finished
                 dt = (time.perf_counter() - t0) / len(pending)
                 for s, fp_s, m_s in pending:
@@ -305,12 +308,14 @@ def run(cfg: Config, task: Task | None = None) -> dict:
             if bar is not None:
                 bar.update(1)
             every = cfg.train.checkpoint_every
-            if every >= 0 and (every and (i + 1) % every == 0 or done):
-                ckpt.save(i + 1, state, data_iter, cfg, force=done)
+            if every >= 0 and (every and (i + 1) % every == 0 or done or preempted):
+                ckpt.save(i + 1, state, data_iter, cfg, force=done or preempted)
                 if os.environ.get("CIG_DEBUG_STALL_AFTER_STEP") == str(i + 1):  # fault injection for tests
                     ckpt.wait()
                     print(f"[debug] stalled after step {i + 1}", flush=True)
                     time.sleep(3600)
+            if preempted:
+                break
             if not done:  # after the save: the saved iterator state points at the batch of step i + 2
                 host_batch = next(data_iter)
                 batch = sharding.host_to_global(host_batch, mesh, rules)
@@ -319,6 +324,9 @@ def run(cfg: Config, task: Task | None = None) -> dict:
         writer.close()
     if bar is not None:
         bar.close()
+    if preempted:  # the save above has finished (close waits): the next start resumes from it
+        say(f"[preempted] stopped after step {metrics['step']}; checkpoint in {ckpt.directory}", flush=True)
+        return dict(metrics, preempted=True)
     say(f"[done] {cfg.train.steps} steps; checkpoint in {ckpt.directory}")
     return metrics
 
