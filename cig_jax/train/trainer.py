@@ -24,7 +24,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from cig_jax import sharding
+from cig_jax import fs, sharding
 from cig_jax.config import Config, OptimizerConfig
 from cig_jax.train.checkpoint import Checkpointer, CheckpointMismatchError, abstract_like
 from cig_jax.train.preemption import PreemptionWatch
@@ -210,7 +210,7 @@ def run(cfg: Config, task: Task | None = None) -> dict:
     say(f"[mesh] {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices, "
         f"{nproc} process(es)")
     task = task or build_task(cfg)
-    workdir = Path(cfg.train.workdir)
+    workdir = fs.path(cfg.train.workdir)  # local or gs://...: everything below writes through cig_jax.fs
 
     # --- input pipeline ---------------------------------------------------------------------------------
     if cfg.data.global_batch_size % (nproc * cfg.train.grad_accum_steps):
@@ -269,7 +269,7 @@ def run(cfg: Config, task: Task | None = None) -> dict:
     bar = _progress(cfg, start) if is_main else None
     t0 = time.perf_counter()
     preempted = False
-    with open(workdir / "metrics.jsonl", "a") if is_main else _null() as log, PreemptionWatch() as watch:
+    with fs.AppendLog(workdir / "metrics.jsonl") if is_main else _null() as log, PreemptionWatch() as watch:
         for i in range(start, cfg.train.steps):
             fp = fingerprint(host_batch)
             state, m = step(state, batch)
@@ -303,6 +303,8 @@ def run(cfg: Config, task: Task | None = None) -> dict:
                     + (f"  MFU {metrics['mfu'] * 100:.1f}%" if "mfu" in metrics else ""), flush=True)
                 if is_main:
                     log.flush()
+                if writer is not None:
+                    writer.flush()
                 pending = []
                 t0 = time.perf_counter()
             if bar is not None:
@@ -342,7 +344,7 @@ def restore_state(cfg: Config, mesh, *, step: Optional[int] = None, task: Option
     frozen = sharded_abstract(frozen, mesh, rules) if jax.tree.leaves(frozen) else None
     tx = make_optimizer(cfg.optimizer, cfg.train.steps)
     target, _ = abstract_state(sharded_abstract(params, mesh, rules), tx, mesh, frozen)
-    directory = Path(workdir or cfg.train.workdir) / "checkpoints"
+    directory = fs.path(workdir or cfg.train.workdir) / "checkpoints"
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: no checkpoints there (train first, or check the path)")
     ckpt = Checkpointer(directory, save_every=1, keep=cfg.train.keep_checkpoints, async_save=False)
@@ -368,7 +370,7 @@ def saved_config(workdir: str | Path, source: str = "train.init_from") -> Config
     from cig_jax.config import from_dict
     from cig_jax.train.checkpoint import read_config
 
-    return from_dict(Config, read_config(Path(workdir) / "checkpoints"), source=f"{source} {workdir}")
+    return from_dict(Config, read_config(fs.path(workdir) / "checkpoints"), source=f"{source} {workdir}")
 
 
 def initialize_from(model: nnx.Module, prev_cfg: Config, mesh) -> None:
@@ -402,21 +404,24 @@ def to_dict_model(cfg: Config) -> dict:
     return to_dict(cfg)["model"]
 
 
-def write_artifacts(cfg: Config, workdir: Path) -> None:
+def write_artifacts(cfg: Config, workdir) -> None:
     """What sampling needs beside the checkpoint: the tokenizer of MLLM stages, under <workdir>/tokenizer."""
     if cfg.train.stage == "lm":
         return
     from cig_jax.train.stages import stage_tokenizer
 
-    stage_tokenizer(cfg).save_pretrained(str(workdir / "tokenizer"))
+    local = fs.local_cache(workdir, "tokenizer")  # Hugging Face writes local folders only
+    stage_tokenizer(cfg).save_pretrained(local)
+    if fs.is_remote(workdir):
+        fs.mirror(local, workdir / "tokenizer")
 
 
-def _tensorboard(workdir: Path):
+def _tensorboard(workdir):
     try:
-        from tensorboardX import SummaryWriter
+        from cig_jax.train.tb import TensorBoardWriter
     except ImportError:  # optional: JSON lines are always written
         return None
-    return SummaryWriter(str(workdir / "tensorboard"))
+    return TensorBoardWriter(workdir / "tensorboard")
 
 
 def _progress(cfg: Config, start: int):
