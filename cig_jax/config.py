@@ -325,6 +325,8 @@ class DataConfig:
     max_images: int = 4  # images per example (longer records are skipped and counted)
     markov_view: bool = False
     tokenizer: str = ""  # a Hugging Face tokenizer directory; "" = the tiny tokenizer built locally
+    worker_count: int = 0  # grain worker processes decoding examples (0: in this process)
+    prefetch_buffer: int = 0  # batches buffered ahead (per worker with worker_count > 0); 0: grain's default
 
 
 @dataclasses.dataclass
@@ -344,6 +346,8 @@ class TrainConfig:
     tensorboard: bool = True
     progress_bar: bool = False
     peak_tflops: float = 0.0  # per-device peak for MFU; 0: look the device up, else report none
+    compilation_cache_dir: str = ""  # JAX's persistent compilation cache (local or gs://); "" = off
+    profile_steps: list[int] = dataclasses.field(default_factory=list)  # [start, count]: trace -> <workdir>/profile
     # Staged training (see cig_jax/train/stages.py).
     init_from: str = ""  # workdir of the previous stage: its latest checkpoint initialises the whole model
     trainable: list[str] = dataclasses.field(default_factory=list)  # parts that train; [] = the stage's default

@@ -56,18 +56,30 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> tuple[dict, list
 def run_recipe(path: str | Path, overrides: list[str] = ()) -> dict:
     from cig_jax.train import trainer
 
+    import jax
+
+    from cig_jax import sharding
+
     data, stages = load_recipe(path, overrides)
+    sharding.initialize_distributed()  # once for the whole recipe; every stage's trainer finds it started
     t0 = time.perf_counter()
     if data:
         from cig_jax.data import synthetic, tfds_builder
 
         t = time.perf_counter()
-        print(f"[recipe] drawing the synthetic dataset into {data['dir']}", flush=True)
-        b = tfds_builder.build_dataset(data["dir"], "synthetic", data.get("num_train", 1000), data.get("num_val", 100),
-                                       data.get("seed", 0), data.get("size", 64),
-                                       tuple(data.get("kinds", synthetic.KINDS)))
-        print(f"[recipe] dataset ready: " + ", ".join(f"{k}={v.num_examples}" for k, v in b.info.splits.items())
-              + f" ({time.perf_counter() - t:.0f}s)", flush=True)
+        if jax.process_index() == 0:  # one process draws (data.dir must be shared: a network disk or gs://)
+            print(f"[recipe] drawing the synthetic dataset into {data['dir']}", flush=True)
+            b = tfds_builder.build_dataset(data["dir"], "synthetic", data.get("num_train", 1000),
+                                           data.get("num_val", 100), data.get("seed", 0), data.get("size", 64),
+                                           tuple(data.get("kinds", synthetic.KINDS)))
+            print(f"[recipe] dataset ready: " + ", ".join(f"{k}={v.num_examples}" for k, v in b.info.splits.items())
+                  + f" ({time.perf_counter() - t:.0f}s)", flush=True)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            if jax.process_index():
+                print(f"[recipe] waiting for process 0 to draw the dataset into {data['dir']}", flush=True)
+            multihost_utils.sync_global_devices("cig_jax recipe dataset drawn")
     metrics = {}
     for i, (stage_path, cfg) in enumerate(stages, 1):
         t = time.perf_counter()

@@ -274,7 +274,8 @@ def pipeline_options(cfg: Config, process_index: int, process_count: int):
     return pipeline.PipelineOptions(seq_len=d.seq_len, max_images=d.max_images, image_size=cfg.model.vit.image_size,
                                     batch_size=d.global_batch_size // process_count, seed=d.seed,
                                     markov_view=d.markov_view, process_index=process_index,
-                                    process_count=process_count)
+                                    process_count=process_count, worker_count=d.worker_count,
+                                    prefetch_buffer=d.prefetch_buffer)
 
 
 def conversation_dataset(cfg: Config, records: Sequence, process_index: int, process_count: int):
