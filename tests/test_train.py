@@ -173,6 +173,25 @@ def test_gs_workdir_trains_checkpoints_and_resumes_without_local_files(tmp_path,
     assert not list(tmp_path.rglob(f"*{bucket}*"))
 
 
+def test_compilation_cache_serves_the_second_start_and_profile_steps_write_a_trace(tmp_path):
+    """train.compilation_cache_dir: the first run fills the cache, a second run (fresh workdir) compiles the
+    same programs and adds no entry (every one came from the cache); train.profile_steps [3, 2] leaves a
+    profiler trace under <workdir>/profile."""
+    cache = tmp_path / "xla_cache"
+    extra = ["--set", f"train.compilation_cache_dir={cache}", "--set", "train.steps=6", "--set",
+             "train.profile_steps=[3, 2]"]
+    out = subprocess.run(_train_cmd(tmp_path / "a", *extra), env=_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    first = sorted(p.name for p in cache.iterdir())
+    assert first
+    traces = list((tmp_path / "a" / "profile").rglob("*.xplane.pb"))
+    assert traces and traces[0].stat().st_size > 0
+    assert "[profile] trace of steps 3..4" in out.stdout
+    out = subprocess.run(_train_cmd(tmp_path / "b", *extra), env=_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert sorted(p.name for p in cache.iterdir()) == first
+
+
 def test_checkpoint_restores_on_other_meshes(tmp_path):
     workdir = tmp_path / "run"
     overrides = [f"train.workdir={workdir}", "train.steps=3", "train.log_every=1", "train.tensorboard=false",

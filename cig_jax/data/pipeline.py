@@ -52,11 +52,19 @@ class PipelineOptions:
 
 
 class SkipCounter:
-    """Counts skipped records by reason (thread-safe; one per pipeline, no global state)."""
+    """Counts skipped records by reason (thread-safe; one per pipeline, no global state). With grain worker
+    processes each worker counts (and logs) its own skips; the caller's counter sees none of them."""
 
     def __init__(self):
         self._lock = threading.Lock()
         self.counts: collections.Counter = collections.Counter()
+
+    def __getstate__(self):  # pickled into grain worker processes
+        return {"counts": self.counts}
+
+    def __setstate__(self, state):
+        self.__init__()
+        self.counts = state["counts"]
 
     def skip(self, reason: str, index: int, detail: str) -> None:
         with self._lock:

@@ -31,6 +31,8 @@ class StepProfiler:
     [start, start + count) into `<workdir>/profile`. Inactive when `profile_steps` is empty."""
 
     def __init__(self, workdir, profile_steps, *, enabled: bool = True):
+        if profile_steps and (len(profile_steps) != 2 or int(profile_steps[1]) < 1):
+            raise ValueError(f"train.profile_steps must be [start, count] (count >= 1), got {list(profile_steps)}")
         self.target = fs.path(workdir) / "profile"
         self.start, self.count = (int(profile_steps[0]), int(profile_steps[1])) if profile_steps else (0, 0)
         self.enabled = enabled and self.count > 0

@@ -28,6 +28,7 @@ from cig_jax import fs, sharding
 from cig_jax.config import Config, OptimizerConfig
 from cig_jax.train.checkpoint import Checkpointer, CheckpointMismatchError, abstract_like
 from cig_jax.train.preemption import PreemptionWatch
+from cig_jax.train.runtime import StepProfiler, use_compilation_cache
 from cig_jax.train.stages import Task, build_task
 
 # Dense bf16 peak FLOP/s per chip (vendor figures, no sparsity), for MFU.
@@ -202,6 +203,7 @@ def run(cfg: Config, task: Task | None = None) -> dict:
     """Trains `task` (default: the configured stage). Returns the last logged metrics."""
     # --- mesh -------------------------------------------------------------------------------------------
     sharding.initialize_distributed()
+    use_compilation_cache(cfg.train.compilation_cache_dir)
     mesh = sharding.make_mesh(cfg.mesh)
     rules = cfg.mesh.axis_rules
     pid, nproc = jax.process_index(), jax.process_count()
@@ -269,10 +271,13 @@ def run(cfg: Config, task: Task | None = None) -> dict:
     bar = _progress(cfg, start) if is_main else None
     t0 = time.perf_counter()
     preempted = False
+    profiler = StepProfiler(workdir, cfg.train.profile_steps, enabled=is_main)
     with fs.AppendLog(workdir / "metrics.jsonl") if is_main else _null() as log, PreemptionWatch() as watch:
         for i in range(start, cfg.train.steps):
             fp = fingerprint(host_batch)
+            profiler.before(i + 1)
             state, m = step(state, batch)
+            profiler.after(i + 1, m)
             pending.append((i + 1, fp, m))
             done = i + 1 == cfg.train.steps
             preempted = not done and watch.reached(i + 1)  # SIGTERM / the pod's notice: save this step, stop
@@ -321,6 +326,7 @@ def run(cfg: Config, task: Task | None = None) -> dict:
             if not done:  # after the save: the saved iterator state points at the batch of step i + 2
                 host_batch = next(data_iter)
                 batch = sharding.host_to_global(host_batch, mesh, rules)
+    profiler.stop()
     ckpt.close()
     if writer is not None:
         writer.close()
