@@ -50,5 +50,7 @@ setup(
         "video": ["av>=12"],
         # Remote work directories (gs://bucket/run) for checkpoints, metrics and TensorBoard.
         "gcs": ["gcsfs>=2025.1"],
+        # The real TPU compiler on any host (python -m cig_jax.bench.aot --topology v5p:4x8x8), and TPU VMs.
+        "tpu": ["libtpu>=0.0.52"],
     },
 )

@@ -82,7 +82,10 @@ def attention(q, k, v, key_valid=None, *, causal: bool, scale: float | None = No
     s = k.shape[1]
     if causal and t != s:
         raise ValueError(f"splash attention: causal needs as many queries as keys, got {t} and {s}")
-    interpret = jax.default_backend() != "tpu" if interpret is None else interpret
+    ctx = sharding.active_activation_sharding()
+    if interpret is None:  # the devices the step is compiled for (an AOT compile for TPU runs on a CPU host)
+        platform = ctx[0].devices.flat[0].platform if ctx is not None else jax.default_backend()
+        interpret = platform != "tpu"
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     key_valid = jnp.ones((b, s), bool) if key_valid is None else key_valid.astype(bool)
     q_seg, kv_seg = segment_ids(key_valid, t, causal)
@@ -95,7 +98,6 @@ def attention(q, k, v, key_valid=None, *, causal: bool, scale: float | None = No
     kp, vp = _pad_to(k, 1, sp), _pad_to(v, 1, sp)
     call = functools.partial(_kernel_call, causal=causal, interpret=interpret)
 
-    ctx = sharding.active_activation_sharding()
     if ctx is not None:  # run per shard: batch over its mesh axes, heads over theirs when q and kv heads agree
         mesh, rules = ctx
 
