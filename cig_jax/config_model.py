@@ -16,7 +16,7 @@ from cig_jax.config_io import ConfigError, frozen_value
 
 DType = Literal["float32", "bfloat16", "float16"]
 RematPolicy = Literal["none", "full", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable"]
-AttentionImpl = Literal["xla", "cudnn"]
+AttentionImpl = Literal["xla", "einsum", "cudnn", "splash"]
 Interpolation = Literal["bicubic", "bilinear"]
 KINDS = ("architecture", "adapter", "objective", "execution", "sampling")
 
@@ -103,7 +103,7 @@ class LLMConfig(Section):
         adapter_field(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
     scan_layers: bool = execution_field(True)  # stack layers and run them under lax.scan (fast compiles at depth)
     remat_policy: RematPolicy = execution_field("nothing_saveable")
-    attention_impl: Optional[AttentionImpl] = execution_field(None)  # None: XLA picks; 'cudnn': flash attention on GPU
+    attention_impl: Optional[AttentionImpl] = execution_field(None)  # None (XLA picks), 'xla', 'einsum', 'cudnn' (GPU flash) or 'splash' (TPU)
     dtype: DType = execution_field("float32")  # compute dtype
     param_dtype: DType = "float32"
 

@@ -142,6 +142,11 @@ def activation_sharding(mesh: Mesh, rules: Sequence):
         _ACTIVATION_SHARDING.reset(token)
 
 
+def active_activation_sharding():
+    """(mesh, rules) of the enclosing `activation_sharding` context, or None (for kernels that run per shard)."""
+    return _ACTIVATION_SHARDING.get()
+
+
 def constrain(x: jax.Array, names: Sequence[Optional[str]]) -> jax.Array:
     """`with_sharding_constraint` from logical names when an `activation_sharding` context is active; else x."""
     ctx = _ACTIVATION_SHARDING.get()
@@ -205,12 +210,15 @@ def host_to_global(batch: Any, mesh: Mesh, rules: Sequence, batch_axis_name: str
 # ----------------------------------------------------------------------------------------------------------
 def initialize_distributed(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
                            process_id: Optional[int] = None, local_device_ids=None) -> bool:
-    """Starts multi-host JAX when the environment says this is a multi-process job. Returns True if so.
+    """Starts multi-host JAX when the environment says this is a multi-process job, once per process (later
+    calls return at once). Returns True if the job is multi-process.
 
     TPU pods and SLURM/Open MPI clusters are discovered by JAX itself. Elsewhere set
     CIG_COORDINATOR=host:port, CIG_NUM_PROCESSES and CIG_PROCESS_ID (or pass them). Single-process runs
     with none of these set do nothing.
     """
+    if jax.distributed.is_initialized():  # once per process: a recipe's later stages find it started
+        return True
     coordinator_address = coordinator_address or os.environ.get("CIG_COORDINATOR")
     num_processes = num_processes or _env_int("CIG_NUM_PROCESSES")
     process_id = process_id if process_id is not None else _env_int("CIG_PROCESS_ID")
@@ -221,8 +229,8 @@ def initialize_distributed(coordinator_address: Optional[str] = None, num_proces
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                process_id=process_id, local_device_ids=local_device_ids)
-    log.info("jax.distributed: process %d of %d, %d local devices", jax.process_index(), jax.process_count(),
-             jax.local_device_count())
+    print(f"[distributed] started: process {jax.process_index()} of {jax.process_count()}, "
+          f"{jax.local_device_count()} local devices", flush=True)
     return True
 
 

@@ -158,3 +158,21 @@ def test_one_opener_for_every_source(data_dir, tmp_path):
         assert a.rounds[0].user_text == b.rounds[0].user_text
     split = sources.open_records("tfds", data_dir=str(data_dir), kinds=["rollback"], num=2)
     assert len(split) == 2 and all(split[i].kind == "rollback" for i in range(2))
+
+
+def test_grain_worker_processes_give_the_in_process_batches_and_resume_the_same(records, template):
+    """data.worker_count 2 (grain mp_prefetch) yields the in-process pipeline's batches byte for byte, skipped
+    records included (max_images 2 skips some), and its iterator state resumes at the same batch."""
+    opts = dataclasses.replace(OPTS, max_images=2)
+    skips = SkipCounter()
+    ref = _take(make_dataset(records, template, opts, skips), 6)
+    assert skips.counts  # the check covers skipped records
+    it = iter(make_dataset(records, template, dataclasses.replace(opts, worker_count=2, prefetch_buffer=2)))
+    got = [next(it) for _ in range(4)]
+    state = it.get_state()
+    got += [next(it) for _ in range(2)]
+    for a, b in zip(ref, got):
+        _same(a, b)
+    resumed = iter(make_dataset(records, template, dataclasses.replace(opts, worker_count=2)))
+    resumed.set_state(state)
+    _same(next(resumed), ref[4])

@@ -76,3 +76,51 @@ def test_two_processes_match_one_process_stage2(tmp_path):
 def test_two_processes_match_one_process_lm(tmp_path):
     ref, got = _one_vs_two_processes(tmp_path, SMOKE, LM)
     np.testing.assert_allclose([r["loss"] for r in got], [r["loss"] for r in ref], rtol=1e-5)
+
+
+@pytest.mark.slow  # three processes compile two stages each: ~15 min on 2 busy cores
+def test_two_processes_run_a_two_stage_recipe_with_one_distributed_start_each(tmp_path):
+    """A recipe (dataset draw + stage 1 + stage 2 from stage 1's checkpoint) on 2 processes x 4 devices: each
+    process starts jax.distributed once for both stages, process 0 alone draws the dataset while the other
+    waits, and both stages log the losses of the same recipe on 1 process x 8 devices."""
+    data = tmp_path / "data"
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "recipe:\n"
+        f"  data: {{dir: {data}, num_train: 32, num_val: 4, size: 64, seed: 0, kinds: [single_turn]}}\n"
+        f"  stages: [{ROOT / 'configs' / 'stage1_detokenizer.yaml'}, {ROOT / 'configs' / 'stage2_personalize.yaml'}]\n")
+    sets = [f"data.dir={data}", "data.global_batch_size=8", "data.seq_len=96", "data.max_images=2",
+            "train.steps=2", "train.log_every=1", "train.tensorboard=false", "train.checkpoint_every=0",
+            "optimizer.warmup_steps=1", "model.llm.num_layers=2", "model.vit.num_layers=1", "model.dit.num_layers=2",
+            *MESH]
+    cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(recipe), *[x for o in sets for x in ("--set", o)]]
+
+    single = tmp_path / "single"  # stage workdirs (workdir/demo/stage1, ...) are relative: one cwd per run
+    single.mkdir()
+    out = subprocess.run(cmd, env=_env(8), cwd=single, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert "[distributed]" not in out.stdout  # a single-process run starts nothing
+
+    import shutil
+
+    shutil.rmtree(data)  # the two-process run draws it again, on process 0
+    multi = tmp_path / "multi"
+    multi.mkdir()
+    port = portpicker.pick_unused_port()
+    procs = [subprocess.Popen(cmd, cwd=multi, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=_env(4, CIG_COORDINATOR=f"localhost:{port}", CIG_NUM_PROCESSES="2",
+                                       CIG_PROCESS_ID=str(i)))
+             for i in range(2)]
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    for p, o in zip(procs, outs):
+        assert p.returncode == 0, o[-3000:]
+    for i, o in enumerate(outs):
+        assert o.count("[distributed] started") == 1, o[-3000:]
+        assert o.count("[recipe] stage 2/2 done") == 1
+    assert "[recipe] drawing" in outs[0] and "[recipe] drawing" not in outs[1]
+    assert "[recipe] waiting for process 0" in outs[1]
+    for stage in ("stage1", "stage2"):
+        ref = _metrics(single / "workdir" / "demo" / stage)
+        got = _metrics(multi / "workdir" / "demo" / stage)
+        assert [r["step"] for r in ref] == [r["step"] for r in got] == [1, 2]
+        np.testing.assert_allclose([r["loss"] for r in got], [r["loss"] for r in ref], rtol=1e-5, err_msg=stage)

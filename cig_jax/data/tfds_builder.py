@@ -242,10 +242,10 @@ def build_dataset(data_dir: Union[str, Path], source: str = "synthetic", num_tra
     return builder
 
 
-def dataset_dir(data_dir: Union[str, Path], config: Optional[str] = None) -> Path:
+def dataset_dir(data_dir: Union[str, Path], config: Optional[str] = None) -> epath.Path:
     """The prepared folder data_dir/cig_conversations/<config>/<version>; `config` may be omitted when
     data_dir holds exactly one build."""
-    root = Path(data_dir) / NAME
+    root = epath.Path(data_dir) / NAME  # local or remote (gs://...)
     if config is None:
         found = sorted(p.parent.parent.name for p in root.glob(f"*/{VERSION}/dataset_info.json"))
         if len(found) != 1:

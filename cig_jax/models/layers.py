@@ -146,11 +146,22 @@ def attention(q, k, v, *, mask=None, bias=None, is_causal: bool = False, scale: 
     implementation: 'cudnn' (flash attention on GPU) or 'xla' go through `jax.nn.dot_product_attention`;
     'einsum' is a plain grouped einsum + softmax, which XLA:CPU runs about 3x faster than the former;
     None picks 'einsum' on CPU and lets `jax.nn.dot_product_attention` choose elsewhere.
+    'splash' runs the Pallas TPU kernel (`cig_jax.models.splash`; interpret mode off TPU): the mask must be key
+    validity broadcast over queries, AND causal when `causal_block` is given (what our models pass); other masks
+    (decoding over a KV cache) take the default path.
 
     causal_block: with the einsum path, a caller whose mask is causal over aligned q/k (self-attention
     without a cache) may pass a block size: query block i then only reads keys [0, (i+1) * block), which
     skips the fully masked upper triangle (about 40% less work at 4 blocks), as flash attention does.
     """
+    if implementation == "splash":
+        causal = is_causal or causal_block is not None
+        if bias is None and (mask is None or causal or mask.shape[-2] == 1):
+            from cig_jax.models import splash
+
+            return splash.attention(q, k, v, splash.key_validity(mask, q.shape[0], k.shape[1]), causal=causal,
+                                    scale=scale)
+        implementation = None  # other masks (a KV-cached chunk): the default path
     # Rows that see no key at all (e.g. padding queries) would produce NaN in softmax; give them one
     # harmless key so the output stays finite. Their values are masked out downstream anyway.
     if mask is not None:

@@ -2,7 +2,7 @@
 
 Owns: where checkpoints live (`<workdir>/checkpoints/<step>/`), what a checkpoint holds (`state`: the
 TrainState pytree; `data`: every process's grain iterator state; `config`: the run's config as JSON),
-asynchronous saves every N steps keeping the last K, restoring the latest onto *the current* mesh
+asynchronous saves every N steps keeping the last K, local or remote directories (`cig_jax.fs`), restoring the latest onto *the current* mesh
 (orbax reshards to the target shardings, so a checkpoint from 8 devices restores on 4 or on 1), and the
 check that a checkpoint belongs to the config that is restoring it.
 
@@ -17,6 +17,7 @@ from typing import Any, Optional
 import jax
 import orbax.checkpoint as ocp
 
+from cig_jax import fs
 from cig_jax.config import Config, field_paths, to_dict
 
 
@@ -34,7 +35,7 @@ class Checkpointer:
     """Thin owner of an `ocp.CheckpointManager` with items state / data / config."""
 
     def __init__(self, directory: str | Path, *, save_every: int, keep: int, async_save: bool = True):
-        self.directory = Path(directory).absolute()
+        self.directory = fs.path(directory)  # local or remote (gs://...): orbax takes the epath as is
         self.save_every = save_every
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, save_interval_steps=max(save_every, 1), enable_async_checkpointing=async_save,
@@ -91,10 +92,10 @@ class Checkpointer:
 
 def read_config(directory: str | Path, step: Optional[int] = None) -> dict:
     """The config (as a dict) saved with checkpoint `step` (default: the latest) under `directory`."""
-    directory = Path(directory)
+    directory = fs.path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: no checkpoints there")
-    manager = ocp.CheckpointManager(directory.absolute(), item_handlers={"config": ocp.JsonCheckpointHandler()})
+    manager = ocp.CheckpointManager(directory, item_handlers={"config": ocp.JsonCheckpointHandler()})
     try:
         step = step if step is not None else manager.latest_step()
         if step is None:
@@ -157,7 +158,7 @@ def restore_params(directory: str | Path, abstract: Any, step: Optional[int] = N
     `missing`, for the caller to judge (new LoRA adapters: fine; anything else: an error)."""
     from flax import nnx
 
-    directory = Path(directory).absolute()
+    directory = fs.path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: no checkpoints there (train first, or check the path)")
     manager = ocp.CheckpointManager(directory, item_handlers={"state": ocp.PyTreeCheckpointHandler()})
@@ -219,7 +220,7 @@ def load_trained(cfg: Config, *, step: Optional[int] = None, mesh=None, task=Non
     graphdef, abstract = nnx.split(nnx.eval_shape(task.make_model))
     shardings = sharding.state_shardings(abstract, mesh, cfg.mesh.axis_rules)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    directory = Path(workdir or cfg.train.workdir) / "checkpoints"
+    directory = fs.path(workdir or cfg.train.workdir) / "checkpoints"
     if step is None and directory.is_dir():
         step = _latest_step(directory)
     if step is not None:

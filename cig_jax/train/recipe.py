@@ -64,24 +64,39 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> tuple[dict, list
 def run_recipe(path: str | Path, overrides: list[str] = ()) -> dict:
     from cig_jax.train import trainer
 
+    import jax
+
+    from cig_jax import sharding
+
     data, stages = load_recipe(path, overrides)
+    sharding.initialize_distributed()  # once for the whole recipe; every stage's trainer finds it started
     t0 = time.perf_counter()
     if data:
         from cig_jax.data import synthetic, tfds_builder
 
         t = time.perf_counter()
-        print(f"[recipe] drawing the synthetic dataset into {data['dir']}", flush=True)
-        b = tfds_builder.build_dataset(data["dir"], "synthetic", data.get("num_train", 1000), data.get("num_val", 100),
-                                       data.get("seed", 0), data.get("size", 64),
-                                       tuple(data.get("kinds", synthetic.KINDS)))
-        print(f"[recipe] dataset ready: " + ", ".join(f"{k}={v.num_examples}" for k, v in b.info.splits.items())
-              + f" ({time.perf_counter() - t:.0f}s)", flush=True)
+        if jax.process_index() == 0:  # one process draws (data.dir must be shared: a network disk or gs://)
+            print(f"[recipe] drawing the synthetic dataset into {data['dir']}", flush=True)
+            b = tfds_builder.build_dataset(data["dir"], "synthetic", data.get("num_train", 1000),
+                                           data.get("num_val", 100), data.get("seed", 0), data.get("size", 64),
+                                           tuple(data.get("kinds", synthetic.KINDS)))
+            print(f"[recipe] dataset ready: " + ", ".join(f"{k}={v.num_examples}" for k, v in b.info.splits.items())
+                  + f" ({time.perf_counter() - t:.0f}s)", flush=True)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            if jax.process_index():
+                print(f"[recipe] waiting for process 0 to draw the dataset into {data['dir']}", flush=True)
+            multihost_utils.sync_global_devices("cig_jax recipe dataset drawn")
     metrics = {}
     for i, (stage_path, cfg) in enumerate(stages, 1):
         t = time.perf_counter()
         print(f"[recipe] stage {i}/{len(stages)}: {stage_path.name} (stage {cfg.train.stage!r}, {cfg.train.steps} "
               f"steps, workdir {cfg.train.workdir})", flush=True)
         metrics = trainer.run(cfg)
+        if metrics.get("preempted"):  # saved at the step it was on; re-running the recipe continues there
+            print(f"[recipe] preempted in stage {i}/{len(stages)}; run the same command again to continue", flush=True)
+            return metrics
         print(f"[recipe] stage {i}/{len(stages)} done in {time.perf_counter() - t:.0f}s", flush=True)
     print(f"[recipe] all {len(stages)} stages done in {time.perf_counter() - t0:.0f}s; final checkpoint: "
           f"{stages[-1][1].train.workdir}", flush=True)

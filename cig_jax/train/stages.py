@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from cig_jax import fs
 from cig_jax.config import Config, ConfigError
 from cig_jax.data.lm_smoke import lm_smoke_dataset
 from cig_jax.models.cig import CIGModel, trainable_filter
@@ -117,7 +118,7 @@ def stage_tokenizer(cfg: Config):
     if cfg.init_weights.tokenizer or cfg.data.tokenizer:
         tok = load_tokenizer(cfg.init_weights.tokenizer or cfg.data.tokenizer)
     else:
-        tok = build_tiny_tokenizer(Path(cfg.train.workdir) / "tokenizer_cache")
+        tok = build_tiny_tokenizer(Path(fs.local_cache(cfg.train.workdir, "tokenizer_cache")))
     if len(tok) > cfg.model.llm.vocab_size:
         raise ConfigError(f"model.llm.vocab_size ({cfg.model.llm.vocab_size}) is smaller than the tokenizer "
                           f"({len(tok)} tokens incl. the MLLM tokens)")
@@ -257,7 +258,8 @@ def pipeline_options(cfg: Config, process_index: int, process_count: int):
     return pipeline.PipelineOptions(seq_len=d.seq_len, max_images=d.max_images, image_size=cfg.model.vit.image_size,
                                     batch_size=d.global_batch_size // process_count, seed=d.seed,
                                     markov_view=d.markov_view, process_index=process_index,
-                                    process_count=process_count)
+                                    process_count=process_count, worker_count=d.worker_count,
+                                    prefetch_buffer=d.prefetch_buffer)
 
 
 def conversation_dataset(cfg: Config, records: Sequence, process_index: int, process_count: int):

@@ -18,7 +18,7 @@ import jax
 import optax
 from flax import nnx
 
-from cig_jax import sharding
+from cig_jax import fs, sharding
 from cig_jax.config import Config
 from cig_jax.train import trainer
 from cig_jax.train.checkpoint import CheckpointMismatchError, restore_params
@@ -93,12 +93,10 @@ def initialize_from(model: nnx.Module, workdir: str, mesh, rules) -> None:
     already accepted by `trainer.check_init_from`), read parameters-only straight into this model's shardings.
     LoRA adapters the previous stage did not have keep their fresh initialisation (which leaves the base model
     unchanged); any other parameter missing there is an error."""
-    from pathlib import Path
-
     from cig_jax.models.layers import LoRAParam
 
     params = nnx.state(model, nnx.Param)
-    restored, step, missing = restore_params(Path(workdir) / "checkpoints",
+    restored, step, missing = restore_params(fs.path(workdir) / "checkpoints",
                                              trainer.sharded_abstract(params, mesh, rules))
     lora = {".".join(map(str, p)) for p, v in nnx.to_flat_state(params) if isinstance(v, LoRAParam)}
     wrong = [m for m in missing if m not in lora]

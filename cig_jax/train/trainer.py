@@ -23,10 +23,12 @@ import numpy as np
 import optax
 from flax import nnx
 
-from cig_jax import sharding
+from cig_jax import fs, sharding
 from cig_jax.config import Config, OptimizerConfig
 from cig_jax.train.checkpoint import Checkpointer, CheckpointMismatchError, abstract_like
 from cig_jax.train.checkpoint import load_trained  # noqa: F401  (parameters only; its home is checkpoint.py)
+from cig_jax.train.preemption import PreemptionWatch
+from cig_jax.train.runtime import StepProfiler, use_compilation_cache
 from cig_jax.train.stages import Task, build_task
 
 # Dense bf16 peak FLOP/s per chip (vendor figures, no sparsity), for MFU.
@@ -201,6 +203,7 @@ def run(cfg: Config, task: Task | None = None) -> dict:
     """Trains `task` (default: the configured stage). Returns the last logged metrics."""
     # --- mesh -------------------------------------------------------------------------------------------
     sharding.initialize_distributed()
+    use_compilation_cache(cfg.train.compilation_cache_dir)
     mesh = sharding.make_mesh(cfg.mesh)
     rules = cfg.mesh.axis_rules
     pid, nproc = jax.process_index(), jax.process_count()
@@ -209,7 +212,7 @@ def run(cfg: Config, task: Task | None = None) -> dict:
     say(f"[mesh] {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices, "
         f"{nproc} process(es)")
     task = task or build_task(cfg)
-    workdir = Path(cfg.train.workdir)
+    workdir = fs.path(cfg.train.workdir)  # local or gs://...: everything below writes through cig_jax.fs
 
     # --- input pipeline ---------------------------------------------------------------------------------
     if cfg.data.global_batch_size % (nproc * cfg.train.grad_accum_steps):
@@ -259,13 +262,18 @@ def run(cfg: Config, task: Task | None = None) -> dict:
     pending: list = []
     bar = _progress(cfg, start) if is_main else None
     t0 = time.perf_counter()
-    with open(workdir / "metrics.jsonl", "a") if is_main else _null() as log:
+    preempted = False
+    profiler = StepProfiler(workdir, cfg.train.profile_steps, enabled=is_main)
+    with fs.AppendLog(workdir / "metrics.jsonl") if is_main else _null() as log, PreemptionWatch() as watch:
         for i in range(start, cfg.train.steps):
             fp = fingerprint(host_batch)
+            profiler.before(i + 1)
             state, m = step(state, batch)
+            profiler.after(i + 1, m)
             pending.append((i + 1, fp, m))
             done = i + 1 == cfg.train.steps
-            if (i + 1) % cfg.train.log_every == 0 or done:
+            preempted = not done and watch.reached(i + 1)  # SIGTERM / the pod's notice: save this step, stop
+            if (i + 1) % cfg.train.log_every == 0 or done or preempted:
                 jax.block_until_ready(m)  # steps are dispatched asynchronously: time them once they finished
                 dt = (time.perf_counter() - t0) / len(pending)
                 for s, fp_s, m_s in pending:
@@ -292,21 +300,29 @@ def run(cfg: Config, task: Task | None = None) -> dict:
                     + (f"  MFU {metrics['mfu'] * 100:.1f}%" if "mfu" in metrics else ""), flush=True)
                 if is_main:
                     log.flush()
+                if writer is not None:
+                    writer.flush()
                 pending = []
                 t0 = time.perf_counter()
             if bar is not None:
                 bar.update(1)
             every = cfg.train.checkpoint_every
-            if every >= 0 and (every and (i + 1) % every == 0 or done):
-                ckpt.save(i + 1, state, data_iter, cfg, force=done)
+            if every >= 0 and (every and (i + 1) % every == 0 or done or preempted):
+                ckpt.save(i + 1, state, data_iter, cfg, force=done or preempted)
+            if preempted:
+                break
             if not done:  # after the save: the saved iterator state points at the batch of step i + 2
                 host_batch = next(data_iter)
                 batch = sharding.host_to_global(host_batch, mesh, rules)
+    profiler.stop()
     ckpt.close()
     if writer is not None:
         writer.close()
     if bar is not None:
         bar.close()
+    if preempted:  # the save above has finished (close waits): the next start resumes from it
+        say(f"[preempted] stopped after step {metrics['step']}; checkpoint in {ckpt.directory}", flush=True)
+        return dict(metrics, preempted=True)
     say(f"[done] {cfg.train.steps} steps; checkpoint in {ckpt.directory}")
     return metrics
 
@@ -319,7 +335,7 @@ def restore_state(cfg: Config, mesh, *, step: Optional[int] = None, task: Option
     from cig_jax.train.state import setup_state
 
     setup = setup_state(cfg, mesh, task=task, abstract=True, load=False)
-    directory = Path(workdir or cfg.train.workdir) / "checkpoints"
+    directory = fs.path(workdir or cfg.train.workdir) / "checkpoints"
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: no checkpoints there (train first, or check the path)")
     ckpt = Checkpointer(directory, save_every=1, keep=cfg.train.keep_checkpoints, async_save=False)
@@ -336,7 +352,7 @@ def saved_config(workdir: str | Path, source: str = "train.init_from") -> Config
     from cig_jax.config import from_dict
     from cig_jax.train.checkpoint import read_config
 
-    return from_dict(Config, read_config(Path(workdir) / "checkpoints"), source=f"{source} {workdir}")
+    return from_dict(Config, read_config(fs.path(workdir) / "checkpoints"), source=f"{source} {workdir}")
 
 
 def check_init_from(workdir: str | Path, cfg: Config) -> Config:
@@ -359,7 +375,7 @@ def to_dict_model(cfg: Config) -> dict:
     return to_dict(cfg)["model"]
 
 
-def write_artifacts(cfg: Config, workdir: Path) -> None:
+def write_artifacts(cfg: Config, workdir) -> None:
     """Written before step 1: <workdir>/config.yaml (the resolved config; `train.py --config` takes it again) and
     what sampling needs beside the checkpoint: the tokenizer of MLLM stages, under <workdir>/tokenizer."""
     from cig_jax.config import dump_yaml
@@ -369,15 +385,18 @@ def write_artifacts(cfg: Config, workdir: Path) -> None:
         return
     from cig_jax.train.stages import stage_tokenizer
 
-    stage_tokenizer(cfg).save_pretrained(str(workdir / "tokenizer"))
+    local = fs.local_cache(workdir, "tokenizer")  # Hugging Face writes local folders only
+    stage_tokenizer(cfg).save_pretrained(local)
+    if fs.is_remote(workdir):
+        fs.mirror(local, workdir / "tokenizer")
 
 
-def _tensorboard(workdir: Path):
+def _tensorboard(workdir):
     try:
-        from tensorboardX import SummaryWriter
+        from cig_jax.train.tb import TensorBoardWriter
     except ImportError:  # optional: JSON lines are always written
         return None
-    return SummaryWriter(str(workdir / "tensorboard"))
+    return TensorBoardWriter(workdir / "tensorboard")
 
 
 def _progress(cfg: Config, start: int):
