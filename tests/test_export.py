@@ -126,7 +126,7 @@ def test_jinja_chat_template_renders_text_only_conversations_as_chat_template_py
                         assistant_text=r.assistant_text) for r in conv.rounds if r.assistant_text]
         if not rounds:
             continue
-        ids = template.encode(Conversation(rounds=rounds)).input_ids.tolist()
+        ids = template.encode(Conversation(id=conv.id, rounds=rounds)).input_ids.tolist()
         messages = [m for r in rounds for m in ({"role": "user", "content": r.user_text},
                                                  {"role": "assistant", "content": r.assistant_text})]
         rendered = tiny.apply_chat_template(messages, tokenize=False)
