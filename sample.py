@@ -142,6 +142,7 @@ def main(argv=None) -> int:
     from cig_jax import sharding
     from cig_jax.config import ConfigError
     from cig_jax.data import schema
+    from cig_jax.sample import complete as C
     from cig_jax.sample import session as S
     from cig_jax.train.checkpoint import CheckpointMismatchError
 
@@ -152,12 +153,12 @@ def main(argv=None) -> int:
         chats = _load_chats(Path(args.chat)) if args.chat else []
         _check_outputs(out, chats)
         cfg = _config(args)
-        _, template = S.checkpoint_parts(args.checkpoint, cfg)
+        _, template = C.checkpoint_parts(args.checkpoint, cfg)
         max_new = args.max_new_tokens if args.max_new_tokens is not None else cfg.sample.max_new_tokens
         if args.overflow == "error":
             for batch in _batches(chats, args.batch_size):
                 for k in batch:
-                    S.check_context(template, chats[k][0], args.max_len, max_new, batch_size=len(batch))
+                    C.check_context(template, chats[k][0], args.max_len, max_new, batch_size=len(batch))
         devices = jax.devices()[: args.devices] if args.devices else jax.devices()
         session = S.ChatSession.from_checkpoint(
             args.checkpoint, config=cfg, step=args.step, mesh=sharding.make_mesh(cfg.mesh, devices),
@@ -177,11 +178,11 @@ def main(argv=None) -> int:
 
 def _batches(chats: list, batch_size: int) -> list:
     """Indices into `chats`, in batches of at most `batch_size` conversations of the same shape."""
-    from cig_jax.sample import session as S
+    from cig_jax.sample import complete as C
 
     groups: dict = {}
     for k, (conv, _) in enumerate(chats):
-        groups.setdefault(S.shape_of(conv), []).append(k)
+        groups.setdefault(C.shape_of(conv), []).append(k)
     size = max(batch_size, 1)
     return [members[i:i + size] for members in groups.values() for i in range(0, len(members), size)]
 
@@ -189,7 +190,7 @@ def _batches(chats: list, batch_size: int) -> list:
 def _complete_all(first, chats: list, seed: int, args) -> list:
     """Completes every conversation, batching those of the same shape; returns (conversation, name) pairs."""
     from cig_jax.data import schema
-    from cig_jax.sample import session as S
+    from cig_jax.sample import complete as C
 
     total = sum(len(schema.pending_rounds(conv)) for conv, _ in chats)
     bar = None
@@ -206,7 +207,7 @@ def _complete_all(first, chats: list, seed: int, args) -> list:
             sessions[b] = first.with_batch_size(b)
         convs = [chats[k][0] for k in batch]
         tick = (lambda r, res: bar.update(len(res))) if bar is not None else None
-        for k, conv in zip(batch, S.complete_conversations(sessions[b], convs, seed=seed, on_round=tick, **opts)):
+        for k, conv in zip(batch, C.complete_conversations(sessions[b], convs, seed=seed, on_round=tick, **opts)):
             done[k] = (conv, chats[k][1])
     if bar is not None:
         bar.close()
@@ -219,12 +220,12 @@ def _interactive(session, chat, out: Path, seed: int, args) -> int:
     import dataclasses
 
     from cig_jax.data import schema
-    from cig_jax.sample import session as S
+    from cig_jax.sample import complete as C
 
     opts = _round_options(args)
     if chat is not None:
         conv, name = chat
-        conv = S.complete_conversation(session, conv, seed=seed, **opts)
+        conv = C.complete_conversation(session, conv, seed=seed, **opts)
         _write(out, [(conv, name)])
         for r, rnd in enumerate(conv.rounds):
             print(f"[{r + 1}] you> {rnd.user_text}\n[{r + 1}] assistant> {rnd.assistant_text or ''}")

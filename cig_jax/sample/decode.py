@@ -31,6 +31,14 @@ def choose_next(logits: jax.Array, key: jax.Array, temperature: float = 0.0, top
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
+@partial(jax.jit, static_argnums=(4, 5))
+def choose_rows(logits, seeds, step, banned, temperature, top_p):
+    """Next token per row [b]: banned ids masked, then greedy / temperature / top-p with the row's own key."""
+    logits = jnp.where(banned, -jnp.inf, logits)
+    keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.fold_in(jax.random.key(s), 0), step))(seeds)
+    return jax.vmap(lambda lg, k: choose_next(lg[None], k, temperature, top_p)[0])(logits, keys)
+
+
 @partial(jax.jit, static_argnums=(0,), donate_argnums=(3,))
 def _forward(graphdef, state, tokens, cache, attention_mask):
     model = nnx.merge(graphdef, state)
