@@ -34,6 +34,7 @@ setup(
             "diffusers>=0.32",
             "pytest>=8",
             "av>=12",
+            "jsonschema>=4.20",
         ],
         # Face identity embedders: insightface (ArcFace, needs a local model pack) and dlib (real weights ship
         # in face-recognition-models, so it works offline).
@@ -46,5 +47,7 @@ setup(
         ],
         # Building multi-round records from video clips (OpenCV, pulled in by insightface, is the fallback).
         "video": ["av>=12"],
+        # The web app (app.py) and its browser test (Playwright drives the system's Chromium; no browser download).
+        "app": ["gradio==6.31.0", "playwright==1.65.2"],
     },
 )

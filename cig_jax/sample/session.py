@@ -42,7 +42,7 @@ from cig_jax.config import Config, MeshConfig
 from cig_jax.data import schema, synthetic
 from cig_jax.data.chat_template import BOI, IMAGE_QUERY, INPUT_IMAGE, ChatTemplate, mllm_special_tokens
 from cig_jax.sample.cache import Graph, RowCache
-from cig_jax.sample.decode import choose_rows
+from cig_jax.sample.decode import decode_text
 from cig_jax.sample.draw import detokenize, diffusion_bar
 
 log = logging.getLogger(__name__)
@@ -261,6 +261,10 @@ class ChatSession:
                      force_image) -> list:
         b, d = self.batch_size, self.cfg.diffusion
         results = [RoundResult("", None, None, False, []) for _ in range(b)]
+        params = dict(max_new_tokens=int(max_new), temperature=temperature, top_p=top_p, num_steps=int(n_steps),
+                      visual_scale=float(d.visual_guidance_scale if visual_scale is None else visual_scale),
+                      identity_scale=float(d.identity_guidance_scale if identity_scale is None else identity_scale),
+                      force_image=bool(force_image))  # how the round was made: saved with the history
 
         # --- the user turn -------------------------------------------------------------------------------
         r_index = len(self.rows[0].conv.rounds)
@@ -269,7 +273,7 @@ class ChatSession:
             rnd = schema.Round(user_text=_user_text(texts[i]),
                                user_images=[_as_image(im, f"{where}.user_images[{j}]")
                                             for j, im in enumerate(images[i])],
-                               metadata={"sample": {"seed": int(seeds[i])}})
+                               metadata={"sample": dict(params, seed=int(seeds[i]))})
             if not rnd.user_text and not rnd.user_images:
                 raise schema.SchemaError(f"{where}: user turn is empty (needs text or images)")
             schema.user_segments(rnd)  # checks <image> markers against the images
@@ -285,29 +289,11 @@ class ChatSession:
 
         # --- text ----------------------------------------------------------------------------------------
         seeds_arr = self.cache.put(np.asarray(seeds, np.int32), ("batch",))
-        marker = list(self.template.user_open_next)
-        active = np.ones((b,), bool)
-        for step in range(max_new):
-            chosen = np.asarray(choose_rows(self.cache.logits, seeds_arr, step, self._banned, temperature, top_p))
-            feed = np.zeros((b,), bool)
-            for i in np.flatnonzero(active):
-                t = int(chosen[i])
-                res = results[i]
-                if t in (self.template.eos_id, self.template.boi_id):
-                    res.stop, active[i] = ("eos" if t == self.template.eos_id else "image"), False
-                    continue
-                res.tokens.append(t)
-                if marker and res.tokens[-len(marker):] == marker:
-                    del res.tokens[-len(marker):]
-                    res.stop, active[i] = "turn_marker", False
-                    continue
-                feed[i] = True
-            if not active.any():
-                break
-            if step + 1 < max_new:  # the last token's logits are never read: the next sync feeds it
-                self.cache.step(chosen, feed)
-        for i in np.flatnonzero(active):
-            results[i].stop = "max_new_tokens"
+        tokens, stops = decode_text(self.cache, seeds=seeds_arr, banned=self._banned, eos_id=self.template.eos_id,
+                                    boi_id=self.template.boi_id, marker=self.template.user_open_next,
+                                    max_new=max_new, temperature=temperature, top_p=top_p)
+        for res, toks, stop in zip(results, tokens, stops):
+            res.tokens, res.stop = toks, stop
 
         # --- image queries -------------------------------------------------------------------------------
         draw = [force_image or res.stop == "image" for res in results]
