@@ -6,10 +6,16 @@
     python sample.py --checkpoint DIR --out OUT --interactive [--chat history.json]
 
 Every round that has a user turn but no assistant output is sampled (round r with seed --seed + r). Into OUT go
-the completed history (`<name>.json`, the input's file name; one per conversation), the images (`images/*.png`)
-and `transcript.html`, the conversations as a chat with the images inline. The input is never modified; files
-are written atomically, and only once every conversation is done. Conversations of the same shape (rounds,
-pending rounds) are sampled together, up to --batch-size at a time, their rows sharded over the mesh.
+the completed history (`<name>.json`, the input's file name; one per conversation), the images (`images/*.png`,
+each carrying how it was made in its PNG text chunk `cig_jax`, as the round's metadata.sample in the JSON does)
+and `transcript.html`, the conversations as a chat with the images inline. The input is never modified. Each
+conversation is written as soon as it is complete, every file atomically and its JSON last, so after a crash
+the JSONs on disk are finished conversations and `--skip-existing` samples only the rest (with the same
+results: each conversation's seeds depend only on --seed). Conversations of the same shape (rounds, pending
+rounds) are sampled together, up to --batch-size at a time, their rows sharded over the mesh. `--num-images N`
+draws N candidates per round in one batch (different seeds); the history goes on with the first, the others
+are saved as `images/<id>_r<r>_a_c<k>.png` and listed in the round's metadata.sample.candidates. Histories are
+our JSON (see README, "Chat-history JSON") or the Hugging Face / OpenAI `messages` form.
 
 Bad input (malformed JSON, a missing / undecodable / unsupported image, a checkpoint that does not fit the
 config, a history longer than --max-len under --overflow error) is a one-line error naming the file, round and
@@ -25,22 +31,28 @@ from pathlib import Path
 
 
 def _args(argv):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python sample.py", description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="training workdir: DIR/checkpoints/<step>/ and DIR/tokenizer/")
-    ap.add_argument("--chat", help="history JSON, a directory of them, or a JSONL file (one conversation a line)")
+    ap.add_argument("--chat", help="history JSON (ours or a `messages` list), a directory of them, or a JSONL file "
+                    "(one conversation a line)")
     ap.add_argument("--out", required=True, help="output directory (created)")
     ap.add_argument("--interactive", action="store_true", help="chat in the terminal")
     ap.add_argument("--config", help="YAML config to use instead of the one saved with the checkpoint")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     ap.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     ap.add_argument("--seed", type=int, help="round r samples with seed + r (default: sample.seed)")
-    ap.add_argument("--max-new-tokens", type=int)
-    ap.add_argument("--temperature", type=float, help="0: greedy")
-    ap.add_argument("--top-p", type=float)
-    ap.add_argument("--num-steps", type=int, help="diffusion steps")
-    ap.add_argument("--visual-scale", type=float, help="visual guidance scale")
-    ap.add_argument("--identity-scale", type=float, help="identity guidance scale")
+    ap.add_argument("--max-new-tokens", type=int, help="default: sample.max_new_tokens")
+    ap.add_argument("--temperature", type=float, help="0: greedy (default: sample.temperature)")
+    ap.add_argument("--top-p", type=float, help="default: sample.top_p")
+    ap.add_argument("--num-steps", type=int, help="diffusion steps (default: diffusion.num_steps)")
+    ap.add_argument("--visual-scale", type=float, help="visual guidance scale (default: diffusion.visual_guidance_scale)")
+    ap.add_argument("--identity-scale", type=float,
+                    help="identity guidance scale (default: diffusion.identity_guidance_scale)")
     ap.add_argument("--force-image", action="store_true", help="draw in every round")
+    ap.add_argument("--num-images", type=int, default=1, help="candidate images per round (different seeds, batched)")
+    ap.add_argument("--skip-existing", action="store_true",
+                    help="keep conversations whose output JSON is already complete in --out; sample the rest")
     ap.add_argument("--max-len", type=int, default=2048, help="KV-cache slots for the history")
     ap.add_argument("--overflow", choices=("error", "drop_oldest"), default="error",
                     help="when the history outgrows --max-len: fail, or drop the oldest text-only rounds")
@@ -50,18 +62,20 @@ def _args(argv):
     args = ap.parse_args(argv)
     if not args.interactive and not args.chat:
         ap.error("--chat is required (or use --interactive)")
+    if args.num_images < 1:
+        ap.error("--num-images must be >= 1")
     return args
 
 
 def _load_chats(path: Path) -> list:
     """(conversation, output file name) pairs from a JSON file, a directory of JSON files, or a JSONL file."""
-    from cig_jax.data import schema
+    from cig_jax.data import messages, schema
 
     if path.is_dir():
         files = sorted(path.glob("*.json"))
         if not files:
             raise schema.SchemaError(f"{path}: no *.json conversations in this directory")
-        return [(schema.load_conversation(f), f.name) for f in files]
+        return [(messages.load_any(f), f.name) for f in files]
     if path.suffix == ".jsonl":
         if not path.is_file():
             raise schema.SchemaError(f"{path}: conversation file not found")
@@ -74,13 +88,16 @@ def _load_chats(path: Path) -> list:
                 d = json.loads(line)
             except json.JSONDecodeError as e:
                 raise schema.SchemaError(f"{where}: malformed JSON at column {e.colno}: {e.msg}") from None
-            conv = schema.conversation_from_dict(d, source=where, base_dir=path.parent)
+            if messages.is_messages(d):
+                conv = messages.conversation_from_messages(d, source=where, base_dir=path.parent, conv_id=f"line{n}")
+            else:
+                conv = schema.conversation_from_dict(d, source=where, base_dir=path.parent)
             schema.validate(conv)
             out.append((conv, schema._safe(conv.id or f"line{n}") + ".json"))
         if not out:
             raise schema.SchemaError(f"{path}: no conversations in this file")
         return out
-    return [(schema.load_conversation(path), path.name)]
+    return [(messages.load_any(path), path.name)]
 
 
 def _config(args):
@@ -112,13 +129,48 @@ def _round_options(args) -> dict:
     return opts
 
 
+def _save_one(out: Path, conv, name: str):
+    """Writes one completed conversation into `out`: candidate PNGs, then the images and the JSON (last)."""
+    from cig_jax.data import schema
+
+    stem, png_text = schema._safe(conv.id), {}
+    for r, rnd in enumerate(conv.rounds):
+        sample = rnd.metadata.get("sample") if isinstance(rnd.metadata, dict) else None
+        if not isinstance(sample, dict):
+            continue
+        for k, cand in enumerate(sample.get("candidates", []), 1):
+            im = cand.get("image")
+            if isinstance(im, schema.Image):
+                rel = f"images/{stem}_r{r}_a_c{k}.png"
+                made = {key: v for key, v in dict(sample, seed=cand["seed"], stop=cand["stop"]).items()
+                        if key != "candidates"}
+                schema._atomic_write(out / rel, schema.encode_png(im.pixels, {"cig_jax": json.dumps(made)}))
+                cand["image"] = rel
+        made = {key: v for key, v in sample.items() if key != "candidates"}
+        png_text[f"rounds[{r}].assistant_image"] = {"cig_jax": json.dumps(made)}
+    return schema.save_conversation(conv, out / name, png_text=png_text)
+
+
 def _write(out: Path, done: list) -> None:
     """Saves each (conversation, name) into `out` (JSON + images) and the transcript of them all."""
-    from cig_jax.data import schema
+    _write_transcript(out, [_save_one(out, conv, name) for conv, name in done])
+
+
+def _write_transcript(out: Path, saved: list) -> None:
     from cig_jax.sample.transcript import write_transcript
 
-    saved = [schema.save_conversation(conv, out / name) for conv, name in done]
     write_transcript(out / "transcript.html", saved, title=", ".join(c.id for c in saved) or "Transcript")
+
+
+def _existing(out: Path, name: str):
+    """The complete conversation already saved as out/name, or None (missing, unreadable or pending rounds)."""
+    from cig_jax.data import schema
+
+    try:
+        conv = schema.load_conversation(out / name)
+    except schema.SchemaError:
+        return None
+    return None if schema.pending_rounds(conv) else conv
 
 
 def _check_outputs(out: Path, chats: list) -> None:
@@ -158,21 +210,25 @@ def main(argv=None) -> int:
         if args.overflow == "error":
             for batch in _batches(chats, args.batch_size):
                 for k in batch:
-                    C.check_context(template, chats[k][0], args.max_len, max_new, batch_size=len(batch))
+                    C.check_context(template, chats[k][0], args.max_len, max_new,
+                                    batch_size=len(batch) * args.num_images)
         devices = jax.devices()[: args.devices] if args.devices else jax.devices()
         session = S.ChatSession.from_checkpoint(
             args.checkpoint, config=cfg, step=args.step, mesh=sharding.make_mesh(cfg.mesh, devices),
             max_len=args.max_len, overflow=args.overflow, progress=not args.no_progress)
-        # --- sampling: outputs are written only once everything is done ---------------------------------------
+        # --- sampling: each conversation is written as soon as it is complete -----------------------------------
         seed = args.seed if args.seed is not None else cfg.sample.seed
         if args.interactive:
             return _interactive(session, chats[0] if chats else None, out, seed, args)
-        done = _complete_all(session, chats, seed, args)
+        kept = {}
+        if args.skip_existing:
+            kept = {k: conv for k, (_, name) in enumerate(chats) if (conv := _existing(out, name)) is not None}
+        sampled = _complete_all(session, chats, seed, args, kept, out)
     except user_errors as e:
         print(f"sample.py: {e}", file=sys.stderr)
         return 2
-    _write(out, done)
-    print(f"sample.py: wrote {len(done)} conversation(s) and transcript.html to {out}")
+    skipped = f" (kept {len(kept)} already complete)" if kept else ""
+    print(f"sample.py: wrote {sampled} conversation(s){skipped} and transcript.html to {out}")
     return 0
 
 
@@ -187,31 +243,40 @@ def _batches(chats: list, batch_size: int) -> list:
     return [members[i:i + size] for members in groups.values() for i in range(0, len(members), size)]
 
 
-def _complete_all(first, chats: list, seed: int, args) -> list:
-    """Completes every conversation, batching those of the same shape; returns (conversation, name) pairs."""
+def _complete_all(first, chats: list, seed: int, args, kept: dict, out: Path) -> int:
+    """Completes every conversation not in `kept` (index -> saved conversation), batching those of the same shape,
+    and writes each batch's conversations as soon as they are done (the transcript too, of all so far). Returns
+    how many were sampled."""
     from cig_jax.data import schema
     from cig_jax.sample import complete as C
 
-    total = sum(len(schema.pending_rounds(conv)) for conv, _ in chats)
+    todo = [k for k in range(len(chats)) if k not in kept]
+    total = sum(len(schema.pending_rounds(chats[k][0])) for k in todo)
     bar = None
     if not args.no_progress:
         from tqdm import tqdm
 
         bar = tqdm(total=total, desc="rounds", unit="round")
-    done: dict = {}
+    saved: dict = dict(kept)
     sessions = {1: first}
     opts = _round_options(args)
-    for batch in _batches(chats, args.batch_size):
-        b = len(batch)
+    n = args.num_images
+    for batch in _batches([chats[k] for k in todo], args.batch_size):
+        batch = [todo[i] for i in batch]
+        b = len(batch) * n
         if b not in sessions:  # the same weights, another batch size
             sessions[b] = first.with_batch_size(b)
         convs = [chats[k][0] for k in batch]
         tick = (lambda r, res: bar.update(len(res))) if bar is not None else None
-        for k, conv in zip(batch, C.complete_conversations(sessions[b], convs, seed=seed, on_round=tick, **opts)):
-            done[k] = (conv, chats[k][1])
+        done = C.complete_conversations(sessions[b], convs, seed=seed, on_round=tick, num_images=n, **opts)
+        for k, conv in zip(batch, done):
+            saved[k] = _save_one(out, conv, chats[k][1])
+        _write_transcript(out, [saved[k] for k in sorted(saved)])
+    if not todo:
+        _write_transcript(out, [saved[k] for k in sorted(saved)])
     if bar is not None:
         bar.close()
-    return [done[k] for k in range(len(chats))]
+    return len(todo)
 
 
 def _interactive(session, chat, out: Path, seed: int, args) -> int:

@@ -64,10 +64,19 @@ def pil_to_rgb(im: PILImage.Image, where: str = "image", shown: str = "image") -
     return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
 
 
-def encode_png(pixels: np.ndarray) -> bytes:
-    """[H, W, 3] uint8 -> PNG bytes (deterministic for the same pixels)."""
+def encode_png(pixels: np.ndarray, text: Optional[dict] = None) -> bytes:
+    """[H, W, 3] uint8 -> PNG bytes (deterministic for the same pixels and text). `text`: {key: str} written as
+    the PNG's tEXt chunks (e.g. how the image was generated)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = None
+    if text:
+        info = PngInfo()
+        for k, v in text.items():
+            info.add_text(str(k), str(v))
     buf = io.BytesIO()
-    PILImage.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8), "RGB").save(buf, format="PNG", compress_level=1)
+    PILImage.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8), "RGB").save(buf, format="PNG", compress_level=1,
+                                                                                pnginfo=info)
     return buf.getvalue()
 
 
@@ -288,10 +297,13 @@ def _safe(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", s) or "conversation"
 
 
-def save_conversation(conv: Conversation, path: Union[str, Path], image_dir: Union[str, Path] = "images") -> Conversation:
+def save_conversation(conv: Conversation, path: Union[str, Path], image_dir: Union[str, Path] = "images",
+                      png_text: Optional[dict] = None) -> Conversation:
     """Writes `conv` as JSON at `path`; in-memory images become PNGs in `image_dir` (relative to the JSON's
     folder, or absolute) and files outside the JSON's folder are copied there. Every file is written
-    atomically (temp file + os.replace). Returns the conversation as `load_conversation` would read it."""
+    atomically (temp file + os.replace), the JSON last (so a JSON on disk means a complete conversation).
+    png_text: {field path (as from `iter_images`): {key: str}} text chunks for the PNGs written. Returns the
+    conversation as `load_conversation` would read it."""
     path = Path(path)
     folder = path.parent
     img_dir = Path(image_dir) if Path(image_dir).is_absolute() else folder / image_dir
@@ -303,7 +315,7 @@ def save_conversation(conv: Conversation, path: Union[str, Path], image_dir: Uni
         if im.pixels is not None:
             _check_pixels(im.pixels, f"{label}: {where}.pixels")
             target = img_dir / f"{stem}_{slot}.png"
-            _atomic_write(target, encode_png(im.pixels))
+            _atomic_write(target, encode_png(im.pixels, (png_text or {}).get(where)))
         elif im.path:
             src = resolve_path(im.path, conv.base_dir)
             if not src.is_file():

@@ -68,32 +68,52 @@ def complete_conversation(session: ChatSession, conv: schema.Conversation, *, se
                                   **options)[0]
 
 
+CANDIDATE_SEEDS = 1_000_003  # candidate k of a round samples with seed + r + k * this
+
+
 def complete_conversations(session: ChatSession, convs: Sequence[schema.Conversation], *, seed: int = 0,
-                           on_round: Optional[Callable[[int, list], None]] = None, **options) -> list:
-    """`complete_conversation` for `session.batch_size` conversations at once. They must have the same shape:
-    the same number of rounds and the same pending rounds (see `shape_of`)."""
-    if len(convs) != session.batch_size:
-        raise ValueError(f"{len(convs)} conversations for a session of batch_size {session.batch_size}")
+                           on_round: Optional[Callable[[int, list], None]] = None, num_images: int = 1,
+                           **options) -> list:
+    """`complete_conversation` for several conversations at once (`session.batch_size` = len(convs) x
+    num_images rows). They must have the same shape: the same number of rounds and the same pending rounds (see
+    `shape_of`). With num_images N > 1 every round draws N candidates per conversation in one batch (candidate k
+    with seed `seed + r + k * CANDIDATE_SEEDS`); the history goes on with candidate 0, and the others are listed in
+    the round's metadata["sample"]["candidates"] ({"seed", "stop", "text", "image": a schema.Image with pixels or
+    None}; sample.py writes the images and puts their paths there)."""
+    n = int(num_images)
+    if n < 1 or len(convs) * n != session.batch_size:
+        raise ValueError(f"{len(convs)} conversations x {num_images} candidates for a session of batch_size "
+                         f"{session.batch_size}")
     shapes = {shape_of(c) for c in convs}
     if len(shapes) != 1:
         raise ValueError(f"conversations of different shapes cannot share a batch: {sorted(shapes)}")
     for c in convs:
         schema.validate(c)
     pending = schema.pending_rounds(convs[0])
-    session.replay_batch(convs)
+    rows = [c for c in convs for _ in range(n)]  # row j * n + k: candidate k of conversation j
+    session.replay_batch(rows)
     out = [copy.deepcopy(c) for c in convs]
     for r in pending:
-        texts = [c.rounds[r].user_text for c in convs]
+        texts = [c.rounds[r].user_text for c in rows]
         images = [[session.loaded(im, c, f"{schema._label(c)}: rounds[{r}].user_images[{j}]")
-                   for j, im in enumerate(c.rounds[r].user_images)] for c in convs]
-        results = session.round_batch(texts, images, seeds=[seed + r] * len(convs), **options)
-        for c, row, res in zip(out, session.rows, results):
-            done = row.conv.rounds[-1]
+                   for j, im in enumerate(c.rounds[r].user_images)] for c in rows]
+        seeds = [seed + r + k * CANDIDATE_SEEDS for _ in convs for k in range(n)]
+        results = session.round_batch(texts, images, seeds=seeds, **options)
+        for j, c in enumerate(out):
+            res, done = results[j * n], session.rows[j * n].conv.rounds[-1]
             c.rounds[r].assistant_text = res.text
             c.rounds[r].assistant_image = None if res.image is None else schema.Image(pixels=res.image)
-            c.rounds[r].metadata = dict(c.rounds[r].metadata, sample=dict(done.metadata["sample"], stop=res.stop))
+            sample = dict(done.metadata["sample"], stop=res.stop)
+            if n > 1:
+                sample["candidates"] = [
+                    {"seed": seeds[j * n + k], "stop": results[j * n + k].stop, "text": results[j * n + k].text,
+                     "image": None if results[j * n + k].image is None else schema.Image(pixels=results[j * n + k].image)}
+                    for k in range(1, n)]
+            c.rounds[r].metadata = dict(c.rounds[r].metadata, sample=sample)
         if on_round is not None:
-            on_round(r, results)
+            on_round(r, results[::n])
+        if n > 1 and r != pending[-1]:  # every candidate row goes on from candidate 0's answer
+            session.replay_batch([session.rows[(i // n) * n].conv for i in range(len(rows))])
     return out
 
 
