@@ -160,7 +160,7 @@ def test_three_rounds_with_an_upload_render_images_and_undo_rolls_back(app_url, 
     assert "Now in the rain." in Path(unquote(links["transcript.html"])).read_text()
 
 
-def test_bad_uploads_show_a_message_and_the_session_goes_on(app_url, browser, tmp_path):
+def test_bad_uploads_and_an_overfull_context_show_a_message_and_the_session_goes_on(app_url, browser, tmp_path):
     chat = Chat(browser(), app_url)
     chat.send("A first round.")
     text_file = tmp_path / "notes.png"
@@ -174,6 +174,10 @@ def test_bad_uploads_show_a_message_and_the_session_goes_on(app_url, browser, tm
         notice = chat.bot_texts()[-1]
         assert expected in notice and "Traceback" not in notice, notice
         assert chat.info()["rounds"] == 1  # the history did not change
+    chat.send("and then " * 600)  # more tokens than the session's 1,024 cache slots
+    notice = chat.bot_texts()[-1]
+    assert "KV-cache slots" in notice and "Traceback" not in notice, notice
+    assert chat.info()["rounds"] == 1
     chat.send("Draw a cat.", image=_picture(tmp_path / "ok.png", 2))
     assert chat.info()["rounds"] == 2 and chat.user_texts()[-1].startswith("Draw a cat.")
     _check_rendered(chat.bot_images(), 2)

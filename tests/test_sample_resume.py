@@ -51,7 +51,7 @@ ARGS = ["--devices", "1", "--no-progress", "--max-new-tokens", "3", "--force-ima
 
 
 def test_sigkill_mid_batch_then_skip_existing_matches_a_straight_run(tiny_run, tmp_path):
-    chats = _jsonl(tmp_path / "in", 6)
+    chats = _jsonl(tmp_path / "in", 4)
     killed = tmp_path / "killed"
     env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
     proc = subprocess.Popen([sys.executable, str(ROOT / "sample.py"), "--checkpoint", str(tiny_run), "--chat",
@@ -65,7 +65,7 @@ def test_sigkill_mid_batch_then_skip_existing_matches_a_straight_run(tiny_run, t
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     finished = sorted(p.name for p in killed.glob("conv*.json"))
-    assert 1 <= len(finished) < 6, finished  # killed mid-batch
+    assert 1 <= len(finished) < 4, finished  # killed mid-batch
     for name in finished:  # every JSON on disk is a complete, readable conversation with its images
         conv = schema.load_conversation(killed / name)
         assert not schema.pending_rounds(conv) and all(r.assistant_image is not None for r in conv.rounds)

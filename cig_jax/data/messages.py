@@ -146,8 +146,10 @@ def load_any(path) -> schema.Conversation:
         raise schema.SchemaError(f"{path}: conversation file not found")
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise schema.SchemaError(f"{path}: not a JSON file ({e})") from None
+    except UnicodeDecodeError as e:
+        raise schema.SchemaError(f"{path}: not UTF-8 text: {e}") from None
+    except json.JSONDecodeError as e:
+        raise schema.SchemaError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
     if is_messages(d):
         conv = conversation_from_messages(d, source=str(path), base_dir=path.parent)
     else:

@@ -307,12 +307,10 @@ class ChatSession:
         # --- the image -----------------------------------------------------------------------------------
         if any(draw):
             identity, on = self._identities(results, draw)
-            v_scale = d.visual_guidance_scale if visual_scale is None else visual_scale
-            i_scale = d.identity_guidance_scale if identity_scale is None else identity_scale
             with diffusion_bar(self.progress, n_steps, d.sampler):
-                pixels = detokenize(self.graph, self.state, seeds_arr, visual, identity,
-                                     self.cache.put(on, ("batch",)),
-                                     jnp.float32(v_scale), jnp.float32(i_scale), d, n_steps, self.progress)
+                pixels = detokenize(self.graph, self.state, seeds_arr, visual, identity, self.cache.put(on, ("batch",)),
+                                    jnp.float32(params["visual_scale"]), jnp.float32(params["identity_scale"]), d,
+                                    n_steps, self.progress)
             pixels = to_uint8(jax.device_get(pixels))
             vis_np = np.asarray(jax.device_get(visual))
             for i, row in enumerate(self.rows):
