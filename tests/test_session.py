@@ -340,7 +340,6 @@ def test_bad_input_is_one_line_exit_2_nothing_written(ckpt, tmp_path, capsys):
         assert not out.exists(), name  # nothing written
 
 
-@pytest.mark.slow
 def test_transcript_renders_in_headless_chromium(single_run, tmp_path):
     """The transcript's images show in a browser: headless Chromium's screenshot holds each image's pixels."""
     sys.path.insert(0, str(ROOT / "scripts"))

@@ -12,6 +12,9 @@ write-back of the previous round's drawing (it goes into the cache with the next
 once untimed first (every shape compiled; the cache has a fixed size, so shapes do not grow with the history),
 then --repeats timed passes, each latency the minimum over them (the machine may be shared). Expect the cached
 round 10 at well under 1/3 of the uncached one, and cached latencies about flat over the rounds.
+Then the capacity check: the same first round (a short history) in a session whose cache has --small-cache slots
+and in one with --big-cache slots (model calls read only the filled part of the cache, in power-of-two buckets),
+the best of --repeats each; expect big / small within 1.3x.
 """
 from __future__ import annotations
 
@@ -36,6 +39,8 @@ def parse(argv=None):
     p.add_argument("--new-tokens", type=int, default=0, help="text tokens decoded before each drawing")
     p.add_argument("--max-len", type=int, default=1024, help="KV-cache slots")
     p.add_argument("--repeats", type=int, default=3, help="timed passes; each latency is the minimum over them")
+    p.add_argument("--small-cache", type=int, default=512, help="capacity check: the small cache's slots")
+    p.add_argument("--big-cache", type=int, default=4096, help="capacity check: the big cache's slots")
     return p.parse_args(argv)
 
 
@@ -135,6 +140,30 @@ def main(argv=None) -> None:
           f"{uncached[last] * 1e3:.0f} ms ({'ok' if ratio <= 1 / 3 else 'NOT'} <= 1/3; cpu time {cpu_ratio:.2f} x); "
           f"cached rounds {min(cached) * 1e3:.0f}..{max(cached) * 1e3:.0f} ms (round {a.rounds} / round 1: "
           f"{cached[last] / cached[0]:.2f}); uncached round {a.rounds} / round 1: {uncached[last] / uncached[0]:.2f}")
+    capacity_check(session, turns[0], opts, a)
+
+
+def capacity_check(session, turn, opts, a) -> float:
+    """A short-history round (the first) in a --small-cache and a --big-cache session; prints and returns the
+    latency ratio big / small (best of --repeats, after a warm-up each)."""
+    text, ref = turn
+    best = {}
+    for slots in (a.small_cache, a.big_cache):
+        s = session.with_batch_size(1)
+        s.max_len = slots
+        s.reset()  # a cache of `slots` slots over the same weights
+        times = []
+        for k in range(a.repeats + 1):  # the first compiles
+            s.reset()
+            t0 = time.perf_counter()
+            s.round(text, [ref], seed=0, **opts)
+            times.append(time.perf_counter() - t0)
+        best[slots] = min(times[1:])
+    ratio = best[a.big_cache] / best[a.small_cache]
+    print(f"[capacity] round 1 (short history): {best[a.small_cache] * 1e3:.0f} ms with {a.small_cache} slots, "
+          f"{best[a.big_cache] * 1e3:.0f} ms with {a.big_cache} slots: {ratio:.2f}x "
+          f"({'ok' if ratio <= 1.3 else 'NOT'} <= 1.3)")
+    return ratio
 
 
 if __name__ == "__main__":

@@ -60,12 +60,15 @@ def stage_records(data, default_kinds: Sequence[str] = ()) -> Sequence:
 
 
 def open_files(path: Path) -> list:
-    """(conversation, output file name) pairs from a JSON file, a folder of JSON files, or a JSONL file."""
+    """(conversation, output file name) pairs from a JSON file, a folder of JSON files, or a JSONL file; each
+    conversation in our history format or the Hugging Face / OpenAI `messages` form (`data/messages.py`)."""
+    from cig_jax.data import messages
+
     if path.is_dir():
         files = sorted(path.glob("*.json"))
         if not files:
             raise schema.SchemaError(f"{path}: no *.json conversations in this folder")
-        return [(schema.load_conversation(f), f.name) for f in files]
+        return [(messages.load_any(f), f.name) for f in files]
     if path.suffix == ".jsonl":
         if not path.is_file():
             raise schema.SchemaError(f"{path}: conversation file not found")
@@ -78,13 +81,16 @@ def open_files(path: Path) -> list:
                 d = json.loads(line)
             except json.JSONDecodeError as e:
                 raise schema.SchemaError(f"{where}: malformed JSON at column {e.colno}: {e.msg}") from None
-            conv = schema.conversation_from_dict(d, source=where, base_dir=path.parent)
+            if messages.is_messages(d):
+                conv = messages.conversation_from_messages(d, source=where, base_dir=path.parent, conv_id=f"line{n}")
+            else:
+                conv = schema.conversation_from_dict(d, source=where, base_dir=path.parent)
             schema.validate(conv)
             out.append((conv, schema._safe(conv.id or f"line{n}") + ".json"))
         if not out:
             raise schema.SchemaError(f"{path}: no conversations in this file")
         return out
-    return [(schema.load_conversation(path), path.name)]
+    return [(messages.load_any(path), path.name)]
 
 
 def kind(records: Sequence, i: int) -> str:

@@ -34,28 +34,49 @@ from cig_jax.models.llm import KVCache
 
 CHUNK = 256  # most tokens fed in one call
 MIN_CHUNK = 16  # chunks pad to a power of two >= this
+MIN_VIEW = 128  # a model call reads at least this many slots (a power of two)
 
 
 @partial(jax.jit, static_argnums=(0,))
-def _encode_images(graphdef, state, pixels):
-    """pixels [n, S, S, 3] in [-1, 1] -> the input resampler's image tokens [n, Q, D_llm]. `graphdef`: the
-    model's nnx GraphDef (hashable: configs are frozen), so equal model structures share compiled code."""
-    mllm = nnx.merge(graphdef, state).mllm
+def _encode_images(graph, state, pixels):
+    """pixels [n, S, S, 3] in [-1, 1] -> the input resampler's image tokens [n, Q, D_llm]. `graph`: the model's
+    nnx GraphDef (hashable: configs are frozen), so equal model structures share compiled code."""
+    mllm = nnx.merge(graph, state).mllm
     return mllm.image_tokens(mllm.encode_images(pixels))
 
 
-@partial(jax.jit, static_argnums=(0, 7), donate_argnums=(6,))
-def _append(graphdef, state, ids, role, image_index, valid, cache, num_query_blocks, image_tokens):
+def view_len(upto: int, capacity: int) -> int:
+    """The slots a model call reads: the power-of-two bucket holding `upto` filled + new slots (at least
+    MIN_VIEW), at most the cache's `capacity`. Attention cost follows the history, not the capacity."""
+    return min(capacity, bucket(upto, least=MIN_VIEW))
+
+
+def view(cache: KVCache, n: int) -> KVCache:
+    """The first n slots of a cache (n static): what a call with the history below slot n needs."""
+    return dataclasses.replace(cache, k=cache.k[:, :, :n], v=cache.v[:, :, :n], mask=cache.mask[:, :n])
+
+
+def unview(cache: KVCache, part: KVCache) -> KVCache:
+    """`cache` with its first slots replaced by the view `part` (in place under donation)."""
+    zero = (0,) * cache.k.ndim
+    return KVCache(k=jax.lax.dynamic_update_slice(cache.k, part.k, zero),
+                   v=jax.lax.dynamic_update_slice(cache.v, part.v, zero),
+                   mask=jax.lax.dynamic_update_slice(cache.mask, part.mask, (0, 0)),
+                   lengths=part.lengths, index=part.index)
+
+
+@partial(jax.jit, static_argnums=(0, 7, 9), donate_argnums=(6,))
+def _append(graph, state, ids, role, image_index, valid, cache, num_query_blocks, image_tokens, n_view):
     """Feeds a chunk ([b, T]; `valid` marks real tokens, right-padded; image_tokens [b, n, Q, D_llm] for the chunk's
-    `image_index`) into the cache. Returns (logits of each row's last real token [b, V], visual embeddings of the
-    chunk's first query block [b, Q, D_vit] or None, cache)."""
-    mllm = nnx.merge(graphdef, state).mllm
-    out = mllm(ids, role, image_index, image_tokens=image_tokens, attention_mask=valid, cache=cache,
+    `image_index`) into the cache, reading and writing only its first n_view slots. Returns (logits of each row's
+    last real token [b, V], visual embeddings of the chunk's first query block [b, Q, D_vit] or None, cache)."""
+    mllm = nnx.merge(graph, state).mllm
+    out = mllm(ids, role, image_index, image_tokens=image_tokens, attention_mask=valid, cache=view(cache, n_view),
                num_query_blocks=num_query_blocks, return_logits=False)
     last = jnp.maximum(jnp.sum(valid, axis=1) - 1, 0)
     hidden = jnp.take_along_axis(out.hidden_states, last[:, None, None], axis=1)  # [b, 1, D_llm]
     vis = out.visual_embeddings[:, 0] if num_query_blocks else None
-    return mllm.llm.logits(hidden)[:, 0], vis, out.cache
+    return mllm.llm.logits(hidden)[:, 0], vis, unview(cache, out.cache)
 
 
 @partial(jax.jit, donate_argnums=(0,))
@@ -194,8 +215,17 @@ class RowCache:
         return visual
 
     def step(self, chosen: np.ndarray, feed: np.ndarray) -> None:
-        """One decoding step: text token chosen[i] goes into row i where feed[i]; `logits` then follow them."""
+        """One decoding step from the host: text token chosen[i] goes into row i where feed[i]; `logits` then
+        follow them (`decode.decode_text` runs the whole loop on device instead)."""
         self._append([[(int(t), TEXT, None)] if f else [] for t, f in zip(chosen, feed)], False, length=1)
+
+    def record_fed(self, fed: list) -> None:
+        """Host mirror of a device decode loop that fed text tokens fed[i] into row i, one a step from `index`
+        (all rows together: the shared offset advances by the longest)."""
+        for i, toks in enumerate(fed):
+            self.tokens[i] += [(int(t), TEXT, None) for t in toks]
+            self.slots[i] += range(self.index, self.index + len(toks))
+        self.index += max((len(t) for t in fed), default=0)
 
     def _append(self, chunk: list, want_visual: bool, length: Optional[int] = None):
         b = self.batch_size
@@ -225,7 +255,7 @@ class RowCache:
             self.graph, self.state, self.put(ids, ("batch", None)), self.put(role, ("batch", None)),
             self.put(index, ("batch", None)), self.put(valid, ("batch", None)),
             dataclasses.replace(self.kv, index=jnp.asarray(self.index, jnp.int32)), 1 if queries else 0,
-            images)
+            images, view_len(self.index + t_len, self.kv.max_len))
         self.logits = jnp.where(self.put(valid.any(axis=1), ("batch",))[:, None], logits, self.logits)
         for i, c in enumerate(chunk):
             self.tokens[i] += c

@@ -4,14 +4,13 @@ Owns: what a round does at sampling time (the user turn goes into the cache, ima
 resampler; the assistant's text is decoded; on `<img>` the image queries are appended and the output
 resampler's visual embeddings go to the detokenizer with the identity of any face reference; the drawn image is
 written back into the cache as an input block, exactly as a user image, together with the next user turn), what
-the cache should hold (the chat template's encoding of the history), the cache-overflow policy, batching many
-conversations of one shape over the mesh, and `complete_conversation(s)`, which fills the pending rounds of a
-history (what `sample.py` and the evaluation code call).
+the cache should hold (the chat template's encoding of the history), the cache-overflow policy, and batching many
+conversations of one shape over the mesh.
 
 Does not own: keeping cache rows in step with token lists and the jitted model calls on them (`cache.py`), the
 token layout (`cig_jax/data/chat_template.py`), the models (`cig_jax/models/`), the diffusion samplers
-(`diffusion.py`), the next-token choice (`decode.choose_next`), files and the transcript (`sample.py`,
-`transcript.py`).
+(`diffusion.py`), the text decoding loop (`decode.py`), the detokenizer call (`draw.py`), whole conversations
+(`complete.py`), files and the transcript (`sample.py`, `transcript.py`).
 
 How the cache stays right. Each row of the cache (`cache.RowCache`) mirrors, token for token, the chat
 template's encoding of its history (without the final `</s>`, which a round never feeds back): before each step
@@ -31,9 +30,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-from functools import partial
-from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -44,9 +41,9 @@ from cig_jax import sharding
 from cig_jax.config import Config, MeshConfig
 from cig_jax.data import schema, synthetic
 from cig_jax.data.chat_template import BOI, IMAGE_QUERY, INPUT_IMAGE, ChatTemplate, mllm_special_tokens
-from cig_jax.models.mllm import pool_targets
 from cig_jax.sample.cache import RowCache
-from cig_jax.sample.decode import choose_next
+from cig_jax.sample.decode import decode_text
+from cig_jax.sample.draw import detokenize, diffusion_bar
 
 log = logging.getLogger(__name__)
 
@@ -79,43 +76,8 @@ class _Row:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Jitted pieces (module level: compiled once per model structure and shape, shared by sessions)
+# Helpers
 # ----------------------------------------------------------------------------------------------------------
-@partial(jax.jit, static_argnums=(4, 5))
-def _choose(logits, seeds, step, banned, temperature, top_p):
-    """Next token per row [b]: banned ids masked, then greedy / temperature / top-p with the row's own key."""
-    logits = jnp.where(banned, -jnp.inf, logits)
-    keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.fold_in(jax.random.key(s), 0), step))(seeds)
-    return jax.vmap(lambda lg, k: choose_next(lg[None], k, temperature, top_p)[0])(logits, keys)
-
-
-_PROGRESS: list = [None]  # the host function the diffusion loop ticks (set while a progress bar is open)
-
-
-def _tick(_t):
-    if _PROGRESS[0] is not None:
-        _PROGRESS[0]()
-
-
-@partial(jax.jit, static_argnums=(0, 8, 9, 10))
-def _detokenize(graph, state, seeds, visual, identity, identity_on, visual_scale, identity_scale, cfg, num_steps,
-                progress):
-    """Visual embeddings [b, Q, D_vit] (+ identity [b, De], used where identity_on [b]) -> images [b, H, W, 3]
-    in [-1, 1], with the noise of each row from its own seed."""
-    model = nnx.merge(graph, state)
-    keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), 1))(seeds)
-    negative = None
-    if cfg.negative_visual == "provided":  # SEED-X: the embeddings of an all-black image
-        mllm = model.mllm
-        side = mllm.vit.cfg.image_size
-        feats = mllm.encode_images(-jnp.ones((1, side, side, 3), jnp.float32))
-        negative = pool_targets(feats, mllm.num_image_tokens, mllm.cfg.reg_target_pool)[0]
-    id_scale = identity_scale * identity_on.astype(jnp.float32)[:, None, None, None]
-    return model.detokenizer.generate(keys, visual, identity, cfg, negative_visual=negative,
-                                      visual_scale=visual_scale, identity_scale=id_scale, num_steps=num_steps,
-                                      on_step=_tick if progress else None)
-
-
 def to_uint8(images: np.ndarray) -> np.ndarray:
     """[..., H, W, 3] in [-1, 1] -> uint8 (what is saved, and what later rounds see)."""
     return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
@@ -190,6 +152,7 @@ class ChatSession:
         """A session over a training workdir (`DIR/checkpoints/<step>/`, `DIR/tokenizer/`). `config` overrides the
         config saved in the checkpoint (the model must match it: `CheckpointMismatchError` otherwise). A missing
         directory, checkpoint or tokenizer is a FileNotFoundError."""
+        from cig_jax.sample.complete import checkpoint_parts
         from cig_jax.train.checkpoint import load_trained
 
         cfg, template = checkpoint_parts(directory, config)
@@ -239,9 +202,9 @@ class ChatSession:
                 where = f"{schema._label(conv)}: rounds[{r}]"
                 rounds.append(dataclasses.replace(
                     rnd, metadata=copy.deepcopy(rnd.metadata),
-                    user_images=[self._loaded(im, conv, f"{where}.user_images[{j}]")
+                    user_images=[self.loaded(im, conv, f"{where}.user_images[{j}]")
                                  for j, im in enumerate(rnd.user_images)],
-                    assistant_image=None if rnd.assistant_image is None else self._loaded(
+                    assistant_image=None if rnd.assistant_image is None else self.loaded(
                         rnd.assistant_image, conv, f"{where}.assistant_image")))
             row.conv = dataclasses.replace(conv, rounds=rounds, metadata=copy.deepcopy(conv.metadata),
                                            people=copy.deepcopy(conv.people))
@@ -298,6 +261,10 @@ class ChatSession:
                      force_image) -> list:
         b, d = self.batch_size, self.cfg.diffusion
         results = [RoundResult("", None, None, False, []) for _ in range(b)]
+        params = dict(max_new_tokens=int(max_new), temperature=temperature, top_p=top_p, num_steps=int(n_steps),
+                      visual_scale=float(d.visual_guidance_scale if visual_scale is None else visual_scale),
+                      identity_scale=float(d.identity_guidance_scale if identity_scale is None else identity_scale),
+                      force_image=bool(force_image))  # how the round was made: saved with the history
 
         # --- the user turn -------------------------------------------------------------------------------
         r_index = len(self.rows[0].conv.rounds)
@@ -306,7 +273,7 @@ class ChatSession:
             rnd = schema.Round(user_text=_user_text(texts[i]),
                                user_images=[_as_image(im, f"{where}.user_images[{j}]")
                                             for j, im in enumerate(images[i])],
-                               metadata={"sample": {"seed": int(seeds[i])}})
+                               metadata={"sample": dict(params, seed=int(seeds[i]))})
             if not rnd.user_text and not rnd.user_images:
                 raise schema.SchemaError(f"{where}: user turn is empty (needs text or images)")
             schema.user_segments(rnd)  # checks <image> markers against the images
@@ -322,29 +289,11 @@ class ChatSession:
 
         # --- text ----------------------------------------------------------------------------------------
         seeds_arr = self.cache.put(np.asarray(seeds, np.int32), ("batch",))
-        marker = list(self.template.user_open_next)
-        active = np.ones((b,), bool)
-        for step in range(max_new):
-            chosen = np.asarray(_choose(self.cache.logits, seeds_arr, step, self._banned, temperature, top_p))
-            feed = np.zeros((b,), bool)
-            for i in np.flatnonzero(active):
-                t = int(chosen[i])
-                res = results[i]
-                if t in (self.template.eos_id, self.template.boi_id):
-                    res.stop, active[i] = ("eos" if t == self.template.eos_id else "image"), False
-                    continue
-                res.tokens.append(t)
-                if marker and res.tokens[-len(marker):] == marker:
-                    del res.tokens[-len(marker):]
-                    res.stop, active[i] = "turn_marker", False
-                    continue
-                feed[i] = True
-            if not active.any():
-                break
-            if step + 1 < max_new:  # the last token's logits are never read: the next sync feeds it
-                self.cache.step(chosen, feed)
-        for i in np.flatnonzero(active):
-            results[i].stop = "max_new_tokens"
+        tokens, stops = decode_text(self.cache, seeds=seeds_arr, banned=self._banned, eos_id=self.template.eos_id,
+                                    boi_id=self.template.boi_id, marker=self.template.user_open_next,
+                                    max_new=max_new, temperature=temperature, top_p=top_p)
+        for res, toks, stop in zip(results, tokens, stops):
+            res.tokens, res.stop = toks, stop
 
         # --- image queries -------------------------------------------------------------------------------
         draw = [force_image or res.stop == "image" for res in results]
@@ -358,12 +307,10 @@ class ChatSession:
         # --- the image -----------------------------------------------------------------------------------
         if any(draw):
             identity, on = self._identities(results, draw)
-            v_scale = d.visual_guidance_scale if visual_scale is None else visual_scale
-            i_scale = d.identity_guidance_scale if identity_scale is None else identity_scale
-            with self._diffusion_bar(n_steps):
-                pixels = _detokenize(self.graph, self.state, seeds_arr, visual, identity,
-                                     self.cache.put(on, ("batch",)),
-                                     jnp.float32(v_scale), jnp.float32(i_scale), d, n_steps, self.progress)
+            with diffusion_bar(self.progress, n_steps, d.sampler):
+                pixels = detokenize(self.graph, self.state, seeds_arr, visual, identity, self.cache.put(on, ("batch",)),
+                                    jnp.float32(params["visual_scale"]), jnp.float32(params["identity_scale"]), d,
+                                    n_steps, self.progress)
             pixels = to_uint8(jax.device_get(pixels))
             vis_np = np.asarray(jax.device_get(visual))
             for i, row in enumerate(self.rows):
@@ -382,7 +329,8 @@ class ChatSession:
         self.cache.sync([self._target(row) for row in self.rows])
 
     # -- cache bookkeeping -------------------------------------------------------------------------------
-    def _loaded(self, image: schema.Image, conv: schema.Conversation, where: str) -> schema.Image:
+    def loaded(self, image: schema.Image, conv: schema.Conversation, where: str) -> schema.Image:
+        """`image` carrying its pixels (read from its path under the conversation's folder if needed)."""
         if image.pixels is not None:
             return image
         return dataclasses.replace(image, pixels=image.load(conv.base_dir, where=where))
@@ -525,10 +473,6 @@ class ChatSession:
             return None, on
         return self.cache.put(out, ("batch", None)), on  # an array even if unused (scale 0): one compiled sampler
 
-    def _diffusion_bar(self, n_steps: int):
-        if not self.progress:
-            return _Null()
-        return _Bar(n_steps * (2 if self.cfg.diffusion.sampler == "heun" else 1))
 
 
 def _user_text(text) -> str:
@@ -542,58 +486,9 @@ def _user_text(text) -> str:
 _PENDING_IMAGE = schema.Image()  # stands for the image being drawn while its query block is encoded
 
 
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
-
-
-class _Bar:
-    """A tqdm bar over diffusion steps, ticked from inside the jitted sampler."""
-
-    def __init__(self, total: int):
-        self.total = total
-
-    def __enter__(self):
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=self.total, desc="diffusion", unit="step", leave=False)
-        _PROGRESS[0] = lambda: self.bar.update(1)
-        return self
-
-    def __exit__(self, *a):
-        jax.effects_barrier()
-        _PROGRESS[0] = None
-        self.bar.close()
-        return False
-
-
 # ----------------------------------------------------------------------------------------------------------
-# Checkpoints and whole conversations
+# The answer's room in the cache
 # ----------------------------------------------------------------------------------------------------------
-def checkpoint_parts(directory, config: Optional[Config] = None) -> tuple[Config, ChatTemplate]:
-    """(config, chat template) of a training workdir, without loading weights. Raises FileNotFoundError for a
-    missing directory / checkpoint / tokenizer and CheckpointMismatchError when the tokenizer does not fit."""
-    from cig_jax.data.chat_template import load_tokenizer
-    from cig_jax.train.checkpoint import CheckpointMismatchError
-    from cig_jax.train.trainer import saved_config
-
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"{directory}: checkpoint directory not found")
-    cfg = config if config is not None else saved_config(directory, source="checkpoint")
-    if not (directory / "tokenizer").is_dir():
-        raise FileNotFoundError(f"{directory / 'tokenizer'}: no tokenizer saved with this run "
-                                "(MLLM stages save one)")
-    tokenizer = load_tokenizer(directory / "tokenizer")
-    if len(tokenizer) > cfg.model.llm.vocab_size:
-        raise CheckpointMismatchError(f"{directory / 'tokenizer'}: {len(tokenizer)} tokens do not fit "
-                                      f"model.llm.vocab_size {cfg.model.llm.vocab_size}")
-    return cfg, ChatTemplate(tokenizer, cfg.model.mllm.num_image_tokens)
-
-
 def answer_slots(max_new_tokens: int, num_image_tokens: int, batch_size: int = 1) -> int:
     """KV-cache slots a round keeps free for its answer: the text, <img> + queries + </img> and their write-back.
     In a batch the rows share one write position: an answer re-encoded after decoding is written past the
@@ -601,69 +496,5 @@ def answer_slots(max_new_tokens: int, num_image_tokens: int, batch_size: int = 1
     return (2 if batch_size > 1 else 1) * max_new_tokens + 2 * num_image_tokens + 4
 
 
-def check_context(template: ChatTemplate, conv: schema.Conversation, max_len: int, max_new_tokens: int,
-                  batch_size: int = 1) -> None:
-    """Raises ContextOverflowError when completing `conv` (in a batch of `batch_size`) could need more than
-    `max_len` cache slots: its answered rounds, every pending user turn and, per pending round, room for the
-    longest answer (`answer_slots`)."""
-    pending = schema.pending_rounds(conv)
-    filled = dataclasses.replace(conv, rounds=[dataclasses.replace(r, assistant_text="") if i in pending else r
-                                               for i, r in enumerate(conv.rounds)])
-    need = len(template.encode(filled, add_generation_prompt=False)) - 1  # the cache never holds </s>
-    need += len(pending) * answer_slots(max_new_tokens, template.num_image_tokens, batch_size)
-    if need > max_len:
-        r = pending[0] if pending else len(conv.rounds) - 1
-        raise ContextOverflowError(
-            f"{schema._label(conv)}: rounds[{r}]: completing the history needs up to {need} KV-cache slots (with "
-            f"{max_new_tokens} new tokens and an image a round) but the context holds {max_len}; raise max_len "
-            "(sample.py --max-len), lower max_new_tokens, or use overflow 'drop_oldest'")
-
-
-def complete_conversation(session: ChatSession, conv: schema.Conversation, *, seed: int = 0,
-                          on_round: Optional[Callable[[int, RoundResult], None]] = None,
-                          **options) -> schema.Conversation:
-    """Fills the pending rounds of `conv` (validated first) with `session` and returns the completed copy: its
-    answered rounds are replayed into the cache, then every pending round is sampled in order, round r with
-    seed `seed + r`. The returned conversation keeps `conv`'s fields and image paths; generated images carry
-    pixels, and each sampled round's metadata["sample"] says how it was made. `options` go to `round`
-    (max_new_tokens, temperature, force_image, ...). on_round(r, result) is called after each round."""
-    return complete_conversations(session, [conv], seed=seed, on_round=lambda r, res: on_round and on_round(r, res[0]),
-                                  **options)[0]
-
-
-def complete_conversations(session: ChatSession, convs: Sequence[schema.Conversation], *, seed: int = 0,
-                           on_round: Optional[Callable[[int, list], None]] = None, **options) -> list:
-    """`complete_conversation` for `session.batch_size` conversations at once. They must have the same shape:
-    the same number of rounds and the same pending rounds (see `shape_of`)."""
-    if len(convs) != session.batch_size:
-        raise ValueError(f"{len(convs)} conversations for a session of batch_size {session.batch_size}")
-    shapes = {shape_of(c) for c in convs}
-    if len(shapes) != 1:
-        raise ValueError(f"conversations of different shapes cannot share a batch: {sorted(shapes)}")
-    for c in convs:
-        schema.validate(c)
-    pending = schema.pending_rounds(convs[0])
-    session.replay_batch(convs)
-    out = [copy.deepcopy(c) for c in convs]
-    for r in pending:
-        texts = [c.rounds[r].user_text for c in convs]
-        images = [[session._loaded(im, c, f"{schema._label(c)}: rounds[{r}].user_images[{j}]")
-                   for j, im in enumerate(c.rounds[r].user_images)] for c in convs]
-        results = session.round_batch(texts, images, seeds=[seed + r] * len(convs), **options)
-        for c, row, res in zip(out, session.rows, results):
-            done = row.conv.rounds[-1]
-            c.rounds[r].assistant_text = res.text
-            c.rounds[r].assistant_image = None if res.image is None else schema.Image(pixels=res.image)
-            c.rounds[r].metadata = dict(c.rounds[r].metadata, sample=dict(done.metadata["sample"], stop=res.stop))
-        if on_round is not None:
-            on_round(r, results)
-    return out
-
-
-def shape_of(conv: schema.Conversation) -> tuple:
-    """What conversations sharing a batch must agree on: (number of rounds, the pending rounds)."""
-    return (len(conv.rounds), tuple(schema.pending_rounds(conv)))
-
-
-__all__ = ["ChatSession", "RoundResult", "ContextOverflowError", "complete_conversation", "complete_conversations",
-           "checkpoint_parts", "check_context", "answer_slots", "shape_of", "to_uint8", "default_mesh", "OVERFLOW_POLICIES"]
+__all__ = ["ChatSession", "RoundResult", "ContextOverflowError", "answer_slots", "to_uint8",
+           "default_mesh", "OVERFLOW_POLICIES"]

@@ -1,0 +1,155 @@
+"""Benchmark: text decoding tokens/s, our on-device round decode vs Hugging Face `generate()` on the same weights.
+
+COMMAND: python -m cig_jax.bench.decode                 # demo LLM + a 6x512 LLaMA, batch 1 and 8, CPU
+         python -m cig_jax.bench.decode --new-tokens 128 --prompt 64 --repeats 5
+Both sides decode greedily from the same random prompt for the same number of tokens (no stop token) with the
+same weights (ours exported as a Hugging Face checkpoint and loaded by transformers, fp32): ours is a prefill
+plus `decode._decode_loop` (the loop `ChatSession.round` runs: one jitted `lax.while_loop` over a KV cache view
+cut to the filled part), theirs `model.generate(..., do_sample=False, use_cache=True)`. Prints one row per
+(model, batch): tokens/s of each (new tokens x batch / wall time, prefill included, the best of --repeats
+after a warm-up), the ratio ours / HF, and whether the generated tokens are equal. Expect ratio >= 1.0 on CPU.
+The machine may be shared: each number is the minimum wall time over the repeats.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(prog="python -m cig_jax.bench.decode", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--prompt", type=int, default=32, help="prompt tokens")
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens decoded")
+    p.add_argument("--batches", default="1,8", help="batch sizes, comma-separated")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0, help="PyTorch threads (0: as many as CPU cores)")
+    p.add_argument("--models", default="demo,6x512", help="demo (configs/model/demo.yaml's LLM) and/or 6x512")
+    return p.parse_args(argv)
+
+
+def _configs(names):
+    from cig_jax.config import LLMConfig, load_config
+
+    out = {}
+    for name in names:
+        if name == "demo":
+            out["demo LLM"] = load_config(ROOT / "configs" / "model" / "demo.yaml").model.llm
+        elif name == "6x512":
+            out["LLaMA 6x512"] = LLMConfig(vocab_size=8000, hidden_size=512, intermediate_size=1376, num_layers=6,
+                                           num_heads=8, num_kv_heads=8, max_position_embeddings=2048)
+        else:
+            raise SystemExit(f"--models: unknown model {name!r} (demo, 6x512)")
+    return out
+
+
+def _ours(model, prompt: np.ndarray, new: int, repeats: int):
+    """(best seconds, tokens [b, new]) of prefill + the on-device decode loop."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from cig_jax.models.llm import KVCache
+    from cig_jax.sample.cache import Graph, unview, view, view_len
+    from cig_jax.sample.decode import _decode_loop
+
+    graphdef, state = nnx.split(model)
+    graph = Graph.of(graphdef)
+    b, p = prompt.shape
+    capacity = p + new + 16
+    n_prefill = view_len(p, capacity)
+    n_view = view_len(p + new, capacity)
+    banned = jnp.zeros((model.cfg.vocab_size,), bool)
+    seeds = jnp.zeros((b,), jnp.int32)
+
+    @partial(jax.jit, static_argnums=(0,), donate_argnums=(3,))
+    def prefill(graph, state, ids, kv):
+        llm = nnx.merge(graph.graphdef, state)
+        out = llm(ids, cache=view(kv, n_prefill), return_logits=False)
+        return llm.logits(out.hidden_states[:, -1:])[:, 0], unview(kv, out.cache)
+
+    ids = jnp.asarray(prompt, jnp.int32)
+
+    def run():
+        kv = KVCache.init(model.cfg, b, capacity)
+        logits, kv = prefill(graph, state, ids, kv)
+        out, *_ = _decode_loop(graph, "llm", n_view, new, 0.0, 1.0, (), state, kv, logits, seeds, banned,
+                               jnp.int32(-1), jnp.int32(-1))
+        return np.asarray(jax.device_get(out))
+
+    tokens = run()  # warm-up: compiles
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        tokens = run()
+        best = min(best, time.perf_counter() - t0)
+    return best, tokens
+
+
+def _hf(directory, prompt: np.ndarray, new: int, repeats: int, threads: int):
+    import torch
+    import transformers
+
+    torch.set_num_threads(threads)
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    ids = torch.tensor(prompt, dtype=torch.long)
+    mask = torch.ones_like(ids)
+
+    def run():
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                                 use_cache=True, eos_token_id=None, pad_token_id=0)
+        return out[:, ids.shape[1]:].numpy()
+
+    tokens = run()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        tokens = run()
+        best = min(best, time.perf_counter() - t0)
+    return best, tokens
+
+
+def main(argv=None) -> list:
+    a = parse(argv)
+    import jax
+    from flax import nnx
+
+    from cig_jax.convert.hf_llm import save_hf_llm
+    from cig_jax.models.llm import LLM
+
+    threads = a.threads or os.cpu_count()
+    batches = [int(x) for x in a.batches.split(",")]
+    print(f"[setup] greedy, prompt {a.prompt} tokens, {a.new_tokens} new tokens, best of {a.repeats}; "
+          f"{jax.devices()[0].platform}, PyTorch {threads} threads")
+    print(f"{'model':>12} {'batch':>5} {'ours tok/s':>11} {'HF tok/s':>10} {'ratio':>6} {'equal':>6}")
+    rows = []
+    for name, cfg in _configs(a.models.split(",")).items():
+        model = LLM(cfg, rngs=nnx.Rngs(0))
+        with tempfile.TemporaryDirectory() as d:
+            save_hf_llm(model, d)
+            for b in batches:
+                prompt = np.random.default_rng(b).integers(3, cfg.vocab_size, (b, a.prompt))
+                t_ours, ours = _ours(model, prompt, a.new_tokens, a.repeats)
+                t_hf, theirs = _hf(d, prompt, a.new_tokens, a.repeats, threads)
+                n = b * a.new_tokens
+                equal = bool(np.array_equal(ours, theirs))
+                rows.append(dict(model=name, batch=b, ours=n / t_ours, hf=n / t_hf, ratio=t_hf / t_ours, equal=equal))
+                print(f"{name:>12} {b:>5} {n / t_ours:>11.0f} {n / t_hf:>10.0f} {t_hf / t_ours:>6.2f} "
+                      f"{'yes' if equal else 'NO':>6}", flush=True)
+    worst = min(r["ratio"] for r in rows)
+    print(f"[result] ours / HF tokens/s: {worst:.2f}x at worst ({'ok' if worst >= 1.0 else 'NOT'} >= 1.0); "
+          f"outputs equal in {sum(r['equal'] for r in rows)}/{len(rows)} runs")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""Whole conversations through a `ChatSession`: fill the pending rounds of histories, batched by shape.
+
+Owns: `complete_conversation(s)` (what `sample.py`, the app's history import and the evaluation code call),
+`checkpoint_parts` (config + chat template of a run, no weights), `shape_of` (what conversations sharing a batch agree on) and `check_context` (the up-front check that a
+history's completion fits the cache). Does not own: a round itself (`session.py`), files (`sample.py`).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from cig_jax.config import Config
+from cig_jax.data import schema
+from cig_jax.data.chat_template import ChatTemplate
+from cig_jax.sample.session import ChatSession, ContextOverflowError, RoundResult, answer_slots
+
+
+def checkpoint_parts(directory, config: Optional[Config] = None) -> tuple[Config, ChatTemplate]:
+    """(config, chat template) of a training workdir, without loading weights. Raises FileNotFoundError for a
+    missing directory / checkpoint / tokenizer and CheckpointMismatchError when the tokenizer does not fit."""
+    from cig_jax.data.chat_template import load_tokenizer
+    from cig_jax.train.checkpoint import CheckpointMismatchError
+    from cig_jax.train.trainer import saved_config
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: checkpoint directory not found")
+    cfg = config if config is not None else saved_config(directory, source="checkpoint")
+    if not (directory / "tokenizer").is_dir():
+        raise FileNotFoundError(f"{directory / 'tokenizer'}: no tokenizer saved with this run "
+                                "(MLLM stages save one)")
+    tokenizer = load_tokenizer(directory / "tokenizer")
+    if len(tokenizer) > cfg.model.llm.vocab_size:
+        raise CheckpointMismatchError(f"{directory / 'tokenizer'}: {len(tokenizer)} tokens do not fit "
+                                      f"model.llm.vocab_size {cfg.model.llm.vocab_size}")
+    return cfg, ChatTemplate(tokenizer, cfg.model.mllm.num_image_tokens)
+
+
+def check_context(template: ChatTemplate, conv: schema.Conversation, max_len: int, max_new_tokens: int,
+                  batch_size: int = 1) -> None:
+    """Raises ContextOverflowError when completing `conv` (in a batch of `batch_size`) could need more than
+    `max_len` cache slots: its answered rounds, every pending user turn and, per pending round, room for the
+    longest answer (`answer_slots`)."""
+    pending = schema.pending_rounds(conv)
+    filled = dataclasses.replace(conv, rounds=[dataclasses.replace(r, assistant_text="") if i in pending else r
+                                               for i, r in enumerate(conv.rounds)])
+    need = len(template.encode(filled, add_generation_prompt=False)) - 1  # the cache never holds </s>
+    need += len(pending) * answer_slots(max_new_tokens, template.num_image_tokens, batch_size)
+    if need > max_len:
+        r = pending[0] if pending else len(conv.rounds) - 1
+        raise ContextOverflowError(
+            f"{schema._label(conv)}: rounds[{r}]: completing the history needs up to {need} KV-cache slots (with "
+            f"{max_new_tokens} new tokens and an image a round) but the context holds {max_len}; raise max_len "
+            "(sample.py --max-len), lower max_new_tokens, or use overflow 'drop_oldest'")
+
+
+def complete_conversation(session: ChatSession, conv: schema.Conversation, *, seed: int = 0,
+                          on_round: Optional[Callable[[int, RoundResult], None]] = None,
+                          **options) -> schema.Conversation:
+    """Fills the pending rounds of `conv` (validated first) with `session` and returns the completed copy: its
+    answered rounds are replayed into the cache, then every pending round is sampled in order, round r with
+    seed `seed + r`. The returned conversation keeps `conv`'s fields and image paths; generated images carry
+    pixels, and each sampled round's metadata["sample"] says how it was made. `options` go to `round`
+    (max_new_tokens, temperature, force_image, ...). on_round(r, result) is called after each round."""
+    return complete_conversations(session, [conv], seed=seed, on_round=lambda r, res: on_round and on_round(r, res[0]),
+                                  **options)[0]
+
+
+CANDIDATE_SEEDS = 1_000_003  # candidate k of a round samples with seed + r + k * this
+
+
+def complete_conversations(session: ChatSession, convs: Sequence[schema.Conversation], *, seed: int = 0,
+                           on_round: Optional[Callable[[int, list], None]] = None, num_images: int = 1,
+                           **options) -> list:
+    """`complete_conversation` for several conversations at once (`session.batch_size` = len(convs) x
+    num_images rows). They must have the same shape: the same number of rounds and the same pending rounds (see
+    `shape_of`). With num_images N > 1 every round draws N candidates per conversation in one batch (candidate k
+    with seed `seed + r + k * CANDIDATE_SEEDS`); the history goes on with candidate 0, and the others are listed in
+    the round's metadata["sample"]["candidates"] ({"seed", "stop", "text", "image": a schema.Image with pixels or
+    None}; sample.py writes the images and puts their paths there)."""
+    n = int(num_images)
+    if n < 1 or len(convs) * n != session.batch_size:
+        raise ValueError(f"{len(convs)} conversations x {num_images} candidates for a session of batch_size "
+                         f"{session.batch_size}")
+    shapes = {shape_of(c) for c in convs}
+    if len(shapes) != 1:
+        raise ValueError(f"conversations of different shapes cannot share a batch: {sorted(shapes)}")
+    for c in convs:
+        schema.validate(c)
+    pending = schema.pending_rounds(convs[0])
+    rows = [c for c in convs for _ in range(n)]  # row j * n + k: candidate k of conversation j
+    session.replay_batch(rows)
+    out = [copy.deepcopy(c) for c in convs]
+    for r in pending:
+        texts = [c.rounds[r].user_text for c in rows]
+        images = [[session.loaded(im, c, f"{schema._label(c)}: rounds[{r}].user_images[{j}]")
+                   for j, im in enumerate(c.rounds[r].user_images)] for c in rows]
+        seeds = [seed + r + k * CANDIDATE_SEEDS for _ in convs for k in range(n)]
+        results = session.round_batch(texts, images, seeds=seeds, **options)
+        for j, c in enumerate(out):
+            res, done = results[j * n], session.rows[j * n].conv.rounds[-1]
+            c.rounds[r].assistant_text = res.text
+            c.rounds[r].assistant_image = None if res.image is None else schema.Image(pixels=res.image)
+            sample = dict(done.metadata["sample"], stop=res.stop)
+            if n > 1:
+                sample["candidates"] = [
+                    {"seed": seeds[j * n + k], "stop": results[j * n + k].stop, "text": results[j * n + k].text,
+                     "image": None if results[j * n + k].image is None else schema.Image(pixels=results[j * n + k].image)}
+                    for k in range(1, n)]
+            c.rounds[r].metadata = dict(c.rounds[r].metadata, sample=sample)
+        if on_round is not None:
+            on_round(r, results[::n])
+        if n > 1 and r != pending[-1]:  # every candidate row goes on from candidate 0's answer
+            session.replay_batch([session.rows[(i // n) * n].conv for i in range(len(rows))])
+    return out
+
+
+def shape_of(conv: schema.Conversation) -> tuple:
+    """What conversations sharing a batch must agree on: (number of rounds, the pending rounds)."""
+    return (len(conv.rounds), tuple(schema.pending_rounds(conv)))
+
+
+__all__ = ["checkpoint_parts", "complete_conversation", "complete_conversations", "check_context", "shape_of", "RoundResult"]
