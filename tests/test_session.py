@@ -5,6 +5,7 @@ import copy
 import dataclasses
 import importlib.util
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -348,6 +349,7 @@ def test_transcript_renders_in_headless_chromium(single_run, tmp_path):
     finally:
         sys.path.pop(0)
     if shot.find_chromium() is None:
+        assert not os.environ.get("CIG_REQUIRE_CHROMIUM"), "CIG_REQUIRE_CHROMIUM is set but chromium is missing"
         pytest.skip("chromium is not installed (apt-get install chromium)")
     _, _, out = single_run
     report = shot.check(out / "transcript.html", tmp_path / "shot.png")
