@@ -47,6 +47,11 @@ def _args(argv):
     ap.add_argument("--batch-size", type=int, default=8, help="conversations sampled together")
     ap.add_argument("--devices", type=int, help="devices of the mesh (default: all)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ap.add_argument("--identity-backend", choices=("auto", "insightface", "dlib", "none"), default="auto",
+                    help="face embedder for photos without a recorded identity (auto: insightface if its pack is "
+                         "found, else dlib); its width must be the checkpoint's")
+    ap.add_argument("--face-model-root", help="folder holding models/<pack>/*.onnx (default ~/.insightface)")
+    ap.add_argument("--face-pack", default="buffalo_l", help="insightface pack name (buffalo_l, antelopev2)")
     args = ap.parse_args(argv)
     if not args.interactive and not args.chat:
         ap.error("--chat is required (or use --interactive)")
@@ -143,9 +148,11 @@ def main(argv=None) -> int:
     from cig_jax.config import ConfigError
     from cig_jax.data import schema
     from cig_jax.sample import session as S
+    from cig_jax.sample.identities import IdentityDimensionError, embedder_for_checkpoint
     from cig_jax.train.checkpoint import CheckpointMismatchError
 
-    user_errors = (schema.SchemaError, FileNotFoundError, CheckpointMismatchError, ConfigError, S.ContextOverflowError)
+    user_errors = (schema.SchemaError, FileNotFoundError, CheckpointMismatchError, ConfigError, S.ContextOverflowError,
+                   IdentityDimensionError)
     out = Path(args.out)
     try:
         # --- everything that can be checked before sampling: input, config, checkpoint, context -------------
@@ -158,10 +165,14 @@ def main(argv=None) -> int:
             for batch in _batches(chats, args.batch_size):
                 for k in batch:
                     S.check_context(template, chats[k][0], args.max_len, max_new, batch_size=len(batch))
+        embedder = False
+        if cfg.model.dit.identity_injection != "none":
+            embedder = embedder_for_checkpoint(args.identity_backend, cfg.model.dit.identity.embedding_dim,
+                                               args.face_model_root, args.face_pack)
         devices = jax.devices()[: args.devices] if args.devices else jax.devices()
         session = S.ChatSession.from_checkpoint(
             args.checkpoint, config=cfg, step=args.step, mesh=sharding.make_mesh(cfg.mesh, devices),
-            max_len=args.max_len, overflow=args.overflow, progress=not args.no_progress)
+            max_len=args.max_len, overflow=args.overflow, progress=not args.no_progress, identity_embedder=embedder)
         # --- sampling: outputs are written only once everything is done ---------------------------------------
         seed = args.seed if args.seed is not None else cfg.sample.seed
         if args.interactive:

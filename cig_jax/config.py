@@ -171,6 +171,7 @@ class IDEncoderConfig:
     num_heads: int = 4
     mlp_ratio: int = 4
     normalize_embedding: bool = True  # L2-normalise the face embedding first (ArcFace and dlib scales differ)
+    max_identities: int = 2  # identities one image may carry, each bound to its person's region (data: [b, P, De])
 
 
 @dataclasses.dataclass
@@ -665,6 +666,8 @@ def validate_dit(dit: "DiTConfig", source: str = "<config>", key: str = "model.d
         raise ConfigError(f"{source}: '{key}.remat_policy' must be one of {sorted(REMAT_POLICIES)}, got {dit.remat_policy!r}")
     if dit.identity.width % dit.identity.num_heads:
         raise ConfigError(f"{source}: '{key}.identity.width' must be divisible by '{key}.identity.num_heads'")
+    if dit.identity.max_identities < 1:
+        raise ConfigError(f"{source}: '{key}.identity.max_identities' must be >= 1, got {dit.identity.max_identities}")
 
 
 def parse_cli(argv: list[str]) -> tuple[str | None, list[str], list[str]]:

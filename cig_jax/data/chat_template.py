@@ -126,9 +126,9 @@ _SCENE_PHRASES = ["at the beach", "in the park", "in an office", "outside at nig
 def _vocabulary() -> dict:
     """Names, attributes and scenes of the synthetic dataset (imported when the module is there)."""
     try:
-        from cig_jax.data import synthetic
-        return dict(names=list(synthetic.NAMES), attributes={k: list(v) for k, v in synthetic.ATTRIBUTES.items()},
-                    scenes=list(synthetic.SCENES))
+        from cig_jax.data import world
+        return dict(names=list(world.NAMES), attributes={k: list(v) for k, v in world.ATTRIBUTES.items()},
+                    scenes=list(world.SCENES))
     except Exception:  # noqa: BLE001 - any import problem: the built-in lists keep tests running
         return _FALLBACK_VOCAB
 

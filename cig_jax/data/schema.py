@@ -1,6 +1,7 @@
 """Conversation schema: the one in-memory and on-disk shape of a multi-round, interleaved text+image chat.
 
-Owns: the dataclasses `Person`, `Image`, `Round`, `Conversation`; JSON in/out (`load_conversation`,
+Owns: the dataclasses `Person` (with an optional `PersonIdentity`: a face-identity embedding and the backend
+that made it), `Image`, `Round`, `Conversation`; JSON in/out (`load_conversation`,
 `save_conversation`, `conversation_from_dict`, `to_dict`); reading image files into uint8 RGB pixels;
 validation (`validate`) with errors that name the file, the round and the field; and small queries over
 a conversation (`iter_images`, `user_segments`, `pending_rounds`).
@@ -11,7 +12,8 @@ conversations come from (`synthetic.py`, `video.py`), or record files (`tfds_bui
 On disk a conversation is one JSON file:
 
     {"version": 1, "id": "syn-0-0000003", "kind": "name_based", "source": "synthetic",
-     "people": [{"name": "Julian", "attributes": {"hair_color": "blonde", ...}}, ...],
+     "people": [{"name": "Julian", "attributes": {"hair_color": "blonde", ...},
+                 "identity": {"backend": "synthetic", "embedding": [0.0, 0.447, ...]}}, ...],
      "rounds": [{"user_text": "Draw Julian and Maya in the park. ...", "user_images": [],
                  "assistant_text": "Here are Julian and Maya.",
                  "assistant_image": {"path": "images/syn-0-0000003_r0_a.png",
@@ -46,6 +48,10 @@ KNOWN_KINDS = ("chat", "name_based", "single_turn", "rollback", "markov_edit", "
 IMAGE_PLACEHOLDER = "<image>"
 # PIL modes we read (converted to 8-bit RGB). Anything else (CMYK, 16-bit, float) is refused.
 SUPPORTED_MODES = ("RGB", "RGBA", "L", "LA", "P", "1")
+# Who may have made a person's identity embedding, with the length it must have (None: any length).
+# insightface: ArcFace (buffalo_l w600k_r50, antelopev2 glintr100); dlib: its ResNet; synthetic: the drawn
+# people's attribute code (`cig_jax.data.world.identity_code`), zero-padded to the model's width when read.
+IDENTITY_BACKENDS = {"insightface": 512, "dlib": 128, "synthetic": None}
 
 
 class SchemaError(ValueError):
@@ -55,14 +61,45 @@ class SchemaError(ValueError):
 # ----------------------------------------------------------------------------------------------------------
 # Dataclasses
 # ----------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class PersonIdentity:
+    """A face-identity embedding and the backend that made it (a key of IDENTITY_BACKENDS). The values are
+    a tuple of floats (so people compare by value); `vector()` gives them as float32 [D]."""
+
+    backend: str
+    embedding: tuple  # D floats
+
+    @classmethod
+    def of(cls, backend: str, vector) -> "PersonIdentity":
+        return cls(backend, tuple(float(v) for v in np.asarray(vector, np.float32).reshape(-1)))
+
+    def vector(self) -> np.ndarray:
+        return np.asarray(self.embedding, np.float32)  # [D]
+
+    def for_width(self, dim: int, where: str = "identity") -> np.ndarray:
+        """The embedding as a model of identity width `dim` reads it, float32 [dim]. A synthetic code shorter
+        than `dim` is zero-padded (its definition); any other mismatch raises ValueError (records embedded by
+        one backend fed to a model trained for another)."""
+        v = self.vector()
+        if self.backend == "synthetic" and v.size < dim:
+            v = np.pad(v, (0, dim - v.size))
+        if v.size != dim:
+            raise ValueError(f"{where}: a {self.backend} identity embedding of {v.size} values, but the model's "
+                             f"identity width (model.dit.identity.embedding_dim) is {dim}; re-embed the records with "
+                             "the model's backend or use a model of that width")
+        return v
+
+
 @dataclasses.dataclass
 class Person:
     """A named person. In `Conversation.people`: the cast; in `Image.people`: who is in that image, with
-    the attributes visible there and an optional `box` [x0, y0, x1, y1] in pixels (x1, y1 exclusive)."""
+    the attributes visible there and an optional `box` [x0, y0, x1, y1] in pixels (x1, y1 exclusive).
+    `identity`: the person's face-identity embedding, if one was computed (video records, synthetic codes)."""
 
     name: str
     attributes: dict = dataclasses.field(default_factory=dict)  # {"hair_color": "blonde", ...}
     box: Optional[tuple] = None
+    identity: Optional[PersonIdentity] = None
 
 
 @dataclasses.dataclass(eq=False)
@@ -284,10 +321,28 @@ def _str_dict(v: dict, where: str) -> dict:
     return dict(v)
 
 
+def _identity_from(d, where: str) -> Optional[PersonIdentity]:
+    if d is None:
+        return None
+    if not isinstance(d, dict):
+        raise SchemaError(f"{where}: expected a mapping {{backend, embedding}}, got {type(d).__name__} {_short(d)}")
+    _check_keys(d, ("backend", "embedding"), where)
+    backend = _field(d, "backend", str, where, required=True)
+    if backend not in IDENTITY_BACKENDS:
+        raise SchemaError(f"{where}.backend: expected one of {', '.join(IDENTITY_BACKENDS)}, got {backend!r}")
+    emb = _field(d, "embedding", list, where, required=True)
+    if not emb or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in emb):
+        raise SchemaError(f"{where}.embedding: expected a non-empty list of finite numbers, got {_short(emb)}")
+    want = IDENTITY_BACKENDS[backend]
+    if want is not None and len(emb) != want:
+        raise SchemaError(f"{where}.embedding: a {backend} embedding has {want} values, got {len(emb)}")
+    return PersonIdentity(backend, tuple(float(v) for v in emb))
+
+
 def _person_from(d, where: str, allow_box: bool) -> Person:
     if not isinstance(d, dict):
         raise SchemaError(f"{where}: expected a mapping, got {type(d).__name__} {_short(d)}")
-    _check_keys(d, ("name", "attributes", "box") if allow_box else ("name", "attributes"), where)
+    _check_keys(d, ("name", "attributes", "box", "identity") if allow_box else ("name", "attributes", "identity"), where)
     name = _field(d, "name", str, where, required=True)
     attrs = _str_dict(_field(d, "attributes", dict, where, default={}), f"{where}.attributes")
     box = _field(d, "box", list, where, nullable=True)
@@ -295,7 +350,8 @@ def _person_from(d, where: str, allow_box: bool) -> Person:
         if len(box) != 4 or not all(isinstance(b, int) and not isinstance(b, bool) for b in box):
             raise SchemaError(f"{where}.box: expected 4 integers [x0, y0, x1, y1], got {_short(box)}")
         box = tuple(box)
-    return Person(name=name, attributes=attrs, box=box)
+    identity = _identity_from(_field(d, "identity", dict, where, nullable=True), f"{where}.identity")
+    return Person(name=name, attributes=attrs, box=box, identity=identity)
 
 
 def _image_from(d, where: str) -> Image:
@@ -365,6 +421,8 @@ def _person_to(p: Person) -> dict:
     d: dict = {"name": p.name, "attributes": dict(p.attributes)}
     if p.box is not None:
         d["box"] = [int(b) for b in p.box]
+    if p.identity is not None:
+        d["identity"] = {"backend": p.identity.backend, "embedding": [float(v) for v in p.identity.embedding]}
     return d
 
 
@@ -492,7 +550,8 @@ def _check_pixels(px, where: str) -> None:
 
 def validate(conv: Conversation, check_images: bool = True) -> None:
     """Raises SchemaError on the first problem: empty rounds, bad pixels, a missing or undecodable or
-    unsupported image file (when `check_images`), a box outside its image, `<image>` markers that do not
+    unsupported image file (when `check_images`), a box outside its image, an identity embedding of an unknown
+    backend or the wrong length, `<image>` markers that do not
     match the user images, a pending round before an answered one, and, for kind 'name_based', a name used
     before the round that introduces it."""
     label = _label(conv)
@@ -533,6 +592,16 @@ def validate(conv: Conversation, check_images: bool = True) -> None:
                 fail(f"{where}.people[{i}].box: expected x0 < x1 and y0 < y1, non-negative, got {list(p.box)}")
             if size is not None and (x1 > size[1] or y1 > size[0]):
                 fail(f"{where}.people[{i}].box: {list(p.box)} lies outside the {size[1]}x{size[0]} image")
+
+    people = [(f"people[{i}]", p) for i, p in enumerate(conv.people)]
+    people += [(f"{where}.people[{i}]", p) for where, im in iter_images(conv) for i, p in enumerate(im.people)]
+    for where, p in people:
+        if p.identity is not None:
+            try:
+                _identity_from({"backend": p.identity.backend, "embedding": list(p.identity.embedding)},
+                               f"{where}.identity")
+            except SchemaError as e:
+                fail(str(e))
 
     if conv.kind == "name_based":
         _validate_names(conv, fail)

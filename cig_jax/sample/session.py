@@ -42,11 +42,12 @@ from flax import nnx
 
 from cig_jax import sharding
 from cig_jax.config import Config, MeshConfig
-from cig_jax.data import schema, synthetic
+from cig_jax.data import schema
 from cig_jax.data.chat_template import BOI, IMAGE_QUERY, INPUT_IMAGE, ChatTemplate, mllm_special_tokens
 from cig_jax.models.mllm import pool_targets
 from cig_jax.sample.cache import Graph, RowCache
 from cig_jax.sample.decode import choose_next
+from cig_jax.sample.identities import FaceReferences, round_identities
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ class RoundResult:
 class _Row:
     conv: schema.Conversation  # the history; every image carries its pixels
     dropped: set = dataclasses.field(default_factory=set)  # rounds left out of the cache
-    identities: dict = dataclasses.field(default_factory=dict)  # name -> (embedding, round) from face references
+    identities: FaceReferences = dataclasses.field(default_factory=FaceReferences)  # named face references
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -97,11 +98,11 @@ def _tick(_t):
         _PROGRESS[0]()
 
 
-@partial(jax.jit, static_argnums=(0, 8, 9, 10))
-def _detokenize(graph, state, seeds, visual, identity, identity_on, visual_scale, identity_scale, cfg, num_steps,
-                progress):
-    """Visual embeddings [b, Q, D_vit] (+ identity [b, De], used where identity_on [b]) -> images [b, H, W, 3]
-    in [-1, 1], with the noise of each row from its own seed."""
+@partial(jax.jit, static_argnums=(0, 9, 10, 11))
+def _detokenize(graph, state, seeds, visual, identity, identity_on, identity_boxes, visual_scale, identity_scale, cfg,
+                num_steps, progress):
+    """Visual embeddings [b, Q, D_vit] (+ identities [b, P, De], slot p used where identity_on [b, P], bound to
+    identity_boxes [b, P, 4]) -> images [b, H, W, 3] in [-1, 1], with the noise of each row from its own seed."""
     model = nnx.merge(graph.graphdef, state)
     keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), 1))(seeds)
     negative = None
@@ -110,10 +111,11 @@ def _detokenize(graph, state, seeds, visual, identity, identity_on, visual_scale
         side = mllm.vit.cfg.image_size
         feats = mllm.encode_images(-jnp.ones((1, side, side, 3), jnp.float32))
         negative = pool_targets(feats, mllm.num_image_tokens, mllm.cfg.reg_target_pool)[0]
-    id_scale = identity_scale * identity_on.astype(jnp.float32)[:, None, None, None]
+    id_scale = identity_scale * jnp.any(identity_on, axis=-1).astype(jnp.float32)[:, None, None, None]
     return model.detokenizer.generate(keys, visual, identity, cfg, negative_visual=negative,
                                       visual_scale=visual_scale, identity_scale=id_scale, num_steps=num_steps,
-                                      on_step=_tick if progress else None)
+                                      on_step=_tick if progress else None, identity_mask=identity_on,
+                                      identity_boxes=identity_boxes)
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -246,7 +248,7 @@ class ChatSession:
             row.conv = dataclasses.replace(conv, rounds=rounds, metadata=copy.deepcopy(conv.metadata),
                                            people=copy.deepcopy(conv.people))
             row.dropped = set()
-            row.identities = {}
+            row.identities = FaceReferences()
             for r, rnd in enumerate(rounds):
                 self._register_identities(row, rnd, r)
         targets, _ = self._fit(reserve=0, prompt=False, what="history")
@@ -357,12 +359,12 @@ class ChatSession:
 
         # --- the image -----------------------------------------------------------------------------------
         if any(draw):
-            identity, on = self._identities(results, draw)
+            identity, on, boxes = self._identities(results, draw)
             v_scale = d.visual_guidance_scale if visual_scale is None else visual_scale
             i_scale = d.identity_guidance_scale if identity_scale is None else identity_scale
             with self._diffusion_bar(n_steps):
                 pixels = _detokenize(self.graph, self.state, seeds_arr, visual, identity,
-                                     self.cache.put(on, ("batch",)),
+                                     self.cache.put(on, ("batch", None)), self.cache.put(boxes, ("batch", None, None)),
                                      jnp.float32(v_scale), jnp.float32(i_scale), d, n_steps, self.progress)
             pixels = to_uint8(jax.device_get(pixels))
             vis_np = np.asarray(jax.device_get(visual))
@@ -454,76 +456,50 @@ class ChatSession:
         self._keys = {k: v for k, v in self._keys.items() if v[1] in used}
 
     # -- identity ------------------------------------------------------------------------------------------
-    def _identity_of(self, image: schema.Image) -> tuple[Optional[np.ndarray], str]:
-        """(embedding, how) of the one face in an image: drawn people from their metadata, photos by the face
-        embedder; (None, why not) otherwise."""
-        ident = synthetic.image_identity(image, self._identity_dim) if image.people else None
-        if ident is not None:
-            who = image.people[0].name or "the person"
-            return ident, f"{who} (drawn-person metadata)"
+    def _get_embedder(self):
+        """The face embedder for photos without a recorded identity (built on first need), or None."""
         if self._embedder is False:
-            return None, "no face embedder"
+            return None
         if self._embedder is None:
             try:
                 from cig_jax.faces.identity import make_identity_embedder
 
                 self._embedder = make_identity_embedder("auto")
-            except Exception as e:  # noqa: BLE001 - no weights / no backend: sample without identity
-                log.warning("no face identity embedder (%s): sampling without identity", e)
+            except Exception as e:  # noqa: BLE001 - no weights / no backend: only recorded identities
+                log.warning("no face identity embedder (%s): photos without a recorded identity get none", e)
                 self._embedder = False
-                return None, f"no face embedder ({type(e).__name__})"
-        faces = self._embedder.detect(image.pixels)
-        if not faces:
-            return None, "no face found in the reference image"
-        emb = np.asarray(faces[0].embedding, np.float32)
-        if emb.shape != (self._identity_dim,):
-            log.warning("face embedding has %d values but the DiT takes %d: sampling without identity",
-                        emb.size, self._identity_dim)
-            return None, f"face embedding of {emb.size} values, DiT takes {self._identity_dim}"
-        return emb, f"face found by {getattr(self._embedder, 'name', 'the embedder')}"
+                return None
+        return self._embedder
 
     def _register_identities(self, row: _Row, rnd: schema.Round, r: int) -> None:
         """Remembers the identity of named one-person user images (face references) for later rounds."""
-        if not self._has_identity:
-            return
-        for im in rnd.user_images:
-            if len(im.people) == 1 and im.people[0].name:
-                emb = synthetic.image_identity(im, self._identity_dim)
-                if emb is not None:
-                    row.identities[im.people[0].name] = (emb, r)
+        if self._has_identity:
+            row.identities.register(rnd, r, self._identity_dim, self._get_embedder,
+                                    f"{schema._label(row.conv)}: rounds[{r}]")
 
     def _identities(self, results: list, draw: list):
-        """Identity embeddings [b, De] and which rows use one [b], with a note per drawing row: the face of this
-        round's first user image that has one, else the face reference of the one known person the text names."""
-        b = self.batch_size
-        out = np.zeros((b, self._identity_dim), np.float32)
-        on = np.zeros((b,), bool)
+        """Identities [b, P, De], which slots are used [b, P] and their regions [b, P, 4], with a note (and the
+        list of identities used) per drawing row: see `identities.round_identities`."""
+        b, p = self.batch_size, self.cfg.model.dit.identity.max_identities
+        out = np.zeros((b, p, self._identity_dim), np.float32)
+        on = np.zeros((b, p), bool)
+        boxes = np.zeros((b, p, 4), np.float32)
         for i, row in enumerate(self.rows):
             if not draw[i]:
                 continue
-            note = "no identity: the detokenizer has no identity branch"
+            r = len(row.conv.rounds) - 1
+            record = {"identity": "no identity: the detokenizer has no identity branch", "identities": []}
             if self._has_identity:
-                rnd = row.conv.rounds[-1]
-                note = "no identity: no face reference"
-                for im in rnd.user_images:
-                    emb, how = self._identity_of(im)
-                    if emb is not None:
-                        out[i], on[i], note = emb, True, f"identity: {how}, this round"
-                        break
-                    note = f"no identity: {how}"
-                if not on[i]:
-                    named = schema.mentioned_names(rnd.user_text, list(row.identities))
-                    if len(named) == 1:
-                        emb, r = row.identities[named[0]]
-                        out[i], on[i], note = emb, True, f"identity: {named[0]} (face reference of rounds[{r}])"
-                    elif len(named) > 1:
-                        note = f"no identity: the text names {len(named)} people with face references"
-            results[i].identity_used = bool(on[i])
-            results[i].notes.append(note)
-            row.conv.rounds[-1].metadata["sample"]["identity"] = note
+                out[i], m, boxes[i], record = round_identities(row.conv.rounds[-1], row.identities, self._identity_dim,
+                                                               p, self._get_embedder,
+                                                               f"{schema._label(row.conv)}: rounds[{r}]")
+                on[i] = m > 0
+            results[i].identity_used = bool(on[i].any())
+            results[i].notes.append(record["identity"])
+            row.conv.rounds[-1].metadata["sample"].update(record)
         if not self._has_identity:
-            return None, on
-        return self.cache.put(out, ("batch", None)), on  # an array even if unused (scale 0): one compiled sampler
+            return None, on, boxes
+        return self.cache.put(out, ("batch", None, None)), on, boxes  # arrays even if unused: one compiled sampler
 
     def _diffusion_bar(self, n_steps: int):
         if not self.progress:
