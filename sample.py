@@ -11,6 +11,11 @@ and `transcript.html`, the conversations as a chat with the images inline. The i
 are written atomically, and only once every conversation is done. Conversations of the same shape (rounds,
 pending rounds) are sampled together, up to --batch-size at a time, their rows sharded over the mesh.
 
+Face photos without a recorded identity are embedded by --identity-backend (auto: an insightface pack under
+--face-model-root/models/<pack>/ when there, else dlib; `none`: identities only from the records); a backend whose
+width is not the checkpoint's, or a misplaced pack, is an error before sampling. A round naming several people
+with face references draws with all of them (up to model.dit.identity.max_identities), listed in the history.
+
 Bad input (malformed JSON, a missing / undecodable / unsupported image, a checkpoint that does not fit the
 config, a history longer than --max-len under --overflow error) is a one-line error naming the file, round and
 field, with exit status 2 and nothing written. `--interactive` chats in the terminal (`/image PATH` attaches an

@@ -36,8 +36,7 @@ from PIL import Image as PILImage
 from PIL import ImageDraw, ImageFont
 
 from cig_jax.data.schema import Conversation, Image, Person, Round, save_conversation
-from cig_jax.data.world import (ATTRIBUTES, IDENTITY_ATTRIBUTES, NAMES, SCENES, has_identity_attributes,  # noqa: F401
-                                identity_embedding, person_identity)
+from cig_jax.data.world import ATTRIBUTES, NAMES, SCENES, has_identity_attributes, person_identity
 
 KINDS: tuple[str, ...] = ("name_based", "single_turn", "rollback", "markov_edit")
 

@@ -2,7 +2,8 @@
 
 Owns: what a round does at sampling time (the user turn goes into the cache, images through ViT + input
 resampler; the assistant's text is decoded; on `<img>` the image queries are appended and the output
-resampler's visual embeddings go to the detokenizer with the identity of any face reference; the drawn image is
+resampler's visual embeddings go to the detokenizer with the identities of the face references (`identities.py`:
+this round's photos and the earlier references of the people the text names, each bound to a region); the drawn image is
 written back into the cache as an input block, exactly as a user image, together with the next user turn), what
 the cache should hold (the chat template's encoding of the history), the cache-overflow policy, batching many
 conversations of one shape over the mesh, and `complete_conversation(s)`, which fills the pending rounds of a
@@ -151,8 +152,8 @@ class ChatSession:
     give the defaults of `round`). max_len: KV-cache slots for the history. overflow: 'error' (default: raise
     `ContextOverflowError`) or 'drop_oldest' (leave the oldest text-only rounds out of the cache, logged and
     reported in `RoundResult.dropped_rounds` and the round's metadata). mesh: where batch rows and parameters
-    live (default: one device). identity_embedder: face embedder for user photos that carry no drawn-person
-    metadata (None: built on first need with `make_identity_embedder('auto')`; False: never). progress: show a
+    live (default: one device). identity_embedder: face embedder for user photos whose people carry no
+    recorded identity (None: built on first need with `make_identity_embedder('auto')`; False: never). progress: show a
     tqdm bar over diffusion steps.
     """
 
