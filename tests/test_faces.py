@@ -183,9 +183,9 @@ def make_config():
                     identity_injection="parallel",
                     identity=IDEncoderConfig(embedding_dim=128, num_tokens=4, num_embedding_tokens=2, width=128, depth=1,
                                              num_heads=4, mlp_ratio=2, max_identities=2))
-    diffusion = DiffusionConfig(objective="flow", sampler="euler", num_steps=16, prediction="sample",
-                                time_sampling="logit_normal", p_drop_identity=0.1,
-                                visual_guidance_scale=1.0, identity_guidance_scale=2.0)
+    diffusion = DiffusionConfig(objective="flow", sampler="euler", num_steps=16, prediction="velocity",
+                                time_sampling="uniform", p_drop_identity=0.1,
+                                visual_guidance_scale=1.0, identity_guidance_scale=1.5)
     return dit, diffusion
 
 
@@ -202,7 +202,7 @@ def batch_of(combos, rng, n):
     return {k: np.stack(v) for k, v in out.items()}
 
 
-def train(steps: int, batch: int = 8, lr: float = 3e-3, seed: int = 0, log=print, on_check=None, check_every=0):
+def train(steps: int, batch: int = 8, lr: float = 2e-3, seed: int = 0, log=print, on_check=None, check_every=0):
     import jax
     import jax.numpy as jnp
     import optax
