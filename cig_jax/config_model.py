@@ -257,9 +257,11 @@ class IDEncoderConfig(Section):
     num_heads: int = 4
     mlp_ratio: int = 4
     normalize_embedding: bool = True  # L2-normalise the face embedding first (ArcFace and dlib scales differ)
+    max_identities: int = 2  # identities one image may carry, each bound to its person's region (data: [b, P, De])
 
     def check(self, key: str) -> None:
         need(self.width % self.num_heads == 0, f"'{key}.width' must be divisible by '{key}.num_heads'")
+        need(self.max_identities >= 1, f"'{key}.max_identities' must be >= 1, got {self.max_identities}")
 
 
 @dataclasses.dataclass(frozen=True)

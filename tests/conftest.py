@@ -21,9 +21,10 @@ TINY_RUN = ["model.llm.vocab_size=1024", "model.use_vae=false", "model.dit.in_ch
             "sample.max_new_tokens=4", "train.stage=multiround", "data.source=synthetic"]
 
 
-def save_tiny_checkpoint(workdir):
+def save_tiny_checkpoint(workdir, extra=()):
     """A tiny run with random weights (config + weights + tokenizer) saved as the trainer saves one. The weights
-    are drawn with numpy, nothing to compile: norm scales 1, biases 0, the rest N(0, 1 / fan_in)."""
+    are drawn with numpy, nothing to compile: norm scales 1, biases 0, the rest N(0, 1 / fan_in). extra: more
+    config overrides."""
     from pathlib import Path
 
     import numpy as np
@@ -35,7 +36,7 @@ def save_tiny_checkpoint(workdir):
     from cig_jax.train.checkpoint import Checkpointer
 
     root = Path(__file__).resolve().parents[1]
-    cfg = load_config(root / "configs" / "model" / "tiny.yaml", TINY_RUN + [f"train.workdir={workdir}"])
+    cfg = load_config(root / "configs" / "model" / "tiny.yaml", TINY_RUN + list(extra) + [f"train.workdir={workdir}"])
     task = stages.build_task(cfg)
     graphdef, abstract = nnx.split(nnx.eval_shape(task.make_model))
     rng = np.random.default_rng(0)

@@ -176,3 +176,31 @@ def test_grain_worker_processes_give_the_in_process_batches_and_resume_the_same(
     resumed = iter(make_dataset(records, template, dataclasses.replace(opts, worker_count=2)))
     resumed.set_state(state)
     _same(next(resumed), ref[4])
+
+
+def test_detokenizer_images_read_every_identity_from_the_record(records):
+    """The image pipeline takes identities from the records (the array_record round trip keeps them), never from
+    the renderer: one person -> its code for the whole image; two -> both, each bound to its box."""
+    from cig_jax.data import world
+    from cig_jax.data.pipeline import image_example
+
+    conv = next(records[i] for i in range(len(records)) if records[i].kind == "name_based")
+    pair, solo = conv.rounds[0].assistant_image, conv.rounds[1].assistant_image
+    ex = image_example(solo, conv, 16, 128, max_identities=2)
+    np.testing.assert_array_equal(ex["identity_mask"], [1, 0])
+    np.testing.assert_allclose(ex["identity"][0], world.identity_embedding(solo.people[0].attributes, 128), atol=1e-7)
+    np.testing.assert_array_equal(ex["identity_boxes"][0], [0, 0, 1, 1])
+    ex = image_example(pair, conv, 16, 128, max_identities=2)
+    np.testing.assert_array_equal(ex["identity_mask"], [1, 1])
+    side = pair.pixels.shape[0] if pair.pixels is not None else 32
+    for k, p in enumerate(pair.people):
+        np.testing.assert_allclose(ex["identity"][k], world.identity_embedding(p.attributes, 128), atol=1e-7)
+        np.testing.assert_allclose(ex["identity_boxes"][k], np.asarray(p.box) / side, atol=1e-6)
+    # a record whose people carry no identity gives none, whatever attributes it has
+    bare = dataclasses.replace(pair, people=[dataclasses.replace(p, identity=None) for p in pair.people])
+    assert image_example(bare, conv, 16, 128)["identity_mask"].sum() == 0
+    # an embedding of another width is an error naming the record, not a silent drop
+    odd = dataclasses.replace(pair, people=[dataclasses.replace(pair.people[0], identity=schema.PersonIdentity.of(
+        "dlib", np.ones(128, np.float32)))])
+    with pytest.raises(ValueError, match=r"a dlib identity embedding of 128 values, but the model's identity width"):
+        image_example(odd, conv, 16, 512)

@@ -140,3 +140,36 @@ def test_visual_grid_injection_starts_as_pixart_then_adds_each_embedding_to_its_
     assert np.abs(_ours(ours, inputs) - want).max() > 1e-3
     with pytest.raises(ValueError, match="square grid"):
         _ours(ours, (latents, timesteps, cond, mask, extra))  # 5 embeddings are no grid
+
+
+@pytest.mark.parametrize("mode", ["parallel", "concat"])
+def test_several_identities_bind_to_regions_and_one_person_is_the_single_path(tmp_path, mode):
+    """[b, P, De] identities: one person over the whole image (other slots masked) computes exactly the
+    single-identity path; swapping two people's embeddings together with their regions changes nothing; a
+    second person in a region changes the prediction; id_scale 0 / an empty mask is PixArt again."""
+    ref, path = _tiny_pixart_dir(tmp_path, "plain")
+    inputs = _inputs(ref, (8, 8))
+    want = _ref(ref, inputs)
+    ours = load_pixart(path, identity_injection=mode, identity_every=1, identity=ID)
+    if mode == "parallel":
+        out = ours.id_attn.attn.to_out.kernel
+        out[...] = 0.5 * jax.random.normal(jax.random.key(1), out[...].shape)
+    e1, e2 = jax.random.normal(jax.random.key(0), (2, 2, ID.embedding_dim))
+    pair = jnp.stack([e1, e2], axis=1)  # [b, 2, De]
+    whole, left, right = [0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 0.5, 1.0], [0.5, 0.0, 1.0, 1.0]
+    boxes = lambda *bs: jnp.asarray([list(bs)] * 2)  # noqa: E731
+    single = _ours(ours, inputs, identity_embeddings=e1)
+    one = _ours(ours, inputs, identity_embeddings=pair, identity_mask=jnp.asarray([[1, 0]] * 2),
+                identity_boxes=boxes(whole, left))
+    np.testing.assert_allclose(one, single, atol=1e-6, rtol=1e-6)
+    two = _ours(ours, inputs, identity_embeddings=pair, identity_mask=jnp.ones((2, 2)), identity_boxes=boxes(left, right))
+    swapped = _ours(ours, inputs, identity_embeddings=pair[:, ::-1], identity_mask=jnp.ones((2, 2)),
+                    identity_boxes=boxes(right, left))
+    np.testing.assert_allclose(two, swapped, atol=1e-6, rtol=1e-6)
+    only_left = _ours(ours, inputs, identity_embeddings=pair, identity_mask=jnp.asarray([[1, 0]] * 2),
+                      identity_boxes=boxes(left, right))
+    assert np.abs(two - only_left).max() > 1e-3 and np.abs(two - single).max() > 1e-3
+    np.testing.assert_allclose(_ours(ours, inputs, identity_embeddings=pair, identity_mask=jnp.ones((2, 2)),
+                                     identity_boxes=boxes(left, right), id_scale=0.0), want, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(_ours(ours, inputs, identity_embeddings=pair, identity_mask=jnp.zeros((2, 2))), want,
+                               atol=1e-4, rtol=1e-4)

@@ -178,3 +178,29 @@ def test_save_refuses_image_without_pixels_or_path(tmp_path):
     conv = Conversation(id="x", rounds=[Round("hi", [Image(people=[Person("A")])])])
     with pytest.raises(SchemaError, match=r"conversation 'x': rounds\[0\]\.user_images\[0\]: has neither 'path' nor pixels"):
         schema.save_conversation(conv, tmp_path / "x.json")
+
+
+def test_person_identity_round_trips_exactly_and_bad_ones_are_refused(tmp_path):
+    rng = np.random.default_rng(0)
+    vec = rng.standard_normal(128).astype(np.float32)
+    conv = make_conversation("single_turn", 0, 0)
+    conv.rounds[0].assistant_image.people[0].identity = schema.PersonIdentity.of("dlib", vec)
+    conv.people[0].identity = schema.PersonIdentity.of("dlib", vec)
+    schema.save_conversation(conv, tmp_path / "c.json")
+    back = schema.load_conversation(tmp_path / "c.json")
+    ident = back.rounds[0].assistant_image.people[0].identity
+    assert ident.backend == "dlib" and ident.vector().tobytes() == vec.tobytes()  # float32 values exactly
+    assert back.people[0].identity == conv.people[0].identity
+    # the user image (face reference) carries the synthetic code the generator wrote
+    assert back.rounds[0].user_images[0].people[0].identity.backend == "synthetic"
+    d = schema.to_dict(back)
+    for bad, msg in [({"backend": "dlib", "embedding": [0.0] * 127}, r"embedding: a dlib embedding has 128 values, got 127"),
+                     ({"backend": "facenet", "embedding": [1.0]}, r"backend: expected one of insightface, dlib, synthetic"),
+                     ({"backend": "synthetic", "embedding": [1.0, float("nan")]}, r"embedding: expected a non-empty list"),
+                     ({"backend": "dlib"}, r"embedding: missing required field")]:
+        d["rounds"][0]["assistant_image"]["people"][0]["identity"] = bad
+        with pytest.raises(SchemaError, match=r"rounds\[0\]\.assistant_image\.people\[0\]\.identity\." + msg):
+            schema.conversation_from_dict(d)
+    conv.people[0].identity = schema.PersonIdentity.of("insightface", vec)  # in memory: checked by validate
+    with pytest.raises(SchemaError, match=r"people\[0\]\.identity\.embedding: a insightface embedding has 512"):
+        schema.validate(conv)

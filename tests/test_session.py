@@ -354,3 +354,78 @@ def test_transcript_renders_in_headless_chromium(single_run, tmp_path):
     _, _, out = single_run
     report = shot.check(out / "transcript.html", tmp_path / "shot.png")
     assert report["images"] >= 2 and report["rendered"] == report["images"], report
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Face backends and several identities per image
+# ----------------------------------------------------------------------------------------------------------
+def test_sample_cli_refuses_a_face_backend_of_the_wrong_width(tmp_path, capsys):
+    """dlib gives 128-d embeddings; a checkpoint trained on 512-d ArcFace ones refuses it before sampling."""
+    pytest.importorskip("dlib")
+    from conftest import save_tiny_checkpoint
+
+    ckpt512 = save_tiny_checkpoint(tmp_path / "run512", ["model.dit.identity.embedding_dim=512"])
+    chat = _copy_example(tmp_path / "in")
+    out = tmp_path / "out"
+    rc = _sample_main()(["--checkpoint", str(ckpt512), "--chat", str(chat), "--out", str(out), "--devices", "1",
+                         "--no-progress", "--identity-backend", "dlib"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and not out.exists(), err
+    assert "--identity-backend dlib" in err[0] and "128-d" in err[0] and "512-d" in err[0], err[0]
+
+
+def test_insightface_pack_misplacements_are_explained(tmp_path):
+    from cig_jax.faces.identity import IdentityModelNotFoundError
+    from cig_jax.sample.identities import embedder_for_checkpoint
+
+    nested = tmp_path / "root" / "models" / "buffalo_l" / "buffalo_l"
+    nested.mkdir(parents=True)
+    (nested / "w600k_r50.onnx").write_bytes(b"")
+    for backend in ("insightface", "auto"):  # auto does not fall back to dlib past a pack the user put there
+        with pytest.raises(IdentityModelNotFoundError, match=r"nested one folder too deep.*move the \.onnx files up"):
+            embedder_for_checkpoint(backend, 512, tmp_path / "root")
+    flat = tmp_path / "flat" / "buffalo_l"
+    flat.mkdir(parents=True)
+    (flat / "det_10g.onnx").write_bytes(b"")
+    with pytest.raises(IdentityModelNotFoundError, match=r"insightface looks in <model_root>/models/<pack>/"):
+        embedder_for_checkpoint("insightface", 512, tmp_path / "flat")
+    with pytest.raises(IdentityModelNotFoundError, match=r"is the folder that holds models/buffalo_l/, not the pack"):
+        embedder_for_checkpoint("insightface", 512, flat)
+
+
+def _face_photo(who_box, side=160) -> np.ndarray:
+    insightface = pytest.importorskip("insightface")
+    t1 = PILImage.open(Path(insightface.__file__).parent / "data" / "images" / "t1.jpg").convert("RGB")
+    x0, y0, x1, y1 = who_box
+    cx, cy, half = (x0 + x1) / 2, (y0 + y1) / 2, x1 - x0
+    return np.asarray(t1.crop((int(cx - half), int(cy - half), int(cx + half), int(cy + half))).resize((side, side)))
+
+
+def test_two_person_round_with_two_face_photos_uses_both(ckpt, tmp_path):
+    """Round 1 gives two named photos (real faces, embedded by dlib); round 2 names both: both identities are
+    used, each bound to its side of the image, and the history JSON says so."""
+    pytest.importorskip("dlib")
+    folder = tmp_path / "in"
+    (folder / "images").mkdir(parents=True)
+    for name, box in (("ann", (1118, 283, 1227, 391)), ("ben", (67, 283, 176, 391))):
+        PILImage.fromarray(_face_photo(box)).save(folder / "images" / f"{name}.png")
+    chat = {"id": "two_photos", "kind": "chat", "rounds": [
+        {"user_text": "This is Ann. This is Ben. Draw Ann and Ben together at the beach.",
+         "user_images": [{"path": "images/ann.png", "people": [{"name": "Ann"}]},
+                         {"path": "images/ben.png", "people": [{"name": "Ben"}]}]},
+        {"user_text": "Now Ben and Ann in the snow."}]}
+    (folder / "chat.json").write_text(json.dumps(chat))
+    out = tmp_path / "out"
+    rc = _sample_main()(["--checkpoint", str(ckpt), "--chat", str(folder / "chat.json"), "--out", str(out),
+                         "--devices", "1", "--no-progress", "--max-new-tokens", "2", "--force-image",
+                         "--identity-backend", "dlib"])
+    assert rc == 0
+    done = json.loads((out / "chat.json").read_text())
+    first, second = (r["metadata"]["sample"] for r in done["rounds"])
+    assert [i["name"] for i in first["identities"]] == ["Ann", "Ben"], first
+    assert all("face found by dlib" in i["source"] for i in first["identities"]), first
+    assert [i["name"] for i in second["identities"]] == ["Ben", "Ann"], second  # the order the text names them
+    assert all("face reference of rounds[0]" in i["source"] for i in second["identities"]), second
+    for rec in (first, second):  # left and right halves
+        assert [i["box"] for i in rec["identities"]] == [[0.0, 0.0, 0.5, 1.0], [0.5, 0.0, 1.0, 1.0]]
+    assert first["identity"].startswith("identity: Ann")

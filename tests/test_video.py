@@ -340,3 +340,30 @@ def test_cli_writes_a_report(tmp_path, dlib_embedder):
     video.main(["--videos", str(tmp_path / "clips"), "--out", str(tmp_path / "out"), "--backend", "dlib"])
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
     assert [(c["clip"], c["reason"]) for c in saved["clips"]] == [("broken.mov", "unreadable")]
+
+
+def test_video_record_carries_each_persons_embedding_close_to_their_photo(built, dlib_embedder):
+    """Each tracked person's embedding (mean of its best faces) is nearer to that person's photo in t1.jpg than
+    to the other person's."""
+    report, _, _ = built
+    (res,) = [r for r in report.results if r.clip == "pair.mp4"]
+    conv = schema.load_conversation(res.path)
+    photo = np.asarray(_t1())
+    faces = dlib_embedder.detect(photo)
+
+    def photo_embedding(who):
+        box = T1_FACES[who]
+        return max(faces, key=lambda f: -sum(abs(a - b) for a, b in zip(f.box, box))).embedding
+
+    a_name, b_name = [p.name for p in conv.people]  # A is the left person, B the right
+    ref = {a_name: photo_embedding("A"), b_name: photo_embedding("B")}
+    seen = {}
+    for p in conv.people + [q for rnd in conv.rounds for q in rnd.assistant_image.people]:
+        assert p.identity is not None and p.identity.backend == "dlib" and len(p.identity.embedding) == 128
+        seen.setdefault(p.name, set()).add(p.identity.embedding)
+    assert all(len(v) == 1 for v in seen.values())  # one embedding per person, the same in every image
+    for name, other in ((a_name, b_name), (b_name, a_name)):
+        v = conv.people[[p.name for p in conv.people].index(name)].identity.vector()
+        own, cross = float(v @ ref[name]), float(v @ ref[other])
+        print(f"{name}: cosine to own photo {own:.3f}, to the other's {cross:.3f}")
+        assert own > cross

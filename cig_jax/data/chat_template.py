@@ -116,10 +116,10 @@ _SCENE_PHRASES = ["at the beach", "in the park", "in an office", "outside at nig
 
 def _vocabulary() -> dict:
     """Names, attributes and scenes of the synthetic dataset."""
-    from cig_jax.data import synthetic
+    from cig_jax.data import world
 
-    return dict(names=list(synthetic.NAMES), attributes={k: list(v) for k, v in synthetic.ATTRIBUTES.items()},
-                scenes=list(synthetic.SCENES))
+    return dict(names=list(world.NAMES), attributes={k: list(v) for k, v in world.ATTRIBUTES.items()},
+                scenes=list(world.SCENES))
 
 
 def tiny_corpus(vocab: Optional[dict] = None) -> list[str]:

@@ -14,8 +14,10 @@ how a conversation becomes tokens (`chat_template.py`), or global arrays (`cig_j
 Batch (all [batch, ...] numpy): input_ids, role, image_index, loss_mask, round_index, attention_mask
 [seq_len]; images [max_images, S, S, 3] float32 in [-1, 1]; image_mask [max_images]; record_index [].
 
-`make_image_dataset` serves the detokenizer stage instead: single images [S, S, 3] in [-1, 1] with the
-identity embedding of the one person shown (`identity` [De], `identity_mask` [] 0 when there is none).
+`make_image_dataset` serves the detokenizer stage instead: single images [S, S, 3] in [-1, 1] with the identity
+embeddings of the people shown, read from the record (`Person.identity`, never from a renderer): `identity`
+[P, De], `identity_mask` [P] (1: slot p holds a person's identity), `identity_boxes` [P, 4] (x0, y0, x1, y1 as
+fractions of the image: where that identity applies; the whole image when one person is shown).
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ import grain
 import numpy as np
 from PIL import Image as PILImage
 
-from cig_jax.data import schema, sources, synthetic
+from cig_jax.data import schema, sources
 from cig_jax.data.chat_template import ChatTemplate, pad_to
 
 log = logging.getLogger(__name__)
@@ -172,25 +174,54 @@ def _batched(ds: grain.MapDataset, opts: PipelineOptions) -> grain.IterDataset:
 # ----------------------------------------------------------------------------------------------------------
 # Single images (detokenizer stage)
 # ----------------------------------------------------------------------------------------------------------
+def image_identities(image: schema.Image, dim: int, max_identities: int, size: Optional[tuple] = None,
+                     where: str = "image") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The identities of an image's people, each bound to its region: (identity [P, dim], identity_mask [P],
+    identity_boxes [P, 4] as fractions of the image). One person shown: its identity applies to the whole image
+    (the single-identity path). Several: each person with an identity and a box, in the record's order, up to P;
+    a person without a box cannot be bound and is left out. size: (H, W) of the image, for the boxes."""
+    ident = np.zeros((max_identities, dim), np.float32)
+    mask = np.zeros((max_identities,), np.float32)
+    boxes = np.zeros((max_identities, 4), np.float32)
+    people = image.people
+    slot = 0
+    for i, p in enumerate(people):
+        if p.identity is None or slot >= max_identities:
+            continue
+        v = p.identity.for_width(dim, f"{where}.people[{i}].identity")
+        if len(people) == 1:
+            box = (0.0, 0.0, 1.0, 1.0)
+        elif p.box is not None and size is not None:
+            h, w = size
+            box = (p.box[0] / w, p.box[1] / h, p.box[2] / w, p.box[3] / h)
+        else:
+            continue
+        ident[slot], mask[slot], boxes[slot] = v, 1.0, box
+        slot += 1
+    return ident, mask, boxes
+
+
 def image_example(image: schema.Image, conv: schema.Conversation, size: int, identity_dim: int,
-                  target_size: Optional[int] = None) -> dict:
+                  target_size: Optional[int] = None, max_identities: int = 2) -> dict:
     """One image for the detokenizer stage: `images` at the ViT's size, `targets` at the detokenizer's output
-    size when that differs, the identity embedding of the one person shown (zeros + mask 0 otherwise)."""
-    pixels = image.load(conv.base_dir, where=f"conversation {conv.id!r} image")
-    ident = synthetic.image_identity(image, identity_dim)
-    out = {"images": preprocess_image(pixels, size),
-           "identity": ident if ident is not None else np.zeros((identity_dim,), np.float32),
-           "identity_mask": np.float32(ident is not None)}
+    size when that differs, and the identities of its people (`image_identities`)."""
+    where = f"conversation {conv.id!r} image"
+    pixels = image.load(conv.base_dir, where=where)
+    ident, mask, boxes = image_identities(image, identity_dim, max_identities, pixels.shape[:2], where)
+    out = {"images": preprocess_image(pixels, size), "identity": ident, "identity_mask": mask,
+           "identity_boxes": boxes}
     if target_size and target_size != size:
         out["targets"] = preprocess_image(pixels, target_size)
     return out
 
 
 def make_image_dataset(records: Sequence[schema.Conversation], opts: PipelineOptions, identity_dim: int = 128,
-                       skips: Optional[SkipCounter] = None, target_size: Optional[int] = None) -> grain.IterDataset:
+                       skips: Optional[SkipCounter] = None, target_size: Optional[int] = None,
+                       max_identities: int = 2) -> grain.IterDataset:
     """Every image of every record (user and assistant images), shuffled by `opts.seed`, sharded per process,
-    batched: images [batch, S, S, 3], identity [batch, identity_dim], identity_mask [batch] (and targets
-    [batch, T, T, 3] when target_size T differs from S)."""
+    batched: images [batch, S, S, 3], identity [batch, P, identity_dim], identity_mask [batch, P],
+    identity_boxes [batch, P, 4] (P = max_identities; and targets [batch, T, T, 3] when target_size T differs
+    from S)."""
     skips = skips if skips is not None else SkipCounter()
     pairs = np.asarray([(i, k) for i in range(len(records)) for k in range(sources.num_images(records, i))],
                        np.int64).reshape(-1, 2)  # image counts from the source's index: no record decoded
@@ -202,7 +233,7 @@ def make_image_dataset(records: Sequence[schema.Conversation], opts: PipelineOpt
         conv = records[i]
         image = list(schema.iter_images(conv))[k][1]
         try:
-            return image_example(image, conv, opts.image_size, identity_dim, target_size)
+            return image_example(image, conv, opts.image_size, identity_dim, target_size, max_identities)
         except (schema.SchemaError, OSError, ValueError) as e:
             skips.skip("missing image", i, str(e))
             return None

@@ -44,6 +44,10 @@ KNOWN_KINDS = ("chat", "name_based", "single_turn", "rollback", "markov_edit", "
 IMAGE_PLACEHOLDER = "<image>"
 # PIL modes we read (converted to 8-bit RGB). Anything else (CMYK, 16-bit, float) is refused.
 SUPPORTED_MODES = ("RGB", "RGBA", "L", "LA", "P", "1")
+# Who may have made a person's identity embedding, with the length it must have (None: any length).
+# insightface: ArcFace (buffalo_l w600k_r50, antelopev2 glintr100); dlib: its ResNet; synthetic: the drawn
+# people's attribute code (`cig_jax.data.world.identity_code`), zero-padded to the model's width when read.
+IDENTITY_BACKENDS = {"insightface": 512, "dlib": 128, "synthetic": None}
 
 
 class SchemaError(ValueError):
@@ -53,6 +57,49 @@ class SchemaError(ValueError):
 # ----------------------------------------------------------------------------------------------------------
 # Dataclasses
 # ----------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class PersonIdentity:
+    """A face-identity embedding and the backend that made it (a key of IDENTITY_BACKENDS). The values are
+    a tuple of floats (so people compare by value); `vector()` gives them as float32 [D]."""
+
+    backend: str
+    embedding: tuple  # D floats
+
+    @classmethod
+    def of(cls, backend: str, vector) -> "PersonIdentity":
+        return cls(backend, tuple(float(v) for v in np.asarray(vector, np.float32).reshape(-1)))
+
+    def vector(self) -> np.ndarray:
+        return np.asarray(self.embedding, np.float32)  # [D]
+
+    def for_width(self, dim: int, where: str = "identity") -> np.ndarray:
+        """The embedding as a model of identity width `dim` reads it, float32 [dim]. A synthetic code shorter
+        than `dim` is zero-padded (its definition); any other mismatch raises ValueError (records embedded by
+        one backend fed to a model trained for another)."""
+        v = self.vector()
+        if self.backend == "synthetic" and v.size < dim:
+            v = np.pad(v, (0, dim - v.size))
+        if v.size != dim:
+            raise ValueError(f"{where}: a {self.backend} identity embedding of {v.size} values, but the model's "
+                             f"identity width (model.dit.identity.embedding_dim) is {dim}; re-embed the records with "
+                             "the model's backend or use a model of that width")
+        return v
+
+
+def identity_problem(backend, embedding, where: str) -> Optional[str]:
+    """What is wrong with an identity (backend, embedding values), or None: the one check behind JSON reading
+    and `validate`."""
+    if backend not in IDENTITY_BACKENDS:
+        return f"{where}.backend: expected one of {', '.join(IDENTITY_BACKENDS)}, got {backend!r}"
+    emb = list(embedding) if isinstance(embedding, (list, tuple)) else None
+    if not emb or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in emb):
+        return f"{where}.embedding: expected a non-empty list of finite numbers"
+    want = IDENTITY_BACKENDS[backend]
+    if want is not None and len(emb) != want:
+        return f"{where}.embedding: a {backend} embedding has {want} values, got {len(emb)}"
+    return None
+
+
 @dataclasses.dataclass
 class Person:
     """A named person. In `Conversation.people`: the cast; in `Image.people`: who is in that image, with
@@ -61,6 +108,7 @@ class Person:
     name: str
     attributes: dict = dataclasses.field(default_factory=dict)  # {"hair_color": "blonde", ...}
     box: Optional[tuple] = None
+    identity: Optional[PersonIdentity] = None  # the person's face-identity embedding (video records, synthetic codes)
 
 
 @dataclasses.dataclass(eq=False)
@@ -234,6 +282,14 @@ def validate(conv: Conversation, check_images: bool = True) -> None:
                 fail(f"{where}.people[{i}].box: expected x0 < x1 and y0 < y1, non-negative, got {list(p.box)}")
             if size is not None and (x1 > size[1] or y1 > size[0]):
                 fail(f"{where}.people[{i}].box: {list(p.box)} lies outside the {size[1]}x{size[0]} image")
+
+    people = [(f"people[{i}]", p) for i, p in enumerate(conv.people)]
+    people += [(f"{where}.people[{i}]", p) for where, im in iter_images(conv) for i, p in enumerate(im.people)]
+    for where, p in people:
+        if p.identity is not None:
+            problem = identity_problem(p.identity.backend, p.identity.embedding, f"{where}.identity")
+            if problem:
+                fail(problem)
 
     if conv.kind == "name_based":
         _validate_names(conv, fail)

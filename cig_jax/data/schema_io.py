@@ -22,8 +22,8 @@ from typing import Any, Optional, Union
 import numpy as np
 from PIL import Image as PILImage
 
-from cig_jax.data.schema import (SCHEMA_VERSION, SUPPORTED_MODES, Conversation, Image, Person, Round, SchemaError,
-                                 _check_pixels, _label, iter_images, validate)
+from cig_jax.data.schema import (SCHEMA_VERSION, SUPPORTED_MODES, Conversation, Image, Person, PersonIdentity, Round,
+                                 SchemaError, _check_pixels, _label, identity_problem, iter_images, validate)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -144,10 +144,25 @@ def _str_dict(v: dict, where: str) -> dict:
     return dict(v)
 
 
+def _identity_from(d, where: str) -> Optional[PersonIdentity]:
+    if d is None:
+        return None
+    if not isinstance(d, dict):
+        raise SchemaError(f"{where}: expected a mapping {{backend, embedding}}, got {type(d).__name__} {_short(d)}")
+    _check_keys(d, ("backend", "embedding"), where)
+    backend = _field(d, "backend", str, where, required=True)
+    emb = _field(d, "embedding", list, where, required=True)
+    problem = identity_problem(backend, emb, where)
+    if problem:
+        raise SchemaError(problem + ("" if "backend:" in problem else f" ({_short(emb)})"))
+    return PersonIdentity(backend, tuple(float(v) for v in emb))
+
+
 def _person_from(d, where: str, allow_box: bool) -> Person:
     if not isinstance(d, dict):
         raise SchemaError(f"{where}: expected a mapping, got {type(d).__name__} {_short(d)}")
-    _check_keys(d, ("name", "attributes", "box") if allow_box else ("name", "attributes"), where)
+    _check_keys(d, ("name", "attributes", "box", "identity") if allow_box else ("name", "attributes", "identity"),
+                where)
     name = _field(d, "name", str, where, required=True)
     attrs = _str_dict(_field(d, "attributes", dict, where, default={}), f"{where}.attributes")
     box = _field(d, "box", list, where, nullable=True)
@@ -155,7 +170,8 @@ def _person_from(d, where: str, allow_box: bool) -> Person:
         if len(box) != 4 or not all(isinstance(b, int) and not isinstance(b, bool) for b in box):
             raise SchemaError(f"{where}.box: expected 4 integers [x0, y0, x1, y1], got {_short(box)}")
         box = tuple(box)
-    return Person(name=name, attributes=attrs, box=box)
+    identity = _identity_from(_field(d, "identity", dict, where, nullable=True), f"{where}.identity")
+    return Person(name=name, attributes=attrs, box=box, identity=identity)
 
 
 def _image_from(d, where: str) -> Image:
@@ -225,6 +241,8 @@ def _person_to(p: Person) -> dict:
     d: dict = {"name": p.name, "attributes": dict(p.attributes)}
     if p.box is not None:
         d["box"] = [int(b) for b in p.box]
+    if p.identity is not None:
+        d["identity"] = {"backend": p.identity.backend, "embedding": [float(v) for v in p.identity.embedding]}
     return d
 
 

@@ -1,10 +1,11 @@
 """Synthetic conversations: the embedded default dataset, drawn procedurally with PIL, no downloads.
 
-Owns: the attribute vocabulary (`ATTRIBUTES`, `SCENES`, `NAMES`), drawing people and scenes
-(`render_person`, `render_scene`), the four conversation kinds (`make_conversation`), a stream of them
+Owns: drawing people and scenes (`render_person`, `render_scene`; every drawn person carries its
+identity code from `world.person_identity` in its `identity` field), the four conversation kinds (`make_conversation`), a stream of them
 (`generate`), and a CLI that writes them to disk with a contact sheet.
 
-Does not own: the schema and file format (`schema.py`), record files (`tfds_builder.py`), tokens.
+Does not own: the vocabulary and identity codes (`world.py`), the schema and file format (`schema.py`),
+record files (`tfds_builder.py`), tokens.
 
 Everything is a pure function of (seed, index): a record draws from `np.random.default_rng([seed, index])`.
 Every image carries ground truth: the attributes of each person in it (with a pixel box) and its scene.
@@ -35,27 +36,9 @@ from PIL import Image as PILImage
 from PIL import ImageDraw, ImageFont
 
 from cig_jax.data.schema import Conversation, Image, Person, Round, save_conversation
+from cig_jax.data.world import ATTRIBUTES, NAMES, SCENES, has_identity_attributes, person_identity
 
-# ----------------------------------------------------------------------------------------------------------
-# Vocabulary
-# ----------------------------------------------------------------------------------------------------------
-ATTRIBUTES: dict[str, list[str]] = {
-    "face_shape": ["round", "oval", "square"],
-    "skin_tone": ["light", "medium", "tan", "dark"],
-    "hair_color": ["black", "brown", "blonde", "red", "grey", "blue"],
-    "hair_style": ["short", "long", "bald", "ponytail"],
-    "eye_color": ["brown", "blue", "green"],
-    "clothing_color": ["red", "green", "blue", "yellow", "purple", "white"],
-    "accessory": ["none", "glasses", "hat"],
-}
-SCENES: list[str] = ["beach", "park", "office", "night", "snow", "studio"]
 KINDS: tuple[str, ...] = ("name_based", "single_turn", "rollback", "markov_edit")
-NAMES: list[str] = [
-    "Julian", "Maya", "Leo", "Nora", "Omar", "Ines", "Felix", "Hana", "Theo", "Lena",
-    "Ravi", "Clara", "Diego", "Sofia", "Kenji", "Amara", "Lukas", "Zoe", "Mateo", "Ava",
-    "Noah", "Freya", "Ivan", "Mila", "Kofi", "Elena", "Arjun", "Yara", "Oscar", "Priya",
-    "Hugo", "Nadia", "Emil", "Chloe", "Sami", "Ruth", "Tomas", "Iris", "Jonah", "Leila",
-]
 
 _SKIN = {"light": (247, 218, 190), "medium": (224, 178, 136), "tan": (176, 120, 80), "dark": (105, 68, 44)}
 _HAIR = {"black": (28, 28, 30), "brown": (112, 70, 36), "blonde": (238, 206, 110), "red": (196, 64, 30),
@@ -203,7 +186,9 @@ def render_scene(people_with_positions: Sequence, scene: str, size: int = 64) ->
         person = who if isinstance(who, Person) else Person(name="", attributes=dict(who))
         _check_attributes(person.attributes)
         _draw_person(d, person.attributes, [v * s for v in frac], w)
-        people.append(Person(name=person.name, attributes=dict(person.attributes), box=_pixel_box(frac, size)))
+        identity = person_identity(person.attributes) if has_identity_attributes(person.attributes) else None
+        people.append(Person(name=person.name, attributes=dict(person.attributes), box=_pixel_box(frac, size),
+                             identity=identity))
     if ss > 1:
         canvas = canvas.resize((size, size), PILImage.BOX)
     return Image(pixels=np.asarray(canvas, dtype=np.uint8).copy(), people=people, attributes={"scene": scene})
@@ -218,39 +203,6 @@ def _check_attributes(a: dict) -> None:
     for k, vals in ATTRIBUTES.items():
         if a.get(k) not in vals:
             raise ValueError(f"attribute {k!r} must be one of {vals}, got {a.get(k)!r}")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Identity embeddings of drawn people
-# ----------------------------------------------------------------------------------------------------------
-# What makes a drawn person recognisable (clothing, accessories and scene change between rounds).
-IDENTITY_ATTRIBUTES: tuple[str, ...] = ("face_shape", "skin_tone", "hair_color", "hair_style", "eye_color")
-
-
-def identity_embedding(attributes: dict, dim: int = 128) -> np.ndarray:
-    """The identity embedding of a drawn person, standing in for a face recogniser's: face detectors and
-    ArcFace do not work on these cartoons, so the demo reads identity from the ground truth instead. The
-    one-hot codes of IDENTITY_ATTRIBUTES (3 + 4 + 6 + 4 + 3 = 20 values), zero-padded to `dim`, unit norm:
-    two people share an embedding exactly when they look alike. float32 [dim]."""
-    codes = []
-    for k in IDENTITY_ATTRIBUTES:
-        if attributes.get(k) not in ATTRIBUTES[k]:
-            raise ValueError(f"identity_embedding: attribute {k!r} must be one of {ATTRIBUTES[k]}, got {attributes.get(k)!r}")
-        codes.append(np.eye(len(ATTRIBUTES[k]), dtype=np.float32)[ATTRIBUTES[k].index(attributes[k])])
-    code = np.concatenate(codes)
-    if dim < code.size:
-        raise ValueError(f"identity_embedding: dim {dim} < {code.size} one-hot values")
-    out = np.zeros((dim,), np.float32)
-    out[:code.size] = code / np.linalg.norm(code)
-    return out
-
-
-def image_identity(image: Image, dim: int = 128) -> Optional[np.ndarray]:
-    """The identity embedding of the one person in a drawn image (ground-truth metadata), or None when the
-    image shows no person, several people, or carries no attributes."""
-    if len(image.people) != 1 or not all(k in image.people[0].attributes for k in IDENTITY_ATTRIBUTES):
-        return None
-    return identity_embedding(image.people[0].attributes, dim)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -399,7 +351,7 @@ def _state_image(state: dict, name: str, frac, size: int, cache: dict) -> Image:
         attrs = {k: v for k, v in state.items() if k != "scene"}
         cache[key] = render_scene([(Person(name, attrs), frac)], state["scene"], size)
     im = cache[key]
-    return Image(pixels=im.pixels.copy(), people=[Person(p.name, dict(p.attributes), p.box) for p in im.people],
+    return Image(pixels=im.pixels.copy(), people=[Person(p.name, dict(p.attributes), p.box, p.identity) for p in im.people],
                  attributes=dict(im.attributes))
 
 

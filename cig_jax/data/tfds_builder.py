@@ -8,7 +8,8 @@ Does not own: the conversation format (`schema.py`), tokenization or batching (`
 
 One record per conversation:
     id            Text   the conversation id
-    conversation  Text   the conversation JSON (schema.to_dict) with every image `path` set to null
+    conversation  Text   the conversation JSON (schema.to_dict) with every image `path` set to null; each
+                         person's identity embedding and its backend ride in it (`people[].identity`)
     images        Sequence(Image png)   every image in `schema.iter_images` order, [H, W, 3] uint8 on read
 
 Per split, the builder's metadata (`dataset_info` folder, `metadata.json`) lists every record's `kind` and
@@ -45,7 +46,7 @@ from cig_jax.data.schema import (Conversation, SchemaError, conversation_from_di
                                  load_conversation, to_dict, validate, with_pixels)
 
 NAME = "cig_conversations"
-VERSION = "1.1.0"  # 1.1.0: per-record kind and image count in the metadata
+VERSION = "1.2.0"  # 1.1.0: per-record kind and image count in the metadata; 1.2.0: people carry their identity embeddings (`Person.identity`)
 VAL_START = 1_000_000_000  # synthetic validation records start at this index
 
 

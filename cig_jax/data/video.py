@@ -1,13 +1,13 @@
 """Name-based multi-round conversations from two-person video clips.
 
-Owns: decoding clips into sampled frames (`read_frames`: PyAV, OpenCV as fallback), face detection on them
-through an `IdentityEmbedder`, linking faces into tracks (`track_faces`) and tracks into identities
-(`cluster_identities`), choosing the frames of a record (both people; each one alone), cropping them, naming
-the people, captioning (`TemplateCaptioner`, `HFCaptioner`), and the builder + CLI that writes conversations
-and says why each clip was kept or dropped (`build_from_videos`, `Report`).
+Owns: face detection on sampled frames through an `IdentityEmbedder`, linking faces into tracks (`track_faces`)
+and tracks into identities (`cluster_identities`), each person's identity embedding (`person_embedding`: the
+mean of its best-quality faces, written into every `Person.identity` of the record), choosing the frames of a
+record (both people; each one alone), cropping them, naming the people, and the builder + CLI that writes
+conversations and says why each clip was kept or dropped (`build_from_videos`, `Report`).
 
-Does not own: face detection and embedding (`faces/identity.py`), the conversation schema and file format
-(`schema.py`), records (`tfds_builder.py`).
+Does not own: decoding clips (`video_decode.py`), captions (`captions.py`), face detection and embedding
+(`faces/identity.py`), the conversation schema and file format (`schema.py`), records (`tfds_builder.py`).
 
 A kept clip becomes a 'name_based' conversation (source 'video:<file>'): round 1 introduces two names and
 shows the frame with both (the left name is the left person), round 2 asks for the first name alone, round 3
@@ -39,126 +39,22 @@ import json
 import time
 import zlib
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional, Protocol, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image as PILImage
 
-from cig_jax.data.schema import Conversation, Image, Person, Round, save_conversation, validate
-from cig_jax.data.synthetic import NAMES as DEFAULT_NAMES
+from cig_jax.data.captions import (CaptionModelNotFoundError, Captioner, HFCaptioner, Shot,  # noqa: F401
+                                   TemplateCaptioner)
+from cig_jax.data.schema import (IDENTITY_BACKENDS, Conversation, Image, Person, PersonIdentity, Round,
+                                 save_conversation, validate)
+from cig_jax.data.video_decode import Frame, VideoReadError, read_frames  # noqa: F401
+from cig_jax.data.world import NAMES as DEFAULT_NAMES
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv")
 IDENTITY_THRESHOLDS = {"dlib": 0.92, "insightface": 0.35}
 LINK_THRESHOLDS = {"dlib": 0.85, "insightface": 0.20}
 _COUNT_WORDS = {0: "no faces", 1: "one identity", 3: "three identities", 4: "four identities"}
-
-
-class VideoReadError(RuntimeError):
-    """A clip could not be opened or decoded."""
-
-
-class CaptionModelNotFoundError(FileNotFoundError):
-    """A captioning model directory is not on local disk (nothing is downloaded)."""
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Decoding
-# ----------------------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class Frame:
-    index: int  # sample index: 0, 1, 2... in decoding order
-    time: float  # seconds from the first frame
-    pixels: np.ndarray  # [H, W, 3] uint8 RGB
-
-
-def _sampled(timed: Iterable[tuple[float, Callable[[], np.ndarray]]], fps: Optional[float]) -> Iterator[Frame]:
-    """Keeps the first frame at or after each multiple of 1/fps (every frame when fps is None)."""
-    start, target, k = None, 0.0, 0
-    for t, pixels in timed:
-        start = t if start is None else start
-        t -= start
-        if fps is None or t + 1e-6 >= target:
-            yield Frame(k, float(t), pixels())
-            k += 1
-            if fps is not None:
-                while target <= t + 1e-6:
-                    target += 1.0 / fps
-
-
-def _pyav_frames(path: Path):
-    import av
-
-    try:
-        container = av.open(str(path))
-    except Exception as e:  # PyAV raises a family of FFmpeg errors
-        raise VideoReadError(f"PyAV cannot open {path.name}: {e}") from None
-    with container:
-        if not container.streams.video:
-            raise VideoReadError(f"{path.name} has no video stream")
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        rate = float(stream.average_rate or 25)
-        n = 0
-        try:
-            for frame in container.decode(stream):
-                t = frame.time if frame.time is not None else n / rate
-                yield t, (lambda f=frame: f.to_ndarray(format="rgb24"))
-                n += 1
-        except Exception as e:
-            if n == 0:
-                raise VideoReadError(f"PyAV cannot decode {path.name}: {e}") from None
-            # A truncated tail: keep what decoded.
-
-
-def _opencv_frames(path: Path):
-    import cv2
-
-    cap = cv2.VideoCapture(str(path))
-    try:
-        if not cap.isOpened():
-            raise VideoReadError(f"OpenCV cannot open {path.name}")
-        rate = cap.get(cv2.CAP_PROP_FPS) or 25.0
-        n = 0
-        while True:
-            ok, bgr = cap.read()
-            if not ok:
-                break
-            yield n / rate, (lambda b=bgr: np.ascontiguousarray(b[..., ::-1]))
-            n += 1
-        if n == 0:
-            raise VideoReadError(f"OpenCV decoded no frames from {path.name}")
-    finally:
-        cap.release()
-
-
-def read_frames(path: Union[str, Path], fps: Optional[float] = 2.0, decoder: str = "auto") -> Iterator[Frame]:
-    """Frames of a clip sampled at `fps` (None = every frame), RGB uint8. decoder: 'pyav', 'opencv', or
-    'auto' (PyAV when importable, OpenCV when PyAV is missing or cannot open the file)."""
-    path = Path(path)
-    if decoder not in ("auto", "pyav", "opencv"):
-        raise ValueError(f"decoder must be 'auto', 'pyav' or 'opencv', got {decoder!r}")
-    if not path.is_file():
-        raise VideoReadError(f"{path}: file not found")
-    auto = decoder == "auto"
-    if auto:
-        try:
-            import av  # noqa: F401
-
-            decoder = "pyav"
-        except ImportError:
-            decoder = "opencv"
-    if decoder == "opencv":
-        yield from _sampled(_opencv_frames(path), fps)
-        return
-    try:
-        yield from _sampled(_pyav_frames(path), fps)  # raises VideoReadError only before its first frame
-    except VideoReadError as e:
-        if not auto:
-            raise
-        try:
-            yield from _sampled(_opencv_frames(path), fps)
-        except VideoReadError as e2:
-            raise VideoReadError(f"{e}; {e2}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -282,85 +178,6 @@ def cluster_identities(tracks: Sequence[list], threshold: float, min_detections:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Captioning
-# ----------------------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class Shot:
-    """What a captioner knows about one round's assistant image."""
-
-    pixels: np.ndarray  # [S, S, 3] uint8
-    names: list  # who is in it, left to right
-    new_names: list  # names this round introduces
-    round_index: int
-    rng: np.random.Generator  # phrasing choices, deterministic per clip
-
-
-class Captioner(Protocol):
-    def __call__(self, shot: Shot) -> tuple[str, str]:
-        """-> (user_text, assistant_text) for the round."""
-        ...
-
-
-class TemplateCaptioner:
-    """Texts from what the builder knows: the names, who is in the image, and left/right in round 1."""
-
-    PAIR = ("Generate an image of {a} and {b} together.", "Show {a} and {b} side by side.",
-            "Draw {a} together with {b}.")
-    SOLO = ("Now show {a} alone.", "Generate an image of just {a}.", "Show me {a} on their own.")
-
-    def __init__(self, pair: Sequence[str] = PAIR, solo: Sequence[str] = SOLO):
-        self.pair, self.solo = tuple(pair), tuple(solo)
-
-    def __call__(self, shot: Shot) -> tuple[str, str]:
-        if len(shot.names) == 2:
-            a, b = shot.names
-            text = self.pair[int(shot.rng.integers(len(self.pair)))].format(a=a, b=b)
-            if shot.new_names:
-                text += f" {a} is on the left and {b} is on the right."
-            return text, f"Here are {a} and {b}."
-        (a,) = shot.names
-        return self.solo[int(shot.rng.integers(len(self.solo)))].format(a=a), f"Here is {a}."
-
-
-class HFCaptioner:
-    """A local transformers image-to-text model (BLIP, GIT, ViT-GPT2...) describes each image; its caption is
-    added to the template's user text. Never downloads: `path` must be a saved model directory."""
-
-    def __init__(self, path: Union[str, Path], template: Optional[Captioner] = None, max_new_tokens: int = 30,
-                 text_format: str = "{user} Scene: {caption}."):
-        path = Path(path).expanduser()
-        if not (path / "config.json").is_file():
-            raise CaptionModelNotFoundError(
-                f"captioning model not found: {path} has no config.json. Save an image-to-text model there "
-                "(e.g. `huggingface-cli download Salesforce/blip-image-captioning-base --local-dir DIR` on a "
-                "machine with internet); cig_jax never downloads models.")
-        import torch
-        from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
-
-        self._torch, local = torch, {"local_files_only": True}
-        self.model = AutoModelForImageTextToText.from_pretrained(str(path), **local).eval()
-        proc = AutoProcessor.from_pretrained(str(path), **local)
-        if hasattr(proc, "image_processor") and hasattr(proc, "batch_decode"):  # BLIP, GIT: one processor
-            self.images, self.tokenizer = proc, proc
-        else:  # ViT-GPT2 style: AutoProcessor gives only the tokenizer or only the image processor
-            self.images = AutoImageProcessor.from_pretrained(str(path), **local)
-            self.tokenizer = proc if hasattr(proc, "batch_decode") else AutoTokenizer.from_pretrained(str(path), **local)
-        self.template = template or TemplateCaptioner()
-        self.max_new_tokens, self.text_format = max_new_tokens, text_format
-
-    def describe(self, pixels: np.ndarray) -> str:
-        inputs = self.images(images=PILImage.fromarray(pixels), return_tensors="pt")
-        with self._torch.no_grad():
-            ids = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens)
-        return self.tokenizer.batch_decode(ids, skip_special_tokens=True)[0].strip()
-
-    def __call__(self, shot: Shot) -> tuple[str, str]:
-        user, assistant = self.template(shot)
-        caption = self.describe(shot.pixels).rstrip(".")
-        return (self.text_format.format(user=user, caption=caption) if caption else user), assistant
-
-
-# ----------------------------------------------------------------------------------------------------------
 # One clip -> one conversation
 # ----------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
@@ -430,6 +247,25 @@ def crop_people(pixels: np.ndarray, boxes: Sequence[tuple], size: Optional[int],
         x_1, y_1 = (int(np.clip(round((b[2] - x0) * s), x_0 + 1, out)), int(np.clip(round((b[3] - y0) * s), y_0 + 1, out)))
         new_boxes.append((x_0, y_0, x_1, y_1))
     return np.asarray(crop.convert("RGB"), dtype=np.uint8).copy(), new_boxes
+
+
+def person_embedding(detections: Sequence[Detection], shapes: dict, best: int = 5) -> np.ndarray:
+    """A tracked person's identity embedding: the L2-normalised mean of its `best` best-quality faces (whole
+    faces first, then the widest, then the most confident). detections: the person's faces; shapes: frame
+    shape per sample. -> float32 [D]."""
+    ranked = sorted(detections, key=lambda d: (not _touches_border(d.box, shapes[d.sample]), d.width, d.score),
+                    reverse=True)[:best]
+    return _normalize(np.mean([d.embedding for d in ranked], axis=0)).astype(np.float32)
+
+
+def _identity_field(embedder, vector: np.ndarray) -> Optional[PersonIdentity]:
+    """The `Person.identity` of an embedder's vector, or None for an embedder that is no known backend."""
+    name = getattr(embedder, "name", None)
+    if name not in IDENTITY_BACKENDS or name == "synthetic":
+        return None
+    if IDENTITY_BACKENDS[name] is not None and vector.size != IDENTITY_BACKENDS[name]:
+        return None
+    return PersonIdentity.of(name, vector)
 
 
 def _safe_id(clip: str) -> str:
@@ -512,18 +348,20 @@ def process_clip(source: Union[str, Path, Sequence[Frame]], clip: str, embedder,
     if len(pixels) != len(wanted):
         return ClipResult(clip, "unreadable", "second pass decoded fewer frames than the first")
 
+    ident = {i: _identity_field(embedder, person_embedding(list(faces[i].values()), shapes)) for i in order}
     captioner = captioner or TemplateCaptioner()
     shots = [(pair_s, order, pair_context, list(picked))] + [(solo[i], [i], solo_context, []) for i in order]
     rounds = []
     for r, (s, who, context, new) in enumerate(shots):
         img_px, boxes = crop_people(pixels[s], [faces[i][s].box for i in who], image_size, context)
-        people = [Person(name_of[i], box=b) for i, b in zip(who, boxes)]
+        people = [Person(name_of[i], box=b, identity=ident[i]) for i, b in zip(who, boxes)]
         user, assistant = captioner(Shot(img_px, [name_of[i] for i in who], new, r, rng))
         image = Image(pixels=img_px, people=people, attributes={"time_s": f"{times[s]:.2f}"})
         rounds.append(Round(user, [], assistant, image, introduces=new,
                             metadata={"sample": int(s), "time_s": round(float(times[s]), 3)}))
     conv = Conversation(
-        id=conv_id or f"vid-{_safe_id(clip)}", rounds=rounds, people=[Person(n) for n in picked],
+        id=conv_id or f"vid-{_safe_id(clip)}", rounds=rounds,
+        people=[Person(name_of[i], identity=ident[i]) for i in order],
         kind="name_based", source=f"video:{clip}",
         metadata={"clip": clip, "fps": fps, "backend": getattr(embedder, "name", type(embedder).__name__),
                   "threshold": threshold, "boxes": "face boxes in the assistant image's pixels",

@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from cig_jax.data import synthetic
+from cig_jax.data import world
 from cig_jax.data.schema import Conversation
 from cig_jax.eval.rounds import aligned, appearances, pixels_of
 
@@ -119,17 +119,17 @@ def round_identity_similarity(truth: Sequence[Conversation], generated, embedder
 
 def drawn_identity_similarity(items: Sequence[dict]) -> dict:
     """Identity of drawn people, where face embedders see no faces: the cosine between the identity code
-    (`synthetic.identity_embedding`) of the attributes the classifier read and that of the ground truth, per
+    (`world.identity_code`) of the attributes the classifier read and that of the ground truth, per
     (round, person) item of `round_attribute_accuracy(..., return_items=True)`. The codes are one-hot blocks
-    of `synthetic.IDENTITY_ATTRIBUTES`, so the cosine is the fraction of those attributes drawn right (a
+    of `world.IDENTITY_ATTRIBUTES`, so the cosine is the fraction of those attributes drawn right (a
     random person scores about 0.27). -> {"mean", "n", "rounds": [{"round", "mean", "n"}], "note"}."""
     values: dict = {}
     for it in items:
-        a = synthetic.identity_embedding(it["predicted"])
-        b = synthetic.identity_embedding(it["truth"])
+        a = world.identity_code(it["predicted"])
+        b = world.identity_code(it["truth"])
         values.setdefault(it["round"], []).append(float(np.dot(a, b)))
     every = [v for vs in values.values() for v in vs]
     return {"mean": float(np.mean(every)) if every else None, "n": len(every),
             "rounds": [{"round": r, "mean": float(np.mean(values[r])), "n": len(values[r])} for r in sorted(values)],
             "note": "cosine of identity codes read by the attribute classifier; = fraction of "
-                    f"{', '.join(synthetic.IDENTITY_ATTRIBUTES)} drawn right"}
+                    f"{', '.join(world.IDENTITY_ATTRIBUTES)} drawn right"}

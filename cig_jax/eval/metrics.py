@@ -47,7 +47,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from cig_jax.data import synthetic
+from cig_jax.data import world
 from cig_jax.data.schema import Conversation, load_conversation
 from cig_jax.eval.clip_score import clip_t_score, round_clip_t  # noqa: F401 (part of this module's API)
 from cig_jax.eval.identity_score import (BACKEND_NOTES, EmbeddingCache, cosine,  # noqa: F401
@@ -58,7 +58,7 @@ from cig_jax.eval.rounds import aligned, appearances, generated_images, intro_ro
 GROUPS = ("text", "image_only", "all")
 def chance_levels(attributes: Optional[dict] = None) -> dict:
     """{attr: 1 / number of values}: the accuracy of guessing uniformly at random."""
-    attributes = synthetic.ATTRIBUTES if attributes is None else attributes
+    attributes = world.ATTRIBUTES if attributes is None else attributes
     return {k: 1.0 / len(v) for k, v in attributes.items()}
 
 

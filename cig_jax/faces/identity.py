@@ -248,14 +248,42 @@ def insightface_pack_present(model_root: str | Path | None, pack: str) -> bool:
     return pack_dir.is_dir() and any(pack_dir.glob("*.onnx"))
 
 
+def pack_layout_mistake(model_root: str | Path | None, pack: str) -> str | None:
+    """When the pack is not at `<model_root>/models/<pack>/*.onnx`: a sentence naming the common misplacements
+    found on disk (the zip unpacked into its own folder, `models/` left out, the root pointing at the pack
+    itself, the .onnx files loose in `models/`), or None when none of them is there either."""
+    root = Path(model_root if model_root is not None else "~/.insightface").expanduser()
+    want = root / "models" / pack
+
+    def onnx(d: Path) -> bool:
+        return d.is_dir() and any(d.glob("*.onnx"))
+
+    if onnx(want / pack):
+        return (f"the pack is nested one folder too deep: {want / pack}/*.onnx (unzipping {pack}.zip inside "
+                f"models/{pack}/ makes models/{pack}/{pack}/); move the .onnx files up into {want}/")
+    if onnx(root / pack):
+        return (f"the pack is at {root / pack}/ but insightface looks in <model_root>/models/<pack>/: "
+                f"move it to {want}/")
+    if onnx(root):
+        hint = root.parent.parent if root.parent.name == "models" else root.parent
+        return (f"{root} itself holds .onnx files: --face-model-root is the folder that holds models/{pack}/, "
+                f"not the pack (here that is {hint})" + ("" if root.name == pack else
+                                                         f"; or move the files to {want}/"))
+    if onnx(root / "models"):
+        return f"the .onnx files are loose in {root / 'models'}/: put them in {want}/"
+    return None
+
+
 def _require_pack(model_root, pack: str) -> Path:
     pack_dir = insightface_pack_dir(model_root, pack)
     if not insightface_pack_present(model_root, pack):
         state = "has no .onnx files" if pack_dir.is_dir() else "does not exist"
+        mistake = pack_layout_mistake(model_root, pack)
         raise IdentityModelNotFoundError(
-            f"insightface model pack '{pack}' not found: {pack_dir} {state}. Put the pack's .onnx files "
-            f"there (<model_root>/models/{pack}/, e.g. buffalo_l: det_10g.onnx + w600k_r50.onnx; "
-            "antelopev2: scrfd_10g_bnkps.onnx + glintr100.onnx), or use backend='dlib'. "
+            f"insightface model pack '{pack}' not found: {pack_dir} {state}"
+            + (f"; {mistake}. " if mistake else ". ")
+            + f"Put the pack's .onnx files there (<model_root>/models/{pack}/, e.g. buffalo_l: det_10g.onnx + "
+            "w600k_r50.onnx; antelopev2: scrfd_10g_bnkps.onnx + glintr100.onnx), or use backend='dlib'. "
             "cig_jax never downloads models."
         )
     return pack_dir
@@ -376,7 +404,8 @@ def make_identity_embedder(
 
     backend: 'insightface' (pack at `<model_root>/models/<pack>/`; model_root
       defaults to ~/.insightface), 'dlib', or 'auto' (insightface if that pack
-      has .onnx files, else dlib).
+      has .onnx files, else dlib; a pack misplaced under model_root, see
+      `pack_layout_mistake`, is an error, not a fallback).
     detector: None = the backend's own (SCRFD for insightface, HOG for dlib);
       'hog' / 'cnn' = dlib's detector, which with insightface gives the
       recognition-only setup (`recognition_model`, else the first ArcFace
@@ -390,7 +419,10 @@ def make_identity_embedder(
     if detector not in (None, "hog", "cnn"):
         raise ValueError(f"detector must be None, 'hog' or 'cnn', got {detector!r}")
     if backend == "auto":
-        backend = "insightface" if insightface_pack_present(model_root, pack) else "dlib"
+        present = insightface_pack_present(model_root, pack)
+        if not present and model_root is not None and pack_layout_mistake(model_root, pack):
+            _require_pack(model_root, pack)  # a misplaced pack the user meant to use: explain, don't fall back
+        backend = "insightface" if present else "dlib"
     if backend == "dlib":
         return DlibIdentityEmbedder(detector or "hog", upsample, dlib_model_dir)
 

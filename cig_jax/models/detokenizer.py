@@ -1,4 +1,4 @@
-"""Detokenizer: the MLLM's visual embeddings (+ a face identity embedding) -> an image.
+"""Detokenizer: the MLLM's visual embeddings (+ the face identity embeddings of the people shown) -> an image.
 
 Owns: wiring the personalization DiT (which holds its own IDEncoder) to a VAE (latent space) or to no VAE
 (pixel space: the DiT works on images in [-1, 1] directly, for tiny tests); the training loss on images and
@@ -57,11 +57,14 @@ class Detokenizer(nnx.Module):
     def loss(self, key: jax.Array, images: jax.Array, visual_embeddings: jax.Array,
              identity_embeddings: Optional[jax.Array] = None, cfg: DiffusionConfig = DiffusionConfig(), *,
              condition_mask: Optional[jax.Array] = None, negative_visual: Optional[jax.Array] = None,
-             identity_mask: Optional[jax.Array] = None, weights: Optional[jax.Array] = None) -> jax.Array:
+             identity_mask: Optional[jax.Array] = None, identity_boxes: Optional[jax.Array] = None,
+             weights: Optional[jax.Array] = None) -> jax.Array:
         """Diffusion loss (cfg.objective) of reconstructing `images` [b, H, W, 3] from visual_embeddings
-        [b, N, D] and identity_embeddings [b, De], with condition dropout p_drop_visual / p_drop_identity.
-        identity_mask [b] (1: the identity applies, 0: the image has no single face) switches the identity
-        branch off per example; weights [b] weight the examples' losses (0: padding)."""
+        [b, N, D] and identity_embeddings [b, De] (one identity per image; identity_mask [b], 1: it applies,
+        switches it off per example) or [b, P, De] (P people, identity_mask [b, P] which slots hold one,
+        identity_boxes [b, P, 4] each one's region, see `DiT.person_identities`), with condition dropout
+        p_drop_visual / p_drop_identity (the identity dropout drops all of an image's identities together);
+        weights [b] weight the examples' losses (0: padding)."""
         k_enc, k_drop, k_loss = jax.random.split(key, 3)
         latents = self.images_to_latents(images, k_enc)
         visual, id_scale = visual_embeddings, jnp.ones((images.shape[0],), jnp.float32)
@@ -70,7 +73,9 @@ class Detokenizer(nnx.Module):
                                                          cfg.p_drop_identity, negative_visual)
         cond = dict(visual_embeddings=visual, condition_mask=condition_mask)
         if identity_embeddings is not None:
-            if identity_mask is not None:
+            if identity_embeddings.ndim == 3:  # several people: the mask and boxes bind them
+                cond.update(identity_mask=identity_mask, identity_boxes=identity_boxes)
+            elif identity_mask is not None:
                 id_scale = id_scale * identity_mask.astype(jnp.float32)
             cond.update(identity_embeddings=identity_embeddings, id_scale=id_scale)
         return diffusion.training_loss(self.dit, latents, k_loss, cfg, weights, **cond)
@@ -78,8 +83,10 @@ class Detokenizer(nnx.Module):
     def generate(self, key: jax.Array, visual_embeddings: jax.Array, identity_embeddings: Optional[jax.Array] = None,
                  cfg: DiffusionConfig = DiffusionConfig(), *, condition_mask: Optional[jax.Array] = None,
                  negative_visual: Optional[jax.Array] = None, visual_scale=None, identity_scale=None,
-                 num_steps: Optional[int] = None, on_step=None) -> jax.Array:
-        """Noise from `key` (one key, or one per sample) -> images [b, H, W, 3] in [-1, 1]. Scales default to the
+                 num_steps: Optional[int] = None, on_step=None, identity_mask: Optional[jax.Array] = None,
+                 identity_boxes: Optional[jax.Array] = None) -> jax.Array:
+        """Noise from `key` (one key, or one per sample) -> images [b, H, W, 3] in [-1, 1]. identity_embeddings
+        [b, De], or [b, P, De] with identity_mask [b, P] and identity_boxes [b, P, 4] (as in `loss`). Scales default to the
         config's (a scale may also be an array broadcasting against [b, H, W, C], e.g. a per-sample identity scale);
         with negative_visual 'provided' the caller must pass `negative_visual` (e.g. the embeddings of a black
         image). on_step: see `diffusion.sample`."""
@@ -90,7 +97,9 @@ class Detokenizer(nnx.Module):
             self.dit, visual_embeddings, identity_embeddings,
             visual_scale=cfg.visual_guidance_scale if visual_scale is None else visual_scale,
             identity_scale=cfg.identity_guidance_scale if identity_scale is None else identity_scale,
-            negative_visual=negative_visual, condition_mask=condition_mask)
+            negative_visual=negative_visual, condition_mask=condition_mask,
+            **({} if identity_mask is None else {"identity_mask": identity_mask}),
+            **({} if identity_boxes is None else {"identity_boxes": identity_boxes}))
         latents = diffusion.sample(denoise, key, self.latent_shape(visual_embeddings.shape[0]), cfg, num_steps,
                                    on_step=on_step)
         return self.latents_to_images(latents)

@@ -6,7 +6,9 @@ of self-attention, cross-attention to the projected condition sequence (`caption
 MLLM's `visual_embeddings`), GELU-tanh feed-forward, the final modulated layer and unpatchify; and the
 identity branch: an `IDEncoder` (face embedding -> identity tokens) injected either by 'concat' (identity
 tokens appended to the condition sequence) or 'parallel' (zero-initialised cross-attention to identity
-tokens after every N blocks, scaled by `id_scale`, PuLID-FLUX style); optionally (`visual_grid_injection`)
+tokens after every N blocks, scaled by `id_scale`, PuLID-FLUX style), for one identity per image [b, De] or
+several [b, P, De], each bound to its person's region: a patch reads only the identity tokens of the people
+whose box it overlaps (`person_identities`; region-masked attention as in FastComposer / UniPortrait); optionally (`visual_grid_injection`)
 the projected visual embeddings, read as a spatial grid, added to the patch tokens of their region. With
 `identity_injection='none'` and no grid injection it is number-for-number diffusers `PixArtTransformer2DModel`.
 
@@ -162,8 +164,8 @@ class IdentityAttention(nnx.Module):
                               impl=cfg.attention_impl, rngs=rngs, dtype=dtype_of(cfg.dtype),
                               param_dtype=dtype_of(cfg.param_dtype))
 
-    def __call__(self, x, identity_tokens):  # [b, n, d], [b, K, id_dim] -> [b, n, d]
-        return self.attn(_layer_norm(x, self.eps), identity_tokens)
+    def __call__(self, x, identity_tokens, mask=None):  # [b, n, d], [b, K, id_dim], [b, 1, n, K] -> [b, n, d]
+        return self.attn(_layer_norm(x, self.eps), identity_tokens, mask)
 
 
 class AdaLNSingle(nnx.Module):
@@ -272,7 +274,33 @@ class DiT(nnx.Module):
             raise ValueError("identity_embeddings given but this DiT has identity_injection='none'")
         return self.id_encoder(identity_embeddings, identity_features)
 
-    def _run_blocks(self, x, condition, mask, t6, id_tokens, id_scale):
+    def person_identities(self, identity_embeddings, identity_mask, identity_boxes, scale, gh: int, gw: int,
+                          identity_features=None):
+        """Several identities per image, each bound to its person's region (region-masked identity attention,
+        FastComposer / UniPortrait style): identity_embeddings [b, P, De], identity_mask [b, P] (1: slot used),
+        identity_boxes [b, P, 4] (x0, y0, x1, y1 as fractions of the image; None: the whole image), scale
+        [b or 1, 1, 1] (0 switches a row's identities off). -> (identity tokens [b, P*K, id_dim], which patch
+        sees which token [b, gh*gw, P*K] bool). A patch sees the K tokens of every person whose box it overlaps;
+        one person with the whole image is exactly the single-identity path (the other slots masked out)."""
+        b, n_p, de = identity_embeddings.shape
+        feats = None if identity_features is None else identity_features.reshape(b * n_p, *identity_features.shape[2:])
+        tokens = self.identity_tokens(identity_embeddings.reshape(b * n_p, de), feats)  # [b*P, K, id_dim]
+        k = tokens.shape[1]
+        tokens = tokens.reshape(b, n_p * k, tokens.shape[-1])  # [b, P*K, id_dim]
+        on = jnp.ones((b, n_p), bool) if identity_mask is None else identity_mask > 0
+        on = on & (scale[:, :, 0] != 0)  # [b, P]
+        if identity_boxes is None:
+            region = jnp.ones((b, gh * gw, n_p), bool)
+        else:
+            bx = identity_boxes.astype(jnp.float32)  # [b, P, 4]
+            xs, ys = jnp.arange(gw, dtype=jnp.float32), jnp.arange(gh, dtype=jnp.float32)
+            in_x = (bx[:, None, :, 0] < (xs[None, :, None] + 1) / gw) & (bx[:, None, :, 2] > xs[None, :, None] / gw)
+            in_y = (bx[:, None, :, 1] < (ys[None, :, None] + 1) / gh) & (bx[:, None, :, 3] > ys[None, :, None] / gh)
+            region = (in_y[:, :, None, :] & in_x[:, None, :, :]).reshape(b, gh * gw, n_p)  # [b, n, P], row-major
+        sees = region & on[:, None, :]  # [b, n, P]
+        return tokens, jnp.repeat(sees, k, axis=-1)  # [b, n, P*K]
+
+    def _run_blocks(self, x, condition, mask, t6, id_tokens, id_scale, id_mask=None, id_gate=None):
         cfg = self.cfg
         block_def, block_state = nnx.split(self.transformer_blocks)
 
@@ -293,7 +321,8 @@ class DiT(nnx.Module):
             bstate, istate = xs
             x, _ = layers.scan_or_loop(block_fn, x, bstate, scan=cfg.scan_layers, length=n)
             if parallel:
-                x = x + id_scale * nnx.merge(id_def, istate)(x, id_tokens)
+                out = nnx.merge(id_def, istate)(x, id_tokens, id_mask)
+                x = x + id_scale * (out if id_gate is None else out * id_gate)
             return x, None
 
         x, _ = layers.scan_or_loop(group_fn, x, (block_state, id_state), scan=cfg.scan_layers, length=groups)
@@ -306,9 +335,11 @@ class DiT(nnx.Module):
         timesteps: jax.Array,  # [b]
         visual_embeddings: jax.Array,  # [b, Nc, Dc]
         condition_mask: Optional[jax.Array] = None,  # [b, Nc] True/1 = real token
-        identity_embeddings: Optional[jax.Array] = None,  # [b, De]
+        identity_embeddings: Optional[jax.Array] = None,  # [b, De], or [b, P, De]: P people, see person_identities
         id_scale: Union[float, jax.Array] = 1.0,  # scalar or [b]; 0 switches identity off (per sample)
         *,
+        identity_mask: Optional[jax.Array] = None,  # [b, P] with [b, P, De] embeddings: 1 = slot holds a person
+        identity_boxes: Optional[jax.Array] = None,  # [b, P, 4] each person's region (fractions); None: whole image
         identity_features: Optional[jax.Array] = None,  # [b, Nf, Df] face-crop features, if configured
         resolution: Optional[jax.Array] = None,  # [b, 2] micro-conditions (use_additional_conditions only)
         aspect_ratio: Optional[jax.Array] = None,  # [b, 1]
@@ -329,9 +360,22 @@ class DiT(nnx.Module):
         if self.visual_grid_proj is not None:
             x = x + self.grid_condition(condition, mask, gh, gw)
 
-        id_tokens = None
+        id_tokens, id_mask, id_gate = None, None, None
         scale = jnp.asarray(id_scale, dt).reshape(-1, 1, 1)  # [b or 1, 1, 1]
-        if identity_embeddings is not None:
+        if identity_embeddings is not None and identity_embeddings.ndim == 3:  # several people, bound by region
+            scale = jnp.broadcast_to(scale, (b, 1, 1))
+            id_tokens, sees = self.person_identities(identity_embeddings, identity_mask, identity_boxes, scale, gh, gw,
+                                                     identity_features)  # [b, P*K, id_dim], [b, n, P*K]
+            if cfg.identity_injection == "concat":
+                vis = jnp.ones(condition.shape[:2], bool) if mask is None else mask  # [b, Nc]
+                vis = jnp.broadcast_to(vis[:, None, :], (b, sees.shape[1], vis.shape[1]))
+                condition = jnp.concatenate([condition, id_tokens], axis=1)  # [b, Nc + P*K, d_cross]
+                mask = jnp.concatenate([vis, sees], axis=-1)  # [b, n, Nc + P*K]: per patch
+                id_tokens = None
+            else:
+                id_mask = sees[:, None]  # [b, 1, n, P*K]
+                id_gate = jnp.any(sees, axis=-1, keepdims=True).astype(dt)  # [b, n, 1]: patches of no person get 0
+        elif identity_embeddings is not None:
             id_tokens = self.identity_tokens(identity_embeddings, identity_features)  # [b, K, id_dim]
             if cfg.identity_injection == "concat":
                 if mask is None:
@@ -340,9 +384,12 @@ class DiT(nnx.Module):
                 condition = jnp.concatenate([condition, id_tokens], axis=1)  # [b, Nc + K, d_cross]
                 mask = jnp.concatenate([mask, id_mask], axis=1)
                 id_tokens = None
-        mask4 = None if mask is None else mask[:, None, None, :]  # [b, 1, 1, m]
+        if mask is None:
+            mask4 = None
+        else:  # [b, 1, 1, m], or [b, 1, n, m] per patch (several identities by 'concat')
+            mask4 = mask[:, None, None, :] if mask.ndim == 2 else mask[:, None]
 
-        x = self._run_blocks(x, condition, mask4, t6, id_tokens, scale)
+        x = self._run_blocks(x, condition, mask4, t6, id_tokens, scale, id_mask, id_gate)
 
         mod = self.scale_shift_table[...].astype(dt)[None] + embedded_timestep[:, None]  # [b, 2, d]
         shift, scale_out = mod[:, 0:1], mod[:, 1:2]

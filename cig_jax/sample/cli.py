@@ -16,6 +16,11 @@ draws N candidates per round in one batch (different seeds); the history goes on
 are saved as `images/<id>_r<r>_a_c<k>.png` and listed in the round's metadata.sample.candidates. Histories are
 our JSON (see README, "Chat-history JSON") or the Hugging Face / OpenAI `messages` form.
 
+Face photos without a recorded identity are embedded by --identity-backend (auto: an insightface pack under
+--face-model-root/models/<pack>/ when there, else dlib; `none`: identities only from the records); a backend whose
+width is not the checkpoint's, or a misplaced pack, is an error before sampling. A round naming several people
+with face references draws with all of them (up to model.dit.identity.max_identities), listed in the history.
+
 Bad input (malformed JSON, a missing / undecodable / unsupported image, a checkpoint that does not fit the
 config, a history longer than --max-len under --overflow error) is a one-line error naming the file, round and
 field, with exit status 2 and nothing written. `--interactive` chats in the terminal (`/image PATH` attaches an
@@ -61,6 +66,11 @@ def _args(argv):
     ap.add_argument("--batch-size", type=int, default=8, help="conversations sampled together")
     ap.add_argument("--devices", type=int, help="devices of the mesh (default: all)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ap.add_argument("--identity-backend", choices=("auto", "insightface", "dlib", "none"), default="auto",
+                    help="face embedder for photos without a recorded identity (auto: insightface if its pack is "
+                         "found, else dlib); its width must be the checkpoint's")
+    ap.add_argument("--face-model-root", help="folder holding models/<pack>/*.onnx (default ~/.insightface)")
+    ap.add_argument("--face-pack", default="buffalo_l", help="insightface pack name (buffalo_l, antelopev2)")
     args = ap.parse_args(argv)
     if not args.interactive and not args.chat:
         ap.error("--chat is required (or use --interactive)")
@@ -172,9 +182,11 @@ def main(argv=None) -> int:
     from cig_jax.data import schema
     from cig_jax.sample import complete as C
     from cig_jax.sample import session as S
+    from cig_jax.sample.identities import IdentityDimensionError, embedder_for_checkpoint
     from cig_jax.train.checkpoint import CheckpointMismatchError
 
-    user_errors = (schema.SchemaError, FileNotFoundError, CheckpointMismatchError, ConfigError, S.ContextOverflowError)
+    user_errors = (schema.SchemaError, FileNotFoundError, CheckpointMismatchError, ConfigError, S.ContextOverflowError,
+                   IdentityDimensionError)
     out = Path(args.out)
     try:
         # --- everything that can be checked before sampling: input, config, checkpoint, context -------------
@@ -188,10 +200,14 @@ def main(argv=None) -> int:
                 for k in batch:
                     C.check_context(template, chats[k][0], args.max_len, max_new,
                                     batch_size=len(batch) * args.num_images)
+        embedder = False
+        if cfg.model.dit.identity_injection != "none":
+            embedder = embedder_for_checkpoint(args.identity_backend, cfg.model.dit.identity.embedding_dim,
+                                               args.face_model_root, args.face_pack)
         devices = jax.devices()[: args.devices] if args.devices else jax.devices()
         session = S.ChatSession.from_checkpoint(
             args.checkpoint, config=cfg, step=args.step, mesh=sharding.make_mesh(cfg.mesh, devices),
-            max_len=args.max_len, overflow=args.overflow, progress=not args.no_progress)
+            max_len=args.max_len, overflow=args.overflow, progress=not args.no_progress, identity_embedder=embedder)
         # --- sampling: each conversation is written as soon as it is complete -----------------------------------
         seed = args.seed if args.seed is not None else cfg.sample.seed
         if args.interactive:

@@ -22,11 +22,11 @@ def _tick(_t):
         _PROGRESS[0]()
 
 
-@partial(jax.jit, static_argnums=(0, 8, 9, 10))
-def detokenize(graph, state, seeds, visual, identity, identity_on, visual_scale, identity_scale, cfg, num_steps,
-                progress):
-    """Visual embeddings [b, Q, D_vit] (+ identity [b, De], used where identity_on [b]) -> images [b, H, W, 3]
-    in [-1, 1], with the noise of each row from its own seed."""
+@partial(jax.jit, static_argnums=(0, 9, 10, 11))
+def detokenize(graph, state, seeds, visual, identity, identity_on, identity_boxes, visual_scale, identity_scale, cfg,
+               num_steps, progress):
+    """Visual embeddings [b, Q, D_vit] (+ identities [b, P, De], slot p used where identity_on [b, P], bound to
+    identity_boxes [b, P, 4]) -> images [b, H, W, 3] in [-1, 1], with the noise of each row from its own seed."""
     model = nnx.merge(graph, state)
     keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), 1))(seeds)
     negative = None
@@ -35,10 +35,11 @@ def detokenize(graph, state, seeds, visual, identity, identity_on, visual_scale,
         side = mllm.vit.cfg.image_size
         feats = mllm.encode_images(-jnp.ones((1, side, side, 3), jnp.float32))
         negative = pool_targets(feats, mllm.num_image_tokens, mllm.cfg.reg_target_pool)[0]
-    id_scale = identity_scale * identity_on.astype(jnp.float32)[:, None, None, None]
+    id_scale = identity_scale * jnp.any(identity_on, axis=-1).astype(jnp.float32)[:, None, None, None]
     return model.detokenizer.generate(keys, visual, identity, cfg, negative_visual=negative,
                                       visual_scale=visual_scale, identity_scale=id_scale, num_steps=num_steps,
-                                      on_step=_tick if progress else None)
+                                      on_step=_tick if progress else None, identity_mask=identity_on,
+                                      identity_boxes=identity_boxes)
 
 
 class _Null:

@@ -2,7 +2,8 @@
 
 Owns: what a round does at sampling time (the user turn goes into the cache, images through ViT + input
 resampler; the assistant's text is decoded; on `<img>` the image queries are appended and the output
-resampler's visual embeddings go to the detokenizer with the identity of any face reference; the drawn image is
+resampler's visual embeddings go to the detokenizer with the identities of the face references (`identities.py`:
+this round's photos and the earlier references of the people the text names, each bound to a region); the drawn image is
 written back into the cache as an input block, exactly as a user image, together with the next user turn), what
 the cache should hold (the chat template's encoding of the history), the cache-overflow policy, and batching many
 conversations of one shape over the mesh.
@@ -39,11 +40,12 @@ from flax import nnx
 
 from cig_jax import sharding
 from cig_jax.config import Config, MeshConfig
-from cig_jax.data import schema, synthetic
+from cig_jax.data import schema
 from cig_jax.data.chat_template import BOI, IMAGE_QUERY, INPUT_IMAGE, ChatTemplate, mllm_special_tokens
 from cig_jax.sample.cache import RowCache
 from cig_jax.sample.decode import decode_text
 from cig_jax.sample.draw import detokenize, diffusion_bar
+from cig_jax.sample.identities import FaceReferences, round_identities
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +74,7 @@ class RoundResult:
 class _Row:
     conv: schema.Conversation  # the history; every image carries its pixels
     dropped: set = dataclasses.field(default_factory=set)  # rounds left out of the cache
-    identities: dict = dataclasses.field(default_factory=dict)  # name -> (embedding, round) from face references
+    identities: FaceReferences = dataclasses.field(default_factory=FaceReferences)  # named face references
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -111,8 +113,8 @@ class ChatSession:
     give the defaults of `round`). max_len: KV-cache slots for the history. overflow: 'error' (default: raise
     `ContextOverflowError`) or 'drop_oldest' (leave the oldest text-only rounds out of the cache, logged and
     reported in `RoundResult.dropped_rounds` and the round's metadata). mesh: where batch rows and parameters
-    live (default: one device). identity_embedder: face embedder for user photos that carry no drawn-person
-    metadata (None: built on first need with `make_identity_embedder('auto')`; False: never). progress: show a
+    live (default: one device). identity_embedder: face embedder for user photos whose people carry no
+    recorded identity (None: built on first need with `make_identity_embedder('auto')`; False: never). progress: show a
     tqdm bar over diffusion steps.
     """
 
@@ -209,7 +211,7 @@ class ChatSession:
             row.conv = dataclasses.replace(conv, rounds=rounds, metadata=copy.deepcopy(conv.metadata),
                                            people=copy.deepcopy(conv.people))
             row.dropped = set()
-            row.identities = {}
+            row.identities = FaceReferences()
             for r, rnd in enumerate(rounds):
                 self._register_identities(row, rnd, r)
         targets, _ = self._fit(reserve=0, prompt=False, what="history")
@@ -306,9 +308,10 @@ class ChatSession:
 
         # --- the image -----------------------------------------------------------------------------------
         if any(draw):
-            identity, on = self._identities(results, draw)
+            identity, on, boxes = self._identities(results, draw)
             with diffusion_bar(self.progress, n_steps, d.sampler):
-                pixels = detokenize(self.graph, self.state, seeds_arr, visual, identity, self.cache.put(on, ("batch",)),
+                pixels = detokenize(self.graph, self.state, seeds_arr, visual, identity,
+                                    self.cache.put(on, ("batch", None)), self.cache.put(boxes, ("batch", None, None)),
                                     jnp.float32(params["visual_scale"]), jnp.float32(params["identity_scale"]), d,
                                     n_steps, self.progress)
             pixels = to_uint8(jax.device_get(pixels))
@@ -402,76 +405,50 @@ class ChatSession:
         self._keys = {k: v for k, v in self._keys.items() if v[1] in used}
 
     # -- identity ------------------------------------------------------------------------------------------
-    def _identity_of(self, image: schema.Image) -> tuple[Optional[np.ndarray], str]:
-        """(embedding, how) of the one face in an image: drawn people from their metadata, photos by the face
-        embedder; (None, why not) otherwise."""
-        ident = synthetic.image_identity(image, self._identity_dim) if image.people else None
-        if ident is not None:
-            who = image.people[0].name or "the person"
-            return ident, f"{who} (drawn-person metadata)"
+    def _get_embedder(self):
+        """The face embedder for photos without a recorded identity (built on first need), or None."""
         if self._embedder is False:
-            return None, "no face embedder"
+            return None
         if self._embedder is None:
             try:
                 from cig_jax.faces.identity import make_identity_embedder
 
                 self._embedder = make_identity_embedder("auto")
-            except Exception as e:  # noqa: BLE001 - no weights / no backend: sample without identity
-                log.warning("no face identity embedder (%s): sampling without identity", e)
+            except Exception as e:  # noqa: BLE001 - no weights / no backend: only recorded identities
+                log.warning("no face identity embedder (%s): photos without a recorded identity get none", e)
                 self._embedder = False
-                return None, f"no face embedder ({type(e).__name__})"
-        faces = self._embedder.detect(image.pixels)
-        if not faces:
-            return None, "no face found in the reference image"
-        emb = np.asarray(faces[0].embedding, np.float32)
-        if emb.shape != (self._identity_dim,):
-            log.warning("face embedding has %d values but the DiT takes %d: sampling without identity",
-                        emb.size, self._identity_dim)
-            return None, f"face embedding of {emb.size} values, DiT takes {self._identity_dim}"
-        return emb, f"face found by {getattr(self._embedder, 'name', 'the embedder')}"
+                return None
+        return self._embedder
 
     def _register_identities(self, row: _Row, rnd: schema.Round, r: int) -> None:
         """Remembers the identity of named one-person user images (face references) for later rounds."""
-        if not self._has_identity:
-            return
-        for im in rnd.user_images:
-            if len(im.people) == 1 and im.people[0].name:
-                emb = synthetic.image_identity(im, self._identity_dim)
-                if emb is not None:
-                    row.identities[im.people[0].name] = (emb, r)
+        if self._has_identity:
+            row.identities.register(rnd, r, self._identity_dim, self._get_embedder,
+                                    f"{schema._label(row.conv)}: rounds[{r}]")
 
     def _identities(self, results: list, draw: list):
-        """Identity embeddings [b, De] and which rows use one [b], with a note per drawing row: the face of this
-        round's first user image that has one, else the face reference of the one known person the text names."""
-        b = self.batch_size
-        out = np.zeros((b, self._identity_dim), np.float32)
-        on = np.zeros((b,), bool)
+        """Identities [b, P, De], which slots are used [b, P] and their regions [b, P, 4], with a note (and the
+        list of identities used) per drawing row: see `identities.round_identities`."""
+        b, p = self.batch_size, self.cfg.model.dit.identity.max_identities
+        out = np.zeros((b, p, self._identity_dim), np.float32)
+        on = np.zeros((b, p), bool)
+        boxes = np.zeros((b, p, 4), np.float32)
         for i, row in enumerate(self.rows):
             if not draw[i]:
                 continue
-            note = "no identity: the detokenizer has no identity branch"
+            r = len(row.conv.rounds) - 1
+            record = {"identity": "no identity: the detokenizer has no identity branch", "identities": []}
             if self._has_identity:
-                rnd = row.conv.rounds[-1]
-                note = "no identity: no face reference"
-                for im in rnd.user_images:
-                    emb, how = self._identity_of(im)
-                    if emb is not None:
-                        out[i], on[i], note = emb, True, f"identity: {how}, this round"
-                        break
-                    note = f"no identity: {how}"
-                if not on[i]:
-                    named = schema.mentioned_names(rnd.user_text, list(row.identities))
-                    if len(named) == 1:
-                        emb, r = row.identities[named[0]]
-                        out[i], on[i], note = emb, True, f"identity: {named[0]} (face reference of rounds[{r}])"
-                    elif len(named) > 1:
-                        note = f"no identity: the text names {len(named)} people with face references"
-            results[i].identity_used = bool(on[i])
-            results[i].notes.append(note)
-            row.conv.rounds[-1].metadata["sample"]["identity"] = note
+                out[i], m, boxes[i], record = round_identities(row.conv.rounds[-1], row.identities, self._identity_dim,
+                                                               p, self._get_embedder,
+                                                               f"{schema._label(row.conv)}: rounds[{r}]")
+                on[i] = m > 0
+            results[i].identity_used = bool(on[i].any())
+            results[i].notes.append(record["identity"])
+            row.conv.rounds[-1].metadata["sample"].update(record)
         if not self._has_identity:
-            return None, on
-        return self.cache.put(out, ("batch", None)), on  # an array even if unused (scale 0): one compiled sampler
+            return None, on, boxes
+        return self.cache.put(out, ("batch", None, None)), on, boxes  # arrays even if unused: one compiled sampler
 
 
 

@@ -134,9 +134,11 @@ def detokenizer_loss(model: CIGModel, batch: dict, *, diffusion, train_vit: bool
     feats = mllm.encode_images(batch["images"], frozen=not train_vit)  # [b, K, D_vit]
     visual = pool_targets(feats, mllm.num_image_tokens, mllm.cfg.reg_target_pool)  # [b, Q, D_vit]
     targets = batch.get("targets", batch["images"])  # [b, T, T, 3] at the detokenizer's output size
+    mask = batch.get("identity_mask")  # [b, P]
     loss = model.detokenizer.loss(batch["rng"], targets, visual, batch.get("identity"), diffusion,
-                                  identity_mask=batch.get("identity_mask"))
-    return loss, {"diffusion_loss": loss, "identity_fraction": jnp.mean(batch.get("identity_mask", 0.0))}
+                                  identity_mask=mask, identity_boxes=batch.get("identity_boxes"))
+    shown = 0.0 if mask is None else jnp.mean(jnp.any(mask > 0, axis=-1).astype(jnp.float32))
+    return loss, {"diffusion_loss": loss, "identity_fraction": shown}
 
 
 def conversation_loss(model: CIGModel, batch: dict, *, diffusion, detokenizer_weight: float, lora_dropout: bool,
@@ -203,6 +205,7 @@ def _system_task(cfg: Config) -> Task:
     out_size = abstract.detokenizer.output_size()
     n_img = data.max_images
     de = model_cfg.dit.identity.embedding_dim
+    n_id = model_cfg.dit.identity.max_identities
 
     def make_model():
         return CIGModel(model_cfg, rngs=nnx.Rngs(cfg.train.seed))
@@ -213,11 +216,11 @@ def _system_task(cfg: Config) -> Task:
         def make_dataset(process_index, process_count):
             records = load_stage_records(cfg)
             return pipeline.make_image_dataset(records, pipeline_options(cfg, process_index, process_count), de,
-                                               target_size=out_size)
+                                               target_size=out_size, max_identities=n_id)
 
         def spec(b):
-            out = {"images": ((b, size, size, 3), jnp.float32), "identity": ((b, de), jnp.float32),
-                   "identity_mask": ((b,), jnp.float32)}
+            out = {"images": ((b, size, size, 3), jnp.float32), "identity": ((b, n_id, de), jnp.float32),
+                   "identity_mask": ((b, n_id), jnp.float32), "identity_boxes": ((b, n_id, 4), jnp.float32)}
             if out_size != size:
                 out["targets"] = ((b, out_size, out_size, 3), jnp.float32)
             return out
