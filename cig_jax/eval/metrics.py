@@ -164,7 +164,7 @@ def multi_round_consistency(truth: Sequence[Conversation], generated, embedder=N
     (when `classifier`: the fraction of attributes read the same in two appearances, over attributes the
     ground truth keeps unchanged between them), "people": number of people seen in 2+ rounds}."""
     embed = EmbeddingCache(embedder) if embedder is not None else None
-    id_values, failures, appearances, people = [], 0, 0, 0
+    id_values, failures, n_appearances, people = [], 0, 0, 0
     agree, agree_n = 0, 0
     for conv, gen in aligned(truth, generated):
         seen: dict = {}
@@ -177,7 +177,7 @@ def multi_round_consistency(truth: Sequence[Conversation], generated, embedder=N
             people += 1
             if embed is not None:
                 embs = [embed(g, gbox) for _, _, g, gbox in apps]
-                appearances += len(embs)
+                n_appearances += len(embs)
                 failures += sum(e is None for e in embs)
                 for a, b in itertools.combinations(embs, 2):
                     id_values.append(cosine(a, b) if a is not None and b is not None else None)
@@ -193,7 +193,7 @@ def multi_round_consistency(truth: Sequence[Conversation], generated, embedder=N
     if embedder is not None:
         ok = [v for v in id_values if v is not None]
         out["identity"] = {"mean": float(np.mean(ok)) if ok else None, "n": len(ok), "pairs": len(id_values),
-                           "detect_failures": failures, "appearances": appearances, "backend": embedder.name,
+                           "detect_failures": failures, "appearances": n_appearances, "backend": embedder.name,
                            "note": BACKEND_NOTES.get(embedder.name, "")}
     if classifier is not None:
         out["attributes"] = {"agreement": agree / agree_n if agree_n else None, "n": agree_n}
