@@ -98,6 +98,8 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     if args.topology and args.devices:
         raise SystemExit("--topology and --devices exclude each other")
+    if args.topology:  # compiling only (no chip is opened): other libtpu processes on this host may run too
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     if args.devices:
         if "jax" in sys.modules:
             raise SystemExit("--devices must be set before jax is imported (run as python -m cig_jax.bench.aot)")
