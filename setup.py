@@ -6,6 +6,7 @@ setup(
     version="0.1.0",
     description="Conversational image generation with a multimodal LLM and a personalization DiT, in JAX/Flax NNX.",
     packages=find_packages(include=["cig_jax", "cig_jax.*"]),
+    package_data={"cig_jax.data": ["conversation.schema.json"]},
     license="Apache-2.0",
     python_requires=">=3.10",
     install_requires=[
