@@ -20,7 +20,8 @@ from flax import nnx
 
 from cig_jax.config import LLMConfig, MeshConfig, OptimizerConfig
 from cig_jax import sharding
-from cig_jax.models.llm import LLM, num_params, train_flops_per_token
+from cig_jax.models.llm import LLM, num_params
+from cig_jax.train.flops import FORMULA, module_flops
 from cig_jax.data.lm_smoke import lm_smoke_dataset
 from cig_jax.train import trainer
 from cig_jax.train.stages import lm_loss
@@ -114,9 +115,13 @@ def main(argv=None) -> dict:
         print(f"PyTorch HF: {t_torch * 1e3:9.1f} ms/step  {tokens / t_torch:12,.0f} tokens/s")
         print(f"ratio (ours / PyTorch tokens/s): {t_torch / t_ours:.2f}")
     peak = args.peak_tflops or trainer.known_peak_tflops()
+    spec = {k: jax.ShapeDtypeStruct((args.batch, args.seq), jnp.int32) for k in ("tokens", "loss_mask")}
+    count = module_flops(lambda: LLM(cfg, rngs=nnx.Rngs(0)), nnx.Param, lm_loss, spec)
+    flops_tok = count.total / tokens
+    result["flops_per_token"] = flops_tok
     achieved = tokens / t_ours * flops_tok / 1e12
-    print(f"MFU = tokens/s x model_flops_per_token / (devices x peak); model_flops_per_token = 6 x matmul params "
-          f"+ 12 x layers x heads x head_dim x seq = {flops_tok / 1e6:.1f} MFLOP")
+    print(f"MFU = tokens/s x model_flops_per_token / (devices x peak); model_flops_per_token = "
+          f"{flops_tok / 1e6:.1f} MFLOP (cig_jax.train.flops: {FORMULA}; step: {count.summary()})")
     print(f"achieved model TFLOP/s (all devices): {achieved:.3f}")
     if peak:
         mfu = achieved / (jax.device_count() * peak)
