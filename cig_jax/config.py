@@ -69,6 +69,7 @@ class LLMConfig:
     attention_impl: Optional[str] = None  # None (XLA picks), 'xla', or 'cudnn' (flash attention on GPU)
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
+    logits_dtype: str = "float32"  # dtype the lm head's logits leave in (bfloat16 halves the [b, t, vocab] tensor)
 
     def resolved_head_dim(self) -> int:
         return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
@@ -607,7 +608,7 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         raise ConfigError(f"{source}: 'model.llm.hidden_size' must be divisible by 'model.llm.num_heads' or set head_dim")
     if llm.remat_policy not in REMAT_POLICIES:
         raise ConfigError(f"{source}: 'model.llm.remat_policy' must be one of {sorted(REMAT_POLICIES)}, got {llm.remat_policy!r}")
-    for name in ("dtype", "param_dtype"):
+    for name in ("dtype", "param_dtype", "logits_dtype"):
         if getattr(llm, name) not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"{source}: 'model.llm.{name}' must be float32, bfloat16 or float16")
     validate_vae(cfg.model.vae, source)

@@ -11,6 +11,7 @@ without torch).
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import jax
@@ -104,12 +105,11 @@ def main(argv=None) -> dict:
     print(f"LLaMA {args.layers} layers, d={args.hidden}, mlp={args.mlp}, vocab={args.vocab}, "
           f"{num_params(cfg) / 1e6:.1f}M params; batch {args.batch} x seq {args.seq}; "
           f"{jax.device_count()} x {jax.devices()[0].device_kind}")
+    print(f"XLA flags: this benchmark sets none; XLA_FLAGS in effect: {os.environ.get('XLA_FLAGS', '') or '(unset)'}")
     t_ours = bench_ours(cfg, args.batch, args.seq, args.steps)
     result = {"ours_tokens_per_s": tokens / t_ours, "ours_step_s": t_ours}
     print(f"cig_jax   : {t_ours * 1e3:9.1f} ms/step  {tokens / t_ours:12,.0f} tokens/s")
     if not args.no_torch:
-        import os
-
         t_torch = bench_torch(cfg, args.batch, args.seq, args.steps, args.threads or os.cpu_count())
         result.update(torch_tokens_per_s=tokens / t_torch, torch_step_s=t_torch, ratio=t_torch / t_ours)
         print(f"PyTorch HF: {t_torch * 1e3:9.1f} ms/step  {tokens / t_torch:12,.0f} tokens/s")
