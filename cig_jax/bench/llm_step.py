@@ -101,7 +101,6 @@ def main(argv=None) -> dict:
                     max_position_embeddings=max(args.seq, 512), remat_policy=args.remat, dtype=args.dtype,
                     scan_layers=not args.no_scan)
     tokens = args.batch * args.seq
-    flops_tok = train_flops_per_token(cfg, args.seq)
     print(f"LLaMA {args.layers} layers, d={args.hidden}, mlp={args.mlp}, vocab={args.vocab}, "
           f"{num_params(cfg) / 1e6:.1f}M params; batch {args.batch} x seq {args.seq}; "
           f"{jax.device_count()} x {jax.devices()[0].device_kind}")
