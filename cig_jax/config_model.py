@@ -106,6 +106,7 @@ class LLMConfig(Section):
     attention_impl: Optional[AttentionImpl] = execution_field(None)  # None (XLA picks), 'xla', 'einsum', 'cudnn' (GPU flash) or 'splash' (TPU)
     dtype: DType = execution_field("float32")  # compute dtype
     param_dtype: DType = "float32"
+    logits_dtype: DType = execution_field("float32")  # dtype the lm head's logits leave in (bfloat16 halves [b, t, vocab])
 
     def resolved_head_dim(self) -> int:
         return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads

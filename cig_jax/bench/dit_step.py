@@ -98,8 +98,16 @@ def bench_ours(a, path, batch):
     loss.block_until_ready()
     dt = time.perf_counter() - t0
     n = sum(x.size for x in jax.tree.leaves(params))
+    from cig_jax.train.flops import module_flops
+
+    def flops_loss(m, bb):
+        pred = m(bb["latents"], bb["timesteps"], bb["cond"])
+        return jnp.mean(jnp.square(pred.astype(jnp.float32) - bb["target"])), {}
+
+    spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in b.items()}
+    flops = module_flops(lambda: nnx.merge(graphdef, params), nnx.Param, flops_loss, spec)
     jax.tree.map(lambda x: x.delete(), (params, opt_state))  # free device memory for the torch run
-    return dict(steps_per_s=a.steps / dt, first_loss=loss0, compile_s=compile_s, params=n)
+    return dict(steps_per_s=a.steps / dt, first_loss=loss0, compile_s=compile_s, params=n, flops=flops)
 
 
 def bench_torch(a, model, batch):
@@ -137,11 +145,22 @@ def main(argv=None):
     print(f"DiT step bench: hidden {a.hidden}, heads {a.heads}, layers {a.layers}, latents {a.batch}x{a.latent}x"
           f"{a.latent}x{a.channels}, patch {a.patch}, cond {a.cond_len}x{a.cond_dim}, steps {a.steps}, "
           f"jax {jax.__version__} on {jax.devices()[0].platform} x{jax.device_count()}")
+    print(f"XLA flags: this benchmark sets none; XLA_FLAGS in effect: {os.environ.get('XLA_FLAGS', '') or '(unset)'}")
     with tempfile.TemporaryDirectory() as d:
         ref.save_pretrained(d)
         ours = bench_ours(a, d, batch)
     print(f"ours : {ours['steps_per_s']:.3f} steps/s  (compile {ours['compile_s']:.1f}s, first loss "
           f"{ours['first_loss']:.6f}, {ours['params'] / 1e6:.1f}M params, dtype {a.dtype}, remat {a.remat}, attention {a.attention or 'default'})")
+    from cig_jax.train import trainer
+    from cig_jax.train.flops import FORMULA
+
+    fl = ours["flops"]
+    achieved = fl.total * ours["steps_per_s"] / 1e12
+    peak = trainer.known_peak_tflops()
+    print(f"ours : {a.batch * ours['steps_per_s']:.2f} images/s, {achieved:.4g} model TFLOP/s; MFU = images/s x "
+          f"FLOPs per image / (devices x peak) = "
+          + (f"{achieved / (jax.device_count() * peak) * 100:.1f}% of {peak} TFLOP/s" if peak else "n/a (no known peak)")
+          + f"; FLOPs/step {fl.summary()} ({FORMULA})")
     if a.skip_torch:
         return
     theirs = bench_torch(a, ref, batch)

@@ -10,7 +10,7 @@ without torch).
 """
 from __future__ import annotations
 
-from cig_jax import cli
+import os
 import time
 
 import jax
@@ -19,8 +19,9 @@ import numpy as np
 from flax import nnx
 
 from cig_jax.config import LLMConfig, MeshConfig, OptimizerConfig
-from cig_jax import sharding
-from cig_jax.models.llm import LLM, num_params, train_flops_per_token
+from cig_jax import cli, sharding
+from cig_jax.models.llm import LLM, num_params
+from cig_jax.train.flops import FORMULA, module_flops
 from cig_jax.data.lm_smoke import lm_smoke_dataset
 from cig_jax.train import trainer
 from cig_jax.train.stages import lm_loss
@@ -99,24 +100,26 @@ def main(argv=None) -> dict:
                     max_position_embeddings=max(args.seq, 512), remat_policy=args.remat, dtype=args.dtype,
                     scan_layers=not args.no_scan)
     tokens = args.batch * args.seq
-    flops_tok = train_flops_per_token(cfg, args.seq)
     print(f"LLaMA {args.layers} layers, d={args.hidden}, mlp={args.mlp}, vocab={args.vocab}, "
           f"{num_params(cfg) / 1e6:.1f}M params; batch {args.batch} x seq {args.seq}; "
           f"{jax.device_count()} x {jax.devices()[0].device_kind}")
+    print(f"XLA flags: this benchmark sets none; XLA_FLAGS in effect: {os.environ.get('XLA_FLAGS', '') or '(unset)'}")
     t_ours = bench_ours(cfg, args.batch, args.seq, args.steps)
     result = {"ours_tokens_per_s": tokens / t_ours, "ours_step_s": t_ours}
     print(f"cig_jax   : {t_ours * 1e3:9.1f} ms/step  {tokens / t_ours:12,.0f} tokens/s")
     if not args.no_torch:
-        import os
-
         t_torch = bench_torch(cfg, args.batch, args.seq, args.steps, args.threads or os.cpu_count())
         result.update(torch_tokens_per_s=tokens / t_torch, torch_step_s=t_torch, ratio=t_torch / t_ours)
         print(f"PyTorch HF: {t_torch * 1e3:9.1f} ms/step  {tokens / t_torch:12,.0f} tokens/s")
         print(f"ratio (ours / PyTorch tokens/s): {t_torch / t_ours:.2f}")
     peak = args.peak_tflops or trainer.known_peak_tflops()
+    spec = {k: jax.ShapeDtypeStruct((args.batch, args.seq), jnp.int32) for k in ("tokens", "loss_mask")}
+    count = module_flops(lambda: LLM(cfg, rngs=nnx.Rngs(0)), nnx.Param, lm_loss, spec)
+    flops_tok = count.total / tokens
+    result["flops_per_token"] = flops_tok
     achieved = tokens / t_ours * flops_tok / 1e12
-    print(f"MFU = tokens/s x model_flops_per_token / (devices x peak); model_flops_per_token = 6 x matmul params "
-          f"+ 12 x layers x heads x head_dim x seq = {flops_tok / 1e6:.1f} MFLOP")
+    print(f"MFU = tokens/s x model_flops_per_token / (devices x peak); model_flops_per_token = "
+          f"{flops_tok / 1e6:.1f} MFLOP (cig_jax.train.flops: {FORMULA}; step: {count.summary()})")
     print(f"achieved model TFLOP/s (all devices): {achieved:.3f}")
     if peak:
         mfu = achieved / (jax.device_count() * peak)

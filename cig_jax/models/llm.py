@@ -223,13 +223,14 @@ class LLM(nnx.Module):
         return self.embed_tokens(tokens)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
-        """Final-normed hidden [batch, len, hidden] -> fp32 logits [batch, len, vocab]."""
+        """Final-normed hidden [batch, len, hidden] -> logits [batch, len, vocab] in `cfg.logits_dtype` (fp32 by
+        default; the loss takes its log-softmax in fp32 either way)."""
         if self.cfg.tie_word_embeddings:
             table = self.embed_tokens.embedding.value.astype(hidden.dtype)
             out = jnp.einsum("bld,vd->blv", hidden, table)
         else:
             out = self.lm_head(hidden)
-        return out.astype(jnp.float32)
+        return out.astype(dtype_of(self.cfg.logits_dtype))
 
     def _run_layers(self, x, cos, sin, mask, cache: Optional[KVCache], dropout_rng=None):
         graphdef, state = nnx.split(self.layers)

@@ -24,7 +24,7 @@ offline.
 from __future__ import annotations
 
 import dataclasses
-import math
+import functools
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -38,7 +38,7 @@ from cig_jax import fs
 from cig_jax.config import Config, ConfigError
 from cig_jax.data.lm_smoke import lm_smoke_dataset
 from cig_jax.models.cig import CIGModel, trainable_filter
-from cig_jax.models.llm import LLM, next_token_loss, train_flops_per_token
+from cig_jax.models.llm import LLM, next_token_loss
 from cig_jax.models.mllm import mllm_loss, pool_targets, take_images, vit_feature_shape
 
 
@@ -49,10 +49,17 @@ class Task:
     trainable: Any  # nnx filter selecting the parameters that train; everything else is frozen
     loss_fn: Callable[[nnx.Module, dict], tuple[jax.Array, dict]]  # batch carries 'rng' (a key) in the step
     make_dataset: Callable[[int, int], grain.IterDataset]  # (process_index, process_count) -> host batches
-    flops_per_example: float  # model FLOPs of one example's forward + backward (for MFU)
     tokens_per_example: int
     batch_spec: Callable[[int], dict] = None  # global batch -> {key: (shape, dtype)} (ahead-of-time compiles)
     images_per_example: float = 0.0
+
+    @functools.cached_property
+    def flops_per_example(self) -> float:
+        """Model FLOPs of one example's forward + backward (for MFU), counted from the traced loss on first use:
+        see `cig_jax.train.flops`."""
+        from cig_jax.train.flops import task_flops_per_example
+
+        return task_flops_per_example(self)
 
 
 DEFAULT_TRAINABLE = {
@@ -93,7 +100,6 @@ def _lm_task(cfg: Config) -> Task:
         trainable=nnx.Param,
         loss_fn=lm_loss,
         make_dataset=make_dataset,
-        flops_per_example=train_flops_per_token(llm, data.seq_len) * data.seq_len,
         tokens_per_example=data.seq_len,
         batch_spec=spec,
     )
@@ -171,25 +177,6 @@ def conversation_loss(model: CIGModel, batch: dict, *, diffusion, detokenizer_we
 
 
 # ----------------------------------------------------------------------------------------------------------
-# FLOPs (for MFU): 6 N per trained token, 2 N per frozen forward token
-# ----------------------------------------------------------------------------------------------------------
-def _params(module) -> int:
-    return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
-
-
-def _vit_flops(cfg: Config, abstract, images: float, train: bool) -> float:
-    v = cfg.model.vit
-    patches = (v.image_size // v.patch_size) ** 2
-    return (6.0 if train else 2.0) * _params(abstract.mllm.vit) * patches * images
-
-
-def _dit_flops(cfg: Config, abstract, images: float, train: bool) -> float:
-    d = cfg.model.dit
-    tokens = (d.sample_size // d.patch_size) ** 2
-    return (6.0 if train else 2.0) * _params(abstract.detokenizer.dit) * tokens * images
-
-
-# ----------------------------------------------------------------------------------------------------------
 # MLLM-era stages
 # ----------------------------------------------------------------------------------------------------------
 def _system_task(cfg: Config) -> Task:
@@ -225,10 +212,9 @@ def _system_task(cfg: Config) -> Task:
                 out["targets"] = ((b, out_size, out_size, 3), jnp.float32)
             return out
 
-        flops = _vit_flops(cfg, abstract, 1, train_vit) + _dit_flops(cfg, abstract, 1, True)
         return Task(stage, make_model, trainable,
                     lambda m, b: detokenizer_loss(m, b, diffusion=cfg.diffusion, train_vit=train_vit),
-                    make_dataset, flops, 0, spec, images_per_example=1.0)
+                    make_dataset, 0, spec, images_per_example=1.0)
 
     def make_dataset(process_index, process_count):
         return conversation_dataset(cfg, load_stage_records(cfg, DEFAULT_KINDS[stage]), process_index, process_count)
@@ -239,15 +225,10 @@ def _system_task(cfg: Config) -> Task:
         return out
 
     weight = cfg.train.detokenizer_loss_weight
-    # LLM: 6 N per token (its frozen base under LoRA still does forward + backward of activations);
-    # ViT forward over every image slot; the DiT's forward + backward (gradient flows through it) when used.
-    flops = (train_flops_per_token(model_cfg.llm, data.seq_len) * data.seq_len
-             + _vit_flops(cfg, abstract, n_img, False)
-             + (_dit_flops(cfg, abstract, n_img, True) if weight else 0.0))
     return Task(stage, make_model, trainable,
                 lambda m, b: conversation_loss(m, b, diffusion=cfg.diffusion, detokenizer_weight=weight,
                                                lora_dropout=model_cfg.llm.lora_dropout > 0, train_dit="dit" in parts),
-                make_dataset, flops, data.seq_len, spec, images_per_example=float(n_img))
+                make_dataset, data.seq_len, spec, images_per_example=float(n_img))
 
 
 CONVERSATION_KEYS = ("input_ids", "role", "image_index", "loss_mask", "attention_mask", "images")
