@@ -225,19 +225,14 @@ def test_models_import_neither_sampling_nor_training():
             assert not bad, f"{name} imports {bad}"
 
 
-# Product modules that still take something from the synthetic renderer's module (identity codes, the
-# vocabulary of the tiny tokenizer's corpus). The faces/identity work removes them; the lead tightens this list.
+# The product modules that may open the synthetic renderer: as a data source (a draw in memory, the synthetic
+# split of the array_record build, the recipe's dataset) and as the attribute classifier's training data.
+# Identity codes and the vocabulary live in `cig_jax.data.world`, which anything may use.
 SYNTHETIC_IMPORT_ALLOWED = {
-    "cig_jax/data/chat_template.py",  # the tiny tokenizer's corpus is the synthetic vocabulary
-    "cig_jax/data/pipeline.py",  # identity codes of drawn people
     "cig_jax/data/sources.py",  # the 'synthetic' source: a draw in memory
     "cig_jax/data/tfds_builder.py",  # builds the synthetic split
-    "cig_jax/data/video.py",
     "cig_jax/eval/attributes.py",  # the attribute classifier is trained on synthetic renders
-    "cig_jax/eval/identity_score.py",  # identity codes of the attributes read
-    "cig_jax/eval/metrics.py",  # chance levels of the synthetic attributes
-    "cig_jax/sample/session.py",  # identity codes of drawn people
-    "cig_jax/train/recipe.py",
+    "cig_jax/train/recipe.py",  # a recipe draws its dataset
 }
 
 
