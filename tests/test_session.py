@@ -27,10 +27,9 @@ EXAMPLE = ROOT / "examples" / "two_friends.json"
 
 
 def _sample_main():
-    spec = importlib.util.spec_from_file_location("cig_sample_cli", ROOT / "sample.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    from cig_jax.sample.cli import main  # what `python sample.py` runs
+
+    return main
 
 
 @pytest.fixture(scope="module")
