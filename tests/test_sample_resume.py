@@ -2,7 +2,6 @@
 conversations on disk, `--skip-existing` completes the rest with the outputs of an uninterrupted run; `--num-images`
 draws candidates with different seeds; every PNG carries how it was made."""
 import copy
-import importlib.util
 import json
 import os
 import shutil

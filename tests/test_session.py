@@ -3,7 +3,6 @@ rounds, batches and the mesh change nothing, the overflow policy is explicit, an
 with one line, exit status 2 and nothing written."""
 import copy
 import dataclasses
-import importlib.util
 import json
 import os
 import shutil
