@@ -41,6 +41,8 @@ def _edit(fn):
 GOOD = {
     "the example": EXAMPLE,
     "minimal": {"rounds": [{"user_text": "hi"}]},
+    "a person with a dlib identity": {"people": [{"name": "A", "identity": {"backend": "dlib", "embedding": [0.5] * 128}}],
+                                      "rounds": [{"user_text": "x"}]},
     "image only turn": {"rounds": [{"user_text": "", "user_images": ["a.png"]}]},
     "image as mapping with people": {"rounds": [{"user_text": "x", "user_images": [
         {"path": "a.png", "people": [{"name": "Ann", "box": [0, 0, 4, 4]}], "attributes": {"scene": "park"}}]}]},
@@ -51,6 +53,11 @@ GOOD = {
                                     "metadata": {}},
 }
 BAD = {
+    "identity of an unknown backend": {"people": [{"name": "A", "identity": {"backend": "clip", "embedding": [0.1]}}],
+                                       "rounds": [{"user_text": "x"}]},
+    "dlib identity of the wrong length": {"people": [{"name": "A", "identity": {"backend": "dlib",
+                                                                                 "embedding": [0.1, 0.2, 0.3]}}],
+                                          "rounds": [{"user_text": "x"}]},
     "not a mapping": [1, 2],
     "no rounds key": {"id": "x"},
     "empty rounds": {"rounds": []},
