@@ -111,8 +111,8 @@ def test_reimporting_the_export_gives_bitwise_equal_parameters(exported):
 def test_jinja_chat_template_renders_text_only_conversations_as_chat_template_py(exported):
     import transformers
 
-    from cig_jax.data.chat_template import IMAGE_PLACEHOLDER, ChatTemplate, build_tiny_tokenizer
-    from cig_jax.data.schema import Conversation, Round
+    from cig_jax.data.chat_template import ChatTemplate, build_tiny_tokenizer
+    from cig_jax.data.schema import IMAGE_PLACEHOLDER, Conversation, Round
     from cig_jax.data.synthetic import generate
 
     exported_tok = transformers.AutoTokenizer.from_pretrained(str(exported["out"] / "llm"))
