@@ -225,7 +225,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), cls=N
     source = str(path) if path else "<defaults>"
     for ov in overrides:
         tree = apply_override(tree, ov)
-        source = f"{source} + overrides"
+    if overrides:
+        source = f"{source} + {len(overrides)} --set override{'s' if len(overrides) > 1 else ''}"
     cfg = from_dict(cls, tree, source=source)
     sections.check(cfg, source)
     return cfg

@@ -200,7 +200,8 @@ def test_checkpoint_restores_on_other_meshes(tmp_path):
     workdir = tmp_path / "run"
     overrides = [f"train.workdir={workdir}", "train.steps=3", "train.log_every=1", "train.tensorboard=false",
                  "mesh.data=2", "mesh.fsdp=4", "mesh.tensor=1", "model.llm.hidden_size=128",
-                 "model.llm.intermediate_size=512"]
+                 "model.llm.intermediate_size=512", "model.input_resampler.embed_dim=128",
+                 "model.output_resampler.kv_dim=128"]
     cfg = load_config(SMOKE, overrides)
     trainer.run(cfg)
     saved_mesh = sharding.make_mesh(cfg.mesh)
