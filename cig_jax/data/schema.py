@@ -40,7 +40,7 @@ import numpy as np
 
 SCHEMA_VERSION = 1
 # Kinds in use (`kind` is free text; these are the ones this codebase makes). "chat": a user-written history.
-KNOWN_KINDS = ("chat", "name_based", "single_turn", "rollback", "markov_edit", "video")
+KNOWN_KINDS = ("chat", "name_based", "single_turn", "rollback", "markov_edit", "video", "recall")
 IMAGE_PLACEHOLDER = "<image>"
 # PIL modes we read (converted to 8-bit RGB). Anything else (CMYK, 16-bit, float) is refused.
 SUPPORTED_MODES = ("RGB", "RGBA", "L", "LA", "P", "1")
@@ -242,7 +242,8 @@ def _check_pixels(px, where: str) -> None:
 def validate(conv: Conversation, check_images: bool = True) -> None:
     """Raises SchemaError on the first problem: empty rounds, bad pixels, a missing or undecodable or
     unsupported image file (when `check_images`), a box outside its image, `<image>` markers that do not
-    match the user images, a pending round before an answered one, and, for kind 'name_based', a name used
+    match the user images, a pending round before an answered one, and, for kinds 'name_based' and 'recall', a
+    name used
     before the round that introduces it."""
     label = _label(conv)
 
@@ -291,7 +292,7 @@ def validate(conv: Conversation, check_images: bool = True) -> None:
             if problem:
                 fail(problem)
 
-    if conv.kind == "name_based":
+    if conv.kind in ("name_based", "recall"):
         _validate_names(conv, fail)
 
 

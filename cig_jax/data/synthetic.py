@@ -19,6 +19,9 @@ Kinds:
   rollback     a drawing, 2-4 edits, then "undo the last change(s)" / "go back to the first version";
                the last image equals an earlier one pixel for pixel (round metadata `restores_round`).
   markov_edit  2-4 edits where every round's user image is the previous result (round metadata `edit`).
+  recall       3-8 rounds, 2-3 people with procedural names ('train' or 'heldout' pool), named again in a random
+               order at random distances, with edits and content-addressed rollbacks; per-round ground truth
+               of who is shown and where each attribute came from (`recall.py`).
 
 CLI (writes DIR/conversations/<id>.json + DIR/conversations/images/*.png, and DIR/contact_sheet.png):
     python -m cig_jax.data.synthetic --out /tmp/cig_syn --num 1000 [--seed 0 --size 64 --kinds name_based,rollback]
@@ -38,7 +41,8 @@ from PIL import ImageDraw, ImageFont
 from cig_jax.data.schema import Conversation, Image, Person, Round, save_conversation
 from cig_jax.data.world import ATTRIBUTES, NAMES, SCENES, has_identity_attributes, person_identity
 
-KINDS: tuple[str, ...] = ("name_based", "single_turn", "rollback", "markov_edit")
+KINDS: tuple[str, ...] = ("name_based", "single_turn", "rollback", "markov_edit", "recall")
+NAME_POOLS = ("train", "heldout")  # `names.py`: the recall kind's disjoint procedural name pools
 
 _SKIN = {"light": (247, 218, 190), "medium": (224, 178, 136), "tan": (176, 120, 80), "dark": (105, 68, 44)}
 _HAIR = {"black": (28, 28, 30), "brown": (112, 70, 36), "blonde": (238, 206, 110), "red": (196, 64, 30),
@@ -390,18 +394,31 @@ def _markov_edit(rng, size, base):
     return rounds, [Person(name, a)], base
 
 
-_MAKERS = {"name_based": _name_based, "single_turn": _single_turn, "rollback": _rollback, "markov_edit": _markov_edit}
+def _recall(rng, size, base, names="train"):
+    from cig_jax.data.recall import make_recall
+
+    return make_recall(rng, size, base, names)
 
 
-def make_conversation(kind: str, seed: int, index: int, size: int = 64) -> Conversation:
-    """Conversation `index` of kind `kind` for `seed`, with in-memory pixels; a pure function of its inputs."""
+_MAKERS = {"name_based": _name_based, "single_turn": _single_turn, "rollback": _rollback, "markov_edit": _markov_edit,
+           "recall": _recall}
+
+
+def make_conversation(kind: str, seed: int, index: int, size: int = 64, names: str = "train") -> Conversation:
+    """Conversation `index` of kind `kind` for `seed`, with in-memory pixels; a pure function of its inputs.
+    `names`: the name pool of the recall kind ('train' or 'heldout'; the other kinds use `world.NAMES`)."""
     if kind not in _MAKERS:
         raise ValueError(f"unknown synthetic kind {kind!r}; known kinds: {', '.join(KINDS)}")
+    if names not in NAME_POOLS:
+        raise ValueError(f"unknown name pool {names!r}; known pools: {', '.join(NAME_POOLS)}")
     if size < 32:
         raise ValueError(f"size must be at least 32 pixels to stay legible, got {size}")
     rng = np.random.default_rng([seed, index])
     base = {"seed": int(seed), "index": int(index), "size": int(size)}
-    rounds, people, meta = _MAKERS[kind](rng, size, base)
+    if kind == "recall":
+        rounds, people, meta = _recall(rng, size, base, names)
+    else:
+        rounds, people, meta = _MAKERS[kind](rng, size, base)
     return Conversation(id=f"syn-{seed}-{index:07d}", rounds=rounds, people=people, kind=kind, source="synthetic",
                         metadata=meta)
 
@@ -411,14 +428,16 @@ def kind_of(index: int, kinds: Sequence[str] = KINDS) -> str:
     return kinds[index % len(kinds)]
 
 
-def generate(num: int, seed: int = 0, kinds: Sequence[str] = KINDS, size: int = 64, start: int = 0) -> Iterator[Conversation]:
-    """Conversations start .. start+num-1 for `seed`; record i has kind `kind_of(i, kinds)`."""
+def generate(num: int, seed: int = 0, kinds: Sequence[str] = KINDS, size: int = 64, start: int = 0,
+             names: str = "train") -> Iterator[Conversation]:
+    """Conversations start .. start+num-1 for `seed`; record i has kind `kind_of(i, kinds)`; `names`: the
+    recall kind's name pool."""
     kinds = tuple(kinds)
     for k in kinds:
         if k not in _MAKERS:
             raise ValueError(f"unknown synthetic kind {k!r}; known kinds: {', '.join(KINDS)}")
     for i in range(start, start + num):
-        yield make_conversation(kind_of(i, kinds), seed, i, size)
+        yield make_conversation(kind_of(i, kinds), seed, i, size, names)
 
 
 # ----------------------------------------------------------------------------------------------------------
