@@ -141,9 +141,9 @@ def test_rendered_records_validate_and_keep_ground_truth_through_json_and_record
 
 
 def test_a_name_used_before_its_introduction_is_refused():
-    c = synthetic.make_conversation("recall", SEED, 1, 64)
-    late = next(n for n in c.rounds[-1].metadata["shown"])
-    c.rounds[0].user_text += f" Also {late}."
-    c.rounds[0].introduces = []
-    with pytest.raises(schema.SchemaError, match="before it is introduced"):
+    c = next(c for c in (synthetic.make_conversation("recall", SEED, i, 64) for i in range(50)) if len(c.people) == 3)
+    third = c.people[2].name
+    schema.validate(c)
+    c.rounds[0].user_text += f" Also {third}."
+    with pytest.raises(schema.SchemaError, match=f"name '{third}' is used before it is introduced"):
         schema.validate(c)
