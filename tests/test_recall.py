@@ -147,3 +147,121 @@ def test_a_name_used_before_its_introduction_is_refused():
     c.rounds[0].user_text += f" Also {third}."
     with pytest.raises(schema.SchemaError, match=f"name '{third}' is used before it is introduced"):
         schema.validate(c)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The protocol (cig_jax/eval/recall.py) against stand-in models that answer with attributes
+# ----------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def rendered():
+    return [synthetic.make_conversation("recall", SEED + 1, i, 64, "heldout") for i in range(80)]
+
+
+def _latest_look(conv, name, upto):
+    for rnd in reversed(conv.rounds[:upto]):
+        for p in rnd.assistant_image.people:
+            if p.name == name:
+                return dict(p.attributes)
+    raise AssertionError(f"{name} not shown before round {upto}")
+
+
+def by_name(conv, r=None):
+    """Draws the person the round's text names, as the history last showed them."""
+    r = len(conv.rounds) - 1 if r is None else r
+    named = schema.mentioned_names(conv.rounds[r].user_text, [p.name for p in conv.people])
+    return _latest_look(conv, named[0], r)
+
+
+def by_first_position(conv, r=None):
+    """Draws whoever stood on the left in round 1, whatever the text says."""
+    return dict(conv.rounds[0].assistant_image.people[0].attributes)
+
+
+def by_round_position(conv, r=None):
+    """'Round 2 draws the left person, round 3 the right one': the person of round 1 at index (round - 1) % 2."""
+    r = len(conv.rounds) - 1 if r is None else r
+    return dict(conv.rounds[0].assistant_image.people[(r - 1) % 2].attributes)
+
+
+def test_name_probe_scores_a_position_model_at_chance_and_a_name_model_fully(rendered):
+    from cig_jax.eval.recall import probe_pairs, probe_score
+
+    pairs = probe_pairs(rendered)
+    assert len(pairs) == len(rendered)
+    for pair in pairs:  # the two versions differ only in the name of the last round
+        a, b = pair.conversations
+        assert a.rounds[:-1] == b.rounds[:-1] and a.rounds[-1].user_text != b.rounds[-1].user_text
+        assert a.rounds[-1].user_text.replace(pair.names[0], "X") == b.rounds[-1].user_text.replace(pair.names[1], "X")
+        assert [p.attributes for p in a.rounds[-1].assistant_image.people] == [pair.looks[0]]
+        schema.validate(a)
+    answer = lambda model: [(model(p.conversations[0]), model(p.conversations[1])) for p in pairs]  # noqa: E731
+    name = probe_score(pairs, answer(by_name))
+    assert name["pairs_follow"] == 1.0 and name["versions_follow"] == 1.0
+    for model in (by_first_position, by_round_position):
+        blind = probe_score(pairs, answer(model))
+        assert blind["versions_follow"] == blind["chance"]["versions"] == 0.5
+        assert blind["pairs_follow"] == 0.0 < blind["chance"]["pairs"]
+
+
+def _items(convs, model):
+    from cig_jax.eval.metrics import _groups_of
+
+    items = []
+    for c in convs:
+        for r, rnd in enumerate(c.rounds):
+            for p in rnd.assistant_image.people:
+                pred = model(c, r, p.name)
+                items.append({"conversation": c.id, "round": r, "name": p.name, "predicted": pred,
+                              "truth": dict(p.attributes), "groups": _groups_of(c, p.name, list(ATTRIBUTES), r)})
+    return items
+
+
+def test_breakdown_by_naming_order_catches_a_positional_shortcut(rendered):
+    from cig_jax.eval.recall import breakdown
+
+    truthful = breakdown(rendered, _items(rendered, lambda c, r, n: _latest_look(c, n, r + 1)), ATTRIBUTES)
+    for table in ("by_distance", "by_length", "by_order", "far_by_order"):
+        for cell in truthful[table].values():
+            assert cell["all"]["accuracy"] == 1.0
+    assert {int(d) for d in truthful["by_distance"]} >= {1, 2, 3, 4}
+    assert set(truthful["by_order"]) == {"first", "second"}
+    assert truthful["far"]["image_only"]["n"] > 0 and truthful["far"]["text"]["n"] > 0
+
+    def shortcut(c, r, n):  # the introduction round as it was; later rounds by round position
+        return _latest_look(c, n, r + 1) if rendered and c.rounds[r].metadata["distance"][n] is None \
+            else by_round_position(c, r)
+
+    cut = breakdown(rendered, _items(rendered, shortcut), ATTRIBUTES)
+    first, second = (cut["by_order"][o]["image_only"]["accuracy"] for o in ("first", "second"))
+    assert first > second + 0.1  # right when the left person happens to be named first
+    assert cut["far"]["image_only"]["accuracy"] < 0.7  # a wrong person shares some attributes by chance
+
+
+def test_rollback_agreement_tells_restoring_from_copying_the_previous_round(rendered):
+    from cig_jax.eval.recall import rollback_agreement
+
+    convs = [c for c in rendered if any(r.metadata["action"] == "rollback" for r in c.rounds)]
+    assert convs
+    truthful = rollback_agreement(convs, _items(convs, lambda c, r, n: _latest_look(c, n, r + 1)))
+    assert truthful["restored"] == 1.0 and truthful["previous"] == 0.0 and truthful["n"] > 0
+
+    def markov(c, r, n):  # copies the previous round's look of that person
+        return _latest_look(c, n, r) if c.rounds[r].metadata["action"] == "rollback" else _latest_look(c, n, r + 1)
+
+    copied = rollback_agreement(convs, _items(convs, markov))
+    assert copied["restored"] == 0.0 and copied["previous"] == 1.0 and copied["rounds"] == truthful["rounds"]
+
+
+def test_self_consistency_compares_later_drawings_with_the_models_own_first_drawing(rendered):
+    from cig_jax.eval.recall import self_consistency
+
+    fixed = {}
+
+    def own(c, r, n):  # draws each person as it first drew them (a constant wrong look), ignoring edits
+        return fixed.setdefault((c.id, n), {k: v[(len(n) + i) % len(v)] for i, (k, v) in enumerate(ATTRIBUTES.items())})
+
+    rep = self_consistency(rendered, _items(rendered, own))
+    assert rep["all"]["agreement"] == 1.0 and rep["image_only"]["n"] > 0
+    rnd = np.random.default_rng(0)
+    noisy = self_consistency(rendered, _items(rendered, lambda c, r, n: {k: v[rnd.integers(len(v))] for k, v in ATTRIBUTES.items()}))
+    assert noisy["all"]["agreement"] < 0.6

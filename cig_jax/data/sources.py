@@ -24,10 +24,11 @@ from cig_jax.data import schema
 
 
 def open_records(source: str, *, data_dir: str = "", split: str = "train", num: Optional[int] = None,
-                 seed: int = 0, size: int = 64, kinds: Sequence[str] = ()) -> Sequence:
+                 seed: int = 0, size: int = 64, kinds: Sequence[str] = (), names: str = "train") -> Sequence:
     """The records of `source`, only `kinds` (empty: all), at most `num` (None: all; a synthetic draw: 16).
 
-    source: 'synthetic' (a fresh draw of `num` conversations from `seed`, rendered at `size`), 'tfds' (split
+    source: 'synthetic' (a fresh draw of `num` conversations from `seed`, rendered at `size`, its recall
+    conversations naming people from the `names` pool: 'train' or 'heldout'), 'tfds' (split
     `split` of the array_record build under `data_dir`), a folder of conversation JSON files, a `.jsonl` file,
     or one `.json` file."""
     kinds = tuple(kinds)
@@ -35,7 +36,7 @@ def open_records(source: str, *, data_dir: str = "", split: str = "train", num: 
         from cig_jax.data import synthetic
 
         return list(synthetic.generate(16 if num is None else num, seed=seed, kinds=kinds or synthetic.KINDS,
-                                       size=size))
+                                       size=size, names=names))
     if source == "tfds":
         if not Path(data_dir).is_dir():
             raise FileNotFoundError(f"{data_dir}: no dataset folder (draw it with `python train.py --config "

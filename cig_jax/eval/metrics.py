@@ -13,7 +13,9 @@ Owns:
     attributes the classifier reads (the procedural faces are not faces to a face embedder).
   - `multi_round_consistency`: how alike the same named person looks across the generated rounds they
     appear in (identity cosine, and attribute agreement when given a classifier).
-  - `evaluate`: all of the above as one JSON-ready report, and a CLI over conversation folders.
+  - `evaluate`: all of the above as one JSON-ready report (with, for the recall kind, `eval/recall.py`'s rows by
+    distance, length and naming order, rollback agreement and self-consistency), and a CLI over conversation
+    folders.
 
 Does not own: the classifier itself, face detection/embedding, sampling. Identity scores live in
 `identity_score.py`, CLIP-T in `clip_score.py`, reading generated rounds in `rounds.py` (all re-exported here).
@@ -88,8 +90,14 @@ class _Tally:
         return out
 
 
-def _groups_of(truth: Conversation, name: str, attrs: Sequence[str]) -> dict:
-    """{attr: 'text' | 'image_only' | None} from the record metadata."""
+def _groups_of(truth: Conversation, name: str, attrs: Sequence[str], r: Optional[int] = None) -> dict:
+    """{attr: 'text' | 'image_only' | None} from the record metadata: round r's `sources` where the record
+    has them (the recall kind: 'text' when a user text said the current value, else 'image_only'), else the
+    conversation's `text_attributes` / `image_only_attributes`."""
+    sources = ((truth.rounds[r].metadata.get("sources") or {}).get(name) if r is not None else None)
+    if sources:
+        via = {"text": "text", "image": "image_only"}
+        return {k: via.get((sources.get(k) or {}).get("via")) for k in attrs}
     text = set((truth.metadata.get("text_attributes") or {}).get(name, []))
     image_only = set((truth.metadata.get("image_only_attributes") or {}).get(name, []))
     return {k: "text" if k in text else "image_only" if k in image_only else None for k in attrs}
@@ -126,7 +134,7 @@ def round_attribute_accuracy(truth: Sequence[Conversation], generated, classifie
     preds = classifier.predict([q[0] for q in queries], [q[1] for q in queries]) if queries else []
     items = []
     for (conv, r, p, intro_r), pred in zip(meta, preds):
-        groups = _groups_of(conv, p.name, attrs)
+        groups = _groups_of(conv, p.name, attrs, r)
         rt = per_round.setdefault(r, {g: _Tally() for g in GROUPS})
         people_per_round[r] = people_per_round.get(r, 0) + 1
         for k in attrs:
@@ -208,12 +216,19 @@ def evaluate(truth: Sequence[Conversation], generated=None, *, classifier=None, 
     """One JSON-ready report: attribute accuracy and drawn-person identity (with `classifier`), identity
     similarity and consistency (with `embedder`), CLIP-T (with `clip_path`, else skipped). `generated=None`
     scores the ground truth against itself (the ceiling each metric can reach)."""
+    from cig_jax.eval import recall
+
     truth = list(truth)
     generated = None if generated is None else list(generated)
     report: dict = {"conversations": len(truth)}
     if classifier is not None:
         report["attributes"] = round_attribute_accuracy(truth, generated, classifier, return_items=True)
-        report["drawn_identity"] = drawn_identity_similarity(report["attributes"].pop("items"))
+        items = report["attributes"].pop("items")
+        report["drawn_identity"] = drawn_identity_similarity(items)
+        if any(recall.is_recall(c) for c in truth):  # the recall kind's rows (cig_jax/eval/recall.py)
+            report["recall"] = recall.breakdown(truth, items, dict(classifier.vocab))
+            report["rollback"] = recall.rollback_agreement(truth, items)
+            report["self_consistency"] = recall.self_consistency(truth, items)
     if embedder is not None:
         report["identity"] = round_identity_similarity(truth, generated, embedder)
         report["identity"]["overall"].pop("values")

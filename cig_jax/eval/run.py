@@ -40,27 +40,29 @@ from PIL import ImageDraw, ImageFont
 
 from cig_jax import cli
 from cig_jax.data import schema, sources
-from cig_jax.eval import metrics
+from cig_jax.eval import metrics, recall
 from cig_jax.data.schema import Conversation
 
 VIEWS = ("history", "markov")
 CONTEXTS = ("truth", "generated")
 HELDOUT_SEED = 9_100_000  # synthetic draws for evaluation: a stream no training config uses
-DEFAULT_KINDS = ("name_based",)
+DEFAULT_KINDS = ("recall",)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Held-out conversations
 # ----------------------------------------------------------------------------------------------------------
 def load_conversations(data: str, *, data_dir: str = "workdir/demo/data", num: Optional[int] = None,
-                       kinds: Sequence[str] = DEFAULT_KINDS, seed: int = HELDOUT_SEED, size: int = 64) -> list:
+                       kinds: Sequence[str] = DEFAULT_KINDS, seed: int = HELDOUT_SEED, size: int = 64,
+                       names: str = "heldout") -> list:
     """The conversations to evaluate, every image with its pixels loaded, at most `num`, only `kinds` (empty:
     all). `data`: a folder of conversation JSON files or a JSONL file, 'synthetic' (a fresh draw of `num`
-    conversations from `seed`), or a split name ('validation', 'train') of the array_record build under
-    `data_dir` (opened by `cig_jax.data.sources`)."""
+    conversations from `seed`; the recall kind's people are named from the `names` pool, by default names no
+    training draw uses), or a split name ('validation', 'train') of the array_record build under `data_dir`
+    (opened by `cig_jax.data.sources`)."""
     kinds = tuple(kinds)
     if data == "synthetic" or Path(data).exists():
-        convs = sources.open_records(data, num=num, seed=seed, size=size, kinds=kinds)
+        convs = sources.open_records(data, num=num, seed=seed, size=size, kinds=kinds, names=names)
     else:
         convs = sources.open_records("tfds", data_dir=data_dir, split=data, num=num, kinds=kinds)
     convs = [convs[i] for i in range(len(convs))]
@@ -87,51 +89,61 @@ def _round_inputs(conv: Conversation, r: int, view: str, previous: Optional[np.n
 
 
 def generate_rounds(session, convs: Sequence[Conversation], *, view: str = "history", context: str = "truth",
-                    seed: int = 0, on_batch=None, **round_options) -> list:
+                    seed: int = 0, on_batch=None, only_last: bool = False, **round_options) -> list:
     """Per conversation, per round, the generated image (uint8 [H, W, 3], or None): `len(convs)` lists.
 
-    `session`: a `ChatSession`; its `batch_size` conversations are generated at once (the last batch is padded
-    with copies). `round_options` go to `round_batch` (num_steps, visual_scale, ...); see the module docstring
-    for `view` and `context`."""
+    `session`: a `ChatSession`; its `batch_size` conversations of the same length are generated at once
+    (conversations are grouped by length, the order of the result is that of `convs`; a short last batch is
+    padded with copies). `only_last`: generate only each conversation's last round (ground-truth context; the
+    counterfactual probe). `round_options` go to `round_batch` (num_steps, visual_scale, ...); see the module
+    docstring for `view` and `context`."""
     if view not in VIEWS:
         raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
     if context not in CONTEXTS:
         raise ValueError(f"context must be one of {CONTEXTS}, got {context!r}")
+    if only_last and context != "truth":
+        raise ValueError("only_last needs context 'truth' (earlier rounds come from the ground truth)")
     b = session.batch_size
-    out: list = []
-    for start in range(0, len(convs), b):
-        chunk = list(convs[start:start + b])
-        n_real = len(chunk)
-        chunk += [chunk[-1]] * (b - n_real)
-        n_rounds = {len(c.rounds) for c in chunk}
-        if len(n_rounds) != 1:  # rows of a batch answer their rounds together
-            raise ValueError("conversations in one batch must have the same number of rounds; use batch_size 1")
-        n_rounds = n_rounds.pop()
-        gen = [[None] * n_rounds for _ in chunk]
-        session.reset()
-        for r in range(n_rounds):
-            if view == "history" and context == "truth":
-                session.replay_batch([dataclasses.replace(c, rounds=c.rounds[:r]) for c in chunk])
-            elif view == "markov":
-                session.reset()
-            prev = []
-            for i, c in enumerate(chunk):
-                if r == 0:
-                    prev.append(None)
-                elif context == "truth":
-                    im = c.rounds[r - 1].assistant_image
-                    prev.append(None if im is None else im.pixels)
-                else:
-                    prev.append(gen[i][r - 1])
-            inputs = [_round_inputs(c, r, view, p) for c, p in zip(chunk, prev)]
-            seeds = [seed + 1000 * (start + i) + r for i in range(b)]
-            results = session.round_batch([t for t, _ in inputs], [ims for _, ims in inputs], seeds=seeds,
-                                          force_image=True, **round_options)
-            for i, res in enumerate(results):
-                gen[i][r] = res.image
-        out.extend(gen[:n_real])
-        if on_batch is not None:
-            on_batch(len(out), len(convs))
+    by_length: dict = {}
+    for i, c in enumerate(convs):
+        by_length.setdefault(len(c.rounds), []).append(i)
+    out: list = [None] * len(convs)
+    done = 0
+    for n_rounds, members in by_length.items():
+        for start in range(0, len(members), b):
+            idx = members[start:start + b]
+            chunk = [convs[i] for i in idx]
+            n_real = len(chunk)
+            chunk += [chunk[-1]] * (b - n_real)
+            gen = [[None] * n_rounds for _ in chunk]
+            session.reset()
+            for r in range(n_rounds):
+                if only_last and r < n_rounds - 1:
+                    continue
+                if view == "history" and context == "truth":
+                    session.replay_batch([dataclasses.replace(c, rounds=c.rounds[:r]) for c in chunk])
+                elif view == "markov":
+                    session.reset()
+                prev = []
+                for i, c in enumerate(chunk):
+                    if r == 0:
+                        prev.append(None)
+                    elif context == "truth":
+                        im = c.rounds[r - 1].assistant_image
+                        prev.append(None if im is None else im.pixels)
+                    else:
+                        prev.append(gen[i][r - 1])
+                inputs = [_round_inputs(c, r, view, p) for c, p in zip(chunk, prev)]
+                seeds = [seed + 1000 * (idx[i] if i < n_real else len(convs) + i) + r for i in range(b)]
+                results = session.round_batch([t for t, _ in inputs], [ims for _, ims in inputs], seeds=seeds,
+                                              force_image=True, **round_options)
+                for i, res in enumerate(results):
+                    gen[i][r] = res.image
+            for i, g in zip(idx, gen[:n_real]):
+                out[i] = g
+            done += n_real
+            if on_batch is not None:
+                on_batch(done, len(convs))
     return out
 
 
@@ -230,25 +242,25 @@ def evaluate_checkpoint(checkpoint, data: str = "validation", out=None, *, data_
                         context: str = "truth", seed: int = 0, batch_size: int = 8, max_len: int = 1024,
                         num_steps: Optional[int] = None, classifier=None, classifier_cache: str = "/tmp/cig_eval",
                         identity: str = "auto", embedder=None, convs: Optional[Sequence[Conversation]] = None,
-                        grid_rows: int = 8, verbose: bool = True) -> dict:
+                        grid_rows: int = 8, verbose: bool = True, names: str = "heldout", probe: bool = True) -> dict:
     """Generates the held-out conversations with the checkpoint under `view` / `context`, scores them and, with
     `out`, writes OUT/metrics.json and OUT/samples.png (the first `grid_rows` conversations). `convs` replaces
-    loading from `data`. Returns the report (the JSON written)."""
+    loading from `data` (`names`: the name pool of a synthetic draw). With `probe` and recall conversations
+    under the history view, also the counterfactual name probe (`eval/recall.py`). Returns the report (the JSON
+    written)."""
     from cig_jax.eval.attributes import load_or_train_classifier
     from cig_jax.sample.session import ChatSession
 
     say = print if verbose else (lambda *a, **k: None)
     t0 = time.perf_counter()
     if convs is None:
-        convs = load_conversations(data, data_dir=data_dir, num=num, kinds=kinds)
+        convs = load_conversations(data, data_dir=data_dir, num=num, kinds=kinds, names=names)
     convs = list(convs)
     if classifier is None:
         classifier = load_or_train_classifier(classifier_cache, verbose=verbose)
     if embedder is None:
         embedder = make_embedder(identity)
     batch_size = max(1, min(batch_size, len(convs)))
-    if len({len(c.rounds) for c in convs}) > 1:
-        batch_size = 1
     session = ChatSession.from_checkpoint(checkpoint, max_len=max_len, batch_size=batch_size,
                                           identity_embedder=False)
     t_gen = time.perf_counter()
@@ -257,6 +269,11 @@ def evaluate_checkpoint(checkpoint, data: str = "validation", out=None, *, data_
                                                               f"({time.perf_counter() - t_gen:.0f}s)", flush=True))
     t_score = time.perf_counter()
     report = metrics.evaluate(convs, generated, classifier=classifier, embedder=embedder)
+    if probe and view == "history" and any(recall.is_recall(c) for c in convs):
+        t_probe = time.perf_counter()
+        report["probe"] = recall.run_probe(session, recall.probe_pairs(convs), classifier, seed=seed,
+                                           num_steps=num_steps)
+        say(f"[eval] counterfactual name probe: {len(convs)} pairs ({time.perf_counter() - t_probe:.0f}s)")
     report["checkpoint"] = str(checkpoint)
     report["data"] = str(data)
     report["protocol"] = {"view": view, "context": context, "seed": seed, "kinds": list(kinds),
@@ -284,6 +301,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--out", required=True, help="where metrics.json and samples.png go")
     ap.add_argument("--num", type=int, default=16, help="at most this many conversations")
     ap.add_argument("--kinds", default=",".join(DEFAULT_KINDS), help="comma-separated kinds ('' for all)")
+    ap.add_argument("--names", default="heldout", choices=synthetic.NAME_POOLS,
+                    help="--data synthetic: the name pool of the recall kind ('heldout': names no training draw uses)")
+    ap.add_argument("--no-probe", action="store_true", help="skip the counterfactual name probe")
     ap.add_argument("--view", default="history", choices=VIEWS)
     ap.add_argument("--context", default="truth", choices=CONTEXTS)
     ap.add_argument("--seed", type=int, default=0)
@@ -297,8 +317,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     report = evaluate_checkpoint(args.checkpoint, args.data, args.out, data_dir=args.data_dir, num=args.num,
                                  kinds=kinds, view=args.view, context=args.context, seed=args.seed,
                                  batch_size=args.batch_size, max_len=args.max_len, num_steps=args.num_steps,
-                                 classifier_cache=args.cache, identity=args.identity)
+                                 classifier_cache=args.cache, identity=args.identity, names=args.names,
+                                 probe=not args.no_probe)
     print(format_table({args.view: report}))
+    if "recall" in report:
+        print(recall.format_recall({args.view: report}))
     print("chance levels per attribute: " + ", ".join(f"{k} {v:.2f}" for k, v in report["attributes"]["chance"].items()))
     return 0
 
