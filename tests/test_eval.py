@@ -356,7 +356,7 @@ class RecordingSession:
         level = len([c for c in self.calls if c[0] == "round"])
         out = []
         for i, t in enumerate(texts):
-            px = np.full((16, 16, 3), 10 * level + i, np.uint8)
+            px = np.full((16, 16, 3), (10 * level + i) % 256, np.uint8)
             self.history[i].append(Round(user_text=t, assistant_image=Image(pixels=px)))
             out.append(RoundResult("", px, None, False, []))
         return out
@@ -397,6 +397,31 @@ def test_markov_view_sees_only_the_previous_image_without_its_people():
     assert images[0].people == []  # no drawn-person metadata: no identity read off the previous image
 
 
+def test_mixed_lengths_are_batched_by_length_and_returned_in_order():
+    convs = [synthetic.make_conversation("recall", EVAL_SEED, i, 64) for i in range(12)]
+    lengths = [len(c.rounds) for c in convs]
+    assert len(set(lengths)) >= 3
+    session = RecordingSession(batch_size=2)
+    gen = eval_run.generate_rounds(session, convs, view="history", context="truth", seed=0)
+    assert [len(g) for g in gen] == lengths and all(x is not None for g in gen for x in g)
+    rounds = [c for c in session.calls if c[0] == "round"]
+    texts = {(t, n) for c in rounds for t, n in zip(c[1], c[4])}
+    for c in convs:  # every round of every conversation, with its own ground-truth history before it
+        for r, rnd in enumerate(c.rounds):
+            assert (rnd.user_text, r) in texts
+    seeds = {(t, s) for c in rounds for t, s in zip(c[1], c[3])}
+    assert (convs[5].rounds[1].user_text, 5 * 1000 + 1) in seeds  # seed + 1000 i + r, i in the caller's order
+
+    session = RecordingSession(batch_size=2)
+    last = eval_run.generate_rounds(session, convs, view="history", context="truth", only_last=True)
+    rounds = [c for c in session.calls if c[0] == "round"]
+    assert all(g[:-1] == [None] * (len(g) - 1) and g[-1] is not None for g in last)
+    assert sorted(t for c in rounds for t in c[1][:1]) and len(rounds) == sum(
+        -(-lengths.count(n) // 2) for n in set(lengths))  # one call per batch: the last round only
+    with pytest.raises(ValueError, match="only_last"):
+        eval_run.generate_rounds(session, convs, view="history", context="generated", only_last=True)
+
+
 def schema_cut(conv, r):
     import dataclasses
 
@@ -427,7 +452,7 @@ def test_eval_cli_writes_metrics_and_grid(tiny_run, classifier, request, tmp_pat
     for c in convs:
         save_conversation(c, folder / f"{c.id}.json")
     eval_run.main(["--checkpoint", str(tiny_run), "--data", str(folder), "--out", str(out), "--num", "2",
-                   "--batch-size", "2", "--cache", str(request.config.cache.mkdir("cig_eval")), "--identity", "none"])
+                   "--kinds", "name_based", "--batch-size", "2", "--cache", str(request.config.cache.mkdir("cig_eval")), "--identity", "none"])
     report = json.loads((out / "metrics.json").read_text())
     assert report["conversations"] == 2 and report["protocol"]["view"] == "history"
     assert [r["round"] for r in report["attributes"]["rounds"]] == [0, 1, 2]
@@ -453,18 +478,34 @@ def test_drawn_identity_is_the_fraction_of_identity_attributes_right():
     assert res["n"] == 2 and res["mean"] == pytest.approx(0.8)
 
 
-def _bench_report(round3_image_only: float, chance: float = 0.28) -> dict:
-    return {"attributes": {"rounds": [{"round": 2, "image_only": {"accuracy": round3_image_only, "chance": chance}}]}}
+def _bench_reports(far_h=0.7, far_m=0.3, text=0.8, probe=0.9, rollback=0.85, round1=0.75) -> dict:
+    def report(far, with_rest):
+        order = {o: {"image_only": {"accuracy": far}} for o in ("first", "second")}
+        rep = {"attributes": {"rounds": [{"round": 0, "text": {"accuracy": round1}}]},
+               "recall": {"far_by_order": order, "far": {"text": {"accuracy": text}}}}
+        if with_rest:
+            rep.update(probe={"pairs_follow": probe}, rollback={"restored": rollback, "previous": 0.2})
+        return rep
+
+    return {"history": report(far_h, True), "markov": report(far_m, False),
+            "ceiling": {"attributes": {"rounds": [{"round": 0, "text": {"accuracy": 0.8}}]}}}
 
 
-def test_nonmarkov_verdict_needs_25_points_over_markov_and_over_chance():
+def test_nonmarkov_verdict_needs_every_target_in_both_naming_orders():
     from cig_jax.bench.nonmarkov import verdict
 
-    assert verdict({"history": _bench_report(0.70), "markov": _bench_report(0.28)})["met"]
-    v = verdict({"history": _bench_report(0.50), "markov": _bench_report(0.30)})
-    assert not v["met"] and v["gap_points"] == 20.0
-    assert not verdict({"history": _bench_report(0.50), "markov": _bench_report(0.10)})["met"]  # 22 over chance
-    assert not verdict({"history": {"attributes": {"rounds": []}}, "markov": _bench_report(0.3)})["met"]
+    v = verdict(_bench_reports())
+    assert v["met"] and v["checks"]["far_image_only_first"]["gap_points"] == 40.0
+    assert v["checks"]["round1_text"]["ceiling"] == 0.8
+    assert not verdict(_bench_reports(far_h=0.55, far_m=0.2))["met"]  # under 60%
+    assert not verdict(_bench_reports(far_h=0.65, far_m=0.45))["met"]  # 20 points over Markov
+    for miss in ({"text": 0.6}, {"probe": 0.8}, {"rollback": 0.7}, {"round1": 0.7}):
+        assert not verdict(_bench_reports(**miss))["met"], miss
+    one_order = _bench_reports()
+    one_order["history"]["recall"]["far_by_order"]["second"]["image_only"]["accuracy"] = 0.3  # a positional model
+    v = verdict(one_order)
+    assert not v["met"] and v["checks"]["far_image_only_first"]["met"] and not v["checks"]["far_image_only_second"]["met"]
+    assert not verdict({"history": {}, "markov": {}, "ceiling": {}})["met"]
 
 
 def test_nonmarkov_bench_quick_trains_both_models_and_writes_the_table(classifier, request, tmp_path, capsys):
@@ -474,18 +515,29 @@ def test_nonmarkov_bench_quick_trains_both_models_and_writes_the_table(classifie
                            identity="none")
     saved = json.loads((tmp_path / "nonmarkov.json").read_text())
     assert saved["verdict"] == result["verdict"] and isinstance(saved["verdict"]["met"], bool)
-    for name in ("ceiling", "history", "markov"):
+    lengths = {len(c.rounds) for c in eval_run.load_conversations(
+        "synthetic", num=nonmarkov.QUICK.num_eval, kinds=("recall",), seed=nonmarkov.HELDOUT_SEED, names="heldout")}
+    for name in ("ceiling", "history", "markov", "history_generated"):
         rounds = saved["reports"][name]["attributes"]["rounds"]
-        assert [e["round"] for e in rounds] == [0, 1, 2]
-        assert all(0.0 <= e["text"]["accuracy"] <= 1.0 for e in rounds)
+        assert [e["round"] for e in rounds] == list(range(max(lengths)))
+        assert all(e["text"]["accuracy"] is None or 0.0 <= e["text"]["accuracy"] <= 1.0 for e in rounds)
+        assert saved["reports"][name]["recall"]["far"]["image_only"]["n"] > 0
+        assert set(saved["reports"][name]["recall"]["by_length"]) == {str(n) for n in lengths}
+    probe = saved["reports"]["history"]["probe"]  # one pair per held-out conversation, both versions drawn
+    assert probe["n"] == nonmarkov.QUICK.num_eval and probe["missing_images"] == 0 and 0 <= probe["pairs_follow"] <= 1
+    assert "probe" not in saved["reports"]["markov"]
+    assert saved["reports"]["history_generated"]["protocol"]["context"] == "generated"
+    assert saved["reports"]["history_generated"]["self_consistency"]["all"]["n"] > 0
     for name in ("history", "markov"):
         train = saved["reports"][name]["train"]  # the MLLM run, then its detokenizer's adaptation
         assert train["adapt_detokenizer"]["last"]["detokenizer_loss"] > 0 and "reg_loss" in train["mllm"]["last"]
         assert (tmp_path / f"{name}_adapted" / "checkpoints").is_dir()
         assert (tmp_path / f"eval_{name}" / "metrics.json").is_file()
         assert (tmp_path / f"eval_{name}" / "samples.png").is_file()
-    h = saved["reports"]["history"]["attributes"]["rounds"][2]["image_only"]["accuracy"]
-    m = saved["reports"]["markov"]["attributes"]["rounds"][2]["image_only"]["accuracy"]
-    assert saved["verdict"]["gap_points"] == round(100 * (h - m), 1)
+    far = {m: saved["reports"][m]["recall"]["far_by_order"] for m in ("history", "markov")}
+    for order in far["history"].keys() & far["markov"].keys():
+        h, m = (far[k][order]["image_only"]["accuracy"] for k in ("history", "markov"))
+        assert saved["verdict"]["checks"][f"far_image_only_{order}"]["gap_points"] == round(100 * (h - m), 1)
     out = capsys.readouterr().out
-    assert "round 3, image-only attributes" in out and "ceiling" in out and "round 1, text-described" in out
+    assert "by distance" in out and "name probe" in out and "rollback" in out and "free-running" in out
+    assert "ceiling" in out and "round1_text" in out

@@ -134,7 +134,7 @@ def generate_rounds(session, convs: Sequence[Conversation], *, view: str = "hist
                     else:
                         prev.append(gen[i][r - 1])
                 inputs = [_round_inputs(c, r, view, p) for c, p in zip(chunk, prev)]
-                seeds = [seed + 1000 * (idx[i] if i < n_real else len(convs) + i) + r for i in range(b)]
+                seeds = [seed + 1000 * (idx[i] if i < n_real else idx[-1] + i - n_real + 1) + r for i in range(b)]
                 results = session.round_batch([t for t, _ in inputs], [ims for _, ims in inputs], seeds=seeds,
                                               force_image=True, **round_options)
                 for i, res in enumerate(results):

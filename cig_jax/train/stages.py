@@ -70,7 +70,7 @@ DEFAULT_TRAINABLE = {
 # The paper's mixtures (synthetic kinds; `data.kinds` overrides). Stage 3 keeps single-turn data.
 DEFAULT_KINDS = {
     "personalize": ["single_turn"],
-    "multiround": ["name_based", "name_based", "rollback", "markov_edit", "single_turn"],
+    "multiround": ["recall", "recall", "rollback", "markov_edit", "single_turn"],
 }
 
 
