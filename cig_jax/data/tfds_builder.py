@@ -46,7 +46,7 @@ from cig_jax.data.schema import (Conversation, SchemaError, conversation_from_di
                                  load_conversation, to_dict, validate, with_pixels)
 
 NAME = "cig_conversations"
-VERSION = "1.2.0"  # 1.1.0: per-record kind and image count in the metadata; 1.2.0: people carry their identity embeddings (`Person.identity`)
+VERSION = "1.3.0"  # 1.1.0: per-record kind and image count in the metadata; 1.2.0: people carry their identity embeddings (`Person.identity`); 1.3.0: the recall kind joins the default kinds
 VAL_START = 1_000_000_000  # synthetic validation records start at this index
 
 
