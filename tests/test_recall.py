@@ -188,8 +188,9 @@ def test_name_probe_scores_a_position_model_at_chance_and_a_name_model_fully(ren
 
     pairs = probe_pairs(rendered)
     assert len(pairs) == len(rendered)
-    for pair in pairs:  # the two versions differ only in the name of the last round
+    for pair, conv in zip(pairs, rendered):  # the two versions differ only in the name of the last round
         a, b = pair.conversations
+        assert 3 <= len(a.rounds) <= max(3, len(conv.rounds)) and a.rounds[:-1] == conv.rounds[:len(a.rounds) - 1]
         assert a.rounds[:-1] == b.rounds[:-1] and a.rounds[-1].user_text != b.rounds[-1].user_text
         assert a.rounds[-1].user_text.replace(pair.names[0], "X") == b.rounds[-1].user_text.replace(pair.names[1], "X")
         assert [p.attributes for p in a.rounds[-1].assistant_image.people] == [pair.looks[0]]

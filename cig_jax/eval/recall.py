@@ -170,15 +170,16 @@ def _last_look(conv: Conversation, name: str, upto: int):
 
 
 def probe_pairs(convs: Sequence[Conversation], seed: int = PROBE_SEED, size: Optional[int] = None) -> list:
-    """One `ProbePair` per recall conversation: its first `cut` rounds (cut drawn in 2..len, so the history
-    holds both people of round 1 and often more) and a last round 'Show X <scene>.' for X = A or B, in a
-    scene neither was last shown in; ground truth: X as last shown there, alone."""
+    """One `ProbePair` per recall conversation: its first `cut` rounds (cut drawn in 2..len-1: the history
+    holds both people of round 1 and often more, and the probe is no longer than the conversation, so within
+    the lengths and positions training covers) and a last round 'Show X <scene>.' for X = A or B, in a scene
+    neither was last shown in; ground truth: X as last shown there, alone."""
     from cig_jax.data.synthetic import _SCENE_PHRASE, _SOLO, SCENES, render_scene
 
     out = []
     for i, conv in enumerate(c for c in convs if is_recall(c)):
         rng = np.random.default_rng([seed, i])
-        cut = int(rng.integers(2, len(conv.rounds) + 1))
+        cut = int(rng.integers(2, max(3, len(conv.rounds))))
         a, b = conv.rounds[0].metadata["shown"][:2]
         last = {x: _last_look(conv, x, cut) for x in (a, b)}
         options = [s for s in SCENES if s not in {last[a][2], last[b][2]}]
