@@ -121,7 +121,7 @@ def rollback_agreement(truth: Sequence[Conversation], items: Sequence[dict]) -> 
 def self_consistency(truth: Sequence[Conversation], items: Sequence[dict]) -> dict:
     """Agreement of each later drawing of a person with the model's own drawing in the round that introduced
     them, over attributes whose ground truth is the same in both rounds: {"all": {agreement, n}, "image_only":
-    {...} (attributes no text ever gave), "by_distance"?: no, per later round: "by_round": {r: {...}}}."""
+    {...} (attributes whose current value no text gave), "by_round": {r: {...}} (per later round)}."""
     convs = {c.id: c for c in truth if is_recall(c)}
     first: dict = {}
     for it in items:
