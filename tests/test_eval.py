@@ -24,7 +24,8 @@ from cig_jax.eval.metrics import (chance_levels, clip_t_score, evaluate, identit
 # insightface.utils.face_align calls skimage's deprecated SimilarityTransform.estimate.
 pytestmark = pytest.mark.filterwarnings("ignore:`estimate` is deprecated:FutureWarning")
 
-EVAL_SEED = 424_242  # conversations for metric tests: a stream neither training nor held-out accuracy uses
+EVAL_SEED = 424_242
+ATTRIBUTES_ALL = tuple(synthetic.ATTRIBUTES)  # conversations for metric tests: a stream neither training nor held-out accuracy uses
 
 
 @pytest.fixture(scope="module")
@@ -465,6 +466,22 @@ def test_eval_cli_writes_metrics_and_grid(tiny_run, classifier, request, tmp_pat
     assert grid.size[1] > 2 * 50 and grid.size[0] > 6 * 50
     table = capsys.readouterr().out
     assert "image-only" in table and table.count("history ") == 3
+
+
+def test_eval_on_recall_conversations_reports_recall_rows_and_the_name_probe(tiny_run, classifier, tmp_path, capsys):
+    from cig_jax.eval.recall import format_recall
+
+    convs = eval_run.load_conversations("synthetic", num=3, kinds=("recall",), seed=EVAL_SEED + 9, names="heldout")
+    assert {c.metadata["names"] for c in convs} == {"heldout"}
+    report = eval_run.evaluate_checkpoint(tiny_run, convs=convs, out=tmp_path / "eval", batch_size=2,
+                                          classifier=classifier, identity="none", verbose=False)
+    assert [r["round"] for r in report["attributes"]["rounds"]] == list(range(max(len(c.rounds) for c in convs)))
+    assert report["attributes"]["missing_images"] == 0
+    recalled = sum(d is not None for c in convs for r in c.rounds for d in r.metadata["distance"].values())
+    assert sum(v["all"]["n"] for v in report["recall"]["by_distance"].values()) == recalled * len(ATTRIBUTES_ALL)
+    assert report["probe"]["n"] == 3 and report["probe"]["missing_images"] == 0
+    assert 0 <= report["probe"]["versions_follow"] <= 1 and "rollback" in report and "self_consistency" in report
+    assert "name probe" in format_recall({"history": report})
 
 
 def test_drawn_identity_is_the_fraction_of_identity_attributes_right():
