@@ -38,11 +38,11 @@ import numpy as np
 from PIL import Image as PILImage
 from PIL import ImageDraw, ImageFont
 
+from cig_jax.data import names as name_pools
 from cig_jax.data.schema import Conversation, Image, Person, Round, save_conversation
 from cig_jax.data.world import ATTRIBUTES, NAMES, SCENES, has_identity_attributes, person_identity
 
 KINDS: tuple[str, ...] = ("name_based", "single_turn", "rollback", "markov_edit", "recall")
-NAME_POOLS = ("train", "heldout")  # `names.py`: the recall kind's disjoint procedural name pools
 
 _SKIN = {"light": (247, 218, 190), "medium": (224, 178, 136), "tan": (176, 120, 80), "dark": (105, 68, 44)}
 _HAIR = {"black": (28, 28, 30), "brown": (112, 70, 36), "blonde": (238, 206, 110), "red": (196, 64, 30),
@@ -409,8 +409,8 @@ def make_conversation(kind: str, seed: int, index: int, size: int = 64, names: s
     `names`: the name pool of the recall kind ('train' or 'heldout'; the other kinds use `world.NAMES`)."""
     if kind not in _MAKERS:
         raise ValueError(f"unknown synthetic kind {kind!r}; known kinds: {', '.join(KINDS)}")
-    if names not in NAME_POOLS:
-        raise ValueError(f"unknown name pool {names!r}; known pools: {', '.join(NAME_POOLS)}")
+    if names not in name_pools.POOLS:
+        raise ValueError(f"unknown name pool {names!r}; known pools: {', '.join(name_pools.POOLS)}")
     if size < 32:
         raise ValueError(f"size must be at least 32 pixels to stay legible, got {size}")
     rng = np.random.default_rng([seed, index])

@@ -39,6 +39,7 @@ from PIL import Image as PILImage
 from PIL import ImageDraw, ImageFont
 
 from cig_jax import cli
+from cig_jax.data import names as name_pools
 from cig_jax.data import schema, sources
 from cig_jax.eval import metrics, recall
 from cig_jax.data.schema import Conversation
@@ -301,7 +302,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--out", required=True, help="where metrics.json and samples.png go")
     ap.add_argument("--num", type=int, default=16, help="at most this many conversations")
     ap.add_argument("--kinds", default=",".join(DEFAULT_KINDS), help="comma-separated kinds ('' for all)")
-    ap.add_argument("--names", default="heldout", choices=synthetic.NAME_POOLS,
+    ap.add_argument("--names", default="heldout", choices=name_pools.POOLS,
                     help="--data synthetic: the name pool of the recall kind ('heldout': names no training draw uses)")
     ap.add_argument("--no-probe", action="store_true", help="skip the counterfactual name probe")
     ap.add_argument("--view", default="history", choices=VIEWS)
