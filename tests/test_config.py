@@ -233,6 +233,7 @@ SYNTHETIC_IMPORT_ALLOWED = {
     "cig_jax/data/tfds_builder.py",  # builds the synthetic split
     "cig_jax/eval/attributes.py",  # the attribute classifier is trained on synthetic renders
     "cig_jax/train/recipe.py",  # a recipe draws its dataset
+    "cig_jax/data/recall.py",  # the renderer's own recall kind (and its name probe), called by synthetic.py
 }
 
 

@@ -2,7 +2,9 @@
 
 Owns: planning a recall conversation (`plan_conversation`: who is shown in each round, with which attributes,
 and the ground truth of where each attribute came from), without pixels, and rendering a plan (`make_recall`,
-called by `synthetic.make_conversation('recall', ...)`).
+called by `synthetic.make_conversation('recall', ...)`), and the counterfactual name probe's conversations
+(`probe_pairs`: a recall conversation cut short, then a last round naming A or B; scored by
+`cig_jax.eval.recall`).
 
 Does not own: drawing (`synthetic.render_scene`), names (`names.py`), the vocabulary (`world.py`), scoring
 (`cig_jax/eval/recall.py`).
@@ -34,12 +36,13 @@ Per conversation (`Conversation.metadata`): naming_order, first_named, num_peopl
 from __future__ import annotations
 
 import copy
-from typing import Optional
+import dataclasses
+from typing import Optional, Sequence
 
 import numpy as np
 
 from cig_jax.data import names as name_pool
-from cig_jax.data.schema import Person, Round
+from cig_jax.data.schema import Conversation, Person, Round
 from cig_jax.data.world import ATTRIBUTES, SCENES
 
 ACTIONS = ("introduce", "recall", "pair", "edit", "rollback")
@@ -283,6 +286,11 @@ def make_recall(rng: np.random.Generator, size: int, base: dict, pool: str = "tr
     return rounds, people, meta
 
 
+def is_recall(conv: Conversation) -> bool:
+    """A conversation of this kind: its rounds carry the per-round ground truth (`sources`)."""
+    return bool(conv.rounds) and "sources" in conv.rounds[0].metadata
+
+
 def restored_look(conv, r: int) -> Optional[dict]:
     """The attributes a rollback round r restores (the person's look in round `restores_round`), else None."""
     meta = conv.rounds[r].metadata
@@ -291,3 +299,57 @@ def restored_look(conv, r: int) -> Optional[dict]:
     x = meta["rollback"]["name"]
     img = conv.rounds[meta["restores_round"]].assistant_image
     return next((dict(p.attributes) for p in img.people if p.name == x), None)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The counterfactual name probe (scored by cig_jax.eval.recall)
+# ----------------------------------------------------------------------------------------------------------
+PROBE_SEED = 77
+
+
+@dataclasses.dataclass
+class ProbePair:
+    """The same history, then a last round naming `names[0]` (conversations[0]) or `names[1]`."""
+
+    conversations: tuple  # (Conversation, Conversation)
+    names: tuple  # (A, B)
+    looks: tuple  # (A's attributes, B's attributes) at the probe round
+
+
+def _last_look(conv: Conversation, name: str, upto: int):
+    for r in range(upto - 1, -1, -1):
+        img = conv.rounds[r].assistant_image
+        for p in (img.people if img is not None else []):
+            if p.name == name:
+                return r, p, img.attributes.get("scene")
+    raise ValueError(f"conversation {conv.id!r}: {name!r} is not shown before round {upto}")
+
+
+def probe_pairs(convs: Sequence[Conversation], seed: int = PROBE_SEED, size: Optional[int] = None) -> list:
+    """One `ProbePair` per recall conversation: its first `cut` rounds (cut drawn in 2..len-1: the history
+    holds both people of round 1 and often more, and the probe is no longer than the conversation, so within
+    the lengths and positions training covers) and a last round 'Show X <scene>.' for X = A or B, in a scene
+    neither was last shown in; ground truth: X as last shown there, alone."""
+    from cig_jax.data.synthetic import _SCENE_PHRASE, _SOLO, render_scene
+
+    out = []
+    for i, conv in enumerate(c for c in convs if is_recall(c)):
+        rng = np.random.default_rng([seed, i])
+        cut = int(rng.integers(2, max(3, len(conv.rounds))))
+        a, b = conv.rounds[0].metadata["shown"][:2]
+        last = {x: _last_look(conv, x, cut) for x in (a, b)}
+        options = [s for s in SCENES if s not in {last[a][2], last[b][2]}]
+        scene = str(options[rng.integers(len(options))])
+        px = size or conv.rounds[0].assistant_image.pixels.shape[0]
+        pair = []
+        for x in (a, b):
+            r, person, _ = last[x]
+            image = render_scene([(Person(x, dict(person.attributes)), _SOLO)], scene, px)
+            meta = {"action": "recall", "shown": [x], "distance": {x: cut - r},
+                    "sources": {x: conv.rounds[r].metadata["sources"][x]}, "probe": True}
+            probe = Round(f"Show {x} {_SCENE_PHRASE[scene]}.", [], f"Here is {x} {_SCENE_PHRASE[scene]}.", image,
+                          metadata=meta)
+            pair.append(dataclasses.replace(conv, id=f"{conv.id}-probe-{'ab'[len(pair)]}",
+                                            rounds=list(conv.rounds[:cut]) + [probe]))
+        out.append(ProbePair(tuple(pair), (a, b), (dict(last[a][1].attributes), dict(last[b][1].attributes))))
+    return out

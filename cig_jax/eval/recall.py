@@ -10,8 +10,8 @@ Owns, over conversations of the 'recall' kind (`cig_jax/data/recall.py`, ground 
     one (what a Markov model, seeing only the previous image, would copy);
   - `self_consistency`: free-running (`--context generated`): how often a later drawing of a person agrees
     with the model's own drawing in the round that introduced them, over attributes the ground truth keeps;
-  - the counterfactual name probe: `probe_pairs` (the same history, then a last round naming A or B, the
-    round-1 pair, in the same scene), `probe_score` (the fraction of pairs where the drawn attributes follow
+  - the counterfactual name probe: `probe_score` over `data.recall.probe_pairs` (re-exported here: the same
+    history, then a last round naming A or B, the round-1 pair, in the same scene) (the fraction of pairs where the drawn attributes follow
     the name in both versions, and of single versions) and `run_probe` (generate, read, score).
 
 Items are those of `metrics.round_attribute_accuracy(..., return_items=True)`: {"conversation", "round",
@@ -24,18 +24,10 @@ Does not own: generation (`eval/run.py`), the classifier (`eval/attributes.py`),
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable, Optional, Sequence
 
-import numpy as np
-
-from cig_jax.data.schema import Conversation, Person, Round
-
-PROBE_SEED = 77
-
-
-def is_recall(conv: Conversation) -> bool:
-    return bool(conv.rounds) and "sources" in conv.rounds[0].metadata
+from cig_jax.data.recall import ProbePair, is_recall, probe_pairs  # noqa: F401 (probe_pairs re-exported: built with the data)
+from cig_jax.data.schema import Conversation
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -151,54 +143,6 @@ def self_consistency(truth: Sequence[Conversation], items: Sequence[dict]) -> di
 # ----------------------------------------------------------------------------------------------------------
 # The counterfactual name probe
 # ----------------------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class ProbePair:
-    """The same history, then a last round naming `names[0]` (conversations[0]) or `names[1]`."""
-
-    conversations: tuple  # (Conversation, Conversation)
-    names: tuple  # (A, B)
-    looks: tuple  # (A's attributes, B's attributes) at the probe round
-
-
-def _last_look(conv: Conversation, name: str, upto: int):
-    for r in range(upto - 1, -1, -1):
-        img = conv.rounds[r].assistant_image
-        for p in (img.people if img is not None else []):
-            if p.name == name:
-                return r, p, img.attributes.get("scene")
-    raise ValueError(f"conversation {conv.id!r}: {name!r} is not shown before round {upto}")
-
-
-def probe_pairs(convs: Sequence[Conversation], seed: int = PROBE_SEED, size: Optional[int] = None) -> list:
-    """One `ProbePair` per recall conversation: its first `cut` rounds (cut drawn in 2..len-1: the history
-    holds both people of round 1 and often more, and the probe is no longer than the conversation, so within
-    the lengths and positions training covers) and a last round 'Show X <scene>.' for X = A or B, in a scene
-    neither was last shown in; ground truth: X as last shown there, alone."""
-    from cig_jax.data.synthetic import _SCENE_PHRASE, _SOLO, SCENES, render_scene
-
-    out = []
-    for i, conv in enumerate(c for c in convs if is_recall(c)):
-        rng = np.random.default_rng([seed, i])
-        cut = int(rng.integers(2, max(3, len(conv.rounds))))
-        a, b = conv.rounds[0].metadata["shown"][:2]
-        last = {x: _last_look(conv, x, cut) for x in (a, b)}
-        options = [s for s in SCENES if s not in {last[a][2], last[b][2]}]
-        scene = str(options[rng.integers(len(options))])
-        px = size or conv.rounds[0].assistant_image.pixels.shape[0]
-        pair = []
-        for x in (a, b):
-            r, person, _ = last[x]
-            image = render_scene([(Person(x, dict(person.attributes)), _SOLO)], scene, px)
-            meta = {"action": "recall", "shown": [x], "distance": {x: cut - r},
-                    "sources": {x: conv.rounds[r].metadata["sources"][x]}, "probe": True}
-            probe = Round(f"Show {x} {_SCENE_PHRASE[scene]}.", [], f"Here is {x} {_SCENE_PHRASE[scene]}.", image,
-                          metadata=meta)
-            pair.append(dataclasses.replace(conv, id=f"{conv.id}-probe-{'ab'[len(pair)]}",
-                                            rounds=list(conv.rounds[:cut]) + [probe]))
-        out.append(ProbePair(tuple(pair), (a, b), (dict(last[a][1].attributes), dict(last[b][1].attributes))))
-    return out
-
-
 def probe_score(pairs: Sequence[ProbePair], drawn: Sequence[tuple]) -> dict:
     """`drawn[i]` = (attributes read when A is named, when B is named). A version follows the name when its
     drawing matches the named person on more of the attributes where A and B differ than the other person.
