@@ -2,8 +2,8 @@
 
 Owns: the special tokens (`add_mllm_tokens`, added to any Hugging Face tokenizer loaded from a local path),
 the tiny offline tokenizer (`build_tiny_tokenizer`, a byte-level BPE trained here on a fixed corpus made from
-the synthetic dataset's vocabulary), `ChatTemplate.encode` (conversation -> `TemplateOutput` arrays), and
-`pad_to` for batching.
+the synthetic dataset's vocabulary), `ChatTemplate.encode` (conversation -> `TemplateOutput` arrays; `render`
+gives the one string it tokenizes), and `pad_to` for batching.
 
 Does not own: the conversation dataclasses (`schema.py`), image pixels / preprocessing and batching across
 examples (`pipeline.py`), what the model does with the slots (`models/mllm.py`).
@@ -31,13 +31,13 @@ Tokenization: the whole conversation is rendered as one string (special tokens w
 tokenized in one call, exactly as Hugging Face's `tokenizer.apply_chat_template(..., tokenize=True)` tokenizes
 the exported Jinja template's rendering (`cig_jax/convert/export.py`), so a text-only conversation gets the same
 ids here and for a user of the exported folder. (Tokenizing piece by piece would not: SentencePiece prepends a
-word-start piece to every separately tokenized piece, and byte-level BPE merges a marker's trailing space with
-the next word.) Special tokens always split the text, so every image slot, `<img>`, `</img>`, `<s>` and `</s>`
+word-start piece to every separately tokenized piece, and byte-level BPE joins a marker's trailing space to the
+next word.) Special tokens always split the text, so every image slot, `<img>`, `</img>`, `<s>` and `</s>`
 sits at a known position. Inside a run of text, a boundary between parts (user turn | assistant text | next
-turn) is placed where the tokenization of the text up to the boundary stops agreeing with the tokenization of the
-whole (`_boundary`): a token that straddles a boundary belongs to the part after it. So the targets are exactly
-the tokens the text before the reply does not already determine, as at sampling time, where the prompt ends
-after " [/INST]\n" and the cache keeps the common prefix when the history is re-encoded.
+turn) is placed where the tokenization of the text up to the boundary stops agreeing with the tokenization of
+the whole (`ChatTemplate._tokenize`): a token that straddles a boundary belongs to the part after it. So the
+targets are exactly the tokens the text before the reply does not already determine, as at sampling time,
+where the prompt ends after " [/INST]\\n" and the cache keeps the common prefix when the history is re-encoded.
 """
 from __future__ import annotations
 
@@ -215,9 +215,9 @@ class _Part:
 
     text: str = ""
     ids: tuple = ()  # special-token ids; empty for text
-    role: int = TEXT
-    image: int = -1
-    loss: int = 0
+    role: int | tuple = TEXT  # role, image, loss: one value for all the part's tokens, or one per id
+    image: int | tuple = -1
+    loss: int | tuple = 0
     rnd: int = 0
 
 
@@ -359,7 +359,8 @@ class ChatTemplate:
         for (j, a), cut in zip(inner, cuts):
             b = starts[a] + _common_prefix(cut, ids[starts[a]:])
             starts[j] = min(max(b, starts[j - 1]), ends[j])
-        role, image, loss, rnd = np.zeros(n, np.int32), np.full(n, -1, np.int32), np.zeros(n, np.int32), np.zeros(n, np.int32)
+        role, loss, rnd = (np.zeros(n, np.int32) for _ in range(3))
+        image = np.full(n, -1, np.int32)
         for j, p in enumerate(merged):
             sl = slice(starts[j], starts[j + 1])
             role[sl], image[sl], loss[sl], rnd[sl] = p.role, p.image, p.loss, p.rnd
