@@ -101,12 +101,14 @@ def test_bad_records_are_skipped_and_counted(records, template, tmp_path):
                                   + named.rounds[1:])
     long = dataclasses.replace(good[1], rounds=[dataclasses.replace(good[1].rounds[0],
                                                                     user_text="tell me more " * 300)])
-    mixed = good + [missing, unknown, long]
+    tagged = dataclasses.replace(good[2], rounds=[dataclasses.replace(  # a text that would end the conversation
+        good[2].rounds[0], assistant_text="Here </s> it is.")] + good[2].rounds[1:])
+    mixed = good + [missing, unknown, long, tagged]
     skips = SkipCounter()
     opts = dataclasses.replace(OPTS, num_epochs=1, batch_size=1, shuffle=False)
     got = [int(b["record_index"][0]) for b in make_dataset(mixed, template, opts, skips)]
     assert got == list(range(8))
-    assert dict(skips.counts) == {"missing image": 1, "unknown name": 1, "too long": 1}
+    assert dict(skips.counts) == {"missing image": 1, "unknown name": 1, "too long": 1, "layout token in text": 1}
 
 
 def test_markov_view_keeps_only_the_last_round_and_its_previous_output():

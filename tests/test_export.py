@@ -108,31 +108,46 @@ def test_reimporting_the_export_gives_bitwise_equal_parameters(exported):
     assert _same(_flat(re.mllm.llm), _flat(merge_lora(model.mllm.llm))) == []
 
 
+def _hf_chat_ids(tokenizer, messages) -> list:
+    out = tokenizer.apply_chat_template(messages, tokenize=True)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
 def test_jinja_chat_template_renders_text_only_conversations_as_chat_template_py(exported):
+    """What a Hugging Face user of the exported folder gets from `apply_chat_template(..., tokenize=True)` is,
+    token for token, what training and sampling feed the model (`ChatTemplate.encode` with the run's tokenizer):
+    for the run's SentencePiece LLaMA-2-style tokenizer and for the tiny byte-level BPE, saved and reloaded."""
     import transformers
 
-    from cig_jax.data.chat_template import ChatTemplate, build_tiny_tokenizer
+    from cig_jax.data.chat_template import ChatTemplate, build_tiny_tokenizer, load_tokenizer
     from cig_jax.data.schema import IMAGE_PLACEHOLDER, Conversation, Round
     from cig_jax.data.synthetic import generate
 
     exported_tok = transformers.AutoTokenizer.from_pretrained(str(exported["out"] / "llm"))
+    run_template = ChatTemplate(load_tokenizer(exported["w"]["tokenizer"]), num_image_tokens=4)  # what training used
     # a byte-level tokenizer decodes ids back to exactly the text they came from: the reference layout
     tiny = build_tiny_tokenizer(exported["root"] / "tiny_tokenizer")
     tiny.chat_template = exported_tok.chat_template
     template = ChatTemplate(tiny, num_image_tokens=4)
-    checked = 0
+    tiny.save_pretrained(str(exported["root"] / "tiny_export"))
+    tiny_exported = transformers.AutoTokenizer.from_pretrained(str(exported["root"] / "tiny_export"))
+    checked, same = 0, {"tiny": 0, "sentencepiece": 0}
     for conv in generate(40, seed=5):
         rounds = [Round(user_text=r.user_text.replace(IMAGE_PLACEHOLDER, "").strip() or "Hello.",
                         assistant_text=r.assistant_text) for r in conv.rounds if r.assistant_text]
         if not rounds:
             continue
-        ids = template.encode(Conversation(id=conv.id, rounds=rounds)).input_ids.tolist()
+        conv = Conversation(id=conv.id, rounds=rounds)
+        ids = template.encode(conv).input_ids.tolist()
         messages = [m for r in rounds for m in ({"role": "user", "content": r.user_text},
                                                  {"role": "assistant", "content": r.assistant_text})]
         rendered = tiny.apply_chat_template(messages, tokenize=False)
         assert rendered == tiny.decode(ids)
         assert exported_tok.apply_chat_template(messages, tokenize=False) == rendered  # same <s> / </s> strings
+        same["tiny"] += _hf_chat_ids(tiny_exported, messages) == ids
+        same["sentencepiece"] += _hf_chat_ids(exported_tok, messages) == run_template.encode(conv).input_ids.tolist()
         checked += 1
         if checked == 20:
             break
     assert checked == 20
+    assert same == {"tiny": 20, "sentencepiece": 20}, f"token ids equal in {same} of 20 conversations"

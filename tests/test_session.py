@@ -85,7 +85,7 @@ class Recompute:
         conv = dataclasses.replace(history, rounds=history.rounds + [rnd])
         enc = self.t.encode(conv)
         ids, role, index = enc.input_ids.tolist(), enc.role.tolist(), enc.image_index.tolist()
-        marker = list(self.t.user_open_next)
+        marker = list(self.t.turn_marker)
         tokens, stop = [], "max_new_tokens"
         while len(tokens) < max_new:
             logits, _ = self.run(ids, role, index, enc.images)

@@ -2,8 +2,8 @@
 
 Owns: the special tokens (`add_mllm_tokens`, added to any Hugging Face tokenizer loaded from a local path),
 the tiny offline tokenizer (`build_tiny_tokenizer`, a byte-level BPE trained here on a fixed corpus made from
-the synthetic dataset's vocabulary), `ChatTemplate.encode` (conversation -> `TemplateOutput` arrays), and
-`pad_to` for batching.
+the synthetic dataset's vocabulary), `ChatTemplate.encode` (conversation -> `TemplateOutput` arrays; `render`
+gives the one string it tokenizes), and `pad_to` for batching.
 
 Does not own: the conversation dataclasses (`schema.py`), image pixels / preprocessing and batching across
 examples (`pipeline.py`), what the model does with the slots (`models/mllm.py`).
@@ -25,8 +25,19 @@ Loss mask (marks *targets*: position t is 1 when token t must be predicted from 
 text, on the `<img>` that opens a query block, and on the final `</s>`; 0 on user turns, on every image slot,
 on `</img>`, and on the write-back input block. A round that is not the last ends without `</s>` (as in
 SEED-X): at sampling time a round ends when the model predicts `</s>`, which is not fed back, so the cache holds
-exactly the training layout. Text pieces are tokenized one by one (never across an image or a turn marker), so
-the turn markers always have the same ids (sampling finds round starts by them).
+exactly the training layout.
+
+Tokenization: the whole conversation is rendered as one string (special tokens written as their strings) and
+tokenized in one call, exactly as Hugging Face's `tokenizer.apply_chat_template(..., tokenize=True)` tokenizes
+the exported Jinja template's rendering (`cig_jax/convert/export.py`), so a text-only conversation gets the same
+ids here and for a user of the exported folder. (Tokenizing piece by piece would not: SentencePiece prepends a
+word-start piece to every separately tokenized piece, and byte-level BPE joins a marker's trailing space to the
+next word.) Special tokens always split the text, so every image slot, `<img>`, `</img>`, `<s>` and `</s>`
+sits at a known position. Inside a run of text, a boundary between parts (user turn | assistant text | next
+turn) is placed where the tokenization of the text up to the boundary stops agreeing with the tokenization of
+the whole (`ChatTemplate._tokenize`): a token that straddles a boundary belongs to the part after it. So the
+targets are exactly the tokens the text before the reply does not already determine, as at sampling time,
+where the prompt ends after " [/INST]\\n" and the cache keeps the common prefix when the history is re-encoded.
 """
 from __future__ import annotations
 
@@ -39,6 +50,7 @@ from typing import Optional
 
 import numpy as np
 
+from cig_jax.data import schema
 from cig_jax.data.schema import user_segments
 
 BOI, EOI = "<img>", "</img>"
@@ -197,22 +209,16 @@ class TemplateOutput:
         return int(self.input_ids.shape[0])
 
 
-class _Builder:
-    def __init__(self):
-        self.ids, self.role, self.image, self.loss, self.round = [], [], [], [], []
+@dataclasses.dataclass
+class _Part:
+    """A piece of the layout: text (tokenized with its neighbours) or special-token ids (one token each)."""
 
-    def add(self, ids, *, role=TEXT, image=-1, loss=0, rnd=0):
-        ids = list(ids)
-        n = len(ids)
-        self.ids += ids
-        self.role += [role] * n
-        self.image += [image] * n
-        self.loss += [loss] * n
-        self.round += [rnd] * n
-
-    def arrays(self, images) -> TemplateOutput:
-        a = lambda x: np.asarray(x, np.int32)  # noqa: E731
-        return TemplateOutput(a(self.ids), a(self.role), a(self.image), a(self.loss), a(self.round), list(images))
+    text: str = ""
+    ids: tuple = ()  # special-token ids; empty for text
+    role: int | tuple = TEXT  # role, image, loss: one value for all the part's tokens, or one per id
+    image: int | tuple = -1
+    loss: int | tuple = 0
+    rnd: int = 0
 
 
 class ChatTemplate:
@@ -234,36 +240,44 @@ class ChatTemplate:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
         if self.bos_id is None or self.eos_id is None:
             raise ValueError("the tokenizer needs bos and eos tokens (<s>, </s>)")
-        self.user_open, self.user_open_next = self.text_ids(USER_OPEN), self.text_ids(USER_OPEN_NEXT)
-        self.user_close = self.text_ids(USER_CLOSE)
+        layout = {self.bos_id, self.eos_id, self.boi_id, self.eoi_id, *self.slot_ids.tolist()}
+        self._strings = {i: tokenizer.convert_ids_to_tokens(i) for i in layout}  # layout token id -> its string
+        # The ids that open a new user turn after an answer ("\n[INST]"), as they sit in an encoded history
+        # (the trailing space may merge with the next word): decoding stops when the model writes them.
+        probe = [_Part(ids=(self.bos_id,)), _Part(USER_OPEN + "Hi." + USER_CLOSE + "Sure."),
+                 _Part(USER_OPEN_NEXT.rstrip(), rnd=1), _Part(" Hi.", rnd=2)]
+        enc = self._tokenize(probe, "the turn-marker probe")
+        self.turn_marker = enc.input_ids[enc.round_index == 1].tolist()
 
     @property
     def query_ids(self) -> np.ndarray:
         """The image-query token ids [num_image_tokens] (what `MLLM.generate_image` appends)."""
         return self.slot_ids
 
-    def text_ids(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=False)) if text else []
-
     def image_block(self) -> list[int]:
         """`<img>` + slots + `</img>` ids."""
         return [self.boi_id, *self.slot_ids.tolist(), self.eoi_id]
 
-    def _input_block(self, b: _Builder, image: int, rnd: int):
-        b.add([self.boi_id], rnd=rnd)
-        b.add(self.slot_ids, role=INPUT_IMAGE, image=image, rnd=rnd)
-        b.add([self.eoi_id], rnd=rnd)
+    def _input_block(self, image: int, rnd: int) -> _Part:
+        n = self.num_image_tokens
+        return _Part(ids=tuple(self.image_block()), role=(TEXT,) + (INPUT_IMAGE,) * n + (TEXT,),
+                     image=(-1,) + (image,) * n + (-1,), rnd=rnd)
 
-    def encode(self, conv, *, add_generation_prompt: bool = True) -> TemplateOutput:
-        """Conversation (`schema.Conversation` or any object with `.rounds` of objects with user_text,
-        user_images, assistant_text, assistant_image) -> TemplateOutput.
+    def _query_block(self, image: int, rnd: int) -> _Part:
+        n = self.num_image_tokens
+        return _Part(ids=tuple(self.image_block()), role=(TEXT,) + (IMAGE_QUERY,) * n + (TEXT,),
+                     image=(-1,) + (image,) * n + (-1,), loss=(1,) + (0,) * (n + 1), rnd=rnd)  # <img>: it draws
 
-        A last round without assistant output ends after " [/INST]\\n" (the prompt the model continues) when
-        `add_generation_prompt`; otherwise it is dropped. A conversation whose last round is answered ends
-        with `</s>`."""
-        b = _Builder()
-        b.add([self.bos_id])
-        images: list = []
+    def render(self, conv, *, add_generation_prompt: bool = True) -> str:
+        """The conversation as the one string that `encode` tokenizes (image blocks as token strings); for a
+        text-only conversation, what the exported Jinja chat template renders."""
+        return "".join(self._render(p) for p in self._parts(conv, add_generation_prompt)[0])
+
+    def _render(self, p: _Part) -> str:
+        return "".join(self._strings[i] for i in p.ids) if p.ids else p.text
+
+    def _parts(self, conv, add_generation_prompt: bool) -> tuple[list, list]:
+        parts, images = [_Part(ids=(self.bos_id,))], []
         rounds = list(conv.rounds)
         last_answered = False
         for r, rnd in enumerate(rounds):
@@ -272,29 +286,106 @@ class ChatTemplate:
                 if r != len(rounds) - 1:
                     raise ValueError(f"round {r} has no assistant output but is not the last round")
                 break
-            b.add(self.user_open if r == 0 else self.user_open_next, rnd=r)
+            parts.append(_Part(USER_OPEN if r == 0 else USER_OPEN_NEXT, rnd=r))
             for seg in user_segments(rnd):
                 if isinstance(seg, str):
-                    b.add(self.text_ids(seg), rnd=r)
+                    parts.append(_Part(seg, rnd=r))
                 else:
-                    self._input_block(b, len(images), r)
+                    parts.append(self._input_block(len(images), r))
                     images.append(seg)
-            b.add(self.user_close, rnd=r)
+            parts.append(_Part(USER_CLOSE, rnd=r))
             last_answered = not pending
             if pending:
                 break
             if rnd.assistant_text:
-                b.add(self.text_ids(rnd.assistant_text), loss=1, rnd=r)
+                parts.append(_Part(rnd.assistant_text, loss=1, rnd=r))
             if rnd.assistant_image is not None:
                 k = len(images)
                 images.append(rnd.assistant_image)
-                b.add([self.boi_id], loss=1, rnd=r)  # the model decides to draw
-                b.add(self.slot_ids, role=IMAGE_QUERY, image=k, rnd=r)
-                b.add([self.eoi_id], rnd=r)
-                self._input_block(b, k, r)  # the drawn image, written back for later rounds
+                parts.append(self._query_block(k, r))
+                parts.append(self._input_block(k, r))  # the drawn image, written back for later rounds
         if last_answered:
-            b.add([self.eos_id], loss=1, rnd=len(rounds) - 1)
-        return b.arrays(images)
+            parts.append(_Part(ids=(self.eos_id,), loss=1, rnd=len(rounds) - 1))
+        return parts, images
+
+    def _ids(self, texts: list[str]) -> list[list[int]]:
+        return [list(x) for x in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+    def _tokenize(self, parts: list, where: str) -> TemplateOutput:
+        """Tokenizes the rendered parts in one call; every token gets its part's role, image, loss and round.
+        The first part is always a special one (`<s>`)."""
+        merged: list = []  # neighbouring text parts that label their tokens alike, joined: fewer boundaries
+        for p in parts:
+            if not (p.ids or p.text):
+                continue
+            q = merged[-1] if merged else None
+            if q is not None and not (p.ids or q.ids) and (q.loss, q.rnd) == (p.loss, p.rnd):
+                merged[-1] = dataclasses.replace(q, text=q.text + p.text)
+            else:
+                merged.append(p)
+        rendered = [self._render(p) for p in merged]
+        char = np.cumsum([0] + [len(x) for x in rendered])
+        string = "".join(rendered)
+        ids = self._ids([string])[0]
+        n = len(ids)
+        # every layout token comes out of the string whole and in order, and no text adds one
+        at = [t for t, i in enumerate(ids) if i in self._strings]
+        if [ids[t] for t in at] != [i for p in merged for i in p.ids]:
+            culprits = sorted({x for p in merged if not p.ids for x in self._strings.values() if x in p.text})
+            raise schema.SchemaError(
+                f"{where}: a text holds the chat layout's token string(s) {culprits}; remove them" if culprits else
+                f"{where}: the tokenizer splits the chat layout's tokens ({BOI}, {IMG.format(0)}, ...); add them "
+                "as special tokens (add_mllm_tokens)")
+        # token ranges: a special part where its ids are; the first text part of a run right after the special
+        # part before it; a later one where tokenizing the text up to it stops agreeing with the whole (`ids`)
+        starts, anchor, k = [0] * (len(merged) + 1), 0, 0
+        starts[-1] = n
+        inner = []  # (part, the special part before it)
+        for j, p in enumerate(merged):
+            if p.ids:
+                starts[j], anchor = at[k], j
+                k += len(p.ids)
+            elif merged[j - 1].ids:
+                starts[j] = starts[j - 1] + len(merged[j - 1].ids)
+            else:
+                inner.append((j, anchor))
+        run_end = n
+        ends = [n] * len(merged)  # where the run of text holding part j ends (the next special part)
+        for j in range(len(merged) - 1, -1, -1):
+            ends[j] = run_end
+            if merged[j].ids:
+                run_end = starts[j]
+        cuts = self._ids([string[char[a]:char[j]] for j, a in inner]) if inner else []
+        for (j, a), cut in zip(inner, cuts):
+            b = starts[a] + _common_prefix(cut, ids[starts[a]:])
+            starts[j] = min(max(b, starts[j - 1]), ends[j])
+        role, loss, rnd = (np.zeros(n, np.int32) for _ in range(3))
+        image = np.full(n, -1, np.int32)
+        for j, p in enumerate(merged):
+            sl = slice(starts[j], starts[j + 1])
+            role[sl], image[sl], loss[sl], rnd[sl] = p.role, p.image, p.loss, p.rnd
+        return TemplateOutput(np.asarray(ids, np.int32), role, image, loss, rnd)
+
+    def encode(self, conv, *, add_generation_prompt: bool = True) -> TemplateOutput:
+        """Conversation (`schema.Conversation` or any object with `.rounds` of objects with user_text,
+        user_images, assistant_text, assistant_image) -> TemplateOutput.
+
+        A last round without assistant output ends after " [/INST]\\n" (the prompt the model continues) when
+        `add_generation_prompt`; otherwise it is dropped. A conversation whose last round is answered ends
+        with `</s>`. Raises schema.SchemaError when a text holds one of the layout's token strings."""
+        parts, images = self._parts(conv, add_generation_prompt)
+        out = self._tokenize(parts, schema._label(conv) if isinstance(conv, schema.Conversation) else "conversation")
+        out.images = images
+        return out
+
+
+def _common_prefix(a: list, b: list) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def pad_to(out: TemplateOutput, length: int, pad_id: int) -> dict[str, np.ndarray]:

@@ -107,7 +107,11 @@ def encode_record(conv: schema.Conversation, index: int, template: ChatTemplate,
         return None
     if opts.markov_view:
         conv = markov_view(conv)
-    out = template.encode(conv, add_generation_prompt=False)
+    try:
+        out = template.encode(conv, add_generation_prompt=False)
+    except schema.SchemaError as e:  # a text holding the chat layout's token strings (<img>, </s>...)
+        skips.skip("layout token in text", index, str(e))
+        return None
     if len(out.images) > opts.max_images:
         skips.skip("too many images", index, f"{len(out.images)} > data.max_images {opts.max_images}")
         return None

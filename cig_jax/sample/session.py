@@ -292,7 +292,7 @@ class ChatSession:
         # --- text ----------------------------------------------------------------------------------------
         seeds_arr = self.cache.put(np.asarray(seeds, np.int32), ("batch",))
         tokens, stops = decode_text(self.cache, seeds=seeds_arr, banned=self._banned, eos_id=self.template.eos_id,
-                                    boi_id=self.template.boi_id, marker=self.template.user_open_next,
+                                    boi_id=self.template.boi_id, marker=self.template.turn_marker,
                                     max_new=max_new, temperature=temperature, top_p=top_p)
         for res, toks, stop in zip(results, tokens, stops):
             res.tokens, res.stop = toks, stop
