@@ -141,6 +141,60 @@ def test_cached_round_equals_full_recompute(session):
     assert _cache_ids(session) == enc.input_ids[:-1].tolist()  # everything but the final </s>
 
 
+def test_a_round_encodes_only_its_new_tokens(session, monkeypatch):
+    """The history is encoded once: in each round the tokenizer sees only that round's own text (never an earlier
+    round's), the model is fed only the tokens the round adds to the cache (nothing of the history retracted or
+    fed again; of the round's own decoded text, only the tokens that re-tokenize differently are fed again, as
+    the cache mirrors the template's encoding), and only the round's new images go through the ViT (its user
+    photos, the previous round's drawing written back with this user turn)."""
+    import cig_jax.sample.cache as cache_mod
+    from cig_jax.sample.cache import common_prefix
+
+    session.reset()
+    tok = session.template.tokenizer
+    seen = {"text": [], "fed": 0, "vit": 0, "decoded": []}
+    encode, append, preprocess = tok.encode, cache_mod._append, cache_mod.preprocess_image
+
+    def counting_encode(text, *a, **kw):
+        seen["text"].append(text)
+        return encode(text, *a, **kw)
+
+    def counting_append(graph, state, ids, role, image_index, valid, *rest):
+        seen["fed"] += int(np.asarray(valid).sum())
+        return append(graph, state, ids, role, image_index, valid, *rest)
+
+    def counting_preprocess(*a, **kw):
+        seen["vit"] += 1
+        return preprocess(*a, **kw)
+
+    record_fed = session.cache.record_fed
+    monkeypatch.setattr(tok, "encode", counting_encode)
+    monkeypatch.setattr(cache_mod, "_append", counting_append)
+    monkeypatch.setattr(cache_mod, "preprocess_image", counting_preprocess)
+    monkeypatch.setattr(session.cache, "record_fed",
+                        lambda fed: (seen.update(fed=seen["fed"] + len(fed[0]), decoded=list(fed[0])), record_fed(fed))[1])
+    spec = [("Julian has red hair.", [_picture(0)], True), ("Draw Julian and Maya in the park.", [_picture(1)], True),
+            ("Who wears a hat?", [], False), ("Show Julian again in the snow.", [], True),
+            ("And Maya at the beach?", [_picture(2)], True)]
+    drew = False
+    for r, (text, images, force) in enumerate(spec):
+        before = list(session.cache.tokens[0])
+        seen.update(text=[], fed=0, vit=0, decoded=[])
+        res = session.round(text, images, seed=r, force_image=force, max_new_tokens=5)
+        after = session.cache.tokens[0]
+        assert seen["text"] == [text] + ([res.text] if res.text else []), f"round {r}"
+        assert after[:len(before)] == before, f"round {r}: the history was retracted"
+        retokenized = encode(res.text, add_special_tokens=False) if res.text else []
+        refed = len(seen["decoded"]) - common_prefix(seen["decoded"], retokenized)
+        assert seen["fed"] == len(after) - len(before) + refed, f"round {r}"
+        assert seen["vit"] == len(images) + drew, f"round {r}"
+        drew = res.image is not None
+    assert drew
+    session.flush()
+    enc = session.template.encode(session.history, add_generation_prompt=False)
+    assert _cache_ids(session) == enc.input_ids[:-1].tolist()
+
+
 def test_drawn_image_is_seen_by_later_rounds(session):
     """Round 1's drawing goes back into the cache: replaying the same history gives the same round 3, and
     changing only round 1's image changes round 3, which names the person drawn there."""

@@ -260,41 +260,68 @@ class ChatTemplate:
 
         A last round without assistant output ends after " [/INST]\\n" (the prompt the model continues) when
         `add_generation_prompt`; otherwise it is dropped. A conversation whose last round is answered ends
-        with `</s>`."""
+        with `</s>`. The encoding is `<s>`, then per round `user_tokens` + `answer_tokens`, then `</s>`: text
+        pieces are tokenized one by one, so a round's tokens do not depend on the rounds around it (what lets a
+        sampling session encode only a round's new parts)."""
         b = _Builder()
         b.add([self.bos_id])
         images: list = []
         rounds = list(conv.rounds)
         last_answered = False
         for r, rnd in enumerate(rounds):
-            pending = rnd.assistant_text is None and rnd.assistant_image is None
+            pending = is_pending(rnd)
             if pending and not (add_generation_prompt and r == len(rounds) - 1):
                 if r != len(rounds) - 1:
                     raise ValueError(f"round {r} has no assistant output but is not the last round")
                 break
-            b.add(self.user_open if r == 0 else self.user_open_next, rnd=r)
-            for seg in user_segments(rnd):
-                if isinstance(seg, str):
-                    b.add(self.text_ids(seg), rnd=r)
-                else:
-                    self._input_block(b, len(images), r)
-                    images.append(seg)
-            b.add(self.user_close, rnd=r)
+            self._add_user(b, rnd, r, images, first=r == 0)
             last_answered = not pending
             if pending:
                 break
-            if rnd.assistant_text:
-                b.add(self.text_ids(rnd.assistant_text), loss=1, rnd=r)
-            if rnd.assistant_image is not None:
-                k = len(images)
-                images.append(rnd.assistant_image)
-                b.add([self.boi_id], loss=1, rnd=r)  # the model decides to draw
-                b.add(self.slot_ids, role=IMAGE_QUERY, image=k, rnd=r)
-                b.add([self.eoi_id], rnd=r)
-                self._input_block(b, k, r)  # the drawn image, written back for later rounds
+            self._add_answer(b, rnd, r, images)
         if last_answered:
             b.add([self.eos_id], loss=1, rnd=len(rounds) - 1)
         return b.arrays(images)
+
+    def user_tokens(self, rnd, *, first: bool) -> TemplateOutput:
+        """A round's user turn up to the generation prompt " [/INST]\\n", as `encode` lays it out (`first`: the
+        conversation's first round, which opens without "\\n"). image_index counts the round's user images."""
+        b, images = _Builder(), []
+        self._add_user(b, rnd, 0, images, first=first)
+        return b.arrays(images)
+
+    def answer_tokens(self, rnd) -> TemplateOutput:
+        """A round's answer (its text, then the query block and the write-back input block of its image), as
+        `encode` lays it out; image_index 0 is the assistant image."""
+        b, images = _Builder(), []
+        self._add_answer(b, rnd, 0, images)
+        return b.arrays(images)
+
+    def _add_user(self, b: _Builder, rnd, r: int, images: list, *, first: bool) -> None:
+        b.add(self.user_open if first else self.user_open_next, rnd=r)
+        for seg in user_segments(rnd):
+            if isinstance(seg, str):
+                b.add(self.text_ids(seg), rnd=r)
+            else:
+                self._input_block(b, len(images), r)
+                images.append(seg)
+        b.add(self.user_close, rnd=r)
+
+    def _add_answer(self, b: _Builder, rnd, r: int, images: list) -> None:
+        if rnd.assistant_text:
+            b.add(self.text_ids(rnd.assistant_text), loss=1, rnd=r)
+        if rnd.assistant_image is not None:
+            k = len(images)
+            images.append(rnd.assistant_image)
+            b.add([self.boi_id], loss=1, rnd=r)  # the model decides to draw
+            b.add(self.slot_ids, role=IMAGE_QUERY, image=k, rnd=r)
+            b.add([self.eoi_id], rnd=r)
+            self._input_block(b, k, r)  # the drawn image, written back for later rounds
+
+
+def is_pending(rnd) -> bool:
+    """A round without assistant output (text and image both None): what a sampling round generates."""
+    return rnd.assistant_text is None and rnd.assistant_image is None
 
 
 def pad_to(out: TemplateOutput, length: int, pad_id: int) -> dict[str, np.ndarray]:
@@ -314,4 +341,4 @@ def pad_to(out: TemplateOutput, length: int, pad_id: int) -> dict[str, np.ndarra
 
 __all__ = ["BOI", "EOI", "BOP", "EOP", "IMG", "LOC", "TEXT", "INPUT_IMAGE", "IMAGE_QUERY", "ChatTemplate",
            "TemplateOutput", "add_mllm_tokens", "build_tiny_tokenizer", "load_tokenizer",
-           "mllm_special_tokens", "pad_to", "tiny_corpus"]
+           "is_pending", "mllm_special_tokens", "pad_to", "tiny_corpus"]
