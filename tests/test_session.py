@@ -171,16 +171,16 @@ def test_a_round_encodes_only_its_new_tokens(session, monkeypatch):
     monkeypatch.setattr(tok, "encode", counting_encode)
     monkeypatch.setattr(cache_mod, "_append", counting_append)
     monkeypatch.setattr(cache_mod, "preprocess_image", counting_preprocess)
-    monkeypatch.setattr(session.cache, "record_fed",
-                        lambda fed: (seen.update(fed=seen["fed"] + len(fed[0]), decoded=list(fed[0])), record_fed(fed))[1])
-    spec = [("Julian has red hair.", [_picture(0)], True), ("Draw Julian and Maya in the park.", [_picture(1)], True),
-            ("Who wears a hat?", [], False), ("Show Julian again in the snow.", [], True),
-            ("And Maya at the beach?", [_picture(2)], True)]
-    drew = False
-    for r, (text, images, force) in enumerate(spec):
-        before = list(session.cache.tokens[0])
+    monkeypatch.setattr(session.cache, "record_fed", lambda fed: (
+        seen.update(fed=seen["fed"] + len(fed[0]), decoded=list(fed[0])), record_fed(fed))[1])
+    spec = [("Julian has red hair.", [_picture(0)], True, 5),
+            ("Draw Julian and Maya in the park.", [_picture(1)], True, 0), ("Who wears a hat?", [], False, 5), ("Show Julian again in the snow.", [], True, 5),
+            ("And Maya at the beach?", [_picture(2)], True, 5)]
+    drew, ref = False, Recompute(session)
+    for r, (text, images, force, max_new) in enumerate(spec):
+        before, history = list(session.cache.tokens[0]), session.history
         seen.update(text=[], fed=0, vit=0, decoded=[])
-        res = session.round(text, images, seed=r, force_image=force, max_new_tokens=5)
+        res = session.round(text, images, seed=r, force_image=force, max_new_tokens=max_new)
         after = session.cache.tokens[0]
         assert seen["text"] == [text] + ([res.text] if res.text else []), f"round {r}"
         assert after[:len(before)] == before, f"round {r}: the history was retracted"
@@ -188,6 +188,9 @@ def test_a_round_encodes_only_its_new_tokens(session, monkeypatch):
         refed = len(seen["decoded"]) - common_prefix(seen["decoded"], retokenized)
         assert seen["fed"] == len(after) - len(before) + refed, f"round {r}"
         assert seen["vit"] == len(images) + drew, f"round {r}"
+        if max_new == 0:  # no text: the prompt and the query block go in together, and compute the same
+            rnd = schema.Round(user_text=text, user_images=[schema.Image(pixels=p) for p in images])
+            np.testing.assert_allclose(res.visual_embeddings, ref.round(history, rnd, 0, True)[2], atol=1e-5)
         drew = res.image is not None
     assert drew
     session.flush()
