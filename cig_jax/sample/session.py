@@ -9,20 +9,20 @@ the cache should hold (the chat template's encoding of the history), the cache-o
 conversations of one shape over the mesh.
 
 Does not own: keeping cache rows in step with token lists and the jitted model calls on them (`cache.py`), the
-token layout (`cig_jax/data/chat_template.py`), the models (`cig_jax/models/`), the diffusion samplers
-(`diffusion.py`), the text decoding loop (`decode.py`), the detokenizer call (`draw.py`), whole conversations
-(`complete.py`), files and the transcript (`sample.py`, `transcript.py`).
+token layout (`cig_jax/data/chat_template.py`) and building its encoding from round parts (`target.py`), the
+models (`cig_jax/models/`), the diffusion samplers (`diffusion.py`), the text decoding loop (`decode.py`), the
+detokenizer call (`draw.py`), whole conversations (`complete.py`), files and the transcript (`sample.py`,
+`transcript.py`).
 
 How the cache stays right. Each row of the cache (`cache.RowCache`) mirrors, token for token, the chat
 template's encoding of its history (without the final `</s>`, which a round never feeds back): before each step
 the session builds the encoding of the history it wants in the cache and the cache keeps the common prefix and
-feeds the rest. The encoding is put together from the rounds' parts (user turn, answer: `ChatTemplate.user_tokens`
-/ `answer_tokens`, whose concatenation is `ChatTemplate.encode`), each encoded by the template once and kept, so a
-round tokenizes only its own text and the model sees only its new tokens: the history is encoded once.
-So a generated text that tokenizes differently when re-encoded, a turn marker the model emits, a replayed
-history that shares its beginning with the cache, and the drawn image's write-back all go through one
-mechanism, and a cached round computes what recomputing the whole history computes (tests/test_session.py
-checks it to 1e-5).
+feeds the rest. The encoding is put together from the rounds' parts (user turn, answer), each encoded by the
+template once and kept (`target.py`), so a round tokenizes only its own text and the model sees only its new
+tokens: the history is encoded once. So a generated text that tokenizes differently when re-encoded, a turn
+marker the model emits, a replayed history that shares its beginning with the cache, and the drawn image's
+write-back all go through one mechanism, and a cached round computes what recomputing the whole history computes
+(tests/test_session.py checks it to 1e-5).
 
 Batches: rows are conversations with the same number of rounds answered at the same time; each row keeps its
 own tokens (right-padded inside a chunk, padding masked out), its own seed (text sampling and diffusion noise per
@@ -44,12 +44,12 @@ from flax import nnx
 from cig_jax import sharding
 from cig_jax.config import Config, MeshConfig
 from cig_jax.data import schema
-from cig_jax.data.chat_template import (BOI, IMAGE_QUERY, INPUT_IMAGE, TEXT, ChatTemplate, is_pending,
-                                        mllm_special_tokens)
+from cig_jax.data.chat_template import BOI, ChatTemplate, mllm_special_tokens
 from cig_jax.sample.cache import RowCache
 from cig_jax.sample.decode import decode_text
 from cig_jax.sample.draw import detokenize, diffusion_bar
 from cig_jax.sample.identities import FaceReferences, round_identities
+from cig_jax.sample.target import HistoryEncoder
 
 log = logging.getLogger(__name__)
 
@@ -180,8 +180,7 @@ class ChatSession:
                               max_len=self.max_len, pad_id=self.template.pad_id, mesh=self.mesh,
                               rules=self.cfg.mesh.axis_rules)
         self._keys: dict = {}  # id(schema.Image) -> (image, key), for images of the history
-        self._encoded: dict = {}  # a round part's content (`_content`) -> the template's TemplateOutput
-        self._parts: dict = {}  # (content, image keys) -> the part's cache tokens (`_part`)
+        self._encoder = HistoryEncoder(self.template, lambda im: None if im is _PENDING_IMAGE else self._key(im))
 
     # -- public API --------------------------------------------------------------------------------------
     @property
@@ -356,51 +355,14 @@ class ChatSession:
     def _target(self, row: _Row, *, prompt: bool = False, until_queries: bool = False) -> list:
         """The tokens the row's cache should hold: the template's encoding of the history (rounds in
         `row.dropped` left out), without the final </s>; `prompt`: the last round is pending (encode up to the
-        generation prompt); `until_queries`: only up to the end of the last round's query block. Built from the
-        rounds' parts (`_part`), so only what is new since the last call goes through the template."""
-        rounds = [r for k, r in enumerate(row.conv.rounds) if k not in row.dropped]
-        out = [(self.template.bos_id, TEXT, None)]
-        for j, rnd in enumerate(rounds):
-            last, pending = j == len(rounds) - 1, is_pending(rnd)
-            if pending and not (prompt and last):
-                if not last:
-                    raise ValueError(f"{schema._label(row.conv)}: round {j} has no assistant output but is not "
-                                     "the last")
-                break
-            out += self._part(rnd, user=True, first=j == 0)
-            if pending:
-                break
-            answer = self._part(rnd, user=False)
-            if until_queries and last:
-                answer = answer[:max(i for i, t in enumerate(answer) if t[1] == IMAGE_QUERY) + 1]
-            out += answer
-        return out
-
-    def _part(self, rnd: schema.Round, *, user: bool, first: bool = False) -> list:
-        """A round's user turn (`user`) or answer as cache tokens (id, role, image key or None), as the template
-        lays them out inside the history (`ChatTemplate.user_tokens` / `answer_tokens`). The template encodes
-        each content once (the text of earlier rounds is not tokenized again round after round); the tokens are
-        kept while the history uses them (`_prune_images`)."""
-        content = self._content(rnd, user=user, first=first)
-        images = rnd.user_images if user else [rnd.assistant_image] if rnd.assistant_image is not None else []
-        keys = tuple(None if im is _PENDING_IMAGE else self._key(im) for im in images)
-        hit = self._parts.get((content, keys))
-        if hit is None:
-            enc = self._encoded.get(content)
-            if enc is None:
-                enc = self._encoded[content] = (self.template.user_tokens(rnd, first=first) if user
-                                                else self.template.answer_tokens(rnd))
-            hit = self._parts[(content, keys)] = [
-                (t, r, keys[k] if r == INPUT_IMAGE else None)
-                for t, r, k in zip(enc.input_ids.tolist(), enc.role.tolist(), enc.image_index.tolist())]
-        return hit
+        generation prompt); `until_queries`: only up to the end of the last round's query block. Only what is
+        new since the last call goes through the template (`target.HistoryEncoder`)."""
+        return self._encoder.target(self._kept(row), prompt=prompt, until_queries=until_queries,
+                                    where=schema._label(row.conv))
 
     @staticmethod
-    def _content(rnd: schema.Round, *, user: bool, first: bool = False) -> tuple:
-        """What a round part's tokens depend on (images count by position: their pixels only fill slots)."""
-        if user:
-            return ("user", first, rnd.user_text, len(rnd.user_images))
-        return ("answer", rnd.assistant_text, rnd.assistant_image is not None)
+    def _kept(row: _Row) -> list:
+        return [r for k, r in enumerate(row.conv.rounds) if k not in row.dropped]
 
     def _fit(self, *, reserve: int, prompt: bool, what: str) -> tuple[list, list]:
         """Applies the overflow policy before the history (`prompt`: up to the generation prompt) goes into the
@@ -443,13 +405,7 @@ class ChatSession:
                 if im is not _PENDING_IMAGE}
         self.cache.keep_images(used)
         self._keys = {k: v for k, v in self._keys.items() if v[1] in used}
-        contents = set()
-        for row in self.rows:
-            kept = [r for k, r in enumerate(row.conv.rounds) if k not in row.dropped]
-            for j, rnd in enumerate(kept):
-                contents |= {self._content(rnd, user=True, first=j == 0), self._content(rnd, user=False)}
-        self._encoded = {c: v for c, v in self._encoded.items() if c in contents}
-        self._parts = {c: v for c, v in self._parts.items() if c[0] in contents and None not in c[1]}
+        self._encoder.keep([self._kept(row) for row in self.rows])
 
     # -- identity ------------------------------------------------------------------------------------------
     def _get_embedder(self):
