@@ -141,6 +141,77 @@ def test_cached_round_equals_full_recompute(session):
     assert _cache_ids(session) == enc.input_ids[:-1].tolist()  # everything but the final </s>
 
 
+def test_a_round_encodes_only_its_new_tokens(session, monkeypatch):
+    """The history is encoded once: in each round the tokenizer reads only that round's own text (never an
+    earlier round's: the template remembers the segments it has tokenized), the model is fed only the tokens the round adds to the cache (nothing of the history retracted or
+    fed again; of the round's own decoded text, only the tokens that re-tokenize differently are fed again, as
+    the cache mirrors the template's encoding), and only the round's new images go through the ViT (its user
+    photos, the previous round's drawing written back with this user turn)."""
+    import cig_jax.sample.cache as cache_mod
+    from cig_jax.sample.cache import common_prefix
+
+    session.reset()
+    tok = session.template.tokenizer
+    seen = {"text": [], "fed": 0, "vit": 0, "decoded": []}
+    encode, append, preprocess = tok.encode, cache_mod._append, cache_mod.preprocess_image
+
+    class CountingTokenizer:  # what the template hands the tokenizer to read
+        def __call__(self, texts, *a, **kw):
+            seen["text"] += list(texts)
+            return tok(texts, *a, **kw)
+
+        def __len__(self):
+            return len(tok)
+
+        def __getattr__(self, name):
+            return getattr(tok, name)
+
+    def counting_append(graph, state, ids, role, image_index, valid, *rest):
+        seen["fed"] += int(np.asarray(valid).sum())
+        return append(graph, state, ids, role, image_index, valid, *rest)
+
+    def counting_preprocess(*a, **kw):
+        seen["vit"] += 1
+        return preprocess(*a, **kw)
+
+    record_fed = session.cache.record_fed
+    monkeypatch.setattr(session.template, "tokenizer", CountingTokenizer())
+    monkeypatch.setattr(cache_mod, "_append", counting_append)
+    monkeypatch.setattr(cache_mod, "preprocess_image", counting_preprocess)
+    monkeypatch.setattr(session.cache, "record_fed", lambda fed: (
+        seen.update(fed=seen["fed"] + len(fed[0]), decoded=list(fed[0])), record_fed(fed))[1])
+    spec = [("Julian has red hair.", [_picture(0)], True, 5),
+            ("Draw Julian and Maya in the park.", [_picture(1)], True, 0), ("Who wears a hat?", [], False, 5), ("Show Julian again in the snow.", [], True, 5),
+            ("And Maya at the beach?", [_picture(2)], True, 5)]
+    drew, ref = False, Recompute(session)
+    for r, (text, images, force, max_new) in enumerate(spec):
+        before, history = list(session.cache.tokens[0]), session.history
+        seen.update(text=[], fed=0, vit=0, decoded=[])
+        res = session.round(text, images, seed=r, force_image=force, max_new_tokens=max_new)
+        after = session.cache.tokens[0]
+        # the rounds up to the last one answered with an image (its image block is special tokens, which split
+        # the text: later text is tokenized on its own); a text-only answer's end may still merge with the next
+        # turn's opening, so the text since then is read again
+        k = max([q for q, rnd in enumerate(history.rounds) if rnd.assistant_image is not None], default=-1)
+        earlier = [t for t, *_ in spec[:k + 1]] + [rnd.assistant_text for rnd in history.rounds[:k + 1]
+                                                   if len((rnd.assistant_text or "").strip()) >= 8]  # telling
+        assert any(text in t for t in seen["text"]), f"round {r}: its text was never tokenized"
+        assert not [t for t in seen["text"] if any(e in t for e in earlier)], f"round {r}: an earlier round re-read"
+        assert after[:len(before)] == before, f"round {r}: the history was retracted"
+        retokenized = encode(res.text, add_special_tokens=False) if res.text else []
+        refed = len(seen["decoded"]) - common_prefix(seen["decoded"], retokenized)
+        assert seen["fed"] == len(after) - len(before) + refed, f"round {r}"
+        assert seen["vit"] == len(images) + drew, f"round {r}"
+        if max_new == 0:  # no text: the prompt and the query block go in together, and compute the same
+            rnd = schema.Round(user_text=text, user_images=[schema.Image(pixels=p) for p in images])
+            np.testing.assert_allclose(res.visual_embeddings, ref.round(history, rnd, 0, True)[2], atol=1e-5)
+        drew = res.image is not None
+    assert drew
+    session.flush()
+    enc = session.template.encode(session.history, add_generation_prompt=False)
+    assert _cache_ids(session) == enc.input_ids[:-1].tolist()
+
+
 def test_drawn_image_is_seen_by_later_rounds(session):
     """Round 1's drawing goes back into the cache: replaying the same history gives the same round 3, and
     changing only round 1's image changes round 3, which names the person drawn there."""

@@ -38,9 +38,13 @@ turn) is placed where the tokenization of the text up to the boundary stops agre
 the whole (`ChatTemplate._tokenize`): a token that straddles a boundary belongs to the part after it. So the
 targets are exactly the tokens the text before the reply does not already determine, as at sampling time,
 where the prompt ends after " [/INST]\\n" and the cache keeps the common prefix when the history is re-encoded.
+Special tokens split the string before the tokenizer reads it, so the string is tokenized segment by segment (a
+special part and the text up to the next one), and the template remembers each segment's ids: a history encoded
+again every round reads only its new segments (from the last image block on).
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import json
@@ -57,6 +61,7 @@ BOI, EOI = "<img>", "</img>"
 BOP, EOP = "<patch>", "</patch>"  # any-resolution sub-image blocks (SEED-X); reserved, not produced here
 IMG = "<img_{:05d}>"
 LOC = "<loc-{}>"
+MEMO_SIZE = 4096  # tokenized segments a template remembers (a long chat session holds a few hundred)
 NUM_IMG_TOKENS = 100  # slot tokens in the vocabulary (<img_00000>..<img_00099>); a block uses num_image_tokens
 NUM_LOC_TOKENS = 224  # grounding coordinates <loc-0>..<loc-223>
 # With <box_start>/<box_end> these are the 330 tokens that take LLaMA-2's 32000 to SEED-X's 32330.
@@ -233,6 +238,7 @@ class ChatTemplate:
             raise ValueError(f"num_image_tokens must be in 1..{NUM_IMG_TOKENS}, got {num_image_tokens}")
         add_mllm_tokens(tokenizer)
         self.tokenizer, self.num_image_tokens = tokenizer, num_image_tokens
+        self._memo: collections.OrderedDict = collections.OrderedDict()  # segment text -> ids (`_ids`)
         tid = tokenizer.convert_tokens_to_ids
         self.boi_id, self.eoi_id = tid(BOI), tid(EOI)
         self.slot_ids = np.asarray([tid(IMG.format(i)) for i in range(num_image_tokens)], np.int32)
@@ -309,7 +315,20 @@ class ChatTemplate:
         return parts, images
 
     def _ids(self, texts: list[str]) -> list[list[int]]:
-        return [list(x) for x in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        """Token ids of each text, remembered (`_memo`, the last MEMO_SIZE texts): the texts are segments that
+        start with a layout token's string, and a history encoded again round after round tokenizes only the
+        segments it has not seen (the new round's)."""
+        missing = list(dict.fromkeys(t for t in texts if t not in self._memo))
+        if missing:
+            for t, ids in zip(missing, self.tokenizer(missing, add_special_tokens=False)["input_ids"]):
+                self._memo[t] = list(ids)
+        out = []
+        for t in texts:
+            self._memo.move_to_end(t)
+            out.append(self._memo[t])
+        while len(self._memo) > MEMO_SIZE:
+            self._memo.popitem(last=False)
+        return out
 
     def _tokenize(self, parts: list, where: str) -> TemplateOutput:
         """Tokenizes the rendered parts in one call; every token gets its part's role, image, loss and round.
@@ -326,7 +345,10 @@ class ChatTemplate:
         rendered = [self._render(p) for p in merged]
         char = np.cumsum([0] + [len(x) for x in rendered])
         string = "".join(rendered)
-        ids = self._ids([string])[0]
+        # Special tokens split the string before anything else reads it, so the string's ids are those of its
+        # segments (a special part and the text after it, up to the next special part) tokenized one by one.
+        heads = [j for j, p in enumerate(merged) if p.ids] + [len(merged)]
+        ids = [i for seg in self._ids([string[char[a]:char[b]] for a, b in zip(heads, heads[1:])]) for i in seg]
         n = len(ids)
         # every layout token comes out of the string whole and in order, and no text adds one
         at = [t for t, i in enumerate(ids) if i in self._strings]

@@ -281,7 +281,8 @@ class ChatSession:
             schema.user_segments(rnd)  # checks <image> markers against the images
             row.conv.rounds.append(rnd)
         targets, dropped = self._fit(reserve=answer_slots(max_new, self.q, b), prompt=True, what="round")
-        self.cache.sync(targets)
+        if max_new > 0:  # the prompt's logits start the decode; with no text to decode, the prompt goes in with
+            self.cache.sync(targets)  # the answer's query block below: one model call
         for i, row in enumerate(self.rows):
             results[i].dropped_rounds = sorted(row.dropped)
             if dropped[i]:
