@@ -151,6 +151,7 @@ def test_a_round_encodes_only_its_new_tokens(session, monkeypatch):
     from cig_jax.sample.cache import common_prefix
 
     session.reset()
+    session.template._memo.clear()  # from a cold start: earlier tests told the template these texts
     tok = session.template.tokenizer
     seen = {"text": [], "fed": 0, "vit": 0, "decoded": []}
     encode, append, preprocess = tok.encode, cache_mod._append, cache_mod.preprocess_image
