@@ -9,6 +9,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running test (run with -m slow)")
+    config.addinivalue_line("markers", "long: an end-to-end test of minutes: left out of the default suite, "
+                                       "run by `python -m pytest -m long` (.ci/run does)")
     config.addinivalue_line("markers", "gpu: needs a GPU")
 
 

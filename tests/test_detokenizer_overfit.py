@@ -18,11 +18,14 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import optax
 from flax import nnx
 
 from cig_jax.config import DiffusionConfig, DiTConfig, IDEncoderConfig
 from cig_jax.models.detokenizer import Detokenizer
+
+pytestmark = pytest.mark.long  # minutes each: `python -m pytest -m long` (.ci/run), not the default suite
 
 SIZE = 32
 FACES = [  # face_shape, skin_tone, hair_color, hair_style, eye_color, accessory

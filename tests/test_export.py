@@ -19,6 +19,8 @@ from cig_jax.train.checkpoint import load_trained
 from cig_jax.train.state import setup_state
 from test_pretrained import STAGE2, released_weights, stage2_overrides
 
+pytestmark = pytest.mark.long  # minutes each: `python -m pytest -m long` (.ci/run), not the default suite
+
 torch.set_num_threads(1)
 
 

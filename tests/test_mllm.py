@@ -116,6 +116,7 @@ def test_text_loss_ignores_user_turns_and_padding(model, template):
     assert float(f(params, dict(batch, labels=jnp.asarray(labels[None])))[1]["lm_loss"]) != float(base)
 
 
+@pytest.mark.long
 def test_cached_rounds_equal_full_forward(model, template):
     enc, batch = _batch(template, _conv_three_images(), seed=3)
     images = batch["images"]

@@ -64,6 +64,7 @@ def _one_vs_two_processes(tmp_path, config, overrides):
     return ref, got
 
 
+@pytest.mark.long
 def test_two_processes_match_one_process_stage2(tmp_path):
     ref, got = _one_vs_two_processes(tmp_path, STAGE2, PERSONALIZE)
     for key in ("loss", "lm_loss", "reg_loss"):

@@ -5,6 +5,7 @@ import dataclasses
 import shutil
 
 import jax
+import pytest
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -14,6 +15,8 @@ from cig_jax.sample.session import ChatSession, default_mesh
 from cig_jax.train import trainer
 from cig_jax.train.checkpoint import Checkpointer, load_trained, read_config
 from cig_jax.train.state import setup_state
+
+pytestmark = pytest.mark.long  # minutes each: `python -m pytest -m long` (.ci/run), not the default suite
 
 
 def _flat(state):

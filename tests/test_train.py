@@ -50,6 +50,7 @@ def _params(workdir):
     return {p: np.asarray(v.value) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
+@pytest.mark.long
 def test_sigkill_then_auto_resume_matches_straight_run(tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     subprocess.run(_train_cmd(straight), check=True, env=_env(), capture_output=True, timeout=300)
@@ -82,6 +83,7 @@ def test_sigkill_then_auto_resume_matches_straight_run(tmp_path):
         np.testing.assert_array_equal(a[k], b[k], err_msg=str(k))
 
 
+@pytest.mark.long
 def test_sigterm_saves_the_current_step_exits_0_and_resumes_to_the_straight_run(tmp_path):
     """SIGTERM (what a preempted VM gets) mid-run, at a step that is no checkpoint_every multiple: the trainer
     saves that step, waits for the save and exits 0; the next start resumes there and ends bitwise equal to an
@@ -150,6 +152,7 @@ def gcs_emulator():
         proc.wait(timeout=30)
 
 
+@pytest.mark.long
 def test_gs_workdir_trains_checkpoints_and_resumes_without_local_files(tmp_path, gcs_emulator, monkeypatch):
     """train.workdir gs://bucket/run (an in-memory GCS server): the run checkpoints there, the next start
     resumes from it and ends with the same losses and data order as a straight local run; metrics, TensorBoard
@@ -322,6 +325,7 @@ def overfit_runs(tmp_path_factory):
     return runs
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("stage", list(STAGE_FILES))
 def test_stage_overfits_a_fixed_batch(overfit_runs, stage):
     run = overfit_runs[stage]
@@ -368,6 +372,7 @@ CHAIN = ["train.steps=2", "train.log_every=1", "data.global_batch_size=2", "opti
          "train.async_checkpoints=false"]
 
 
+@pytest.mark.long
 def test_stages_chain_through_init_from(tmp_path, monkeypatch):
     s1, s2, bad = tmp_path / "stage1", tmp_path / "stage2", tmp_path / "bad"
     for cmd in (_stage_cmd("detokenizer", s1),  # trainer.run on 1 device (in a subprocess: a quicker compile)
