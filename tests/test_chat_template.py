@@ -98,3 +98,26 @@ def test_a_text_holding_a_layout_token_string_is_refused(tokenizers):
     conv = Conversation(id="bad", rounds=[Round(user_text="Look: <img_00001> here.", assistant_text="Sure.")])
     with pytest.raises(SchemaError, match="<img_00001>"):
         template.encode(conv)
+
+
+def test_remembered_segments_give_the_same_ids_from_many_threads_and_after_pickling(tokenizers, monkeypatch):
+    """The template remembers tokenized segments; grain's map threads share one template and its worker
+    processes get a pickled copy: with a memo small enough to evict all the time, 8 threads encoding at once
+    and a pickled copy give the ids of a template that never remembers."""
+    import pickle
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cig_jax.data import chat_template
+
+    ours, _ = tokenizers
+    convs = list(generate(24, seed=9))
+    monkeypatch.setattr(chat_template, "MEMO_SIZE", 0)
+    truth = [ChatTemplate(ours, num_image_tokens=4).encode(c, add_generation_prompt=False).input_ids.tolist()
+             for c in convs]
+    monkeypatch.setattr(chat_template, "MEMO_SIZE", 5)
+    shared = ChatTemplate(ours, num_image_tokens=4)
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda c: shared.encode(c, add_generation_prompt=False).input_ids.tolist(), convs * 4))
+    assert got == truth * 4
+    copy = pickle.loads(pickle.dumps(shared))
+    assert [copy.encode(c, add_generation_prompt=False).input_ids.tolist() for c in convs] == truth

@@ -49,6 +49,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -239,6 +240,7 @@ class ChatTemplate:
         add_mllm_tokens(tokenizer)
         self.tokenizer, self.num_image_tokens = tokenizer, num_image_tokens
         self._memo: collections.OrderedDict = collections.OrderedDict()  # segment text -> ids (`_ids`)
+        self._lock = threading.Lock()
         tid = tokenizer.convert_tokens_to_ids
         self.boi_id, self.eoi_id = tid(BOI), tid(EOI)
         self.slot_ids = np.asarray([tid(IMG.format(i)) for i in range(num_image_tokens)], np.int32)
@@ -317,18 +319,27 @@ class ChatTemplate:
     def _ids(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text, remembered (`_memo`, the last MEMO_SIZE texts): the texts are segments that
         start with a layout token's string, and a history encoded again round after round tokenizes only the
-        segments it has not seen (the new round's)."""
-        missing = list(dict.fromkeys(t for t in texts if t not in self._memo))
+        segments it has not seen (the new round's). Safe from several threads (grain's map threads share a
+        template)."""
+        with self._lock:
+            known = {t: self._memo.get(t) for t in texts}
+        missing = [t for t, ids in known.items() if ids is None]
         if missing:
-            for t, ids in zip(missing, self.tokenizer(missing, add_special_tokens=False)["input_ids"]):
-                self._memo[t] = list(ids)
-        out = []
-        for t in texts:
-            self._memo.move_to_end(t)
-            out.append(self._memo[t])
-        while len(self._memo) > MEMO_SIZE:
-            self._memo.popitem(last=False)
-        return out
+            known.update(zip(missing, map(list, self.tokenizer(missing, add_special_tokens=False)["input_ids"])))
+        with self._lock:
+            for t, ids in known.items():
+                self._memo[t] = ids
+                self._memo.move_to_end(t)
+            while len(self._memo) > MEMO_SIZE:
+                self._memo.popitem(last=False)
+        return [known[t] for t in texts]
+
+    def __getstate__(self):  # to worker processes: without the lock and the memo
+        return {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_memo")}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock, self._memo = threading.Lock(), collections.OrderedDict()
 
     def _tokenize(self, parts: list, where: str) -> TemplateOutput:
         """Tokenizes the rendered parts in one call; every token gets its part's role, image, loss and round.
