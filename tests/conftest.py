@@ -9,12 +9,24 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running test (run with -m slow)")
-    config.addinivalue_line("markers", "long: an end-to-end test of minutes: left out of the default suite, "
-                                       "run by `python -m pytest -m long` (.ci/run does)")
+    config.addinivalue_line("markers", "long: a test of a minute or more: left out of a run over the whole suite, "
+                                       "run by `python -m pytest -m long` (.ci/run does) or by naming its file")
     config.addinivalue_line("markers", "gpu: needs a GPU")
 
 
 import pytest  # noqa: E402  (after the environment above)
+
+
+def pytest_collection_modifyitems(config, items):
+    """A run over the whole suite (`python -m pytest`, no paths) leaves the `long` tests out, so it stays within
+    ~15 minutes on 2 cores; a run that names files or folders runs every test in them, and `-m` chooses
+    explicitly (`-m long`: only those)."""
+    if config.args_source == pytest.Config.ArgsSource.ARGS or "long" in (config.option.markexpr or ""):
+        return
+    kept = [it for it in items if it.get_closest_marker("long") is None]
+    if len(kept) < len(items):
+        config.hook.pytest_deselected(items=[it for it in items if it.get_closest_marker("long") is not None])
+        items[:] = kept
 
 # A tiny multiround system (MLLM + pixel-space DiT) for sampling and evaluation tests.
 TINY_RUN = ["model.llm.vocab_size=1024", "model.use_vae=false", "model.dit.in_channels=3", "model.dit.sample_size=32",

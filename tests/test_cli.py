@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import yaml
+import pytest
 
 from cig_jax.config import load_config
 
@@ -73,6 +74,7 @@ def test_dry_run_prints_per_device_memory_and_flops_and_writes_nothing(tmp_path)
     assert not (tmp_path / "workdir").exists()  # stage 2's workdir is relative: no checkpoint, no directory
 
 
+@pytest.mark.long
 def test_a_run_leaves_config_yaml_that_reloads_to_the_same_config(tmp_path):
     workdir = tmp_path / "run"
     overrides = ["train.steps=2", "train.log_every=1", f"train.workdir={workdir}"]

@@ -74,6 +74,7 @@ def test_transformer_matches_diffusers(tmp_path, case):
     np.testing.assert_allclose(_ours(ours, inputs), want, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.long
 def test_parallel_identity_starts_as_noop_then_carries_identity(tmp_path):
     ref, path = _tiny_pixart_dir(tmp_path, "plain")
     inputs = _inputs(ref, (8, 8))

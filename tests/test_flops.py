@@ -26,6 +26,7 @@ CASES = {
 }
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_trainer_flops_match_xla_cost_analysis_of_the_compiled_step(case):
     name, extra = CASES[case]

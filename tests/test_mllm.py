@@ -78,6 +78,7 @@ def _loss_fn(model):
 
 
 # ----------------------------------------------------------------------------------------------------------
+@pytest.mark.long
 def test_regression_grads_reach_llm_and_output_resampler_but_not_frozen_vit(model, template):
     _, batch = _batch(template, _conv_two_images())
     params, f = _loss_fn(model)
@@ -202,6 +203,7 @@ def test_position_normalized_regression_weighs_each_slot_by_its_target_variance(
     np.testing.assert_allclose(regression_loss(pred, junk, valid, "mse_position"), want, rtol=1e-5)
 
 
+@pytest.mark.long
 def test_train_step_compiles_ahead_of_time_sharded_by_batch(model_cfg):
     """The AOT bench's step on an 8-device FSDP mesh keeps activations split by batch: each device runs the ViT
     on its own 2 of the 16 images and the LLM on its own sequence. (Without the activation constraints, XLA

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image as PILImage
 
 from cig_jax.data import schema
@@ -48,6 +49,7 @@ def _files(out: Path) -> dict:
 ARGS = ["--devices", "1", "--no-progress", "--max-new-tokens", "3", "--force-image", "--batch-size", "1"]
 
 
+@pytest.mark.long
 def test_sigkill_mid_batch_then_skip_existing_matches_a_straight_run(tiny_run, tmp_path):
     chats = _jsonl(tmp_path / "in", 4)
     killed = tmp_path / "killed"

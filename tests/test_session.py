@@ -319,6 +319,7 @@ def test_sample_cli_writes_images_history_and_transcript(single_run):
     assert identity[2].startswith("no identity")
 
 
+@pytest.mark.long
 def test_sample_cli_batches_jsonl_over_the_mesh_like_single_runs(ckpt, single_run, tmp_path):
     """Two conversations in one JSONL, one batch of two rows over a 2-device mesh: each comes out as when it
     runs alone on one device."""

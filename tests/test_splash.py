@@ -6,6 +6,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from cig_jax import sharding
@@ -44,6 +45,7 @@ def _assert_same_fwd_and_grads(mask, q, k, v, causal_block=None):
         np.testing.assert_allclose(np.asarray(gs), np.asarray(ge), **TOL, err_msg=f"d{name}")
 
 
+@pytest.mark.long
 def test_splash_causal_left_padding_matches_einsum_forward_and_grads():
     """Rows 0..3 left-padded by 0, 5, 129 and all 130 tokens (so padding spans a whole kernel block and one row
     has no valid key at all); 4 query heads over 2 kv heads; 130 tokens pads to two 128-blocks inside."""
@@ -53,6 +55,7 @@ def test_splash_causal_left_padding_matches_einsum_forward_and_grads():
     _assert_same_fwd_and_grads(_causal_mask(valid), q, k, v, causal_block=128)
 
 
+@pytest.mark.long
 def test_splash_non_causal_matches_einsum_forward_and_grads():
     """The DiT's self-attention (no mask) and cross-attention over a condition mask [b, 1, 1, m] with one
     example that has no valid condition token."""
@@ -63,6 +66,7 @@ def test_splash_non_causal_matches_einsum_forward_and_grads():
     _assert_same_fwd_and_grads(cond_valid[:, None, None, :], q, k, v)
 
 
+@pytest.mark.long
 def test_llm_with_splash_equals_einsum_llm_on_left_padded_batch():
     """The dispatch: an LLM config with attention_impl 'splash' gives the einsum LLM's logits and parameter
     gradients on a left-padded batch."""

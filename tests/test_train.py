@@ -186,6 +186,7 @@ def test_gs_workdir_trains_checkpoints_and_resumes_without_local_files(tmp_path,
     assert not list(tmp_path.rglob(f"*{bucket}*"))
 
 
+@pytest.mark.long
 def test_compilation_cache_serves_the_second_start_and_profile_steps_write_a_trace(tmp_path):
     """train.compilation_cache_dir: the first run fills the cache, a second run (fresh workdir) compiles the
     same programs and adds no entry (every one came from the cache); train.profile_steps [3, 2] leaves a
