@@ -525,7 +525,7 @@ def test_nonmarkov_verdict_needs_every_target_in_both_naming_orders():
     assert not verdict({"history": {}, "markov": {}, "ceiling": {}})["met"]
 
 
-@pytest.mark.long
+@pytest.mark.slow  # ~10 min: five trainings and four evaluations at seq_len 768 (kept out of .ci/run's 45 min)
 def test_nonmarkov_bench_quick_trains_both_models_and_writes_the_table(classifier, request, tmp_path, capsys):
     from cig_jax.bench import nonmarkov
 
