@@ -184,7 +184,8 @@ def by_round_position(conv, r=None):
 
 
 def test_name_probe_scores_a_position_model_at_chance_and_a_name_model_fully(rendered):
-    from cig_jax.eval.recall import probe_pairs, probe_score
+    from cig_jax.data.recall import probe_pairs
+    from cig_jax.eval.recall import probe_score
 
     pairs = probe_pairs(rendered)
     assert len(pairs) == len(rendered)

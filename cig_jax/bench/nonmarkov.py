@@ -40,7 +40,6 @@ Does not own: training (`cig_jax/train`), generation and scoring (`cig_jax/eval/
 """
 from __future__ import annotations
 
-from cig_jax import cli
 import dataclasses
 import json
 import time
@@ -51,6 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cig_jax import cli
 from cig_jax.config import Config, load_config
 from cig_jax.data import schema
 

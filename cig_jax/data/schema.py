@@ -243,8 +243,7 @@ def validate(conv: Conversation, check_images: bool = True) -> None:
     """Raises SchemaError on the first problem: empty rounds, bad pixels, a missing or undecodable or
     unsupported image file (when `check_images`), a box outside its image, `<image>` markers that do not
     match the user images, a pending round before an answered one, and, for kinds 'name_based' and 'recall', a
-    name used
-    before the round that introduces it."""
+    name used before the round that introduces it."""
     label = _label(conv)
 
     def fail(msg):

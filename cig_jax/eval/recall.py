@@ -10,9 +10,9 @@ Owns, over conversations of the 'recall' kind (`cig_jax/data/recall.py`, ground 
     one (what a Markov model, seeing only the previous image, would copy);
   - `self_consistency`: free-running (`--context generated`): how often a later drawing of a person agrees
     with the model's own drawing in the round that introduced them, over attributes the ground truth keeps;
-  - the counterfactual name probe: `probe_score` over `data.recall.probe_pairs` (re-exported here: the same
-    history, then a last round naming A or B, the round-1 pair, in the same scene) (the fraction of pairs where the drawn attributes follow
-    the name in both versions, and of single versions) and `run_probe` (generate, read, score).
+  - the counterfactual name probe over `data.recall.probe_pairs` (the same history, then a last round naming A
+    or B, the round-1 pair, in the same scene): `probe_score` (the fraction of pairs where the drawn attributes
+    follow the name in both versions, and of single versions) and `run_probe` (generate, read, score).
 
 Items are those of `metrics.round_attribute_accuracy(..., return_items=True)`: {"conversation", "round",
 "name", "predicted", "truth", "groups"}. Chance of the probe: a model that picks A or B at random follows the
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional, Sequence
 
-from cig_jax.data.recall import ProbePair, is_recall, probe_pairs  # noqa: F401 (probe_pairs re-exported: built with the data)
+from cig_jax.data.recall import ProbePair, is_recall
 from cig_jax.data.schema import Conversation
 
 

@@ -40,6 +40,7 @@ from PIL import ImageDraw, ImageFont
 
 from cig_jax import cli
 from cig_jax.data import names as name_pools
+from cig_jax.data import recall as recall_data
 from cig_jax.data import schema, sources
 from cig_jax.eval import metrics, recall
 from cig_jax.data.schema import Conversation
@@ -272,7 +273,7 @@ def evaluate_checkpoint(checkpoint, data: str = "validation", out=None, *, data_
     report = metrics.evaluate(convs, generated, classifier=classifier, embedder=embedder)
     if probe and view == "history" and any(recall.is_recall(c) for c in convs):
         t_probe = time.perf_counter()
-        report["probe"] = recall.run_probe(session, recall.probe_pairs(convs), classifier, seed=seed,
+        report["probe"] = recall.run_probe(session, recall_data.probe_pairs(convs), classifier, seed=seed,
                                            num_steps=num_steps)
         say(f"[eval] counterfactual name probe: {len(convs)} pairs ({time.perf_counter() - t_probe:.0f}s)")
     report["checkpoint"] = str(checkpoint)
