@@ -87,3 +87,35 @@ def test_a_run_leaves_config_yaml_that_reloads_to_the_same_config(tmp_path):
     # and train.py takes it again as --config (the finished run resumes and does nothing more)
     r = train_py("--config", str(saved), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
+
+
+MODULE_COMMANDS = ["cig_jax.bench.aot", "cig_jax.bench.decode", "cig_jax.bench.dit_step", "cig_jax.bench.gpu_step",
+                   "cig_jax.bench.history_cache", "cig_jax.bench.init_memory", "cig_jax.bench.llm_step",
+                   "cig_jax.bench.nonmarkov", "cig_jax.convert.export", "cig_jax.convert.init",
+                   "cig_jax.data.synthetic", "cig_jax.data.tfds_builder", "cig_jax.data.video", "cig_jax.eval.metrics",
+                   "cig_jax.eval.run", "cig_jax.sample.cli"]
+
+
+def test_every_module_command_has_one_cli_style(capsys):
+    """`python -m <module> --help` of every module command: exits 0, shows the command a user types as prog, and
+    its long flags are dashed (and a --set, where there is one, takes KEY=VALUE and repeats)."""
+    import importlib
+    import re
+
+    found = {p.relative_to(REPO).with_suffix("").as_posix().replace("/", ".")
+             for p in (REPO / "cig_jax").rglob("*.py") if 'if __name__ == "__main__"' in p.read_text()}
+    assert found - {"cig_jax.config_io"} == set(MODULE_COMMANDS), "a module command is missing from this list"
+    for name in MODULE_COMMANDS:
+        module = importlib.import_module(name)
+        entry = getattr(module, "main")
+        with pytest.raises(SystemExit) as e:
+            entry(["--help"])
+        out = capsys.readouterr().out
+        assert e.value.code in (0, None), name
+        usage = " ".join(out.split("options:")[0].split())  # the usage block, wrapped lines joined
+        assert usage.startswith(f"usage: python -m {name} ") or (
+            name == "cig_jax.sample.cli" and usage.startswith("usage: python sample.py")), (name, usage[:80])
+        flags = re.findall(r"(?<![\w-])--[A-Za-z][\w-]*", out)
+        assert flags and not [f for f in flags if "_" in f], (name, flags)
+        if "--set" in flags:
+            assert "--set KEY=VALUE" in usage, name

@@ -21,10 +21,11 @@ Owns: nothing the trainer uses; it reuses the trainer's optimizer, step and memo
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
+
+from cig_jax import cli
 
 
 def parse_mesh(spec: str) -> dict:
@@ -80,9 +81,9 @@ def compile_train_step(cfg, mesh, *, per_device_batch: int = 1, verbose: bool = 
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = cli.parser(cli.prog(module="cig_jax.bench.aot"), __doc__.split("\n\n")[0])
     ap.add_argument("--config", required=True)
-    ap.add_argument("--set", action="append", default=[], help="dotted override, e.g. model.llm.num_layers=2")
+    cli.add_overrides(ap)
     ap.add_argument("--devices", type=int, default=0, help="simulate this many CPU devices (0: real devices)")
     ap.add_argument("--mesh", default=None, help="e.g. fsdp=64 or fsdp=16,tensor=4 (unnamed axes are 1); "
                     "default: the config's mesh")
@@ -119,7 +120,7 @@ def main(argv=None) -> dict:
     execution = [f"model.{part}.{field}={value}" for field, value in (("attention_impl", args.attention),
                                                                        ("remat_policy", args.remat)) if value
                  for part in ("llm", "vit", "dit")]
-    cfg = load_config(args.config, [*execution, *args.set])
+    cfg = load_config(args.config, [*execution, *args.overrides])
     tree = load_yaml_tree(args.config)
     stage = args.stage or (cfg.train.stage if "stage" in tree.get("train", {}) else "personalize")
     data = cfg.data

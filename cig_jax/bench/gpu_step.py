@@ -19,7 +19,6 @@ that would start after the budget.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import time
@@ -30,6 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+
+from cig_jax import cli
 
 STAGE2_VARIANTS = [  # (name, config overrides, optimizer first-moment dtype)
     ("baseline", [], None),
@@ -182,7 +183,7 @@ def run_dit(name: str, fields: dict, batch_size: int, args, peak) -> dict:
 def main(argv=None) -> list:
     from cig_jax.train import trainer
 
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = cli.parser(cli.prog(module="cig_jax.bench.gpu_step"), __doc__.split("\n\n")[0])
     ap.add_argument("--suite", action="append", choices=["stage2", "dit"], help="repeatable (default: both)")
     ap.add_argument("--only", default=None, help="run only the variants whose name contains this text")
     ap.add_argument("--tiny", action="store_true", help="toy sizes, CPU-friendly: checks the code path")

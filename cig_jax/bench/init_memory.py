@@ -18,7 +18,6 @@ Owns: nothing the trainer uses.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
@@ -27,6 +26,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from cig_jax import cli
 
 SIZES = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5504, num_layers=16, num_heads=16, num_kv_heads=16)
 
@@ -118,7 +119,7 @@ def measure(checkpoint: str) -> dict:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = cli.parser(cli.prog(module="cig_jax.bench.init_memory"), __doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", default=None, help="a local HF LLaMA folder (default: write a random ~1B one)")
     ap.add_argument("--devices", type=int, default=8, help="simulated CPU devices")
     ap.add_argument("--keep", default=None, help="write the random checkpoint here and keep it")

@@ -23,7 +23,6 @@ Does not own: the name mappings (`hf_llm`, `hf_vit`, `seedx`, `diffusers`, `peft
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Callable
 import numpy as np
 from flax import nnx
 
+from cig_jax import cli
 from cig_jax.convert.checkpoint_io import save_tensors, write_json_atomic
 
 # The SEED-X / LLaMA-2 chat layout of data/chat_template.py for text-only turns (a system turn is not part of it).
@@ -327,7 +327,7 @@ def export(checkpoint: str | Path, out: str | Path, *, step: int | None = None, 
 
 
 def main(argv=None) -> list[str]:
-    ap = argparse.ArgumentParser(description="Export a trained run as HF / PEFT / diffusers / SEED-X folders.")
+    ap = cli.parser(cli.prog(module="cig_jax.convert.export"), "Export a trained run as HF / PEFT / diffusers / SEED-X folders.")
     ap.add_argument("--checkpoint", required=True, help="the run's workdir (holds checkpoints/ and tokenizer/)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")

@@ -16,7 +16,6 @@ Does not own: the name mappings (`hf_llm`, `hf_vit`, `seedx`, `diffusers`), the 
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -25,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from cig_jax import cli
 from cig_jax.config import Config, ConfigError
 from cig_jax.convert.checkpoint_io import CheckpointError, raise_if_mismatched
 
@@ -343,12 +343,12 @@ def write_stage0(cfg: Config, out: str | Path, mesh=None, *, say: Callable = pri
 def main(argv=None) -> Path:
     from cig_jax.config import load_config
 
-    ap = argparse.ArgumentParser(description="Write a stage-0 checkpoint from a config's init_weights.")
+    ap = cli.parser(cli.prog(module="cig_jax.convert.init"), "Write a stage-0 checkpoint from a config's init_weights.")
     ap.add_argument("--config", required=True)
-    ap.add_argument("--set", action="append", default=[], help="dotted override, e.g. init_weights.llm=/w/llama")
+    cli.add_overrides(ap)
     ap.add_argument("--out", required=True, help="workdir to write (give it to train.init_from)")
     args = ap.parse_args(argv)
-    cfg = load_config(args.config, args.set)
+    cfg = load_config(args.config, args.overrides)
     if not cfg.init_weights.named():
         raise SystemExit(f"{args.config}: init_weights names no part: nothing to convert")
     return write_stage0(cfg, args.out)

@@ -33,7 +33,6 @@ CLI (writes OUT/conversations/<id>.json + images/, and OUT/report.json):
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import time
@@ -44,6 +43,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 from PIL import Image as PILImage
 
+from cig_jax import cli
 from cig_jax.data.captions import (CaptionModelNotFoundError, Captioner, HFCaptioner, Shot,  # noqa: F401
                                    TemplateCaptioner)
 from cig_jax.data.schema import (IDENTITY_BACKENDS, Conversation, Image, Person, PersonIdentity, Round,
@@ -467,7 +467,7 @@ def build_from_videos(video_dir: Union[str, Path], out_dir: Union[str, Path], *,
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    ap = argparse.ArgumentParser(description="Build name-based conversations from two-person video clips.")
+    ap = cli.parser(cli.prog(module="cig_jax.data.video"), "Build name-based conversations from two-person video clips.")
     ap.add_argument("--videos", required=True, help="folder of clips (searched recursively)")
     ap.add_argument("--out", required=True, help="output folder")
     ap.add_argument("--backend", default="auto", choices=["auto", "dlib", "insightface"])

@@ -40,7 +40,6 @@ identity result names its backend, and only numbers from one backend compare.
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import math
@@ -49,6 +48,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from cig_jax import cli
 from cig_jax.data import world
 from cig_jax.data.schema import Conversation, load_conversation
 from cig_jax.eval.clip_score import clip_t_score, round_clip_t  # noqa: F401 (part of this module's API)
@@ -253,7 +253,7 @@ def json_safe(x):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    ap = argparse.ArgumentParser(description="Score generated conversations against ground-truth ones.")
+    ap = cli.parser(cli.prog(module="cig_jax.eval.metrics"), "Score generated conversations against ground-truth ones.")
     ap.add_argument("--truth", required=True, help="folder of ground-truth conversation JSON files")
     ap.add_argument("--generated", help="folder of generated conversation JSON files with the same ids "
                                         "(default: score the ground truth against itself)")
