@@ -152,3 +152,20 @@ def test_a_bucketed_stage3_run_trains_and_compiles_one_step_per_bucket(tmp_path,
     assert len(losses) == steps and np.all(np.isfinite(losses))
     assert np.mean(losses[-4:]) < np.mean(losses[:4]), losses
     assert all(r["tokens_per_s"] < r["padded_tokens_per_s"] for r in rows)
+
+
+def test_length_buckets_are_checked_at_load_and_follow_seq_len():
+    from pathlib import Path
+
+    from cig_jax.config import ConfigError, load_config
+
+    stage3 = Path(__file__).resolve().parents[1] / "configs" / "stage3_multiround.yaml"
+    cfg = load_config(stage3)
+    assert cfg.data.effective_buckets() == tuple(cfg.data.length_buckets) and cfg.data.length_buckets[-1] == 768
+    assert load_config(stage3, ["data.seq_len=300"]).data.effective_buckets() == (256, 300)
+    assert load_config(stage3, ["data.length_buckets=[]"]).data.effective_buckets() == ()
+    for bad in ("[384,256,768]", "[256,256,768]", "[250,768]", "[0,768]"):
+        with pytest.raises(ConfigError, match="data.length_buckets"):
+            load_config(stage3, [f"data.length_buckets={bad}"])
+    with pytest.raises(ConfigError, match="data.bucket_window"):
+        load_config(stage3, ["data.bucket_window=0"])

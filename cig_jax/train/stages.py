@@ -243,7 +243,7 @@ def pipeline_options(cfg: Config, process_index: int, process_count: int):
                                     batch_size=d.global_batch_size // process_count, seed=d.seed,
                                     markov_view=d.markov_view, process_index=process_index,
                                     process_count=process_count, worker_count=d.worker_count,
-                                    prefetch_buffer=d.prefetch_buffer, length_buckets=tuple(d.length_buckets),
+                                    prefetch_buffer=d.prefetch_buffer, length_buckets=d.effective_buckets(),
                                     bucket_window=d.bucket_window)
 
 
