@@ -265,11 +265,12 @@ def run(cfg: Config, task: Task | None = None) -> dict:
             t_compile = time.perf_counter()
             with sharding.activation_sharding(mesh, rules):  # activation constraints are read while tracing
                 compiled[shapes] = compile_step(step_fn, state, batch, state_shardings,
-                                                jax.tree.map(lambda x: x.sharding, batch), mesh,
-                                                verbose=is_main and not compiled)
+                                                jax.tree.map(lambda x: x.sharding, batch), mesh, verbose=is_main)
             label = f"bucket {batch['input_ids'].shape[1]}: " if cfg.data.length_buckets else ""
             say(f"[compile] {label}train step compiled in {time.perf_counter() - t_compile:.1f}s")
         return compiled[shapes]
+
+    step_for(batch)  # the first batch's step before the loop; other buckets' on first use (untimed below)
 
     # --- loop ------------------------------------------------------------------------------------------
     workdir.mkdir(parents=True, exist_ok=True)
@@ -288,7 +289,10 @@ def run(cfg: Config, task: Task | None = None) -> dict:
         for i in range(start, cfg.train.steps):
             fp = fingerprint(host_batch)
             profiler.before(i + 1)
-            state, m = step_for(batch)(state, batch)
+            t_lookup = time.perf_counter()
+            step = step_for(batch)
+            t0 += time.perf_counter() - t_lookup  # a bucket's compile is not a training step's time
+            state, m = step(state, batch)
             profiler.after(i + 1, m)
             pending.append((i + 1, fp, m, *step_tokens(host_batch, examples, task, nproc)))
             done = i + 1 == cfg.train.steps
