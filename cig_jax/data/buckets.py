@@ -79,7 +79,7 @@ class Windows:
     def batches(self, w: int) -> list:
         with self._lock:
             if w not in self._memo:
-                if len(self._memo) >= 4:
+                if len(self._memo) >= 16:
                     self._memo.pop(next(iter(self._memo)))
                 self._memo[w] = self._compute(w, count=w not in self._counted)
                 self._counted.add(w)
