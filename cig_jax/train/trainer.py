@@ -4,7 +4,8 @@ resume -> loop (with checkpoints and metrics).
 Owns: the optimizer (AdamW, warmup + cosine, clipping), the train state as explicit pytrees
 (trainable params, optimizer state, step), the jitted update step with in/out shardings, donation and
 gradient accumulation, ahead-of-time compilation with a per-device memory print, auto-resume, and
-metrics (stdout, JSON lines, TensorBoard; tokens/s, examples/s and MFU).
+metrics (stdout, JSON lines, TensorBoard; tokens/s of non-padding tokens, examples/s and MFU), one compiled step
+per batch shape (a length bucket, `data.length_buckets`).
 
 Does not own: what a stage trains on (`stages.py`), the models, the data pipeline, the mesh rules
 (`cig_jax/sharding.py`) or the checkpoint layout (`checkpoint.py`).
@@ -266,7 +267,8 @@ def run(cfg: Config, task: Task | None = None) -> dict:
             with sharding.activation_sharding(mesh, rules):  # activation constraints are read while tracing
                 compiled[shapes] = compile_step(step_fn, state, batch, state_shardings,
                                                 jax.tree.map(lambda x: x.sharding, batch), mesh, verbose=is_main)
-            label = f"bucket {batch['input_ids'].shape[1]}: " if cfg.data.length_buckets else ""
+            bucketed = cfg.data.length_buckets and "input_ids" in batch
+            label = f"bucket {batch['input_ids'].shape[1]}: " if bucketed else ""
             say(f"[compile] {label}train step compiled in {time.perf_counter() - t_compile:.1f}s")
         return compiled[shapes]
 
