@@ -12,7 +12,8 @@ Does not own: where records come from (`sources.py`, or any Sequence of Conversa
 how a conversation becomes tokens (`chat_template.py`), or global arrays (`cig_jax.sharding`).
 
 Batch (all [batch, ...] numpy): input_ids, role, image_index, loss_mask, round_index, attention_mask
-[seq_len] (with `length_buckets`: [the batch's bucket], `buckets.py`); images [max_images, S, S, 3] float32 in [-1, 1]; image_mask [max_images]; record_index [].
+[seq_len] (with `length_buckets`: [the batch's bucket], `buckets.py`); images [max_images, S, S, 3] float32
+in [-1, 1]; image_mask [max_images]; record_index [].
 
 `make_image_dataset` serves the detokenizer stage instead: single images [S, S, 3] in [-1, 1] with the identity
 embeddings of the people shown, read from the record (`Person.identity`, never from a renderer): `identity`
