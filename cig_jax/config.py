@@ -111,6 +111,11 @@ class DataConfig(Section):
     under `dir` (written by `python -m cig_jax.data.tfds_builder` or the demo), split `split`, optionally
     only the records whose kind is in `kinds`. `markov_view`: train on each conversation's last round with
     only the previous image (the Markov baseline). Images are resized to the ViT's input size.
+    `length_buckets` (conversation stages; () = every batch padded to `seq_len`): ascending lengths, multiples
+    of 8; those at or above `seq_len` give way to `seq_len`, always the last bucket (`effective_buckets`, so
+    `--set data.seq_len=N` keeps a config valid). Within each window of `bucket_window` global batches the
+    records are grouped by token length and each batch is padded to the smallest bucket that holds its longest
+    row (`cig_jax.data.buckets`).
     """
 
     source: DataSource = "random_tokens"
@@ -124,6 +129,8 @@ class DataConfig(Section):
     render_size: int = 64  # synthetic
     max_images: int = 4  # images per example (longer records are skipped and counted)
     markov_view: bool = False
+    length_buckets: tuple[int, ...] = ()  # e.g. [256, 384, 512, 768]: pad each batch to the smallest that fits
+    bucket_window: int = 8  # global batches grouped by length together (with length_buckets)
     tokenizer: str = ""  # a Hugging Face tokenizer directory; "" = the tiny tokenizer built locally
     worker_count: int = execution_field(0)  # grain worker processes decoding examples (0: in this process)
     prefetch_buffer: int = execution_field(0)  # batches buffered ahead (per worker with worker_count > 0); 0: grain's default
@@ -133,6 +140,17 @@ class DataConfig(Section):
               f"'{key}.source: tfds' needs '{key}.dir' (the folder given to cig_jax.data.tfds_builder)")
         for name in ("seq_len", "global_batch_size", "max_images", "num_records", "render_size"):
             need(getattr(self, name) > 0, f"'{key}.{name}' must be positive, got {getattr(self, name)}")
+        b = list(self.length_buckets)
+        need(all(isinstance(x, int) and x > 0 and x % 8 == 0 for x in b),
+             f"'{key}.length_buckets' must be positive multiples of 8, got {b}")
+        need(b == sorted(set(b)), f"'{key}.length_buckets' must be strictly ascending, got {b}")
+        need(self.bucket_window > 0, f"'{key}.bucket_window' must be positive, got {self.bucket_window}")
+
+    def effective_buckets(self) -> tuple[int, ...]:
+        """The lengths batches are padded to: () without length_buckets, else those below seq_len, then seq_len."""
+        if not self.length_buckets:
+            return ()
+        return tuple(b for b in self.length_buckets if b < self.seq_len) + (self.seq_len,)
 
 
 @dataclasses.dataclass(frozen=True)

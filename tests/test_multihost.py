@@ -73,6 +73,17 @@ def test_two_processes_match_one_process_stage2(tmp_path):
     assert ref[0]["loss_tokens"] == got[0]["loss_tokens"]  # the same global batch, assembled from two hosts
 
 
+@pytest.mark.long
+def test_two_processes_match_one_process_with_length_buckets(tmp_path):
+    """Stage 2 with data.length_buckets: both processes pad each global batch to the same bucket (decided from
+    the whole batch), so 2 x 4 rows train like 1 x 8, batch for batch."""
+    ref, got = _one_vs_two_processes(tmp_path, STAGE2, PERSONALIZE + ["data.length_buckets=[88]"])
+    for key in ("loss", "lm_loss", "reg_loss", "loss_tokens"):
+        np.testing.assert_allclose([r[key] for r in got], [r[key] for r in ref], rtol=1e-5, err_msg=key)
+    cells = lambda rows: [round(r["padded_tokens_per_s"] * r["step_time_s"]) for r in rows]  # noqa: E731
+    assert cells(got) == cells(ref) and len(set(cells(ref))) >= 2  # the same buckets, more than one of them
+
+
 @pytest.mark.slow
 def test_two_processes_match_one_process_lm(tmp_path):
     ref, got = _one_vs_two_processes(tmp_path, SMOKE, LM)

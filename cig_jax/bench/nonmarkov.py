@@ -95,6 +95,7 @@ def configs(workdir: Path, budget: Budget, init: Optional[str] = None, overrides
     for name in MODELS:  # history first: the Markov batch holds its rounds
         view = [] if name == "history" else [
             "data.markov_view=true", "data.seq_len=" + str(MARKOV_SEQ_LEN), "data.max_images=2",
+            f"data.length_buckets=[128,{MARKOV_SEQ_LEN}]",
             f"data.global_batch_size={int(round(MARKOV_ROUNDS * out['history'].data.global_batch_size))}"]
         out[name] = load_config(CONFIG, [f"train.init_from={init or workdir / 'stage1'}"] + budget_steps(budget.steps)
                                 + records + list(overrides) + view + [f"train.workdir={workdir / name}"])

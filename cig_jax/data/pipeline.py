@@ -12,7 +12,8 @@ Does not own: where records come from (`sources.py`, or any Sequence of Conversa
 how a conversation becomes tokens (`chat_template.py`), or global arrays (`cig_jax.sharding`).
 
 Batch (all [batch, ...] numpy): input_ids, role, image_index, loss_mask, round_index, attention_mask
-[seq_len]; images [max_images, S, S, 3] float32 in [-1, 1]; image_mask [max_images]; record_index [].
+[seq_len] (with `length_buckets`: [the batch's bucket], `buckets.py`); images [max_images, S, S, 3] float32
+in [-1, 1]; image_mask [max_images]; record_index [].
 
 `make_image_dataset` serves the detokenizer stage instead: single images [S, S, 3] in [-1, 1] with the identity
 embeddings of the people shown, read from the record (`Person.identity`, never from a renderer): `identity`
@@ -51,6 +52,8 @@ class PipelineOptions:
     process_count: int = 1
     worker_count: int = 0  # grain worker processes (0: decode in this process)
     prefetch_buffer: int = 0  # batches buffered ahead (per worker with workers); 0: grain's default
+    length_buckets: tuple = ()  # () = pad every example to seq_len; else see `cig_jax.data.buckets`
+    bucket_window: int = 8  # global batches sorted by length together (with length_buckets)
 
 
 class SkipCounter:
@@ -96,9 +99,10 @@ def preprocess_image(pixels: np.ndarray, size: int) -> np.ndarray:
     return pixels.astype(np.float32) / 127.5 - 1.0
 
 
-def encode_record(conv: schema.Conversation, index: int, template: ChatTemplate, opts: PipelineOptions,
-                  skips: SkipCounter) -> Optional[dict]:
-    """One conversation -> one example dict, or None (counted in `skips`) when the record is bad."""
+def checked_encoding(conv: schema.Conversation, index: int, template: ChatTemplate, opts: PipelineOptions,
+                     skips: SkipCounter):
+    """(the conversation as encoded, its `template.encode` output), or None (counted in `skips`) when the record
+    fails a check that needs no image: schema, layout tokens in text, data.max_images, data.seq_len."""
     try:
         schema.validate(conv, check_images=False)
     except schema.SchemaError as e:
@@ -118,6 +122,16 @@ def encode_record(conv: schema.Conversation, index: int, template: ChatTemplate,
     if len(out) > opts.seq_len:
         skips.skip("too long", index, f"{len(out)} tokens > data.seq_len {opts.seq_len}")
         return None
+    return conv, out
+
+
+def encode_record(conv: schema.Conversation, index: int, template: ChatTemplate, opts: PipelineOptions,
+                  skips: SkipCounter) -> Optional[dict]:
+    """One conversation -> one example dict, or None (counted in `skips`) when the record is bad."""
+    checked = checked_encoding(conv, index, template, opts, skips)
+    if checked is None:
+        return None
+    conv, out = checked
     images = np.zeros((opts.max_images, opts.image_size, opts.image_size, 3), np.float32)
     image_mask = np.zeros((opts.max_images,), np.int32)
     for k, img in enumerate(out.images):
@@ -135,8 +149,13 @@ def encode_record(conv: schema.Conversation, index: int, template: ChatTemplate,
 
 def make_dataset(records: Sequence[schema.Conversation], template: ChatTemplate, opts: PipelineOptions,
                  skips: Optional[SkipCounter] = None) -> grain.IterDataset:
-    """Host-local batches for this process (see the module docstring for the batch layout)."""
+    """Host-local batches for this process (see the module docstring for the batch layout). With
+    `opts.length_buckets` each batch is padded to its bucket instead of seq_len (`cig_jax.data.buckets`)."""
     skips = skips if skips is not None else SkipCounter()
+    if opts.length_buckets:
+        from cig_jax.data import buckets
+
+        return buckets.make_bucketed_dataset(records, template, opts, skips)
     ds = grain.MapDataset.range(len(records))
     if opts.shuffle:
         ds = ds.shuffle(seed=opts.seed)
@@ -162,17 +181,24 @@ def _batched(ds: grain.MapDataset, opts: PipelineOptions) -> grain.IterDataset:
     `opts.worker_count` worker processes when > 0 (grain's mp_prefetch hands examples back round-robin in the
     source order; skipped ones are dropped after it, here, so the batches are those of the in-process pipeline,
     and the iterator state checkpoints the same way)."""
+    ds = to_iter(ds, opts, opts.prefetch_buffer * opts.batch_size or 1)
+    return ds.filter(lambda ex: ex is not None).batch(opts.batch_size, drop_remainder=True)
+
+
+def to_iter(ds: grain.MapDataset, opts: PipelineOptions, per_worker_buffer: int) -> grain.IterDataset:
+    """`ds` (elements or None) as an iterator dataset, decoded in `opts.worker_count` worker processes when > 0
+    (grain's mp_prefetch hands elements back round-robin in the source order). Nones are kept: the caller
+    drops them after the workers, so the elements and the iterator state are those of the in-process run."""
     read = grain.ReadOptions(prefetch_buffer_size=opts.prefetch_buffer) if opts.prefetch_buffer else None
-    ds = ds.to_iter_dataset(read, allow_nones=True)  # skipped records (None) dropped below, after the workers
+    ds = ds.to_iter_dataset(read, allow_nones=True)
     if opts.worker_count > 0:
         from absl import flags
 
         if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; this program has no absl main
             flags.FLAGS.mark_as_parsed()
-        mp = grain.MultiprocessingOptions(num_workers=opts.worker_count,
-                                          per_worker_buffer_size=opts.prefetch_buffer * opts.batch_size or 1)
-        ds = ds.mp_prefetch(mp)  # examples from the workers in the source order, batched here
-    return ds.filter(lambda ex: ex is not None).batch(opts.batch_size, drop_remainder=True)
+        mp = grain.MultiprocessingOptions(num_workers=opts.worker_count, per_worker_buffer_size=per_worker_buffer)
+        ds = ds.mp_prefetch(mp)
+    return ds
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ class Task:
     trainable: Any  # nnx filter selecting the parameters that train; everything else is frozen
     loss_fn: Callable[[nnx.Module, dict], tuple[jax.Array, dict]]  # batch carries 'rng' (a key) in the step
     make_dataset: Callable[[int, int], grain.IterDataset]  # (process_index, process_count) -> host batches
-    tokens_per_example: int
+    tokens_per_example: int  # padded length (data.seq_len; with data.length_buckets the largest bucket)
     batch_spec: Callable[[int], dict] = None  # global batch -> {key: (shape, dtype)} (ahead-of-time compiles)
     images_per_example: float = 0.0
 
@@ -243,11 +243,13 @@ def pipeline_options(cfg: Config, process_index: int, process_count: int):
                                     batch_size=d.global_batch_size // process_count, seed=d.seed,
                                     markov_view=d.markov_view, process_index=process_index,
                                     process_count=process_count, worker_count=d.worker_count,
-                                    prefetch_buffer=d.prefetch_buffer)
+                                    prefetch_buffer=d.prefetch_buffer, length_buckets=d.effective_buckets(),
+                                    bucket_window=d.bucket_window)
 
 
 def conversation_dataset(cfg: Config, records: Sequence, process_index: int, process_count: int):
-    """MLLM stages' batches of `records` (CONVERSATION_KEYS), this process's share."""
+    """MLLM stages' batches of `records` (CONVERSATION_KEYS), this process's share ([batch, seq_len] tokens, or
+    [batch, bucket] per batch with data.length_buckets)."""
     from cig_jax.data import pipeline
 
     ds = pipeline.make_dataset(records, _template(cfg), pipeline_options(cfg, process_index, process_count))

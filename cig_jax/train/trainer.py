@@ -4,7 +4,8 @@ resume -> loop (with checkpoints and metrics).
 Owns: the optimizer (AdamW, warmup + cosine, clipping), the train state as explicit pytrees
 (trainable params, optimizer state, step), the jitted update step with in/out shardings, donation and
 gradient accumulation, ahead-of-time compilation with a per-device memory print, auto-resume, and
-metrics (stdout, JSON lines, TensorBoard; tokens/s, examples/s and MFU).
+metrics (stdout, JSON lines, TensorBoard; tokens/s of non-padding tokens, examples/s and MFU), one compiled step
+per batch shape (a length bucket, `data.length_buckets`).
 
 Does not own: what a stage trains on (`stages.py`), the models, the data pipeline, the mesh rules
 (`cig_jax/sharding.py`) or the checkpoint layout (`checkpoint.py`).
@@ -186,6 +187,18 @@ def sharded_abstract(state, mesh, rules):
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shard)
 
 
+def step_tokens(host_batch: dict, examples: int, task: Task, nproc: int) -> tuple[float, float]:
+    """(real, padded) tokens of one global batch: real = the attention mask's ones (this process's rows x the
+    process count: exact with one process), padded = examples x the batch's length. Batches without a mask
+    (LM smoke data, images) count `task.tokens_per_example` per example for both."""
+    ids = host_batch.get("input_ids")
+    mask = host_batch.get("attention_mask")
+    if ids is None or mask is None:
+        n = float(examples * task.tokens_per_example)
+        return n, n
+    return float(np.sum(mask)) * nproc, float(examples * ids.shape[1])
+
+
 def fingerprint(batch: dict) -> str:
     """A short hash of a host batch (to check data order across restarts)."""
     import hashlib
@@ -244,12 +257,22 @@ def run(cfg: Config, task: Task | None = None) -> dict:
     # --- update step --------------------------------------------------------------------------------------
     host_batch = next(data_iter)
     batch = sharding.host_to_global(host_batch, mesh, rules)
-    batch_shardings = jax.tree.map(lambda x: x.sharding, batch)
     step_fn = make_train_step(graphdef, tx, task.loss_fn, cfg.train.grad_accum_steps, cfg.train.seed)
-    t_compile = time.perf_counter()
-    with sharding.activation_sharding(mesh, rules):  # activation constraints are read while tracing
-        step = compile_step(step_fn, state, batch, state_shardings, batch_shardings, mesh, verbose=is_main)
-    say(f"[compile] train step compiled in {time.perf_counter() - t_compile:.1f}s")
+    compiled: dict = {}  # batch shapes -> compiled step: one per length bucket (data.length_buckets), else one
+
+    def step_for(batch):
+        shapes = tuple((k, v.shape) for k, v in sorted(batch.items()))
+        if shapes not in compiled:
+            t_compile = time.perf_counter()
+            with sharding.activation_sharding(mesh, rules):  # activation constraints are read while tracing
+                compiled[shapes] = compile_step(step_fn, state, batch, state_shardings,
+                                                jax.tree.map(lambda x: x.sharding, batch), mesh, verbose=is_main)
+            bucketed = cfg.data.length_buckets and "input_ids" in batch
+            label = f"bucket {batch['input_ids'].shape[1]}: " if bucketed else ""
+            say(f"[compile] {label}train step compiled in {time.perf_counter() - t_compile:.1f}s")
+        return compiled[shapes]
+
+    step_for(batch)  # the first batch's step before the loop; other buckets' on first use (untimed below)
 
     # --- loop ------------------------------------------------------------------------------------------
     workdir.mkdir(parents=True, exist_ok=True)
@@ -268,23 +291,29 @@ def run(cfg: Config, task: Task | None = None) -> dict:
         for i in range(start, cfg.train.steps):
             fp = fingerprint(host_batch)
             profiler.before(i + 1)
+            t_lookup = time.perf_counter()
+            step = step_for(batch)
+            t0 += time.perf_counter() - t_lookup  # a bucket's compile is not a training step's time
             state, m = step(state, batch)
             profiler.after(i + 1, m)
-            pending.append((i + 1, fp, m))
+            pending.append((i + 1, fp, m, *step_tokens(host_batch, examples, task, nproc)))
             done = i + 1 == cfg.train.steps
             preempted = not done and watch.reached(i + 1)  # SIGTERM / the pod's notice: save this step, stop
             if (i + 1) % cfg.train.log_every == 0 or done or preempted:
                 jax.block_until_ready(m)  # steps are dispatched asynchronously: time them once they finished
                 dt = (time.perf_counter() - t0) / len(pending)
-                for s, fp_s, m_s in pending:
+                real, padded = (sum(p[k] for p in pending) / len(pending) for k in (3, 4))  # tokens per step
+                for s, fp_s, m_s, *_ in pending:
                     m_s = jax.device_get(m_s)
                     metrics = {"step": s, **{k: float(v) for k, v in m_s.items()}, "batch_fingerprint": fp_s,
                                "step_time_s": dt, "examples_per_s": examples / dt,
-                               "tokens_per_s": examples * task.tokens_per_example / dt,
+                               "tokens_per_s": real / dt, "padded_tokens_per_s": padded / dt,
                                "images_per_s": examples * task.images_per_example / dt,
                                "lr": float(learning_rate_schedule(cfg.optimizer, cfg.train.steps)(s - 1))}
                     if peak:
-                        metrics["mfu"] = examples * task.flops_per_example / dt / (jax.device_count() * peak * 1e12)
+                        scale = padded / (examples * task.tokens_per_example) if task.tokens_per_example else 1.0
+                        metrics["mfu"] = (examples * task.flops_per_example * scale / dt
+                                          / (jax.device_count() * peak * 1e12))  # bucketed: FLOPs ~ its length
                     if is_main:
                         log.write(json.dumps(metrics) + "\n")
                     if writer is not None:
