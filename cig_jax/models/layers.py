@@ -153,7 +153,8 @@ def attention(q, k, v, *, mask=None, bias=None, is_causal: bool = False, scale: 
     causal_block: with the einsum path, a caller whose mask is causal over aligned q/k (self-attention
     without a cache) may pass a block size: query block i then only reads keys [0, (i+1) * block), which
     skips the fully masked upper triangle (about 40% less work at 4 blocks), as flash attention does; that
-    path runs heads-major batched GEMMs (`cig_jax.models.cpu_attention.causal_blocked`).
+    path runs heads-major batched GEMMs (`cig_jax.models.cpu_attention.causal_blocked`). Without a bias, the
+    einsum path is `cig_jax.models.cpu_attention.full` (the same math; a backward written as GEMMs).
     """
     if implementation == "splash":
         causal = is_causal or causal_block is not None
@@ -185,6 +186,13 @@ def attention(q, k, v, *, mask=None, bias=None, is_causal: bool = False, scale: 
             causal = jnp.tril(jnp.ones((t, s), bool))
             mask = causal if mask is None else jnp.logical_and(mask, causal)
         return causal_blocked(q, k, v, mask, scale, causal_block)
+    if bias is None:  # heads-major GEMMs with a hand-written backward (cig_jax.models.cpu_attention)
+        from cig_jax.models.cpu_attention import full
+
+        if is_causal:
+            causal = jnp.tril(jnp.ones((t, s), bool), k=s - t)
+            mask = causal if mask is None else jnp.logical_and(mask, causal)
+        return full(q, k, v, mask, scale)
     qg = q.reshape(b, t, kvh, h // kvh, d)
     logits = jnp.einsum("btkgd,bskd->bkgts", qg, k).astype(jnp.float32) * scale  # [b, kvh, g, t, s]
     logits = logits.reshape(b, h, t, s)
