@@ -10,6 +10,8 @@ from cig_jax.data import schema, synthetic
 from cig_jax.data.chat_template import ChatTemplate, build_tiny_tokenizer
 from cig_jax.data.pipeline import PipelineOptions, SkipCounter, make_dataset
 
+from batch_checks import assert_same, take
+
 STAGE3_KINDS = ("recall", "recall", "rollback", "markov_edit", "single_turn")  # stages.DEFAULT_KINDS
 BUCKETS = (256, 384, 512, 768)
 # max_images 6: the 7- and 8-image recall chats are skipped (and counted), so windows lose records
@@ -25,17 +27,6 @@ def template(tmp_path_factory):
 @pytest.fixture(scope="module")
 def records():
     return list(synthetic.generate(80, seed=7, kinds=STAGE3_KINDS, size=32))
-
-
-def _take(ds, n):
-    it = iter(ds)
-    return [next(it) for _ in range(n)]
-
-
-def _same(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert a[k].shape == b[k].shape and a[k].tobytes() == b[k].tobytes(), k
 
 
 def _length(conv, template):
@@ -62,24 +53,24 @@ def test_an_epoch_holds_each_record_once_in_the_smallest_bucket(records, templat
 
 
 def test_same_seed_is_byte_identical_and_another_seed_differs(records, template):
-    a, b = _take(make_dataset(records, template, OPTS), 6), _take(make_dataset(records, template, OPTS), 6)
+    a, b = take(make_dataset(records, template, OPTS), 6), take(make_dataset(records, template, OPTS), 6)
     for x, y in zip(a, b):
-        _same(x, y)
-    c = _take(make_dataset(records, template, dataclasses.replace(OPTS, seed=6)), 6)
+        assert_same(x, y)
+    c = take(make_dataset(records, template, dataclasses.replace(OPTS, seed=6)), 6)
     assert [x["record_index"].tolist() for x in a] != [x["record_index"].tolist() for x in c]
 
 
 def test_the_training_order_is_not_short_to_long(records, template):
-    lengths = [b["input_ids"].shape[1] for b in _take(make_dataset(records, template, OPTS), 16)]
+    lengths = [b["input_ids"].shape[1] for b in take(make_dataset(records, template, OPTS), 16)]
     assert lengths != sorted(lengths)
 
 
 def test_two_processes_shares_concatenate_to_the_one_process_batch(records, template):
-    one = _take(make_dataset(records, template, OPTS), 6)
-    shares = [_take(make_dataset(records, template, dataclasses.replace(
+    one = take(make_dataset(records, template, OPTS), 6)
+    shares = [take(make_dataset(records, template, dataclasses.replace(
         OPTS, batch_size=2, process_index=p, process_count=2)), 6) for p in range(2)]
     for j, ref in enumerate(one):
-        _same(ref, {k: np.concatenate([shares[0][j][k], shares[1][j][k]]) for k in ref})
+        assert_same(ref, {k: np.concatenate([shares[0][j][k], shares[1][j][k]]) for k in ref})
 
 
 def test_resume_from_a_saved_iterator_state_continues_identically(records, template):
@@ -91,7 +82,7 @@ def test_resume_from_a_saved_iterator_state_continues_identically(records, templ
     resumed = iter(make_dataset(records, template, OPTS))
     resumed.set_state(state)
     for x in ref:
-        _same(x, next(resumed))
+        assert_same(x, next(resumed))
 
 
 def test_a_missing_image_is_replaced_by_a_row_of_the_same_block(records, template, tmp_path):

@@ -9,6 +9,8 @@ from cig_jax.data.chat_template import ChatTemplate, build_tiny_tokenizer
 from cig_jax.data.pipeline import PipelineOptions, SkipCounter, make_dataset, markov_view
 from cig_jax.data.tfds_builder import build_dataset, load_records
 
+from batch_checks import assert_same, take
+
 OPTS = PipelineOptions(seq_len=384, max_images=8, image_size=16, batch_size=4, seed=3)
 
 
@@ -29,23 +31,12 @@ def records(data_dir):
     return load_records(data_dir, "train")
 
 
-def _take(ds, n):
-    it = iter(ds)
-    return [next(it) for _ in range(n)]
-
-
-def _same(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert a[k].tobytes() == b[k].tobytes(), k
-
-
 def test_same_seed_gives_byte_identical_batches(records, template):
-    a = _take(make_dataset(records, template, OPTS), 5)
-    b = _take(make_dataset(records, template, OPTS), 5)
+    a = take(make_dataset(records, template, OPTS), 5)
+    b = take(make_dataset(records, template, OPTS), 5)
     for x, y in zip(a, b):
-        _same(x, y)
-    c = _take(make_dataset(records, template, dataclasses.replace(OPTS, seed=4)), 1)[0]
+        assert_same(x, y)
+    c = take(make_dataset(records, template, dataclasses.replace(OPTS, seed=4)), 1)[0]
     assert c["record_index"].tolist() != a[0]["record_index"].tolist()
     assert a[0]["input_ids"].shape == (4, 384) and a[0]["images"].shape == (4, 8, 16, 16, 3)
     # loss only on assistant outputs: every loss position is a text token
@@ -71,7 +62,7 @@ def test_iterator_state_restores_exactly(records, template):
     resumed = iter(make_dataset(records, template, OPTS))
     resumed.set_state(state)
     for want in expected:
-        _same(next(resumed), want)
+        assert_same(next(resumed), want)
 
 
 def test_round3_needs_an_attribute_only_visible_in_round1_image(records):
@@ -162,22 +153,22 @@ def test_one_opener_for_every_source(data_dir, tmp_path):
     assert len(split) == 2 and all(split[i].kind == "rollback" for i in range(2))
 
 
-def test_grain_worker_processes_give_the_in_process_batches_and_resume_the_same(records, template):
+def test_grain_worker_processes_give_the_in_process_batches_and_resume_theassert_same(records, template):
     """data.worker_count 2 (grain mp_prefetch) yields the in-process pipeline's batches byte for byte, skipped
     records included (max_images 2 skips some), and its iterator state resumes at the same batch."""
     opts = dataclasses.replace(OPTS, max_images=2)
     skips = SkipCounter()
-    ref = _take(make_dataset(records, template, opts, skips), 6)
+    ref = take(make_dataset(records, template, opts, skips), 6)
     assert skips.counts  # the check covers skipped records
     it = iter(make_dataset(records, template, dataclasses.replace(opts, worker_count=2, prefetch_buffer=2)))
     got = [next(it) for _ in range(4)]
     state = it.get_state()
     got += [next(it) for _ in range(2)]
     for a, b in zip(ref, got):
-        _same(a, b)
+        assert_same(a, b)
     resumed = iter(make_dataset(records, template, dataclasses.replace(opts, worker_count=2)))
     resumed.set_state(state)
-    _same(next(resumed), ref[4])
+    assert_same(next(resumed), ref[4])
 
 
 def test_detokenizer_images_read_every_identity_from_the_record(records):
