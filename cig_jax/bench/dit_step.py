@@ -8,10 +8,12 @@ torch and diffusers come from the [test] extra.
 """
 from __future__ import annotations
 
-from cig_jax import cli
+import argparse
 import os
 import tempfile
 import time
+
+from cig_jax import cli
 
 # torch runs after us in the same process: don't let XLA grab 75% of the GPU up front.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -37,7 +39,9 @@ def parse(argv=None):
     p.add_argument("--cond-dim", type=int, default=256)
     p.add_argument("--remat", default="none", help="our remat policy (none, nothing_saveable, dots_saveable, ...)")
     p.add_argument("--attention", default=None, help="our attention_impl: xla or cudnn (GPU flash, bf16/fp16)")
-    p.add_argument("--no-scan", action="store_true", help="Python loop over blocks instead of lax.scan")
+    p.add_argument("--scan", action=argparse.BooleanOptionalAction, default=False,
+                   help="our blocks under lax.scan (--no-scan: a Python loop, what configs/model/demo.yaml runs on "
+                        "CPU; at 6 blocks XLA:CPU runs it ~20%% faster: no dynamic slices of the stacked weights)")
     p.add_argument("--dtype", default="float32", help="our compute dtype (torch stays fp32)")
     p.add_argument("--torch-threads", type=int, default=os.cpu_count())
     p.add_argument("--torch-device", default="cpu", help="cpu or cuda (compare like with like on a GPU box)")
@@ -71,7 +75,7 @@ def torch_model(a):
 def bench_ours(a, path, batch):
     from cig_jax.convert.diffusers import load_pixart
 
-    model = load_pixart(path, scan_layers=not a.no_scan, remat_policy=a.remat, dtype=a.dtype,
+    model = load_pixart(path, scan_layers=a.scan, remat_policy=a.remat, dtype=a.dtype,
                         attention_impl=a.attention)
     graphdef, params = nnx.split(model, nnx.Param)
     tx = optax.adamw(1e-4, weight_decay=0.01)
@@ -150,7 +154,8 @@ def main(argv=None):
         ref.save_pretrained(d)
         ours = bench_ours(a, d, batch)
     print(f"ours : {ours['steps_per_s']:.3f} steps/s  (compile {ours['compile_s']:.1f}s, first loss "
-          f"{ours['first_loss']:.6f}, {ours['params'] / 1e6:.1f}M params, dtype {a.dtype}, remat {a.remat}, attention {a.attention or 'default'})")
+          f"{ours['first_loss']:.6f}, {ours['params'] / 1e6:.1f}M params, dtype {a.dtype}, remat {a.remat}, attention {a.attention or 'default'}, "
+          f"blocks {'scanned' if a.scan else 'unrolled'})")
     from cig_jax.train import trainer
     from cig_jax.train.flops import FORMULA
 

@@ -10,6 +10,7 @@ without torch).
 """
 from __future__ import annotations
 
+import argparse
 import os
 import time
 
@@ -89,7 +90,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--dtype", default="float32", help="compute dtype of our step (PyTorch runs fp32)")
     ap.add_argument("--remat", default="none", help="our remat policy (HF runs without gradient checkpointing)")
-    ap.add_argument("--no-scan", action="store_true", help="unroll our layers instead of lax.scan")
+    ap.add_argument("--scan", action=argparse.BooleanOptionalAction, default=False,
+                    help="our layers under lax.scan (--no-scan: unrolled, as configs/model/demo.yaml runs on CPU)")
     ap.add_argument("--threads", type=int, default=0, help="PyTorch threads (0: as many as CPU cores)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="per-device peak for MFU")
     ap.add_argument("--no-torch", action="store_true")
@@ -98,10 +100,11 @@ def main(argv=None) -> dict:
     cfg = LLMConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.mlp,
                     num_layers=args.layers, num_heads=args.heads, num_kv_heads=args.kv_heads,
                     max_position_embeddings=max(args.seq, 512), remat_policy=args.remat, dtype=args.dtype,
-                    scan_layers=not args.no_scan)
+                    scan_layers=args.scan)
     tokens = args.batch * args.seq
     print(f"LLaMA {args.layers} layers, d={args.hidden}, mlp={args.mlp}, vocab={args.vocab}, "
           f"{num_params(cfg) / 1e6:.1f}M params; batch {args.batch} x seq {args.seq}; "
+          f"layers {'scanned' if args.scan else 'unrolled'}; "
           f"{jax.device_count()} x {jax.devices()[0].device_kind}")
     print(f"XLA flags: this benchmark sets none; XLA_FLAGS in effect: {os.environ.get('XLA_FLAGS', '') or '(unset)'}")
     t_ours = bench_ours(cfg, args.batch, args.seq, args.steps)
