@@ -171,6 +171,18 @@ def create_sharded(make: Any, mesh: Mesh, rules: Sequence):
     return nnx.merge(graphdef, init())
 
 
+def init_sharded(make: Any, mesh: Mesh, rules: Sequence, paths: Sequence[tuple]) -> nnx.State:
+    """The initial values of the leaves of `make()`'s state at `paths` (nnx state paths) alone, built on the mesh
+    as `create_sharded` builds them (the same values). The rest of the initialiser is traced but never compiled
+    (XLA drops what no output needs): a model whose other leaves come from a checkpoint initialises only what
+    the checkpoint lacks."""
+    paths = set(paths)
+    pick = lambda state: nnx.from_flat_state([(p, v) for p, v in nnx.to_flat_state(state) if p in paths])  # noqa: E731
+    _, abstract_state = nnx.split(nnx.eval_shape(make))
+    shardings = state_shardings(pick(abstract_state), mesh, rules)
+    return jax.jit(lambda: pick(nnx.split(make())[1]), out_shardings=shardings)()
+
+
 def place_state(state: Any, mesh: Mesh, rules: Sequence) -> Any:
     """Moves an existing state onto the mesh according to its logical names."""
     return jax.device_put(state, state_shardings(state, mesh, rules))

@@ -1,6 +1,6 @@
 """Two local processes x 4 CPU devices (jax.distributed on localhost) train like one process x 8 devices:
-stage 2 ('personalize': the MLLM on conversations, ViT and detokenizer frozen) by default, and the LM smoke
-stage (slow)."""
+stage 2 ('personalize': the MLLM on conversations, ViT and detokenizer frozen), a two-stage recipe with one
+distributed start per process, and the LM smoke stage (slow)."""
 import json
 import os
 import subprocess
@@ -90,7 +90,7 @@ def test_two_processes_match_one_process_lm(tmp_path):
     np.testing.assert_allclose([r["loss"] for r in got], [r["loss"] for r in ref], rtol=1e-5)
 
 
-@pytest.mark.slow  # three processes compile two stages each: ~15 min on 2 busy cores
+@pytest.mark.long  # three processes compile two stages each: ~2.5 min on 2 busy cores
 def test_two_processes_run_a_two_stage_recipe_with_one_distributed_start_each(tmp_path):
     """A recipe (dataset draw + stage 1 + stage 2 from stage 1's checkpoint) on 2 processes x 4 devices: each
     process starts jax.distributed once for both stages, process 0 alone draws the dataset while the other

@@ -92,6 +92,17 @@ def test_create_sharded_builds_params_on_the_mesh():
     np.testing.assert_array_equal(np.asarray(kernel), np.asarray(ref))
 
 
+def test_init_sharded_builds_only_the_leaves_asked_for():
+    mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=4, tensor=2))
+    full = nnx.to_flat_state(nnx.state(sharding.create_sharded(lambda: LLM(CFG, rngs=nnx.Rngs(0)), mesh, RULES)))
+    paths = [p for p, _ in full if p[-1] in ("kernel", "embedding")][:2]
+    got = nnx.to_flat_state(sharding.init_sharded(lambda: LLM(CFG, rngs=nnx.Rngs(0)), mesh, RULES, paths))
+    assert [p for p, _ in got] == paths  # those leaves, nothing else
+    for (_, a), (_, b) in zip(got, [pv for pv in full if pv[0] in paths]):  # the same values, the same shardings
+        assert a[...].sharding == b[...].sharding
+        np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]))
+
+
 def test_host_to_global_assembles_the_batch():
     mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=4, tensor=1))
     tokens, _ = _batch()

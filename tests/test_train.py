@@ -399,7 +399,10 @@ def test_stages_chain_through_init_from(tmp_path, monkeypatch):
     # a previous stage with another model: a clear error, raised before this run builds its model
     other = _stage_cfg("personalize", f"train.workdir={bad}", f"train.init_from={s1}", "model.dit.num_layers=3",
                        "data.global_batch_size=8")
-    monkeypatch.setattr(sharding, "create_sharded", lambda *a, **k: pytest.fail("built the model first"))
+    from cig_jax.train import state
+
+    for module, name in ((sharding, "create_sharded"), (state, "model_from")):
+        monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("built the model first"))
     with pytest.raises(CheckpointMismatchError, match=re.escape(f"train.init_from {s1}: ") + ".*"
                        + re.escape("model.dit.num_layers: checkpoint 2 vs config 3")):
         trainer.run(other)

@@ -70,13 +70,14 @@ def setup_state(cfg: Config, mesh, *, task: Optional[Task] = None, abstract: boo
         frozen = trainer.sharded_abstract(frozen, mesh, rules) if jax.tree.leaves(frozen) else None
         state, shardings = trainer.abstract_state(params, tx, mesh, frozen)
     else:
-        model = sharding.create_sharded(task.make_model, mesh, rules)
         if prev_cfg is not None:
-            initialize_from(model, cfg.train.init_from, mesh, rules)
+            model = model_from(task.make_model, cfg.train.init_from, mesh, rules)
             source = f"whole model from the latest checkpoint of {cfg.train.init_from} (parameters only)"
-        elif load and cfg.init_weights.named():
-            loaded = pretrained.load_into(model, cfg, mesh, rules, say=say)
-            source = "init_weights " + ", ".join(loaded)
+        else:
+            model = sharding.create_sharded(task.make_model, mesh, rules)
+            if load and cfg.init_weights.named():
+                loaded = pretrained.load_into(model, cfg, mesh, rules, say=say)
+                source = "init_weights " + ", ".join(loaded)
         graphdef, params, frozen = nnx.split(model, task.trainable, ...)
         del model
         frozen = frozen if jax.tree.leaves(frozen) else None
@@ -88,14 +89,17 @@ def setup_state(cfg: Config, mesh, *, task: Optional[Task] = None, abstract: boo
     return RunState(graphdef, state, shardings, tx, task, n_train, n_frozen, source)
 
 
-def initialize_from(model: nnx.Module, workdir: str, mesh, rules) -> None:
-    """Overwrites `model`'s parameters with those of the latest checkpoint under `workdir` (the previous stage,
-    already accepted by `trainer.check_init_from`), read parameters-only straight into this model's shardings.
-    LoRA adapters the previous stage did not have keep their fresh initialisation (which leaves the base model
-    unchanged); any other parameter missing there is an error."""
+def model_from(make: Callable[[], nnx.Module], workdir: str, mesh, rules) -> nnx.Module:
+    """The model `make` builds, on the mesh, with the parameters of the latest checkpoint under `workdir` (the
+    previous stage, already accepted by `trainer.check_init_from`), read parameters-only straight into this
+    model's shardings. Only what that checkpoint lacks is initialised (`sharding.init_sharded`; the whole
+    model's initialiser is never compiled): LoRA adapters the previous stage did not have keep their fresh
+    initialisation (which leaves the base model unchanged); any other parameter missing there is an error,
+    raised before anything is initialised."""
     from cig_jax.models.layers import LoRAParam
 
-    params = nnx.state(model, nnx.Param)
+    graphdef, abstract = nnx.split(nnx.eval_shape(make))
+    params = nnx.filter_state(abstract, nnx.Param)
     restored, step, missing = restore_params(fs.path(workdir) / "checkpoints",
                                              trainer.sharded_abstract(params, mesh, rules))
     lora = {".".join(map(str, p)) for p, v in nnx.to_flat_state(params) if isinstance(v, LoRAParam)}
@@ -103,5 +107,9 @@ def initialize_from(model: nnx.Module, workdir: str, mesh, rules) -> None:
     if wrong:
         raise CheckpointMismatchError(f"train.init_from {workdir} (step {step}): parameters missing from its "
                                       f"checkpoint: {wrong[:20]}" + (f" (+{len(wrong) - 20} more)" if len(wrong) > 20 else ""))
-    flat = [(p, v) for p, v in nnx.to_flat_state(restored) if ".".join(map(str, p)) not in missing]
-    nnx.update(model, nnx.from_flat_state(flat))
+    read = [(p, v) for p, v in nnx.to_flat_state(restored) if ".".join(map(str, p)) not in missing]
+    done = {p for p, _ in read}
+    fresh = [p for p, _ in nnx.to_flat_state(abstract) if p not in done]  # new LoRA adapters, non-parameter state
+    if fresh:
+        read += list(nnx.to_flat_state(sharding.init_sharded(make, mesh, rules, fresh)))
+    return nnx.merge(graphdef, nnx.from_flat_state(read))
