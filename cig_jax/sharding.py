@@ -163,24 +163,22 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def create_sharded(make: Any, mesh: Mesh, rules: Sequence):
     """Builds an NNX module directly on the mesh: `make()` runs under jit with sharded outputs, so no
     device ever holds a full unsharded copy. Returns the module."""
-    abstract = nnx.eval_shape(make)
-    graphdef, abstract_state = nnx.split(abstract)
-    shardings = state_shardings(abstract_state, mesh, rules)
-
-    init = jax.jit(lambda: nnx.split(make())[1], out_shardings=shardings)
-    return nnx.merge(graphdef, init())
+    return nnx.merge(*init_sharded(make, mesh, rules))
 
 
-def init_sharded(make: Any, mesh: Mesh, rules: Sequence, paths: Sequence[tuple]) -> nnx.State:
-    """The initial values of the leaves of `make()`'s state at `paths` (nnx state paths) alone, built on the mesh
-    as `create_sharded` builds them (the same values). The rest of the initialiser is traced but never compiled
-    (XLA drops what no output needs): a model whose other leaves come from a checkpoint initialises only what
-    the checkpoint lacks."""
-    paths = set(paths)
-    pick = lambda state: nnx.from_flat_state([(p, v) for p, v in nnx.to_flat_state(state) if p in paths])  # noqa: E731
-    _, abstract_state = nnx.split(nnx.eval_shape(make))
-    shardings = state_shardings(pick(abstract_state), mesh, rules)
-    return jax.jit(lambda: pick(nnx.split(make())[1]), out_shardings=shardings)()
+def init_sharded(make: Any, mesh: Mesh, rules: Sequence, paths: Optional[Sequence[tuple]] = None):
+    """-> (graphdef, state) of `make()`, the state initialised on the mesh under jit with sharded outputs. With
+    `paths` (nnx state paths), the state holds those leaves alone, with the same values: the rest of the
+    initialiser is traced but never compiled (XLA drops what no output needs), so a model whose other leaves
+    come from a checkpoint initialises only what the checkpoint lacks."""
+    if paths is None:
+        keep = lambda state: state  # noqa: E731
+    else:
+        paths = set(paths)
+        keep = lambda state: nnx.from_flat_state([(p, v) for p, v in nnx.to_flat_state(state) if p in paths])  # noqa: E731
+    graphdef, abstract_state = nnx.split(nnx.eval_shape(make))
+    shardings = state_shardings(keep(abstract_state), mesh, rules)
+    return graphdef, jax.jit(lambda: keep(nnx.split(make())[1]), out_shardings=shardings)()
 
 
 def place_state(state: Any, mesh: Mesh, rules: Sequence) -> Any:

@@ -111,5 +111,5 @@ def model_from(make: Callable[[], nnx.Module], workdir: str, mesh, rules) -> nnx
     done = {p for p, _ in read}
     fresh = [p for p, _ in nnx.to_flat_state(abstract) if p not in done]  # new LoRA adapters, non-parameter state
     if fresh:
-        read += list(nnx.to_flat_state(sharding.init_sharded(make, mesh, rules, fresh)))
+        read += list(nnx.to_flat_state(sharding.init_sharded(make, mesh, rules, fresh)[1]))
     return nnx.merge(graphdef, nnx.from_flat_state(read))
