@@ -35,7 +35,7 @@ from cig_jax.config_model import (KINDS, AttentionImpl, DiTConfig, DType, IDEnco
                                   kind_field, need, objective_field, sampling_field, vit_feature_shape)
 
 # Record kinds (= cig_jax.data.schema.KNOWN_KINDS; tests/test_config.py checks they agree).
-RecordKind = Literal["chat", "name_based", "single_turn", "rollback", "markov_edit", "video", "recall"]
+RecordKind = Literal["chat", "name_based", "single_turn", "rollback", "markov_edit", "video", "recall", "recall_describe", "recall_text"]
 # What `train.trainable` may name (= cig_jax.models.cig.PARTS).
 Part = Literal["vit", "input_resampler", "llm", "llm_adapters", "output_resampler", "patch_pos_embed", "dit",
                "id_encoder", "vae"]

@@ -9,7 +9,7 @@ import pytest
 
 from cig_jax.data import names as name_pool
 from cig_jax.data import schema, synthetic
-from cig_jax.data.recall import MAX_DISTANCE, MAX_ROUNDS, MIN_ROUNDS, plan_conversation, restored_look
+from cig_jax.data.recall import DESCRIBE_P, MAX_DISTANCE, MAX_ROUNDS, MIN_ROUNDS, plan_conversation, restored_look
 from cig_jax.data.world import ATTRIBUTES
 
 SEED = 515_151
@@ -51,6 +51,41 @@ def test_every_person_returns_and_distances_count_rounds_since_last_shown(plans)
                 last[x] = r
         recalled = {x for rd in p["rounds"] for x, d in rd["distance"].items() if d is not None}
         assert recalled == {x for x, _ in p["people"]}
+
+
+def test_describe_rounds_say_the_current_look_of_someone_shown_before_and_leave_the_recall_kind_unchanged(plans):
+    described = 0
+    for i in range(300):
+        plain = plan_conversation(np.random.default_rng([SEED, i]), describe_p=0.0)
+        assert plain == plans[i]  # describe_p 0 draws nothing more: the recall kind's plans are as before
+        p = plan_conversation(np.random.default_rng([SEED, i]), describe_p=DESCRIBE_P)
+        for r, rd in enumerate(p["rounds"]):
+            if rd["action"] != "describe":
+                continue
+            described += 1
+            x = rd["described"]
+            assert rd["shown"] == [] and x in rd["text"] and rd["answer"].startswith(x + " ")
+            before = [k for k in range(r) if x in p["rounds"][k]["shown"]]
+            assert before and rd["distance"][x] == r - before[-1]
+            look = p["rounds"][before[-1]]["looks"][x]  # as last shown: nothing changes a look between images
+            assert rd["answer"] == synthetic.describe(x, look, list(ATTRIBUTES))
+            for key, value in look.items():  # every attribute is said, and only this person's value
+                assert synthetic.describe("X", look, [key]).split(" ", 2)[2].rstrip(".") in rd["answer"]
+    assert described > 100
+    conv = synthetic.make_conversation("recall_describe", SEED, 0)
+    schema.validate(conv)
+    assert all((r.assistant_image is None) == (r.metadata["action"] == "describe") for r in conv.rounds)
+
+
+def test_recall_text_says_in_words_whom_each_round_shows_and_how():
+    for i in range(20):
+        text, drawn = (synthetic.make_conversation(k, SEED, i) for k in ("recall_text", "recall"))
+        schema.validate(text)
+        assert [r.user_text for r in text.rounds] == [r.user_text for r in drawn.rounds]  # the same plan
+        for t, d in zip(text.rounds, drawn.rounds):
+            assert t.assistant_image is None and t.metadata == d.metadata
+            said = " ".join(synthetic.describe(p.name, p.attributes, list(ATTRIBUTES)) for p in d.assistant_image.people)
+            assert t.assistant_text == f"{d.assistant_text} {said}"
 
 
 def test_held_out_names_never_occur_in_the_training_pool(plans):
@@ -267,3 +302,22 @@ def test_self_consistency_compares_later_drawings_with_the_models_own_first_draw
     rnd = np.random.default_rng(0)
     noisy = self_consistency(rendered, _items(rendered, lambda c, r, n: {k: v[rnd.integers(len(v))] for k, v in ATTRIBUTES.items()}))
     assert noisy["all"]["agreement"] < 0.6
+
+
+def test_embedding_probe_scores_a_name_model_fully_and_a_name_blind_or_positional_one_at_zero():
+    from cig_jax.eval.probe_embeddings import score
+
+    rng = np.random.default_rng(0)
+    ta, tb = rng.normal(size=(2, 50, 16, 8))
+    by_name = score(ta + 0.1 * rng.normal(size=ta.shape), tb + 0.1 * rng.normal(size=tb.shape), ta, tb)
+    assert by_name["pairs_nearer"] == 1.0 and by_name["versions_nearer"] == 1.0
+    assert abs(by_name["name_share"] - 1.0) < 0.05
+    same = rng.normal(size=ta.shape)  # whatever it predicts, the same for both names
+    blind = score(same, same, ta, tb)
+    assert blind["name_share"] == 0.0 and blind["pairs_nearer"] == 0.0
+    positional = score(ta, ta, ta, tb)  # always draws the first of the round-1 pair
+    assert positional == {"n": 50, "name_share": 0.0, "versions_nearer": 0.5, "pairs_nearer": 0.0}
+    half = score(0.5 * (ta + tb) + 0.5 * (ta - tb) * 0.5, 0.5 * (ta + tb) - 0.5 * (ta - tb) * 0.5, ta, tb)
+    assert abs(half["name_share"] - 0.5) < 1e-9  # moves half as far as the targets do
+    with pytest.raises(ValueError, match="pairs, Q, D"):
+        score(ta[0], tb[0], ta[0], tb[0])

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cig_jax.data import schema, synthetic
-from cig_jax.data.synthetic import ATTRIBUTES, KINDS, describe, make_conversation
+from cig_jax.data.synthetic import ALL_KINDS, ATTRIBUTES, KINDS, describe, make_conversation
 
 
 def _phrase(attributes, key):
@@ -19,7 +19,7 @@ def _images(conv):
     return [im for _, im in schema.iter_images(conv)]
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ALL_KINDS)
 def test_same_seed_and_index_give_identical_conversations(kind):
     a, b = make_conversation(kind, 7, 3), make_conversation(kind, 7, 3)
     assert a == b  # texts, metadata, ground truth and pixels
@@ -35,7 +35,7 @@ def test_different_index_gives_different_conversation(kind):
         assert not np.array_equal(_images(c)[0].pixels, _images(convs[0])[0].pixels)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ALL_KINDS)
 def test_ground_truth_is_valid_and_people_are_large(kind):
     for i in range(6):
         conv = make_conversation(kind, 0, i, size=64)

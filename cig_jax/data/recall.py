@@ -18,6 +18,12 @@ Every other round is one of
     edit      "Give Maya a hat."            one person in their last scene, one attribute changed from now on
     rollback  "Undo Maya's hat." / "Go back to the picture of Maya at the beach."   one person restored to
               an earlier round's look (content-addressed: the change or the scene, not 'the last change')
+and, in the training aid 'recall_describe' (`describe_p`), also
+    describe  "Describe Maya." / "What does Maya look like now?"   text only: the answer states every attribute
+              of Maya's current look (she is not shown, so stays due)
+The other training aid, 'recall_text' (`make_recall(..., text_only=True)`), keeps the plan and replaces each image
+by the answer's sentences of every person shown ("Here is Maya in the snow. Maya has ... and wears ...."): text
+where the only way to predict a later answer is to find the name earlier and copy what followed it.
 Which of the round-1 pair is named first afterwards is a fair coin (`metadata.naming_order`: 'first' or
 'second'), so the round in which a person returns says nothing about who it is. People return at random
 distances (rounds since last shown), 1 to `MAX_DISTANCE`; every person is named again at least once.
@@ -29,6 +35,7 @@ Ground truth, per round (`Round.metadata`, kept by JSON and record round trips):
     sources         {name: {attribute: {"round": r, "via": "text" | "image"}}}: the round whose user text
                     said the attribute's current value ('text'), or whose image first showed it ('image')
     restores_round  (rollback) the round whose look of the person the answer restores;
+    described       (describe) the name whose look the answer states;
     rollback        (rollback) {"name", "by": "undo" | "scene", "previous_round"}
     edit            (edit) {"name", "attribute", "from", "to"}
 Per conversation (`Conversation.metadata`): naming_order, first_named, num_people, num_rounds, names (pool).
@@ -45,7 +52,7 @@ from cig_jax.data import names as name_pool
 from cig_jax.data.schema import Conversation, Person, Round
 from cig_jax.data.world import ATTRIBUTES, SCENES
 
-ACTIONS = ("introduce", "recall", "pair", "edit", "rollback")
+ACTIONS = ("introduce", "recall", "pair", "edit", "rollback", "describe")
 MIN_ROUNDS, MAX_ROUNDS = 3, 8
 MAX_DISTANCE = 6
 EDIT_ATTRIBUTES = ("clothing_color", "accessory", "hair_color")
@@ -54,6 +61,8 @@ _EDIT_P = 0.3  # a solo round is an edit
 _ROLLBACK_P = 0.7  # a solo round right after the same person's solo round is a rollback, where one is possible
 _AFTER_EDIT_P = 0.5  # the round after an edit shows the edited person again
 _RECALL_TEXT = ("Show {x} {p}.", "Now show {x} {p}.", "Draw {x} {p}.", "Now draw {x} {p}.")
+_DESCRIBE_TEXT = ("Describe {x}.", "What does {x} look like now?", "How does {x} look?", "Remind me what {x} looks like.")
+DESCRIBE_P = 0.35  # the recall_describe kind: a solo round is a text-only 'describe' round
 
 
 def _phrases():
@@ -73,10 +82,10 @@ def _undo_text(name: str, attr: str, old: str, new: str) -> str:
 class _Planner:
     """Builds the rounds of one plan; each round is a dict (see `plan_conversation`)."""
 
-    def __init__(self, rng: np.random.Generator, pool: str):
+    def __init__(self, rng: np.random.Generator, pool: str, describe_p: float = 0.0):
         from cig_jax.data.synthetic import _TEXT_WEIGHTS, _distinct_pair, _sample_attributes
 
-        self.rng = rng
+        self.rng, self.describe_p = rng, describe_p
         self.num_rounds = int(rng.integers(MIN_ROUNDS, MAX_ROUNDS + 1))
         n = 3 if self.num_rounds >= 5 and rng.random() < 0.5 else 2
         a, b = _distinct_pair(rng)
@@ -146,6 +155,16 @@ class _Planner:
         scene = self._scene(exclude=(self.history[x][-1][1],))
         text = _RECALL_TEXT[int(self.rng.integers(len(_RECALL_TEXT)))].format(x=x, p=p[scene])
         self._show(r, [x], scene, "recall", text, f"Here is {x} {p[scene]}.")
+
+    def _describe(self, r: int, x: str) -> None:
+        """A text-only round: the answer says every attribute of x's current look (x is not shown, so stays due)."""
+        from cig_jax.data.synthetic import describe
+
+        text = _DESCRIBE_TEXT[int(self.rng.integers(len(_DESCRIBE_TEXT)))].format(x=x)
+        self.rounds.append(dict(action="describe", shown=[], scene=None, text=text,
+                                answer=describe(x, self.state[x], list(ATTRIBUTES)), looks={x: dict(self.state[x])},
+                                distance={x: r - self.last_shown[x]}, sources={x: copy.deepcopy(self.sources[x])},
+                                described=x))
 
     def _pair(self, r: int, x: str, y: str) -> None:
         p = _phrases()
@@ -248,6 +267,8 @@ class _Planner:
                     rounds=self.rounds, naming_order="first" if first == a else "second", first_named=first)
 
     def _solo(self, r: int, x: str, allow_rollback: bool = True) -> None:
+        if self.describe_p and self.rng.random() < self.describe_p:
+            return self._describe(r, x)
         options = self._rollback_options(r, x) if allow_rollback else []
         if options and self.rng.random() < _ROLLBACK_P:
             self._rollback(r, x, options[int(self.rng.integers(len(options)))])
@@ -257,27 +278,38 @@ class _Planner:
             self._recall(r, x)
 
 
-def plan_conversation(rng: np.random.Generator, pool: str = "train") -> dict:
+def plan_conversation(rng: np.random.Generator, pool: str = "train", describe_p: float = 0.0) -> dict:
     """A recall conversation without pixels: {num_rounds, people: [(name, initial attributes)], naming_order,
     first_named, rounds: [{action, shown, scene, text, answer, looks: {name: attributes}, distance, sources,
     introduces?, restores_round?, rollback?, edit?}]}."""
-    return _Planner(rng, pool).build()
+    return _Planner(rng, pool, describe_p).build()
 
 
-_META_KEYS = ("action", "shown", "distance", "sources", "restores_round", "rollback", "edit")
+_META_KEYS = ("action", "shown", "distance", "sources", "restores_round", "rollback", "edit", "described")
 
 
-def make_recall(rng: np.random.Generator, size: int, base: dict, pool: str = "train"):
+def make_recall(rng: np.random.Generator, size: int, base: dict, pool: str = "train", describe_p: float = 0.0,
+                text_only: bool = False):
     """(rounds, people, metadata) of one rendered recall conversation (see `synthetic.make_conversation`)."""
     from cig_jax.data.synthetic import _PAIR, _SOLO, _jitter, render_scene
 
-    plan = plan_conversation(rng, pool)
+    plan = plan_conversation(rng, pool, describe_p)
     rounds = []
     for rd in plan["rounds"]:
         who = rd["shown"]
+        meta = {k: copy.deepcopy(rd[k]) for k in _META_KEYS if k in rd}
+        if not who:  # a 'describe' round: text only
+            rounds.append(Round(rd["text"], [], rd["answer"], None, metadata=meta))
+            continue
+        if text_only:  # the answer says who is shown, and how, instead of drawing them
+            from cig_jax.data.synthetic import describe
+
+            said = " ".join(describe(x, rd["looks"][x], list(ATTRIBUTES)) for x in who)
+            rounds.append(Round(rd["text"], [], f"{rd['answer']} {said}", None, introduces=list(rd.get("introduces", [])),
+                                metadata=meta))
+            continue
         slots = [_SOLO] if len(who) == 1 else list(_PAIR)
         image = render_scene([(Person(x, rd["looks"][x]), _jitter(rng, f)) for x, f in zip(who, slots)], rd["scene"], size)
-        meta = {k: copy.deepcopy(rd[k]) for k in _META_KEYS if k in rd}
         rounds.append(Round(rd["text"], [], rd["answer"], image, introduces=list(rd.get("introduces", [])),
                             metadata=meta))
     people = [Person(x, dict(a)) for x, a in plan["people"]]

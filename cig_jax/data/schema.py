@@ -40,7 +40,7 @@ import numpy as np
 
 SCHEMA_VERSION = 1
 # Kinds in use (`kind` is free text; these are the ones this codebase makes). "chat": a user-written history.
-KNOWN_KINDS = ("chat", "name_based", "single_turn", "rollback", "markov_edit", "video", "recall")
+KNOWN_KINDS = ("chat", "name_based", "single_turn", "rollback", "markov_edit", "video", "recall", "recall_describe", "recall_text")
 IMAGE_PLACEHOLDER = "<image>"
 # PIL modes we read (converted to 8-bit RGB). Anything else (CMYK, 16-bit, float) is refused.
 SUPPORTED_MODES = ("RGB", "RGBA", "L", "LA", "P", "1")
@@ -291,7 +291,7 @@ def validate(conv: Conversation, check_images: bool = True) -> None:
             if problem:
                 fail(problem)
 
-    if conv.kind in ("name_based", "recall"):
+    if conv.kind in ("name_based", "recall", "recall_describe", "recall_text"):
         _validate_names(conv, fail)
 
 

@@ -22,6 +22,9 @@ Kinds:
   recall       3-8 rounds, 2-3 people with procedural names ('train' or 'heldout' pool), named again in a random
                order at random distances, with edits and content-addressed rollbacks; per-round ground truth
                of who is shown and where each attribute came from (`recall.py`).
+Not in a build unless named (`EXTRA_KINDS`): recall_describe (the recall kind where a solo round may instead ask
+to describe someone, answered in words only) and recall_text (the recall kind with every image replaced by a
+sentence per person shown).
 
 CLI (writes DIR/conversations/<id>.json + DIR/conversations/images/*.png, and DIR/contact_sheet.png):
     python -m cig_jax.data.synthetic --out /tmp/cig_syn --num 1000 [--seed 0 --size 64 --kinds name_based,rollback]
@@ -42,7 +45,12 @@ from cig_jax.data import names as name_pools
 from cig_jax.data.schema import Conversation, Image, Person, Round, save_conversation
 from cig_jax.data.world import ATTRIBUTES, NAMES, SCENES, has_identity_attributes, person_identity
 
-KINDS: tuple[str, ...] = ("name_based", "single_turn", "rollback", "markov_edit", "recall")
+KINDS: tuple[str, ...] = ("name_based", "single_turn", "rollback", "markov_edit", "recall")  # a build's default
+# Kinds a config names when it wants them (training aids of the recall kind, `recall.py`): 'recall_describe' (some
+# solo rounds ask to describe someone instead of drawing them) and 'recall_text' (every answer says in words whom it
+# shows and how, no images: text that teaches a from-scratch LLM to find a name and copy what followed it).
+EXTRA_KINDS: tuple[str, ...] = ("recall_describe", "recall_text")
+ALL_KINDS: tuple[str, ...] = KINDS + EXTRA_KINDS
 
 _SKIN = {"light": (247, 218, 190), "medium": (224, 178, 136), "tan": (176, 120, 80), "dark": (105, 68, 44)}
 _HAIR = {"black": (28, 28, 30), "brown": (112, 70, 36), "blonde": (238, 206, 110), "red": (196, 64, 30),
@@ -226,7 +234,8 @@ def describe(name: str, a: dict, keys: Sequence[str]) -> str:
     for k in keys:
         v = a[k]
         if k in _HAS:
-            has.append(_HAS[k].format(v))
+            phrase = _HAS[k].format(v)
+            has.append("an" + phrase[1:] if phrase.startswith("a ") and v[0] in "aeiou" else phrase)
         elif k == "hair_style":
             has.append(_STYLE[v])
         elif k == "clothing_color":
@@ -400,23 +409,36 @@ def _recall(rng, size, base, names="train"):
     return make_recall(rng, size, base, names)
 
 
+def _recall_describe(rng, size, base, names="train"):
+    from cig_jax.data.recall import DESCRIBE_P, make_recall
+
+    return make_recall(rng, size, base, names, describe_p=DESCRIBE_P)
+
+
+def _recall_text(rng, size, base, names="train"):
+    from cig_jax.data.recall import make_recall
+
+    return make_recall(rng, size, base, names, text_only=True)
+
+
 _MAKERS = {"name_based": _name_based, "single_turn": _single_turn, "rollback": _rollback, "markov_edit": _markov_edit,
-           "recall": _recall}
+           "recall": _recall, "recall_describe": _recall_describe,
+           "recall_text": _recall_text}
 
 
 def make_conversation(kind: str, seed: int, index: int, size: int = 64, names: str = "train") -> Conversation:
     """Conversation `index` of kind `kind` for `seed`, with in-memory pixels; a pure function of its inputs.
     `names`: the name pool of the recall kind ('train' or 'heldout'; the other kinds use `world.NAMES`)."""
     if kind not in _MAKERS:
-        raise ValueError(f"unknown synthetic kind {kind!r}; known kinds: {', '.join(KINDS)}")
+        raise ValueError(f"unknown synthetic kind {kind!r}; known kinds: {', '.join(ALL_KINDS)}")
     if names not in name_pools.POOLS:
         raise ValueError(f"unknown name pool {names!r}; known pools: {', '.join(name_pools.POOLS)}")
     if size < 32:
         raise ValueError(f"size must be at least 32 pixels to stay legible, got {size}")
     rng = np.random.default_rng([seed, index])
     base = {"seed": int(seed), "index": int(index), "size": int(size)}
-    if kind == "recall":
-        rounds, people, meta = _recall(rng, size, base, names)
+    if kind in ("recall", "recall_describe", "recall_text"):
+        rounds, people, meta = _MAKERS[kind](rng, size, base, names)
     else:
         rounds, people, meta = _MAKERS[kind](rng, size, base)
     return Conversation(id=f"syn-{seed}-{index:07d}", rounds=rounds, people=people, kind=kind, source="synthetic",
@@ -435,7 +457,7 @@ def generate(num: int, seed: int = 0, kinds: Sequence[str] = KINDS, size: int = 
     kinds = tuple(kinds)
     for k in kinds:
         if k not in _MAKERS:
-            raise ValueError(f"unknown synthetic kind {k!r}; known kinds: {', '.join(KINDS)}")
+            raise ValueError(f"unknown synthetic kind {k!r}; known kinds: {', '.join(ALL_KINDS)}")
     for i in range(start, start + num):
         yield make_conversation(kind_of(i, kinds), seed, i, size, names)
 
@@ -477,7 +499,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--num", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--size", type=int, default=64)
-    ap.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated, from {', '.join(KINDS)}")
+    ap.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated, from {', '.join(ALL_KINDS)}")
     ap.add_argument("--sheet", type=int, default=8, help="conversations shown on contact_sheet.png")
     args = ap.parse_args(argv)
     kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
