@@ -482,6 +482,34 @@ def test_eval_on_recall_conversations_reports_recall_rows_and_the_name_probe(tin
     assert report["probe"]["n"] == 3 and report["probe"]["missing_images"] == 0
     assert 0 <= report["probe"]["versions_follow"] <= 1 and "rollback" in report and "self_consistency" in report
     assert "name probe" in format_recall({"history": report})
+    emb = report["probe"]["embeddings"]
+    assert emb["n"] == 3 and "predicted visual embeddings" in format_recall({"history": report})
+
+
+def test_embedding_probe_reads_each_versions_last_query_block_against_its_own_answer(tiny_run):
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from cig_jax.data.pipeline import preprocess_image
+    from cig_jax.data.recall import probe_pairs
+    from cig_jax.eval import probe_embeddings
+    from cig_jax.models.mllm import pool_targets
+    from cig_jax.sample.session import ChatSession
+
+    session = ChatSession.from_checkpoint(tiny_run)
+    convs = eval_run.load_conversations("synthetic", num=2, kinds=("recall",), seed=EVAL_SEED + 9, names="heldout",
+                                        size=session.image_size)
+    pairs = probe_pairs(convs)
+    versions = [c for p in pairs for c in p.conversations]
+    pred, target = probe_embeddings._last_blocks(session, versions)
+    mllm = nnx.merge(session.graph, session.state).mllm
+    for conv, t in zip(versions, target):  # the target is the pooled ViT features of the probe round's answer
+        px = preprocess_image(conv.rounds[-1].assistant_image.pixels, session.image_size)
+        feats = mllm.encode_images(jnp.asarray(px)[None, None])  # [1, 1, K, D]
+        want = pool_targets(feats[:, 0], mllm.cfg.num_image_tokens, mllm.cfg.reg_target_pool)[0]
+        np.testing.assert_allclose(t, np.asarray(want), rtol=1e-4, atol=1e-5)
+    assert pred.shape == target.shape and np.isfinite(pred).all()
+    assert not np.allclose(target[0], target[1])  # A and B drawn in one scene still differ: the person
 
 
 def test_drawn_identity_is_the_fraction_of_identity_attributes_right():

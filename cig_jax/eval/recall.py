@@ -214,6 +214,11 @@ def format_recall(reports: dict) -> str:
         if pr:
             lines.append(f"  name probe: pairs following the name {_pct(pr['pairs_follow'])}% (chance 25, name-blind 0), "
                          f"versions {_pct(pr['versions_follow'])}% (chance 50), {pr['n']} pairs")
+            emb = pr.get("embeddings")
+            if emb and emb.get("n"):
+                lines.append(f"  name probe, predicted visual embeddings (teacher-forced): share of the A-B target "
+                             f"difference {emb['name_share']:.2f} (name-blind 0, by name 1), versions nearer their "
+                             f"own target {_pct(emb['versions_nearer'])}%, pairs {_pct(emb['pairs_nearer'])}%")
         sc = rep.get("self_consistency") or {}
         if (rep.get("protocol") or {}).get("context") == "generated" and sc:
             lines.append(f"  free-running: later drawings agree with the model's own introduction drawing "

@@ -42,7 +42,7 @@ from cig_jax import cli
 from cig_jax.data import names as name_pools
 from cig_jax.data import recall as recall_data
 from cig_jax.data import schema, sources
-from cig_jax.eval import metrics, recall
+from cig_jax.eval import metrics, probe_embeddings, recall
 from cig_jax.data.schema import Conversation
 
 VIEWS = ("history", "markov")
@@ -273,8 +273,9 @@ def evaluate_checkpoint(checkpoint, data: str = "validation", out=None, *, data_
     report = metrics.evaluate(convs, generated, classifier=classifier, embedder=embedder)
     if probe and view == "history" and any(recall.is_recall(c) for c in convs):
         t_probe = time.perf_counter()
-        report["probe"] = recall.run_probe(session, recall_data.probe_pairs(convs), classifier, seed=seed,
-                                           num_steps=num_steps)
+        pairs = recall_data.probe_pairs(convs)
+        report["probe"] = recall.run_probe(session, pairs, classifier, seed=seed, num_steps=num_steps)
+        report["probe"]["embeddings"] = probe_embeddings.run(session, pairs, batch_size)
         say(f"[eval] counterfactual name probe: {len(convs)} pairs ({time.perf_counter() - t_probe:.0f}s)")
     report["checkpoint"] = str(checkpoint)
     report["data"] = str(data)

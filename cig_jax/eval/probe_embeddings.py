@@ -1,0 +1,95 @@
+"""The counterfactual name probe in embedding space: teacher-forced, no diffusion, no classifier.
+
+Owns: `score` (how much of the difference between the two versions' targets the two versions' predicted
+visual embeddings carry) and `run` (one forward pass per version over `data.recall.probe_pairs`, reading the
+last image-query block). Each pair is the same history, then a last round 'Show X <scene>.' for X = A or B in
+the same scene, so the two versions' targets (the pooled ViT features of the ground-truth answers, what the
+MLLM regresses onto) differ only in the person.
+
+Why beside the drawn probe (`eval/recall.py`): it reads what the MLLM itself predicts, in seconds, with no
+detokenizer or attribute classifier in between, so a name-blind MLLM is told from a weak detokenizer.
+    name_share     mean over pairs of <pred_A - pred_B, target_A - target_B> / |target_A - target_B|^2:
+                   1 when the prediction moves with the name as the targets do, 0 for a model that ignores the
+                   name (it predicts the same for both versions), whatever it predicts
+    versions_nearer  fraction of versions whose prediction is nearer (MSE) its own target than the other's
+    pairs_nearer   fraction of pairs where both versions are (a name-blind model: at most chance, ~0.25 or less)
+
+Does not own: the pairs (`data/recall.py`), the drawn probe (`eval/recall.py`), the model's forward (`models/mllm.py`).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+
+def score(pred_a: np.ndarray, pred_b: np.ndarray, target_a: np.ndarray, target_b: np.ndarray) -> dict:
+    """pred_* / target_* [pairs, Q, D] (the last image-query block of versions A and B, and their targets)."""
+    pred_a, pred_b, target_a, target_b = (np.asarray(x, np.float64) for x in (pred_a, pred_b, target_a, target_b))
+    if not (pred_a.shape == pred_b.shape == target_a.shape == target_b.shape) or pred_a.ndim != 3:
+        raise ValueError(f"expected four [pairs, Q, D] arrays of one shape, got {pred_a.shape}, {pred_b.shape}, "
+                         f"{target_a.shape}, {target_b.shape}")
+    n = pred_a.shape[0]
+    if n == 0:
+        return {"n": 0, "name_share": None, "versions_nearer": None, "pairs_nearer": None}
+    mse = lambda x, y: np.mean(np.square(x - y), axis=(1, 2))  # noqa: E731
+    a_ok = mse(pred_a, target_a) < mse(pred_a, target_b)
+    b_ok = mse(pred_b, target_b) < mse(pred_b, target_a)
+    dt = target_a - target_b
+    share = np.sum((pred_a - pred_b) * dt, axis=(1, 2)) / np.maximum(np.sum(dt * dt, axis=(1, 2)), 1e-12)
+    return {"n": n, "name_share": float(np.mean(share)), "versions_nearer": float((a_ok.sum() + b_ok.sum()) / (2 * n)),
+            "pairs_nearer": float(np.mean(a_ok & b_ok))}
+
+
+def _examples(session, convs: Sequence) -> dict:
+    from cig_jax.data.chat_template import pad_to
+    from cig_jax.data.pipeline import preprocess_image
+
+    outs = [session.template.encode(c, add_generation_prompt=False) for c in convs]
+    length = max(len(o) for o in outs)
+    num_images = max(len(o.images) for o in outs)
+    rows = []
+    for conv, out in zip(convs, outs):
+        ex = pad_to(out, length, session.template.pad_id)
+        images = np.zeros((num_images, session.image_size, session.image_size, 3), np.float32)
+        for k, img in enumerate(out.images):
+            images[k] = preprocess_image(img.load(conv.base_dir, where=f"image {k}"), session.image_size)
+        ex["images"] = images
+        rows.append(ex)
+    keys = ("input_ids", "role", "image_index", "loss_mask", "attention_mask", "images")
+    return {k: np.stack([r[k] for r in rows]) for k in keys}
+
+
+def _last_blocks(session, convs: Sequence) -> tuple[np.ndarray, np.ndarray]:
+    """(predicted visual embeddings, targets) [len(convs), Q, D] of each conversation's last query block."""
+    import jax
+    from flax import nnx
+
+    from cig_jax.models.mllm import mllm_loss, pool_targets, take_images
+
+    @jax.jit
+    def forward(state, batch):
+        mllm = nnx.merge(session.graph, state).mllm
+        feats = mllm.encode_images(batch["images"])  # [batch, N, K, D_vit]
+        _, _, out = mllm_loss(mllm, dict(batch, image_features=feats), return_output=True)
+        targets = pool_targets(take_images(feats, out.query_image_index), mllm.cfg.num_image_tokens,
+                               mllm.cfg.reg_target_pool)
+        return out.visual_embeddings, targets, out.query_image_index  # [batch, blocks, Q, D] x2, [batch, blocks]
+
+    pred, target, index = (np.asarray(x) for x in forward(session.state, _examples(session, convs)))
+    last = [int(np.flatnonzero(row >= 0)[-1]) for row in index]
+    return (np.stack([pred[i, j] for i, j in enumerate(last)]), np.stack([target[i, j] for i, j in enumerate(last)]))
+
+
+def run(session, pairs: Sequence, batch_size: int = 16) -> dict:
+    """Scores a `ChatSession`'s weights on probe pairs (`data.recall.ProbePair`), `batch_size` pairs a pass."""
+    parts = [[], [], [], []]
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i:i + batch_size]
+        pa, ta = _last_blocks(session, [p.conversations[0] for p in chunk])
+        pb, tb = _last_blocks(session, [p.conversations[1] for p in chunk])
+        for lst, x in zip(parts, (pa, pb, ta, tb)):
+            lst.append(x)
+    if not pairs:
+        return score(*(np.zeros((0, 1, 1)),) * 4)
+    return score(*(np.concatenate(x) for x in parts))
