@@ -63,6 +63,8 @@ _AFTER_EDIT_P = 0.5  # the round after an edit shows the edited person again
 _RECALL_TEXT = ("Show {x} {p}.", "Now show {x} {p}.", "Draw {x} {p}.", "Now draw {x} {p}.")
 _DESCRIBE_TEXT = ("Describe {x}.", "What does {x} look like now?", "How does {x} look?", "Remind me what {x} looks like.")
 DESCRIBE_P = 0.35  # the recall_describe kind: a solo round is a text-only 'describe' round
+# The kinds this module makes, with their `make_recall` options.
+KIND_OPTIONS = {"recall": {}, "recall_describe": {"describe_p": DESCRIBE_P}, "recall_text": {"text_only": True}}
 
 
 def _phrases():
@@ -291,7 +293,7 @@ _META_KEYS = ("action", "shown", "distance", "sources", "restores_round", "rollb
 def make_recall(rng: np.random.Generator, size: int, base: dict, pool: str = "train", describe_p: float = 0.0,
                 text_only: bool = False):
     """(rounds, people, metadata) of one rendered recall conversation (see `synthetic.make_conversation`)."""
-    from cig_jax.data.synthetic import _PAIR, _SOLO, _jitter, render_scene
+    from cig_jax.data.synthetic import _PAIR, _SOLO, _jitter, describe, render_scene
 
     plan = plan_conversation(rng, pool, describe_p)
     rounds = []
@@ -302,8 +304,6 @@ def make_recall(rng: np.random.Generator, size: int, base: dict, pool: str = "tr
             rounds.append(Round(rd["text"], [], rd["answer"], None, metadata=meta))
             continue
         if text_only:  # the answer says who is shown, and how, instead of drawing them
-            from cig_jax.data.synthetic import describe
-
             said = " ".join(describe(x, rd["looks"][x], list(ATTRIBUTES)) for x in who)
             rounds.append(Round(rd["text"], [], f"{rd['answer']} {said}", None, introduces=list(rd.get("introduces", [])),
                                 metadata=meta))

@@ -42,6 +42,7 @@ from PIL import Image as PILImage
 from PIL import ImageDraw, ImageFont
 
 from cig_jax.data import names as name_pools
+from cig_jax.data import recall
 from cig_jax.data.schema import Conversation, Image, Person, Round, save_conversation
 from cig_jax.data.world import ATTRIBUTES, NAMES, SCENES, has_identity_attributes, person_identity
 
@@ -403,33 +404,14 @@ def _markov_edit(rng, size, base):
     return rounds, [Person(name, a)], base
 
 
-def _recall(rng, size, base, names="train"):
-    from cig_jax.data.recall import make_recall
-
-    return make_recall(rng, size, base, names)
-
-
-def _recall_describe(rng, size, base, names="train"):
-    from cig_jax.data.recall import DESCRIBE_P, make_recall
-
-    return make_recall(rng, size, base, names, describe_p=DESCRIBE_P)
-
-
-def _recall_text(rng, size, base, names="train"):
-    from cig_jax.data.recall import make_recall
-
-    return make_recall(rng, size, base, names, text_only=True)
-
-
-_MAKERS = {"name_based": _name_based, "single_turn": _single_turn, "rollback": _rollback, "markov_edit": _markov_edit,
-           "recall": _recall, "recall_describe": _recall_describe,
-           "recall_text": _recall_text}
+# The kinds drawn here; the recall kinds (`ALL_KINDS` beyond these) are made by `recall.make_recall`.
+_MAKERS = {"name_based": _name_based, "single_turn": _single_turn, "rollback": _rollback, "markov_edit": _markov_edit}
 
 
 def make_conversation(kind: str, seed: int, index: int, size: int = 64, names: str = "train") -> Conversation:
     """Conversation `index` of kind `kind` for `seed`, with in-memory pixels; a pure function of its inputs.
     `names`: the name pool of the recall kind ('train' or 'heldout'; the other kinds use `world.NAMES`)."""
-    if kind not in _MAKERS:
+    if kind not in ALL_KINDS:
         raise ValueError(f"unknown synthetic kind {kind!r}; known kinds: {', '.join(ALL_KINDS)}")
     if names not in name_pools.POOLS:
         raise ValueError(f"unknown name pool {names!r}; known pools: {', '.join(name_pools.POOLS)}")
@@ -437,8 +419,8 @@ def make_conversation(kind: str, seed: int, index: int, size: int = 64, names: s
         raise ValueError(f"size must be at least 32 pixels to stay legible, got {size}")
     rng = np.random.default_rng([seed, index])
     base = {"seed": int(seed), "index": int(index), "size": int(size)}
-    if kind in ("recall", "recall_describe", "recall_text"):
-        rounds, people, meta = _MAKERS[kind](rng, size, base, names)
+    if kind in recall.KIND_OPTIONS:
+        rounds, people, meta = recall.make_recall(rng, size, base, names, **recall.KIND_OPTIONS[kind])
     else:
         rounds, people, meta = _MAKERS[kind](rng, size, base)
     return Conversation(id=f"syn-{seed}-{index:07d}", rounds=rounds, people=people, kind=kind, source="synthetic",
@@ -456,7 +438,7 @@ def generate(num: int, seed: int = 0, kinds: Sequence[str] = KINDS, size: int = 
     recall kind's name pool."""
     kinds = tuple(kinds)
     for k in kinds:
-        if k not in _MAKERS:
+        if k not in ALL_KINDS:
             raise ValueError(f"unknown synthetic kind {k!r}; known kinds: {', '.join(ALL_KINDS)}")
     for i in range(start, start + num):
         yield make_conversation(kind_of(i, kinds), seed, i, size, names)
