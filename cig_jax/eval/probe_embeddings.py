@@ -18,9 +18,14 @@ Does not own: the pairs (`data/recall.py`), the drawn probe (`eval/recall.py`), 
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
+import jax
 import numpy as np
+from flax import nnx
+
+from cig_jax.models.mllm import pool_targets, take_images
 
 
 def score(pred_a: np.ndarray, pred_b: np.ndarray, target_a: np.ndarray, target_b: np.ndarray) -> dict:
@@ -42,54 +47,48 @@ def score(pred_a: np.ndarray, pred_b: np.ndarray, target_a: np.ndarray, target_b
 
 
 def _examples(session, convs: Sequence) -> dict:
-    from cig_jax.data.chat_template import pad_to
-    from cig_jax.data.pipeline import preprocess_image
+    """The conversations as one batch of training examples (`pipeline.encode_record`), padded to the longest."""
+    from cig_jax.data.pipeline import PipelineOptions, SkipCounter, encode_record
 
     outs = [session.template.encode(c, add_generation_prompt=False) for c in convs]
-    length = max(len(o) for o in outs)
-    num_images = max(len(o.images) for o in outs)
-    rows = []
-    for conv, out in zip(convs, outs):
-        ex = pad_to(out, length, session.template.pad_id)
-        images = np.zeros((num_images, session.image_size, session.image_size, 3), np.float32)
-        for k, img in enumerate(out.images):
-            images[k] = preprocess_image(img.load(conv.base_dir, where=f"image {k}"), session.image_size)
-        ex["images"] = images
-        rows.append(ex)
-    keys = ("input_ids", "role", "image_index", "loss_mask", "attention_mask", "images")
+    opts = PipelineOptions(seq_len=max(len(o) for o in outs), max_images=max(len(o.images) for o in outs),
+                           image_size=session.image_size)
+    skips = SkipCounter()
+    rows = [encode_record(c, i, session.template, opts, skips) for i, c in enumerate(convs)]
+    if skips.counts:
+        raise ValueError(f"probe conversations could not be encoded: {dict(skips.counts)}")
+    keys = ("input_ids", "role", "image_index", "attention_mask", "images")
     return {k: np.stack([r[k] for r in rows]) for k in keys}
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(graph, state, batch: dict):
+    """-> (visual embeddings, targets) [batch, blocks, Q, D] and the target image of each block [batch, blocks]."""
+    mllm = nnx.merge(graph, state).mllm
+    feats = mllm.encode_images(batch["images"])  # [batch, N, K, D_vit]
+    out = mllm(batch["input_ids"], batch["role"], batch["image_index"], image_features=feats,
+               attention_mask=batch["attention_mask"], return_logits=False)
+    targets = pool_targets(take_images(feats, out.query_image_index), mllm.cfg.num_image_tokens,
+                           mllm.cfg.reg_target_pool)
+    return out.visual_embeddings, targets, out.query_image_index
 
 
 def _last_blocks(session, convs: Sequence) -> tuple[np.ndarray, np.ndarray]:
     """(predicted visual embeddings, targets) [len(convs), Q, D] of each conversation's last query block."""
-    import jax
-    from flax import nnx
-
-    from cig_jax.models.mllm import mllm_loss, pool_targets, take_images
-
-    @jax.jit
-    def forward(state, batch):
-        mllm = nnx.merge(session.graph, state).mllm
-        feats = mllm.encode_images(batch["images"])  # [batch, N, K, D_vit]
-        _, _, out = mllm_loss(mllm, dict(batch, image_features=feats), return_output=True)
-        targets = pool_targets(take_images(feats, out.query_image_index), mllm.cfg.num_image_tokens,
-                               mllm.cfg.reg_target_pool)
-        return out.visual_embeddings, targets, out.query_image_index  # [batch, blocks, Q, D] x2, [batch, blocks]
-
-    pred, target, index = (np.asarray(x) for x in forward(session.state, _examples(session, convs)))
+    pred, target, index = (np.asarray(x) for x in _forward(session.graph, session.state, _examples(session, convs)))
     last = [int(np.flatnonzero(row >= 0)[-1]) for row in index]
     return (np.stack([pred[i, j] for i, j in enumerate(last)]), np.stack([target[i, j] for i, j in enumerate(last)]))
 
 
 def run(session, pairs: Sequence, batch_size: int = 16) -> dict:
-    """Scores a `ChatSession`'s weights on probe pairs (`data.recall.ProbePair`), `batch_size` pairs a pass."""
-    parts = [[], [], [], []]
-    for i in range(0, len(pairs), batch_size):
-        chunk = pairs[i:i + batch_size]
-        pa, ta = _last_blocks(session, [p.conversations[0] for p in chunk])
-        pb, tb = _last_blocks(session, [p.conversations[1] for p in chunk])
-        for lst, x in zip(parts, (pa, pb, ta, tb)):
-            lst.append(x)
+    """Scores a `ChatSession`'s weights on probe pairs (`data.recall.ProbePair`), `batch_size` pairs a pass (both
+    versions of each in the one batch)."""
     if not pairs:
         return score(*(np.zeros((0, 1, 1)),) * 4)
-    return score(*(np.concatenate(x) for x in parts))
+    parts = []
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i:i + batch_size]
+        pred, target = _last_blocks(session, [p.conversations[v] for v in (0, 1) for p in chunk])
+        n = len(chunk)
+        parts.append((pred[:n], pred[n:], target[:n], target[n:]))
+    return score(*(np.concatenate(x) for x in zip(*parts)))
