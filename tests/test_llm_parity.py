@@ -156,3 +156,34 @@ def test_mismatched_checkpoint_lists_offending_tensors(hf_model, tmp_path):
     (path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=r"model\.layers\.2\."):
         load_hf_llm(path)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_shifted_token_loss_and_its_gradient_match_torch_cross_entropy(dtype):
+    """The loss with the hand-written VJP against torch's cross_entropy on the same shifted targets: value and
+    d loss / d logits, with zero weights (padding, the prompt) and a last position that has no target."""
+    from cig_jax.models.llm import next_token_loss, shifted_token_loss
+
+    rng = np.random.default_rng(0)
+    b, l, v = 3, 9, 50
+    logits = (rng.standard_normal((b, l, v)) * 3).astype(np.float32)
+    tokens = rng.integers(0, v, (b, l))
+    weights = (rng.random((b, l)) > 0.3).astype(np.float32)
+    x = jnp.asarray(logits).astype(dtype)
+    fn = lambda lg: shifted_token_loss(lg, jnp.asarray(tokens), jnp.asarray(weights))[0]  # noqa: E731
+    ours, grad = jax.value_and_grad(fn)(x)
+    # the sliced form gives the same number (it is what callers passed before)
+    sliced = next_token_loss(x[:, :-1], jnp.asarray(tokens)[:, 1:], jnp.asarray(weights)[:, 1:])[0]
+    np.testing.assert_allclose(float(ours), float(sliced), rtol=1e-6)
+
+    t = torch.tensor(np.asarray(x.astype(jnp.float32)), requires_grad=True)
+    nll = torch.nn.functional.cross_entropy(t[:, :-1].reshape(-1, v), torch.tensor(tokens[:, 1:]).reshape(-1),
+                                            reduction="none")
+    w = torch.tensor(weights[:, 1:]).reshape(-1)
+    ref = (nll * w).sum() / w.sum()
+    ref.backward()
+    np.testing.assert_allclose(float(ours), float(ref), rtol=1e-5)
+    assert grad.dtype == x.dtype
+    tol = 1e-6 if dtype == "float32" else 2e-3
+    np.testing.assert_allclose(np.asarray(grad.astype(jnp.float32)), t.grad.numpy(), atol=tol)
+    assert np.all(np.asarray(grad)[:, -1] == 0)  # the last position predicts nothing

@@ -32,7 +32,7 @@ from cig_jax.config import MLLMConfig, ModelConfig, vit_feature_shape  # noqa: F
 from cig_jax.data.chat_template import IMAGE_QUERY, INPUT_IMAGE, TEXT  # role values
 from cig_jax.sharding import constrain
 from cig_jax.models import layers
-from cig_jax.models.llm import LLM, KVCache, next_token_loss
+from cig_jax.models.llm import LLM, KVCache, shifted_token_loss
 from cig_jax.models.resampler import Resampler
 from cig_jax.models.vit import VisionTransformer
 
@@ -266,7 +266,7 @@ def mllm_loss(model: MLLM, batch: dict, *, dropout_rng: Optional[jax.Array] = No
                 dropout_rng=dropout_rng)
     labels = batch.get("labels", ids)
     weights = batch["loss_mask"] if mask is None else batch["loss_mask"] * mask
-    lm, count = next_token_loss(out.logits[:, :-1], labels[:, 1:], weights[:, 1:])
+    lm, count = shifted_token_loss(out.logits, labels, weights)
 
     valid = out.query_image_index >= 0  # [batch, blocks]
     chosen = take_images(feats, out.query_image_index)  # [batch, blocks, K, D_vit]

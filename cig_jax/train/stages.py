@@ -38,7 +38,7 @@ from cig_jax import fs
 from cig_jax.config import Config, ConfigError
 from cig_jax.data.lm_smoke import lm_smoke_dataset
 from cig_jax.models.cig import CIGModel, trainable_filter
-from cig_jax.models.llm import LLM, next_token_loss
+from cig_jax.models.llm import LLM, shifted_token_loss
 from cig_jax.models.mllm import mllm_loss, pool_targets, take_images, vit_feature_shape
 
 
@@ -81,7 +81,7 @@ def lm_loss(model: LLM, batch: dict) -> tuple[jax.Array, dict]:
     """Next-token cross-entropy on `batch['tokens']` weighted by `batch['loss_mask']`."""
     tokens, mask = batch["tokens"], batch["loss_mask"]
     logits = model(tokens, attention_mask=batch.get("attention_mask")).logits
-    loss, count = next_token_loss(logits[:, :-1], tokens[:, 1:], mask[:, 1:])
+    loss, count = shifted_token_loss(logits, tokens, mask)
     return loss, {"lm_loss": loss, "loss_tokens": count}
 
 
