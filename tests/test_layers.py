@@ -49,6 +49,27 @@ def test_scan_or_loop_agree():
     jax.tree.map(lambda u, w: np.testing.assert_allclose(u, w, rtol=1e-6), a, b)
 
 
+def test_scan_or_loop_gradients_agree_with_a_tree_of_stacked_weights():
+    """The unrolled path's unstack has its own VJP (one stack): gradients of every stacked leaf, of a tuple
+    inside the tree and of the carry equal those of lax.scan."""
+    rng = np.random.default_rng(0)
+    xs = {"w": jnp.asarray(rng.standard_normal((3, 4, 4)), jnp.float32),
+          "pair": (jnp.asarray(rng.standard_normal((3, 4)), jnp.float32), jnp.arange(3.0))}
+
+    def body(c, x):
+        c = jnp.tanh(c @ x["w"] + x["pair"][0]) * x["pair"][1]
+        return c, jnp.sum(c)
+
+    def loss(xs, c0, scan):
+        c, ys = layers.scan_or_loop(body, c0, xs, scan=scan, length=3)
+        return jnp.sum(c ** 2) + jnp.sum(ys * jnp.arange(1.0, 4.0))
+
+    c0 = jnp.asarray(rng.standard_normal((2, 4)), jnp.float32)
+    a = jax.grad(loss, argnums=(0, 1))(xs, c0, True)
+    b = jax.grad(loss, argnums=(0, 1))(xs, c0, False)
+    jax.tree.map(lambda u, w: np.testing.assert_allclose(u, w, rtol=1e-5, atol=1e-6), a, b)
+
+
 def test_cpu_attention_gradients_match_autodiff_of_the_xla_path():
     """The CPU paths' hand-written backward (cpu_attention) against autodiff of jax.nn.dot_product_attention:
     causal self-attention with GQA and left padding (whole and in query blocks) and cross-attention over
