@@ -33,9 +33,16 @@ def _length(conv, template):
     return len(template.encode(conv, add_generation_prompt=False))
 
 
-def test_an_epoch_holds_each_record_once_in_the_smallest_bucket(records, template):
+def test_an_epoch_holds_each_record_once_in_the_smallest_bucket(records, template, caplog):
     skips = SkipCounter()
-    batches = list(make_dataset(records, template, dataclasses.replace(OPTS, num_epochs=1), skips))
+    with caplog.at_level("WARNING", logger="cig_jax.data.pipeline"):
+        batches = list(make_dataset(records, template, dataclasses.replace(OPTS, num_epochs=1), skips))
+    # a window's remainder is counted per record but logged in one line per window
+    lines = [r.getMessage() for r in caplog.records if "wait for the next epoch" in r.getMessage()]
+    assert skips.counts["bucket window remainder"] > len(lines) >= 1
+    assert sum(int(re.search(r": (\d+) of its records", m).group(1)) for m in lines) == \
+        skips.counts["bucket window remainder"]
+    assert not any("bucket window remainder" in r.getMessage() for r in caplog.records)
     seen = [int(i) for b in batches for i in b["record_index"]]
     assert len(seen) == len(set(seen))  # no record twice
     assert len(seen) + sum(skips.counts.values()) == len(records)  # every other one counted as skipped

@@ -39,7 +39,7 @@ from cig_jax.data.chat_template import ChatTemplate
 class _Uncounted:
     """A skip counter that counts nothing (other processes' share of a window's skips)."""
 
-    def skip(self, reason: str, index: int, detail: str) -> None:
+    def skip(self, reason: str, index: int, detail: str, warn: bool = True) -> None:
         pass
 
 
@@ -99,8 +99,13 @@ class Windows:
             if checked is not None:
                 kept.append((len(checked[1]), k - start, i))
         n = len(kept) // g
-        for _, pos, i in kept[n * g:]:  # fewer than one global batch left: out, so every batch is whole
-            counters[pos].skip("bucket window remainder", i, f"not enough records left in window {w} for a batch")
+        left = kept[n * g:]  # fewer than one global batch left: out this epoch, so every batch is whole
+        for _, pos, i in left:
+            counters[pos].skip("bucket window remainder", i, "", warn=False)
+        if left and count and opts.process_index == 0:  # one line per window, not one per record
+            pipeline.log.warning("bucket window %d: %d of its records wait for the next epoch (%d usable of %d, "
+                                 "not a whole number of global batches of %d)", w, len(left), len(kept),
+                                 len(counters), g)
         rows = sorted(kept[:n * g])  # by length, ties in shuffled order
         out = []
         for j in range(n):

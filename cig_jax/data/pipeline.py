@@ -71,10 +71,12 @@ class SkipCounter:
         self.__init__()
         self.counts = state["counts"]
 
-    def skip(self, reason: str, index: int, detail: str) -> None:
+    def skip(self, reason: str, index: int, detail: str, warn: bool = True) -> None:
+        """Counts one skip; `warn` logs it (callers that summarise many skips in one line pass False)."""
         with self._lock:
             self.counts[reason] += 1
-        log.warning("skipping record %d (%s): %s", index, reason, detail)
+        if warn:
+            log.warning("skipping record %d (%s): %s", index, reason, detail)
 
 
 def markov_view(conv: schema.Conversation) -> schema.Conversation:
