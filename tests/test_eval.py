@@ -29,8 +29,16 @@ ATTRIBUTES_ALL = tuple(synthetic.ATTRIBUTES)  # conversations for metric tests: 
 
 
 @pytest.fixture(scope="module")
-def classifier(request):
-    return load_or_train_classifier(request.config.cache.mkdir("cig_eval"), size=64, seed=0)
+def eval_cache(request, tmp_path_factory) -> str:
+    """Where the attribute classifier is cached: pytest's cache (kept across runs), or a temporary folder when
+    the cache plugin is off (`-p no:cacheprovider`)."""
+    cache = getattr(request.config, "cache", None)
+    return str(cache.mkdir("cig_eval") if cache is not None else tmp_path_factory.mktemp("cig_eval"))
+
+
+@pytest.fixture(scope="module")
+def classifier(eval_cache):
+    return load_or_train_classifier(eval_cache, size=64, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -104,8 +112,8 @@ def test_attribute_accuracy_counts_only_attributes_with_ground_truth():
         attribute_accuracy(pred, truth[:1])
 
 
-def test_cached_classifier_is_reused_and_retrained_when_renderer_changes(classifier, request, tmp_path, monkeypatch):
-    src = Path(request.config.cache.mkdir("cig_eval")) / attributes_mod.CACHE_SUBDIR
+def test_cached_classifier_is_reused_and_retrained_when_renderer_changes(classifier, eval_cache, tmp_path, monkeypatch):
+    src = Path(eval_cache) / attributes_mod.CACHE_SUBDIR
     shutil.copytree(src, tmp_path / attributes_mod.CACHE_SUBDIR)
 
     def no_training(*a, **k):
@@ -444,7 +452,7 @@ def test_grid_puts_generated_beside_ground_truth():
     assert (sheet[y, x2] == 160).all()
 
 
-def test_eval_cli_writes_metrics_and_grid(tiny_run, classifier, request, tmp_path, capsys):
+def test_eval_cli_writes_metrics_and_grid(tiny_run, classifier, eval_cache, tmp_path, capsys):
     out = tmp_path / "eval"
     folder = tmp_path / "held_out"
     from cig_jax.data.schema import save_conversation
@@ -453,7 +461,7 @@ def test_eval_cli_writes_metrics_and_grid(tiny_run, classifier, request, tmp_pat
     for c in convs:
         save_conversation(c, folder / f"{c.id}.json")
     eval_run.main(["--checkpoint", str(tiny_run), "--data", str(folder), "--out", str(out), "--num", "2",
-                   "--kinds", "name_based", "--batch-size", "2", "--cache", str(request.config.cache.mkdir("cig_eval")), "--identity", "none"])
+                   "--kinds", "name_based", "--batch-size", "2", "--cache", eval_cache, "--identity", "none"])
     report = json.loads((out / "metrics.json").read_text())
     assert report["conversations"] == 2 and report["protocol"]["view"] == "history"
     assert [r["round"] for r in report["attributes"]["rounds"]] == [0, 1, 2]
@@ -554,10 +562,10 @@ def test_nonmarkov_verdict_needs_every_target_in_both_naming_orders():
 
 
 @pytest.mark.slow  # ~10 min: five trainings and four evaluations at seq_len 768 (kept out of .ci/run's 45 min)
-def test_nonmarkov_bench_quick_trains_both_models_and_writes_the_table(classifier, request, tmp_path, capsys):
+def test_nonmarkov_bench_quick_trains_both_models_and_writes_the_table(classifier, eval_cache, tmp_path, capsys):
     from cig_jax.bench import nonmarkov
 
-    result = nonmarkov.run(tmp_path, nonmarkov.QUICK, classifier_cache=str(request.config.cache.mkdir("cig_eval")),
+    result = nonmarkov.run(tmp_path, nonmarkov.QUICK, classifier_cache=eval_cache,
                            identity="none")
     saved = json.loads((tmp_path / "nonmarkov.json").read_text())
     assert saved["verdict"] == result["verdict"] and isinstance(saved["verdict"]["met"], bool)
