@@ -595,3 +595,20 @@ def test_nonmarkov_bench_quick_trains_both_models_and_writes_the_table(classifie
     out = capsys.readouterr().out
     assert "by distance" in out and "name probe" in out and "rollback" in out and "free-running" in out
     assert "ceiling" in out and "round1_text" in out
+
+
+def test_the_eval_context_holds_the_longest_conversation_whole(tiny_run):
+    """Unless told, an evaluation sizes its KV cache to its longest conversation plus the answer's room (the full
+    non-Markov benchmark's 8-round chats overflowed a fixed 1024 slots)."""
+    from cig_jax.sample.complete import checkpoint_parts
+    from cig_jax.sample.session import answer_slots
+
+    convs = list(synthetic.generate(12, seed=EVAL_SEED + 11, kinds=("recall",), size=32))
+    cfg, template = checkpoint_parts(tiny_run)
+    lengths = [len(template.encode(c, add_generation_prompt=False)) for c in convs]
+    assert max(lengths) > min(lengths)
+    room = answer_slots(cfg.sample.max_new_tokens, cfg.model.mllm.num_image_tokens, 4)
+    slots = eval_run.context_for(tiny_run, convs, 4)
+    assert slots % 256 == 0 and max(lengths) + room <= slots < max(lengths) + room + 256
+    # the shortest conversations alone ask for no more than the longest
+    assert eval_run.context_for(tiny_run, [convs[int(np.argmin(lengths))]], 4) <= slots

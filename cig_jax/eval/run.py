@@ -239,9 +239,21 @@ def make_embedder(identity: str):
     return make_identity_embedder(identity)
 
 
+def context_for(checkpoint, convs: Sequence[Conversation], batch_size: int, multiple: int = 256) -> int:
+    """KV-cache slots that hold the longest of `convs` whole (every round, its answer's room under the checkpoint's
+    sampling settings), rounded up to `multiple`: what an evaluation sizes its session to when not told."""
+    from cig_jax.sample.complete import checkpoint_parts
+    from cig_jax.sample.session import answer_slots
+
+    cfg, template = checkpoint_parts(checkpoint)
+    longest = max(len(template.encode(c, add_generation_prompt=False)) for c in convs)
+    need = longest + answer_slots(cfg.sample.max_new_tokens, cfg.model.mllm.num_image_tokens, batch_size)
+    return -(-need // multiple) * multiple
+
+
 def evaluate_checkpoint(checkpoint, data: str = "validation", out=None, *, data_dir: str = "workdir/demo/data",
                         num: Optional[int] = 16, kinds: Sequence[str] = DEFAULT_KINDS, view: str = "history",
-                        context: str = "truth", seed: int = 0, batch_size: int = 8, max_len: int = 1024,
+                        context: str = "truth", seed: int = 0, batch_size: int = 8, max_len: Optional[int] = None,
                         num_steps: Optional[int] = None, classifier=None, classifier_cache: str = "/tmp/cig_eval",
                         identity: str = "auto", embedder=None, convs: Optional[Sequence[Conversation]] = None,
                         grid_rows: int = 8, verbose: bool = True, names: str = "heldout", probe: bool = True) -> dict:
@@ -263,6 +275,8 @@ def evaluate_checkpoint(checkpoint, data: str = "validation", out=None, *, data_
     if embedder is None:
         embedder = make_embedder(identity)
     batch_size = max(1, min(batch_size, len(convs)))
+    if max_len is None:
+        max_len = context_for(checkpoint, convs, batch_size)
     session = ChatSession.from_checkpoint(checkpoint, max_len=max_len, batch_size=batch_size,
                                           identity_embedder=False)
     t_gen = time.perf_counter()
@@ -311,7 +325,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--context", default="truth", choices=CONTEXTS)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=8, help="conversations generated at once")
-    ap.add_argument("--max-len", type=int, default=1024, help="KV-cache slots per conversation")
+    ap.add_argument("--max-len", type=int, default=None,
+                    help="KV-cache slots per conversation (default: what the longest conversation needs, "
+                         "rounded up to 256)")
     ap.add_argument("--num-steps", type=int, help="diffusion steps (default: the checkpoint's config)")
     ap.add_argument("--cache", default="/tmp/cig_eval", help="where the attribute classifier is cached")
     ap.add_argument("--identity", default="auto", choices=("auto", "dlib", "insightface", "none"))
