@@ -240,14 +240,25 @@ def make_embedder(identity: str):
 
 
 def context_for(checkpoint, convs: Sequence[Conversation], batch_size: int, multiple: int = 256) -> int:
-    """KV-cache slots that hold the longest of `convs` whole (every round, its answer's room under the checkpoint's
-    sampling settings), rounded up to `multiple`: what an evaluation sizes its session to when not told."""
+    """KV-cache slots that hold any batch of `convs` whole, rounded up to `multiple`: what an evaluation sizes its
+    session to when not told. The rows of a batch share one write position, so each round takes the longest
+    row's tokens; each answer may run to the checkpoint's max_new_tokens (a generated history), and the last
+    round keeps its answer's room (`answer_slots`)."""
+    import dataclasses
+
     from cig_jax.sample.complete import checkpoint_parts
     from cig_jax.sample.session import answer_slots
 
     cfg, template = checkpoint_parts(checkpoint)
-    longest = max(len(template.encode(c, add_generation_prompt=False)) for c in convs)
-    need = longest + answer_slots(cfg.sample.max_new_tokens, cfg.model.mllm.num_image_tokens, batch_size)
+    max_new = cfg.sample.max_new_tokens
+    per_round: dict = {}  # round -> the longest row's tokens in it
+    for c in convs:
+        prev = 0
+        for r in range(len(c.rounds)):
+            n = len(template.encode(dataclasses.replace(c, rounds=c.rounds[:r + 1]), add_generation_prompt=False))
+            per_round[r] = max(per_round.get(r, 0), n - prev + max_new)
+            prev = n
+    need = sum(per_round.values()) + answer_slots(max_new, cfg.model.mllm.num_image_tokens, batch_size)
     return -(-need // multiple) * multiple
 
 
