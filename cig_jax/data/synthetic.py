@@ -50,7 +50,7 @@ KINDS: tuple[str, ...] = ("name_based", "single_turn", "rollback", "markov_edit"
 # Kinds a config names when it wants them (training aids of the recall kind, `recall.py`): 'recall_describe' (some
 # solo rounds ask to describe someone instead of drawing them) and 'recall_text' (every answer says in words whom it
 # shows and how, no images: text that teaches a from-scratch LLM to find a name and copy what followed it).
-EXTRA_KINDS: tuple[str, ...] = ("recall_describe", "recall_text")
+EXTRA_KINDS: tuple[str, ...] = tuple(k for k in recall.KIND_OPTIONS if k not in KINDS)
 ALL_KINDS: tuple[str, ...] = KINDS + EXTRA_KINDS
 
 _SKIN = {"light": (247, 218, 190), "medium": (224, 178, 136), "tan": (176, 120, 80), "dark": (105, 68, 44)}
