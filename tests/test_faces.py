@@ -338,11 +338,11 @@ def test_composites_of_the_real_faces_are_recognised_at_their_boxes():
     assert np.mean(right) == 1.0, f"{np.mean(right):.0%} of pasted real faces recognised"
 
 
-STEPS = int(os.environ.get("CIG_FACES_STEPS", 6000))
+STEPS = int(os.environ.get("CIG_FACES_STEPS", 10000))
 
 
-# Measured (2 idle CPU cores; patch 16, width 128, 4 unrolled blocks, batch 8: ~0.085 s a step, 6000 steps in
-# ~8.5 min, or ~0.13 s a step with two runs pinned one per core). Held-out faces whose nearest reference is the
+# Measured (2 idle CPU cores; patch 16, width 128, 4 unrolled blocks, batch 8: ~0.1 s a step, 10000 steps in
+# ~17 min, or ~0.13 s a step with two runs pinned one per core). Held-out faces whose nearest reference is the
 # conditioned person, all 63 (chance 14%); one training run each, so +-10 points is noise:
 # - t around 0.69 (logit mean 0.8), 16 Euler steps, identity guidance 1.5 (the earlier recipe): 30% at 6000
 #   steps; with the 4 px head coverage added to the visual grid: 32% at 4000; wider (256) 19% at 3000; patch 8
@@ -353,9 +353,14 @@ STEPS = int(os.environ.get("CIG_FACES_STEPS", 6000))
 #   draw the face from the identity and the layout alone, which is what the first sampling steps ask of it.
 # - So train at high noise. Logit mean (std 1), 6000 steps: 1.4 (std 1.4): 22%; 2.0: 46%; 2.0 (std 2): 21%;
 #   2.5: 52% (8 Euler steps: 67%); 2.5 with lr 3e-3: 38-56%; 3.0: 43%, with 8 steps 54%, 4 steps 60%, 8 steps
-#   and no identity guidance 67%, dlib's HOG detector then finding 76% of the faces. This recipe is the last.
-# The bar (80%) is not met; the faces are whole now but noisy in detail. Next: more steps (the curve still
-# rises at 6000) or a wider DiT trained as long, beyond what fits in a CI run here.
+#   and no identity guidance 67% (62% in this test's own run, 2 threads).
+# - And longer: logit mean 3.0, 8 steps, no identity guidance, 10000 steps: 83% (solo 71%, pair 82%, swapped
+#   86%; dlib's detector finds 86%); sampled with 4 steps 83%, identity guidance 1.5 81%, 16 steps 71%. Batch 16
+#   for 6000 steps: 84% with this sampler but 54-70% with the others, so the longer run is the recipe.
+# - The same recipe as this test runs it (2 threads, so other rounding and another trajectory): 65% (solo 86%,
+#   pair 64%, swapped 61%; the detector finds 84%), 946 s of training. So the recipe lands at 65-83%: the bar is
+#   not met reliably, and the test stays out of .ci/run. Next: a longer or wider run, or averaging seeds.
+# The bar is the issue's: >= 80% of all drawn faces, and of the swapped pairs (7 solo faces alone are too few).
 @pytest.mark.slow
 def test_detokenizer_draws_the_conditioned_real_person_in_held_out_pairings():
     t0 = time.time()
@@ -363,8 +368,9 @@ def test_detokenizer_draws_the_conditioned_real_person_in_held_out_pairings():
     t_train = time.time() - t0
     res = evaluate(graphdef, state, diffusion)
     print(f"\ntrained {STEPS} steps in {t_train:.0f}s, evaluated in {time.time() - t0 - t_train:.0f}s")
-    assert res["solo"] >= 0.8 and res["pair"] >= 0.8, res
-    assert res["swapped"] >= 0.8, res  # swapping the identities swaps the drawn faces
+    summary = {k: res[k] for k in ("solo", "pair", "swapped", "all", "detector_found")}
+    assert res["all"] >= 0.8, summary  # the conditioned person is the nearest of the seven
+    assert res["swapped"] >= 0.8, summary  # swapping the identities swaps the drawn faces
 
 
 if __name__ == "__main__":
