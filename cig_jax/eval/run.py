@@ -244,8 +244,6 @@ def context_for(checkpoint, convs: Sequence[Conversation], batch_size: int, mult
     session to when not told. The rows of a batch share one write position, so each round takes the longest
     row's tokens; each answer may run to the checkpoint's max_new_tokens (a generated history), and the last
     round keeps its answer's room (`answer_slots`)."""
-    import dataclasses
-
     from cig_jax.sample.complete import checkpoint_parts
     from cig_jax.sample.session import answer_slots
 
@@ -337,8 +335,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=8, help="conversations generated at once")
     ap.add_argument("--max-len", type=int, default=None,
-                    help="KV-cache slots per conversation (default: what the longest conversation needs, "
-                         "rounded up to 256)")
+                    help="KV-cache slots per conversation (default: what its batches need, each round at its "
+                         "longest row plus max_new_tokens, rounded up to 256; eval.run.context_for)")
     ap.add_argument("--num-steps", type=int, help="diffusion steps (default: the checkpoint's config)")
     ap.add_argument("--cache", default="/tmp/cig_eval", help="where the attribute classifier is cached")
     ap.add_argument("--identity", default="auto", choices=("auto", "dlib", "insightface", "none"))
