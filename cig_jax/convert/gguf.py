@@ -105,13 +105,18 @@ def config_from_gguf(meta: dict, *, tied: bool, source: str = "<gguf>", **overri
         num_kv_heads=int(get("attention.head_count_kv", heads)),
         head_dim=int(meta.get(f"{arch}.attention.key_length") or meta.get(f"{arch}.rope.dimension_count")
                      or hidden // heads),
-        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon")),
-        rope_theta=float(get("rope.freq_base", 10000.0)), rope_scaling=scaling,
+        rms_norm_eps=_f32(get("attention.layer_norm_rms_epsilon")),
+        rope_theta=_f32(get("rope.freq_base", 10000.0)), rope_scaling=scaling,
         max_position_embeddings=int(get("context_length", 4096)), qkv_bias=arch == "qwen2",
         tie_word_embeddings=tied,
     )
     kw.update(overrides)
     return LLMConfig(**kw)
+
+
+def _f32(x) -> float:
+    """A float32 metadata value as the decimal it was written from (1e-5, not 9.999999747378752e-06)."""
+    return float(f"{float(x):.7g}")
 
 
 def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:

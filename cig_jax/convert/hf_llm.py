@@ -91,10 +91,13 @@ def config_to_hf(cfg: LLMConfig) -> dict:
     return hf
 
 
-def hf_to_ours_lazy(tensors, cfg: LLMConfig, *, source: str) -> dict[tuple, tuple[tuple, Callable[[], np.ndarray]]]:
+def hf_to_ours_lazy(tensors, cfg: LLMConfig, *, source: str,
+                    drop_layers_past: bool = False) -> dict[tuple, tuple[tuple, Callable[[], np.ndarray]]]:
     """HF tensors -> {our state path: (shape, read)}: nothing is read until `read()` is called, so a loader can
-    place one tensor at a time (`tensors`: a dict of arrays or a `checkpoint_io.LazyTensors`). The names and the
-    per-layer shapes are checked first: one CheckpointError lists every missing and unexpected tensor."""
+    place one tensor at a time (`tensors`: a dict of arrays, a `checkpoint_io.LazyTensors` or a
+    `gguf.GGUFTensors`). The names and the per-layer shapes are checked first: one CheckpointError lists every
+    missing and unexpected tensor. `drop_layers_past`: the checkpoint's layers from `cfg.num_layers` on are
+    left out (a model keeping its first layers) instead of being unexpected."""
     used: set[str] = set()
     missing: list[str] = []
     shape_of = getattr(tensors, "shape", lambda k: tuple(np.shape(tensors[k])))
@@ -147,7 +150,9 @@ def hf_to_ours_lazy(tensors, cfg: LLMConfig, *, source: str) -> dict[tuple, tupl
             stacked(("layers", group, name, "bias"), [f"model.layers.{i}.{group}.{name}.bias" for i in range(L)])
     for norm in _LAYER_NORMS:
         stacked(("layers", norm, "scale"), [f"model.layers.{i}.{norm}.weight" for i in range(L)])
-    extra = sorted(k for k in set(tensors.keys()) - used if not k.endswith("rotary_emb.inv_freq"))
+    dropped = lambda k: (drop_layers_past and k.startswith("model.layers.")  # noqa: E731
+                         and int(k.split(".")[2]) >= cfg.num_layers)
+    extra = sorted(k for k in set(tensors.keys()) - used if not k.endswith("rotary_emb.inv_freq") and not dropped(k))
     raise_if_mismatched(f"{source}: not a checkpoint of this LLM config", missing, [],
                         [f"{k} (no place in the model)" for k in extra])
     return out

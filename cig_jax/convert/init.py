@@ -26,7 +26,8 @@ from flax import nnx
 
 from cig_jax import cli
 from cig_jax.config import Config, ConfigError
-from cig_jax.convert.checkpoint_io import CheckpointError, raise_if_mismatched
+from cig_jax.convert import gguf as gguf_io
+from cig_jax.convert.checkpoint_io import CheckpointError, raise_if_mismatched, resolve_path
 
 # init_weights field -> where it lands in CIGModel
 PARTS = {"seedx_agent": ("mllm",), "llm": ("mllm", "llm"), "llm_adapters": ("mllm", "llm"), "vit": ("mllm", "vit"),
@@ -49,12 +50,17 @@ def part_dir(part: str, path: str | Path) -> Path:
 
 
 def _problem(part: str, path: str) -> Optional[str]:
-    p = Path(path)
     where = f"init_weights.{part}: {path}"
+    try:
+        p = resolve_path(path)
+    except CheckpointError as e:
+        return f"init_weights.{part}: {e}"
+    if part in ("llm", "tokenizer") and gguf_io.is_gguf(p):
+        return None if p.is_file() else f"{where}: GGUF file not found"
     if part in ("llm", "vae", "dit"):
         d = part_dir(part, p)
         if not (d / "config.json").is_file():
-            what = {"llm": "a Hugging Face LLaMA / Qwen2 folder (config.json + *.safetensors)",
+            what = {"llm": "a Hugging Face LLaMA / Qwen2 folder (config.json + *.safetensors) or a .gguf file",
                     "vae": "a diffusers AutoencoderKL folder (config.json + diffusion_pytorch_model.safetensors) "
                            "or a pipeline folder with model_index.json and vae/",
                     "dit": "a diffusers PixArtTransformer2DModel folder or a pipeline folder with model_index.json "
@@ -82,6 +88,11 @@ def check_paths(cfg: Config, source: str = "<config>") -> None:
     problems = [m for part, path in cfg.init_weights.named().items() if (m := _problem(part, path))]
     if cfg.init_weights.llm and cfg.init_weights.seedx_agent:
         problems.append("init_weights: name either llm or seedx_agent (the agent holds the LLM), not both")
+    if cfg.init_weights.llm_layers and not (cfg.init_weights.llm or cfg.init_weights.seedx_agent):
+        problems.append("init_weights.llm_layers: no llm (or seedx_agent) to take the layers from")
+    if cfg.init_weights.llm_layers and cfg.init_weights.llm_layers != cfg.model.llm.num_layers:
+        problems.append(f"init_weights.llm_layers ({cfg.init_weights.llm_layers}) must equal model.llm.num_layers "
+                        f"({cfg.model.llm.num_layers})")
     if cfg.init_weights.llm_adapters and not cfg.model.llm.lora_rank:
         problems.append("init_weights.llm_adapters: model.llm.lora_rank is 0 (set the adapters' rank and alpha)")
     if problems:
@@ -102,25 +113,36 @@ def _llm_plan(path: str, cfg: Config) -> Plan:
     from cig_jax.convert import hf_llm
     from cig_jax.convert.checkpoint_io import lazy_tensors, read_json
 
-    _check_llm_config(read_json(Path(path) / "config.json"), cfg, f"init_weights.llm {path}")
-    return hf_llm.hf_to_ours_lazy(lazy_tensors(path), cfg.model.llm, source=f"init_weights.llm {path}")
+    source = f"init_weights.llm {path}"
+    local = resolve_path(path)
+    if gguf_io.is_gguf(local):
+        tensors = gguf_io.GGUFTensors(local)
+        _check_llm_config(gguf_io.config_from_gguf(gguf_io.read_metadata(local), tied=tensors.tied, source=source),
+                          cfg, source)
+    else:
+        tensors = lazy_tensors(local)
+        _check_llm_config(hf_llm.config_from_hf(read_json(local / "config.json"), source=source), cfg, source)
+    return hf_llm.hf_to_ours_lazy(tensors, cfg.model.llm, source=source,
+                                  drop_layers_past=bool(cfg.init_weights.llm_layers))
 
 
-def _check_llm_config(hf: dict, cfg: Config, source: str) -> None:
-    """The architecture fields of the checkpoint's config.json must be the run's (shapes alone miss RoPE/eps)."""
-    from cig_jax.convert.hf_llm import config_from_hf
-
-    theirs, ours = config_from_hf(hf, source=source), cfg.model.llm
+def _check_llm_config(theirs, cfg: Config, source: str) -> None:
+    """The architecture fields of the checkpoint's config must be the run's (shapes alone miss RoPE/eps); with
+    `init_weights.llm_layers` the checkpoint may have more layers than the model keeps."""
+    ours = cfg.model.llm
     fields = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "rope_theta",
               "rms_norm_eps", "qkv_bias", "tie_word_embeddings", "rope_scaling")
+    keep = cfg.init_weights.llm_layers
     diffs = [f"{f}: checkpoint {getattr(theirs, f)!r} vs model.llm {getattr(ours, f)!r}" for f in fields
-             if getattr(theirs, f) != getattr(ours, f)]
+             if getattr(theirs, f) != getattr(ours, f) and not (f == "num_layers" and keep)]
+    if keep and theirs.num_layers < keep:
+        diffs.append(f"init_weights.llm_layers {keep} but the checkpoint has {theirs.num_layers} layers")
     if theirs.resolved_head_dim() != ours.resolved_head_dim():
         diffs.append(f"head_dim: checkpoint {theirs.resolved_head_dim()} vs model.llm {ours.resolved_head_dim()}")
     if theirs.vocab_size > ours.vocab_size:
         diffs.append(f"vocab_size: checkpoint {theirs.vocab_size} > model.llm {ours.vocab_size}")
     if diffs:
-        raise CheckpointError(f"{source}: its config.json is another LLM than model.llm: " + "; ".join(diffs))
+        raise CheckpointError(f"{source}: its config is another LLM than model.llm: " + "; ".join(diffs))
 
 
 def _agent_plan(path: str, cfg: Config) -> Plan:
@@ -209,11 +231,21 @@ def _grow_axis(shape: tuple, want: tuple, names: tuple) -> Optional[int]:
     return None
 
 
-def place(targets: dict, plan: Plan, *, part: str, source: str, current: Callable[[tuple], Optional[jax.Array]],
-          put: Callable[[tuple, jax.Array], None], say: Callable = print) -> int:
+def grow_rows(host: np.ndarray, size: int, axis: int, seed: int = 0) -> np.ndarray:
+    """`host` grown to `size` entries along `axis` (the vocabulary): the new entries are drawn from the existing
+    ones' per-dimension mean and standard deviation, so a new token's embedding (and, when tied, its output
+    row) starts where the released model's tokens live rather than at an arbitrary scale."""
+    moved = np.moveaxis(host, axis, 0)  # [n, ...]
+    mean, std = moved.mean(0), moved.std(0)
+    new = mean + std * np.random.default_rng(seed).standard_normal((size - moved.shape[0],) + moved.shape[1:])
+    return np.moveaxis(np.concatenate([moved, new.astype(host.dtype)], 0), 0, axis)
+
+
+def place(targets: dict, plan: Plan, *, part: str, source: str, put: Callable[[tuple, jax.Array], None],
+          say: Callable = print) -> int:
     """Checks `plan` against `targets` ({path: nnx Variable whose value carries `.sharding`: real or abstract})
     and then places each tensor into its shards, one at a time, handing it to `put(path, array)`. Returns the
-    number of values placed. `current(path)` gives the value to keep past a grown vocabulary."""
+    number of values placed. A tensor shorter than the model's along the vocabulary grows (`grow_rows`)."""
     from cig_jax.sharding import _names_of
 
     missing = sorted(".".join(map(str, p)) for p, v in targets.items() if p not in plan and not _keeps(part, p, v))
@@ -231,26 +263,17 @@ def place(targets: dict, plan: Plan, *, part: str, source: str, current: Callabl
     raise_if_mismatched(f"{source}: part '{part}' does not fit the model config", missing, mismatched, unexpected)
     for p, axis in grow.items():
         say(f"[init] {part}: {'.'.join(map(str, p))} grows from {plan[p][0][axis]} to "
-            f"{targets[p].value.shape[axis]} along the vocabulary (new entries keep their initialisation)")
+            f"{targets[p].value.shape[axis]} along the vocabulary (new entries drawn from the rows' statistics)")
     for p, (shape, read) in plan.items():
         var = targets[p]
         sds = var.value
         host = read()  # the one host copy of this tensor
         dtype = np.dtype(sds.dtype)
-        n = host.shape[grow[p]] if p in grow else None
-        if n is not None:
-            pad = [(0, 0)] * host.ndim
-            pad[grow[p]] = (0, sds.shape[grow[p]] - n)
-            host = np.pad(host, pad)
+        if p in grow:
+            host = grow_rows(host, sds.shape[grow[p]], grow[p])
         arr = jax.make_array_from_callback(tuple(sds.shape), sds.sharding,
                                            lambda idx, h=host: np.asarray(h[idx], dtype=dtype))
         del host
-        if n is not None:
-            cur, axis = current(p), grow[p]
-            if cur is None:
-                raise CheckpointError(f"{source}: {'.'.join(map(str, p))} grows, which needs the initialised model")
-            keep_new = jax.lax.broadcasted_iota(jnp.int32, sds.shape, axis) >= n
-            arr = jax.jit(lambda c, a, m: jnp.where(m, c, a), out_shardings=sds.sharding)(cur, arr, keep_new)
         put(p, arr)
         del arr
     return len(plan)
@@ -286,13 +309,12 @@ def load_into(model: nnx.Module, cfg: Config, mesh=None, rules=None, *, say: Cal
         for name in prefix:
             sub = getattr(sub, name)
         targets = dict(nnx.to_flat_state(nnx.state(sub, nnx.Param)))
-        plan = _plan(part, path, cfg, model)
+        plan = _plan(part, str(resolve_path(path)), cfg, model)
 
         def put(p, arr, sub=sub, targets=targets):
             nnx.update(sub, nnx.from_flat_state([(p, targets.pop(p).replace(arr))]))  # the old value is freed
 
-        n = place(targets, plan, part=part, source=f"init_weights.{part} {path}", say=say,
-                  current=lambda p, targets=targets: targets[p].value, put=put)
+        n = place(targets, plan, part=part, source=f"init_weights.{part} {path}", say=say, put=put)
         del plan, targets
         say(f"[init] {part}: {n} tensors from {path}")
         loaded.append(part)
@@ -306,8 +328,8 @@ def load_abstract(abstract: nnx.State, part: str, path: str, cfg: Config, *, say
         raise ValueError(f"load_abstract: part {part!r} (llm or vit)")
     targets = dict(nnx.to_flat_state(abstract))
     out = {}
-    place(targets, _plan(part, path, cfg, None), part=part, source=f"init_weights.{part} {path}", say=say,
-          current=lambda p: None, put=lambda p, arr: out.__setitem__(p, targets[p].replace(arr)))
+    place(targets, _plan(part, str(resolve_path(path)), cfg, None), part=part, source=f"init_weights.{part} {path}",
+          say=say, put=lambda p, arr: out.__setitem__(p, targets[p].replace(arr)))
     rest = [(p, v) for p, v in targets.items() if p not in out]
     return nnx.from_flat_state(list(out.items()) + rest)
 

@@ -38,6 +38,7 @@ PARTS = {
     "input_resampler": _under("mllm", "input_resampler"),
     "llm": _under("mllm", "llm"),
     "llm_adapters": _llm_adapter,  # SEED-X LoRA recipe: the adapters and the norms of the LLM
+    "llm_embed": _under("mllm", "llm", "embed_tokens"),  # the token embedding: the new image-query / slot rows
     "output_resampler": _under("mllm", "output_resampler"),
     "patch_pos_embed": _under("mllm", "patch_pos_embed"),
     "dit": _under("detokenizer", "dit"),  # includes the identity encoder

@@ -36,6 +36,8 @@ from flax import nnx
 
 from cig_jax import fs
 from cig_jax.config import Config, ConfigError
+from cig_jax.convert import gguf
+from cig_jax.convert.checkpoint_io import resolve_path
 from cig_jax.data.lm_smoke import lm_smoke_dataset
 from cig_jax.models.cig import CIGModel, trainable_filter
 from cig_jax.models.llm import LLM, shifted_token_loss
@@ -116,13 +118,19 @@ def load_stage_records(cfg: Config, default_kinds: Sequence[str] = ()) -> Sequen
 
 
 def stage_tokenizer(cfg: Config):
-    """`init_weights.tokenizer` or `data.tokenizer` (a Hugging Face tokenizer folder, the MLLM tokens added) or
+    """`init_weights.tokenizer` or `data.tokenizer` (a Hugging Face tokenizer folder or a GGUF file, the MLLM
+    tokens added) or
     the tiny tokenizer built locally; checked against `model.llm.vocab_size`. Saved under `<workdir>/tokenizer`
     by the trainer so sampling finds it."""
-    from cig_jax.data.chat_template import build_tiny_tokenizer, load_tokenizer
+    from cig_jax.data.chat_template import add_mllm_tokens, build_tiny_tokenizer, load_tokenizer
 
     if cfg.init_weights.tokenizer or cfg.data.tokenizer:
-        tok = load_tokenizer(cfg.init_weights.tokenizer or cfg.data.tokenizer)
+        path = resolve_path(cfg.init_weights.tokenizer or cfg.data.tokenizer)
+        if gguf.is_gguf(path):
+            tok = gguf.tokenizer_from_gguf(path)
+            add_mllm_tokens(tok)
+        else:
+            tok = load_tokenizer(path)
     else:
         tok = build_tiny_tokenizer(Path(fs.local_cache(cfg.train.workdir, "tokenizer_cache")))
     if len(tok) > cfg.model.llm.vocab_size:
