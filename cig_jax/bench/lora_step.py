@@ -20,8 +20,10 @@ line says which.
 from __future__ import annotations
 
 import argparse
-import copy
+import gc
 import os
+import resource
+import sys
 import tempfile
 
 import jax
@@ -107,19 +109,23 @@ def build_reference(a, cfg: LLMConfig):
     with tempfile.TemporaryDirectory() as d:
         model.save_pretrained(d)
         values.update(peft_to_ours(d, cfg))
+    model.untrained_adapters = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
     return model, values
 
 
 def torch_step_fn(a, model, batch: dict, dtype: str):
-    """(step() -> loss, first (loss, LoRA grad norm)) of PEFT + AdamW on the LoRA parameters."""
+    """(step() -> loss, first (loss, LoRA grad norm), device) of PEFT + AdamW on the LoRA parameters. `model` is
+    changed in place (its adapters are restored from the untrained copy `build_reference` kept; for bf16 its
+    base weights are cast): one copy of the 135M weights in memory, not one per dtype."""
     import torch
 
     torch.set_num_threads(a.threads or os.cpu_count())
     dev = torch.device("cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu")
-    model = copy.deepcopy(model)  # each dtype starts from the untrained adapters
-    if dtype == "bfloat16":  # PEFT's mixed precision: base weights bf16, adapters fp32
+    with torch.no_grad():
         for name, p in model.named_parameters():
-            if "lora_" not in name:
+            if "lora_" in name:
+                p.copy_(model.untrained_adapters[name])  # each dtype starts from the same adapters
+            elif dtype == "bfloat16":  # PEFT's mixed precision: base weights bf16, adapters fp32
                 p.data = p.data.to(torch.bfloat16)
     model.to(dev).train()
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -199,11 +205,15 @@ def main(argv=None) -> dict:
         tol = RTOL[dtype]
         check_close(f"{dtype} first loss", loss_o, loss_r, rtol=tol["loss"])
         check_close(f"{dtype} LoRA gradient norm", norm_o, norm_r, rtol=tol["grad_norm"])
+        sys.stdout.flush()
         # the first step above was each side's warm-up (compile, allocations)
         times = time_interleaved({"ours": run_ours, "ref": run_ref}, a.repeats, warmup=0)
         print(ratio_line(f"{dtype} step (PyTorch + PEFT on {dev}, {a.threads or os.cpu_count()} threads)",
-                         times["ours"], times["ref"]))
+                         times["ours"], times["ref"]), flush=True)
         result[dtype] = times
+        del run_ours, run_ref  # free this dtype's states and buffers before the next one
+        gc.collect()
+    print(f"peak resident memory of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB")
     return result
 
 
