@@ -5,21 +5,24 @@ COMMAND: python -m cig_jax.bench.decode                 # demo LLM + a 6x512 LLa
 Both sides decode greedily from the same random prompt for the same number of tokens (no stop token) with the
 same weights (ours exported as a Hugging Face checkpoint and loaded by transformers, fp32): ours is a prefill
 plus `decode._decode_loop` (the loop `ChatSession.round` runs: one jitted `lax.while_loop` over a KV cache view
-cut to the filled part), theirs `model.generate(..., do_sample=False, use_cache=True)`. Prints one row per
-(model, batch): tokens/s of each (new tokens x batch / wall time, prefill included, the best of --repeats
-after a warm-up), the ratio ours / HF, and whether the generated tokens are equal. Expect ratio >= 1.0 on CPU.
-The machine may be shared: each number is the minimum wall time over the repeats.
+cut to the filled part), theirs `model.generate(..., do_sample=False, use_cache=True)` on CPU (the header says
+where ours runs). The generated tokens must be equal or the command exits 1 (`CIG_BENCH_PERTURB=0.1` perturbs
+our first layers' norm: it must exit 1). Prints one row per (model, batch): tokens/s of each (new tokens x batch
+/ wall time, prefill included, median of --repeats, the sides alternating after a warm-up) and the speed ratio
+ours / HF as median (min, max). Expect ratio >= 1.0 on CPU.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import tempfile
-import time
 from functools import partial
 from pathlib import Path
 
 import numpy as np
+
+from cig_jax.bench.common import NotEqualWork, perturbation, ratio_stats, time_interleaved
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -51,8 +54,8 @@ def _configs(names):
     return out
 
 
-def _ours(model, prompt: np.ndarray, new: int, repeats: int):
-    """(best seconds, tokens [b, new]) of prefill + the on-device decode loop."""
+def _ours(model, prompt: np.ndarray, new: int):
+    """run() -> tokens [b, new]: prefill + the on-device decode loop."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -84,21 +87,11 @@ def _ours(model, prompt: np.ndarray, new: int, repeats: int):
                                jnp.int32(-1), jnp.int32(-1))
         return np.asarray(jax.device_get(out))
 
-    return _best_of(run, repeats)
+    return run
 
 
-def _best_of(run, repeats: int):
-    """(fastest of `repeats` timed calls after one warm-up call (compiles), the last call's tokens)."""
-    tokens = run()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        tokens = run()
-        best = min(best, time.perf_counter() - t0)
-    return best, tokens
-
-
-def _hf(directory, prompt: np.ndarray, new: int, repeats: int, threads: int):
+def _hf(directory, prompt: np.ndarray, new: int, threads: int):
+    """run() -> tokens [b, new]: transformers' greedy `generate()` (CPU, fp32)."""
     import torch
     import transformers
 
@@ -113,7 +106,7 @@ def _hf(directory, prompt: np.ndarray, new: int, repeats: int, threads: int):
                                  use_cache=True, eos_token_id=None, pad_token_id=0)
         return out[:, ids.shape[1]:].numpy()
 
-    return _best_of(run, repeats)
+    return run
 
 
 def main(argv=None) -> list:
@@ -126,26 +119,36 @@ def main(argv=None) -> list:
 
     threads = a.threads or os.cpu_count()
     batches = [int(x) for x in a.batches.split(",")]
-    print(f"[setup] greedy, prompt {a.prompt} tokens, {a.new_tokens} new tokens, best of {a.repeats}; "
-          f"{jax.devices()[0].platform}, PyTorch {threads} threads")
-    print(f"{'model':>12} {'batch':>5} {'ours tok/s':>11} {'HF tok/s':>10} {'ratio':>6} {'equal':>6}")
+    print(f"[setup] greedy, prompt {a.prompt} tokens, {a.new_tokens} new tokens, {a.repeats} repeats (sides "
+          f"alternating) after a warm-up; ours on {jax.devices()[0].platform}, HF on cpu, PyTorch {threads} threads")
+    print(f"{'model':>12} {'batch':>5} {'ours tok/s':>11} {'HF tok/s':>10} {'ratio':>6} {'(min, max)':>12}")
     rows = []
     for name, cfg in _configs(a.models.split(",")).items():
         model = LLM(cfg, rngs=nnx.Rngs(0))
         with tempfile.TemporaryDirectory() as d:
             save_hf_llm(model, d)
+            scale = model.layers.input_layernorm.scale  # the counterfactual: ours only (0 unless set)
+            scale[...] = scale[...] + perturbation()
             for b in batches:
                 prompt = np.random.default_rng(b).integers(3, cfg.vocab_size, (b, a.prompt))
-                t_ours, ours = _ours(model, prompt, a.new_tokens, a.repeats)
-                t_hf, theirs = _hf(d, prompt, a.new_tokens, a.repeats, threads)
+                sides = {"ours": _ours(model, prompt, a.new_tokens), "hf": _hf(d, prompt, a.new_tokens, threads)}
+                ours, theirs = sides["ours"](), sides["hf"]()  # the warm-ups (compile) and the outputs
+                if not np.array_equal(ours, theirs):
+                    raise NotEqualWork(f"{name} batch {b}: greedy tokens differ from HF generate() at "
+                                       f"{int((ours != theirs).sum())} of {ours.size} positions (first row ours "
+                                       f"{ours[0, :8].tolist()}..., HF {theirs[0, :8].tolist()}...)")
+                times = time_interleaved(sides, a.repeats, warmup=0)
                 n = b * a.new_tokens
-                equal = bool(np.array_equal(ours, theirs))
-                rows.append(dict(model=name, batch=b, ours=n / t_ours, hf=n / t_hf, ratio=t_hf / t_ours, equal=equal))
-                print(f"{name:>12} {b:>5} {n / t_ours:>11.0f} {n / t_hf:>10.0f} {t_hf / t_ours:>6.2f} "
-                      f"{'yes' if equal else 'NO':>6}", flush=True)
+                med, lo, hi = ratio_stats(times["ours"], times["hf"])
+                t_ours, t_hf = statistics.median(times["ours"]), statistics.median(times["hf"])
+                rows.append(dict(model=name, batch=b, ours=n / t_ours, hf=n / t_hf, ratio=med, ratio_min=lo,
+                                 ratio_max=hi))
+                print(f"{name:>12} {b:>5} {n / t_ours:>11.0f} {n / t_hf:>10.0f} {med:>6.2f} ({lo:.2f}, {hi:.2f})",
+                      flush=True)
     worst = min(r["ratio"] for r in rows)
-    print(f"[result] ours / HF tokens/s: {worst:.2f}x at worst ({'ok' if worst >= 1.0 else 'NOT'} >= 1.0); "
-          f"outputs equal in {sum(r['equal'] for r in rows)}/{len(rows)} runs")
+    print(f"equal work: greedy tokens equal to HF generate() in all {len(rows)} runs ({a.new_tokens} new tokens)")
+    print(f"[result] ours / HF tokens/s: median ratio {worst:.2f}x at worst ({'ok' if worst >= 1.0 else 'NOT'} >= "
+          f"1.0)")
     return rows
 
 

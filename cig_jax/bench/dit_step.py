@@ -2,18 +2,23 @@
 
 COMMAND: python -m cig_jax.bench.dit_step            # small default: hidden 384, 6 blocks, 32x32x4, batch 8
          python -m cig_jax.bench.dit_step --hidden 1152 --heads 16 --layers 28 --steps 10   # PixArt-XL size
-Prints steps/s of each and the ratio ours/torch. Both start from the same weights (the torch model is saved
-with `save_pretrained` and loaded through `convert.diffusers.load_pixart`), so their first losses agree.
-torch and diffusers come from the [test] extra.
+Both start from the same weights (the torch model is saved with `save_pretrained` and loaded through
+`convert.diffusers.load_pixart`) and the same batch; their first losses must agree (relative 1e-4 in fp32, 2e-2
+with our --dtype bfloat16) or the command exits 1 (`CIG_BENCH_PERTURB=0.1` perturbs one of our weights: it must
+exit 1). Then the sides alternate, one step each per repeat (--steps repeats); prints steps/s of each (medians)
+and the speed ratio ours / torch as median (min, max). torch runs on --torch-device (the line says which, beside
+our JAX platform). torch and diffusers come from the [test] extra.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import tempfile
 import time
 
 from cig_jax import cli
+from cig_jax.bench.common import check_close, perturbation, ratio_line, time_interleaved
 
 # torch runs after us in the same process: don't let XLA grab 75% of the GPU up front.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -27,7 +32,7 @@ from flax import nnx  # noqa: E402
 
 def parse(argv=None):
     p = cli.parser(cli.prog(module="cig_jax.bench.dit_step"), __doc__)
-    p.add_argument("--steps", type=int, default=5, help="timed steps per framework (after one warm-up step)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps (repeats) per framework, after one warm-up step")
     p.add_argument("--hidden", type=int, default=384)
     p.add_argument("--heads", type=int, default=6)
     p.add_argument("--layers", type=int, default=6)
@@ -78,6 +83,8 @@ def bench_ours(a, path, batch):
     model = load_pixart(path, scan_layers=a.scan, remat_policy=a.remat, dtype=a.dtype,
                         attention_impl=a.attention)
     graphdef, params = nnx.split(model, nnx.Param)
+    path, first = nnx.to_flat_state(params)[0]  # the counterfactual: one weight of ours (0 unless set)
+    first[...] = first[...] + perturbation()
     tx = optax.adamw(1e-4, weight_decay=0.01)
     opt_state = tx.init(params)
 
@@ -94,13 +101,13 @@ def bench_ours(a, path, batch):
     t0 = time.perf_counter()
     compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, b).compile()
     compile_s = time.perf_counter() - t0
-    params, opt_state, loss0 = compiled(params, opt_state, b)  # warm-up
-    loss0 = float(loss0)
-    t0 = time.perf_counter()
-    for _ in range(a.steps):
-        params, opt_state, loss = compiled(params, opt_state, b)
-    loss.block_until_ready()
-    dt = time.perf_counter() - t0
+    holder = {"p": params, "o": opt_state}
+
+    def run():
+        holder["p"], holder["o"], loss = compiled(holder["p"], holder["o"], b)
+        return float(loss)  # waits for the device
+
+    loss0 = run()  # the warm-up
     n = sum(x.size for x in jax.tree.leaves(params))
     from cig_jax.train.flops import module_flops
 
@@ -109,9 +116,8 @@ def bench_ours(a, path, batch):
         return jnp.mean(jnp.square(pred.astype(jnp.float32) - bb["target"])), {}
 
     spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in b.items()}
-    flops = module_flops(lambda: nnx.merge(graphdef, params), nnx.Param, flops_loss, spec)
-    jax.tree.map(lambda x: x.delete(), (params, opt_state))  # free device memory for the torch run
-    return dict(steps_per_s=a.steps / dt, first_loss=loss0, compile_s=compile_s, params=n, flops=flops)
+    flops = module_flops(lambda: nnx.merge(graphdef, holder["p"]), nnx.Param, flops_loss, spec)
+    return dict(run=run, first_loss=loss0, compile_s=compile_s, params=n, flops=flops)
 
 
 def bench_torch(a, model, batch):
@@ -133,13 +139,10 @@ def bench_torch(a, model, batch):
         opt.step()
         return loss
 
-    loss0 = step().item()  # warm-up
-    t0 = time.perf_counter()
-    for _ in range(a.steps):
-        loss = step()
-    loss.item()  # waits for the device
-    dt = time.perf_counter() - t0
-    return dict(steps_per_s=a.steps / dt, first_loss=loss0)
+    def run():
+        return step().item()  # waits for the device
+
+    return dict(run=run, first_loss=run())  # the first step is the warm-up
 
 
 def main(argv=None):
@@ -153,9 +156,16 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as d:
         ref.save_pretrained(d)
         ours = bench_ours(a, d, batch)
-    print(f"ours : {ours['steps_per_s']:.3f} steps/s  (compile {ours['compile_s']:.1f}s, first loss "
-          f"{ours['first_loss']:.6f}, {ours['params'] / 1e6:.1f}M params, dtype {a.dtype}, remat {a.remat}, attention {a.attention or 'default'}, "
-          f"blocks {'scanned' if a.scan else 'unrolled'})")
+    theirs = None if a.skip_torch else bench_torch(a, ref, batch)
+    if theirs is not None:
+        check_close(f"first-step loss (ours {a.dtype}, diffusers fp32 on {a.torch_device}, same weights and batch)",
+                    ours["first_loss"], theirs["first_loss"], rtol=1e-4 if a.dtype == "float32" else 2e-2)
+    sides = {"ours": ours["run"]} if theirs is None else {"ours": ours["run"], "torch": theirs["run"]}
+    times = time_interleaved(sides, a.steps, warmup=0)
+    ours["steps_per_s"] = 1.0 / statistics.median(times["ours"])
+    print(f"ours : {ours['steps_per_s']:.3f} steps/s (median of {a.steps}; compile {ours['compile_s']:.1f}s, first "
+          f"loss {ours['first_loss']:.6f}, {ours['params'] / 1e6:.1f}M params, dtype {a.dtype}, remat {a.remat}, "
+          f"attention {a.attention or 'default'}, blocks {'scanned' if a.scan else 'unrolled'})")
     from cig_jax.train import trainer
     from cig_jax.train.flops import FORMULA
 
@@ -166,12 +176,12 @@ def main(argv=None):
           f"FLOPs per image / (devices x peak) = "
           + (f"{achieved / (jax.device_count() * peak) * 100:.1f}% of {peak} TFLOP/s" if peak else "n/a (no known peak)")
           + f"; FLOPs/step {fl.summary()} ({FORMULA})")
-    if a.skip_torch:
+    if theirs is None:
         return
-    theirs = bench_torch(a, ref, batch)
-    print(f"torch: {theirs['steps_per_s']:.3f} steps/s  (first loss {theirs['first_loss']:.6f}, "
-          f"{a.torch_device}, {a.torch_threads} threads)")
-    print(f"ratio ours/torch: {ours['steps_per_s'] / theirs['steps_per_s']:.2f}x")
+    print(f"torch: {1.0 / statistics.median(times['torch']):.3f} steps/s (median of {a.steps}; first loss "
+          f"{theirs['first_loss']:.6f}, {a.torch_device}, {a.torch_threads} threads)")
+    print(ratio_line(f"DiT step (diffusers on {a.torch_device}, ours on {jax.devices()[0].platform})", times["ours"],
+                     times["torch"]))
 
 
 if __name__ == "__main__":

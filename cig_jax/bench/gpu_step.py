@@ -14,8 +14,9 @@ tokens of width 4096 (T5's), bf16 with cuDNN attention, the mean-square loss of 
 MFU = examples/s x model FLOPs per example / (devices x peak), model FLOPs from `cig_jax.train.flops` (what
 the step runs: 6N per token for trained weights, 4N frozen with the gradient crossing, 2N frozen forward-only,
 attention as computed); peak from `trainer.known_peak_tflops` or --peak-tflops. Each variant runs under a
-try: one that fails (e.g. out of memory) prints its error and the suite goes on; --budget-s skips variants
-that would start after the budget.
+try: one that fails (e.g. out of memory) prints its error and the suite goes on, and the command exits 1 at the
+end naming every failed variant (`CIG_BENCH_FAIL=NAME` makes the variants whose name contains NAME fail on
+purpose: the check that a failure is not swallowed); --budget-s skips variants that would start after the budget.
 """
 from __future__ import annotations
 
@@ -198,7 +199,8 @@ def main(argv=None) -> list:
     peak = args.peak_tflops or trainer.known_peak_tflops()
     print(f"jax {jax.__version__} on {jax.device_count()} x {jax.devices()[0].device_kind}; peak "
           f"{peak or 'unknown'} TFLOP/s; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
-    start, results, host_batches = time.perf_counter(), [], {}
+    start, results, host_batches, failed = time.perf_counter(), [], {}, []
+    fail_on_purpose = os.environ.get("CIG_BENCH_FAIL", "")
     jobs = []
     if "stage2" in suites:
         jobs += [(f"stage2 {n}", lambda n=n, o=o, mu=mu: run_stage2(f"stage2 {n}", o, mu, args, peak, host_batches))
@@ -212,10 +214,13 @@ def main(argv=None) -> list:
             print(f"[{name}] skipped: past the {args.budget_s:.0f}s budget", flush=True)
             continue
         try:
+            if fail_on_purpose and fail_on_purpose in name:
+                raise RuntimeError(f"failed on purpose (CIG_BENCH_FAIL={fail_on_purpose!r})")
             results.append(job())
         except Exception as e:  # noqa: BLE001 -- report and go on (an OOM variant must not end the suite)
             print(f"[{name}] FAILED: {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
             traceback.print_exc(limit=2)
+            failed.append(name)
         jax.clear_caches()
     print("\nsummary (variant, step ms, examples/s, model TFLOP/s, MFU):")
     for r in results:
@@ -226,6 +231,8 @@ def main(argv=None) -> list:
 
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
+    if failed:
+        raise SystemExit(f"{len(failed)} variant(s) failed: {', '.join(failed)}")
     return results
 
 

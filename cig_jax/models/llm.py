@@ -329,6 +329,22 @@ def shifted_token_loss(logits: jax.Array, tokens: jax.Array, weights: jax.Array)
     return next_token_loss(logits, shift(tokens), shift(weights))
 
 
+def selected_token_loss(model: "LLM", hidden: jax.Array, tokens: jax.Array, weights: jax.Array,
+                        num_selected: int) -> tuple[jax.Array, jax.Array]:
+    """`shifted_token_loss(model.logits(hidden), tokens, weights)` with the LM head run only at the positions
+    whose shifted weight is > 0: on a prompt + answer batch the [b, l, vocab] head (a fifth of SmolLM2-135M's
+    FLOPs) shrinks to [num_selected, vocab]. hidden [b, l, d] (final-normed, `return_logits=False`); tokens,
+    weights [b, l], unshifted. `num_selected` is static and must be >= the number of such positions (the
+    caller counts them on the host); unused slots take weight 0, positions past it would be dropped."""
+    b, t, d = hidden.shape
+    shift = lambda x: jnp.concatenate([x[:, 1:], jnp.zeros_like(x[:, :1])], axis=1)  # noqa: E731
+    targets, w = shift(tokens).reshape(-1), shift(weights).reshape(-1).astype(jnp.float32)
+    (index,) = jnp.nonzero(w > 0, size=num_selected, fill_value=0)  # [k]
+    used = jnp.arange(num_selected) < jnp.sum(w > 0)
+    picked = hidden.reshape(b * t, d)[index]  # [k, d]
+    return next_token_loss(model.logits(picked[None]), targets[index][None], jnp.where(used, w[index], 0.0)[None])
+
+
 def _log_sum_exp(x):  # [..., v] fp32 -> [...]
     m = jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True))
     return (m + jnp.log(jnp.sum(jnp.exp(x - m), axis=-1, keepdims=True)))[..., 0]
