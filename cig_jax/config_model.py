@@ -334,10 +334,16 @@ class MLLMConfig(Section):
     reg_loss: Literal["mse", "mse_position", "cosine"] = objective_field("mse")
     reg_target_pool: Literal["sequence", "grid"] = "sequence"
     add_patch_pos: bool = True  # SEED-X agent `patch_pos_embed` [4, llm width], added to input image tokens
+    # The LM head (vocab x width: a fifth of SmolLM2-135M's step) runs only at the positions carrying loss, at most
+    # this fraction of a batch's positions (0: the head runs everywhere). A batch with more loss positions loses the
+    # excess from its LM loss and says so (metric lm_tokens_dropped).
+    lm_head_fraction: float = execution_field(0.0)
 
     def check(self, key: str) -> None:
         need(0 < self.num_image_tokens <= 100,
               f"'{key}.num_image_tokens' must be in 1..100, got {self.num_image_tokens}")
+        need(0.0 <= self.lm_head_fraction <= 1.0,
+             f"'{key}.lm_head_fraction' must be in [0, 1], got {self.lm_head_fraction}")
 
 
 @dataclasses.dataclass(frozen=True)

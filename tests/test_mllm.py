@@ -78,6 +78,34 @@ def _loss_fn(model):
 
 
 # ----------------------------------------------------------------------------------------------------------
+def test_lm_head_at_the_loss_positions_only_gives_the_full_loss_and_gradient(model, model_cfg, template):
+    """model.mllm.lm_head_fraction: the head runs on the positions carrying loss only; with room for all of them the
+    loss and its gradient are the full head's; with too little room the excess is dropped and counted."""
+    enc, batch = _batch(template, _conv_two_images(), pad=7)
+    n = int(np.asarray(batch["loss_mask"][0, 1:]).sum())
+    t = batch["input_ids"].shape[1]
+
+    def run(fraction):
+        m = dataclasses.replace(model_cfg, mllm=dataclasses.replace(model_cfg.mllm, lm_head_fraction=fraction))
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        graphdef = nnx.split(MLLM(m, rngs=nnx.Rngs(0)))[0] if fraction else graphdef
+
+        def f(p):
+            loss, metrics = mllm_loss(nnx.merge(graphdef, p, rest), batch)
+            return loss, metrics
+
+        (loss, metrics), grads = jax.value_and_grad(f, has_aux=True)(params)
+        return float(metrics["lm_loss"]), metrics, grads
+
+    full, _, g_full = run(0.0)
+    sel, metrics, g_sel = run((n + 2) / t)
+    assert abs(sel - full) < 1e-5 * max(1.0, abs(full)) and int(metrics["lm_tokens_dropped"]) == 0
+    for a, b in zip(jax.tree.leaves(g_full), jax.tree.leaves(g_sel)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-4)
+    short, metrics, _ = run((n - 3) / t)
+    assert int(metrics["lm_tokens_dropped"]) == 3 and abs(short - full) > 1e-6
+
+
 @pytest.mark.long
 def test_regression_grads_reach_llm_and_output_resampler_but_not_frozen_vit(model, template):
     _, batch = _batch(template, _conv_two_images())

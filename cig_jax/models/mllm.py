@@ -32,7 +32,7 @@ from cig_jax.config import MLLMConfig, ModelConfig, vit_feature_shape  # noqa: F
 from cig_jax.data.chat_template import IMAGE_QUERY, INPUT_IMAGE, TEXT  # role values
 from cig_jax.sharding import constrain
 from cig_jax.models import layers
-from cig_jax.models.llm import LLM, KVCache, shifted_token_loss
+from cig_jax.models.llm import LLM, KVCache, selected_token_loss, shifted_token_loss
 from cig_jax.models.resampler import Resampler
 from cig_jax.models.vit import VisionTransformer
 
@@ -262,18 +262,25 @@ def mllm_loss(model: MLLM, batch: dict, *, dropout_rng: Optional[jax.Array] = No
     else:
         feats = model.encode_images(batch["images"])  # [batch, N, K, D_vit], no gradient
     ids, mask = batch["input_ids"], batch.get("attention_mask")
+    select = cfg.lm_head_fraction > 0 and not return_output
     out = model(ids, batch["role"], batch["image_index"], image_features=feats, attention_mask=mask,
-                dropout_rng=dropout_rng)
+                dropout_rng=dropout_rng, return_logits=not select)
     labels = batch.get("labels", ids)
     weights = batch["loss_mask"] if mask is None else batch["loss_mask"] * mask
-    lm, count = shifted_token_loss(out.logits, labels, weights)
+    extra = {}
+    if select:  # the LM head at the loss positions only: [k, vocab] instead of [batch, len, vocab]
+        k = max(1, math.ceil(cfg.lm_head_fraction * ids.shape[0] * ids.shape[1]))
+        lm, count = selected_token_loss(model.llm, out.hidden_states, labels, weights, k)
+        extra["lm_tokens_dropped"] = jnp.maximum(jnp.sum(weights[:, 1:] > 0) - k, 0)
+    else:
+        lm, count = shifted_token_loss(out.logits, labels, weights)
 
     valid = out.query_image_index >= 0  # [batch, blocks]
     chosen = take_images(feats, out.query_image_index)  # [batch, blocks, K, D_vit]
     targets = jax.lax.stop_gradient(pool_targets(chosen, cfg.num_image_tokens, cfg.reg_target_pool))
     reg = regression_loss(out.visual_embeddings, targets, valid, cfg.reg_loss)
     loss = cfg.lm_weight * lm + cfg.reg_weight * reg
-    metrics = {"lm_loss": lm, "reg_loss": reg, "loss_tokens": count, "query_blocks": jnp.sum(valid)}
+    metrics = {"lm_loss": lm, "reg_loss": reg, "loss_tokens": count, "query_blocks": jnp.sum(valid), **extra}
     return (loss, metrics, out) if return_output else (loss, metrics)
 
 
