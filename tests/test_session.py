@@ -405,7 +405,7 @@ def test_bad_input_is_one_line_exit_2_nothing_written(ckpt, tmp_path, capsys):
                    "--no-progress"] + extra)
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2, name
-        assert len(err) == 1 and err[0].startswith("sample.py: "), (name, err)
+        assert len(err) == 1 and err[0].startswith("python sample.py: error: "), (name, err)
         for piece in expected:
             assert piece in err[0], (name, err[0])
         assert chat.read_bytes() == before, name  # byte-identical

@@ -184,4 +184,4 @@ def chip_report(report: dict, kind: str, seq: int) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_main(main)

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cig_jax import cli
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -150,4 +152,4 @@ def main(argv=None) -> list:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_main(main)

@@ -338,4 +338,4 @@ def main(argv=None) -> list[str]:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_main(main)

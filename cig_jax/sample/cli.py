@@ -28,30 +28,27 @@ image to the next message, `/quit` ends) and saves the same outputs after every 
 """
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
 
 from cig_jax import cli
 
 
 def _args(argv):
-    ap = argparse.ArgumentParser(prog=cli.prog(script="sample.py", console="cig-sample"),
-                                 description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = cli.parser(cli.prog(script="sample.py", console="cig-sample"), __doc__.split("\n\n")[0] + "\n\n"
+                    + __doc__.split("\n\n")[1])
     ap.add_argument("--checkpoint", required=True, help="training workdir: DIR/checkpoints/<step>/ and DIR/tokenizer/")
     ap.add_argument("--chat", help="history JSON (ours or a `messages` list), a directory of them, or a JSONL file "
                     "(one conversation a line)")
     ap.add_argument("--out", required=True, help="output directory (created)")
     ap.add_argument("--interactive", action="store_true", help="chat in the terminal")
     ap.add_argument("--config", help="YAML config to use instead of the one saved with the checkpoint")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    cli.add_overrides(ap)
     ap.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     ap.add_argument("--seed", type=int, help="round r samples with seed + r (default: sample.seed)")
-    ap.add_argument("--max-new-tokens", type=int, help="default: sample.max_new_tokens")
+    ap.add_argument("--max-new-tokens", type=int, help="text tokens per answer at most (default: sample.max_new_tokens)")
     ap.add_argument("--temperature", type=float, help="0: greedy (default: sample.temperature)")
-    ap.add_argument("--top-p", type=float, help="default: sample.top_p")
+    ap.add_argument("--top-p", type=float, help="nucleus sampling mass (default: sample.top_p)")
     ap.add_argument("--num-steps", type=int, help="diffusion steps (default: diffusion.num_steps)")
     ap.add_argument("--visual-scale", type=float, help="visual guidance scale (default: diffusion.visual_guidance_scale)")
     ap.add_argument("--identity-scale", type=float,
@@ -69,7 +66,7 @@ def _args(argv):
     ap.add_argument("--identity-backend", choices=("auto", "insightface", "dlib", "none"), default="auto",
                     help="face embedder for photos without a recorded identity (auto: insightface if its pack is "
                          "found, else dlib); its width must be the checkpoint's")
-    ap.add_argument("--face-model-root", help="folder holding models/<pack>/*.onnx (default ~/.insightface)")
+    ap.add_argument("--face-model-root", help="folder holding models/<pack>/*.onnx (default: ~/.insightface)")
     ap.add_argument("--face-pack", default="buffalo_l", help="insightface pack name (buffalo_l, antelopev2)")
     args = ap.parse_args(argv)
     if not args.interactive and not args.chat:
@@ -88,22 +85,15 @@ def _load_chats(path: Path) -> list:
 
 def _config(args):
     """The config to sample with: --config or the checkpoint's own, with --set overrides."""
-    from cig_jax.config import Config, apply_override, from_dict, load_config, to_dict, validate
+    from cig_jax.config import load_config, override_config
     from cig_jax.train.trainer import saved_config
 
     if args.config:
-        return load_config(args.config, args.set)
+        return load_config(args.config, args.overrides)
     if not Path(args.checkpoint).is_dir():
         raise FileNotFoundError(f"{args.checkpoint}: checkpoint directory not found")
-    cfg = saved_config(args.checkpoint, source="checkpoint")
-    if not args.set:
-        return cfg
-    tree = to_dict(cfg)
-    for ov in args.set:
-        tree = apply_override(tree, ov)
-    cfg = from_dict(Config, tree, source=f"checkpoint {args.checkpoint} + --set")
-    validate(cfg, "--set")
-    return cfg
+    return override_config(saved_config(args.checkpoint, source="checkpoint"), args.overrides,
+                           f"checkpoint {args.checkpoint} + --set")
 
 
 def _round_options(args) -> dict:
@@ -178,15 +168,13 @@ def main(argv=None) -> int:
     import jax
 
     from cig_jax import sharding
-    from cig_jax.config import ConfigError
     from cig_jax.data import schema
     from cig_jax.sample import complete as C
     from cig_jax.sample import session as S
-    from cig_jax.sample.identities import IdentityDimensionError, embedder_for_checkpoint
-    from cig_jax.train.checkpoint import CheckpointMismatchError
+    from cig_jax.sample.identities import embedder_for_checkpoint
 
-    user_errors = (schema.SchemaError, FileNotFoundError, CheckpointMismatchError, ConfigError, S.ContextOverflowError,
-                   IdentityDimensionError)
+    user_errors = (cli.UserError, FileNotFoundError)
+    prog = cli.prog(script="sample.py", console="cig-sample")
     out = Path(args.out)
     try:
         # --- everything that can be checked before sampling: input, config, checkpoint, context -------------
@@ -217,8 +205,7 @@ def main(argv=None) -> int:
             kept = {k: conv for k, (_, name) in enumerate(chats) if (conv := _existing(out, name)) is not None}
         sampled = _complete_all(session, chats, seed, args, kept, out)
     except user_errors as e:
-        print(f"sample.py: {e}", file=sys.stderr)
-        return 2
+        return cli.fail(prog, str(e))
     skipped = f" (kept {len(kept)} already complete)" if kept else ""
     print(f"sample.py: wrote {sampled} conversation(s){skipped} and transcript.html to {out}")
     return 0

@@ -19,12 +19,13 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from cig_jax.cli import UserError
 from cig_jax.data import schema
 
 log = logging.getLogger(__name__)
 
 
-class IdentityDimensionError(ValueError):
+class IdentityDimensionError(UserError, ValueError):
     """A face embedding whose width is not the checkpoint's identity width (never dropped silently)."""
 
 

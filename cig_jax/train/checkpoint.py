@@ -17,11 +17,12 @@ from typing import Any, Optional
 import jax
 import orbax.checkpoint as ocp
 
+from cig_jax.cli import UserError
 from cig_jax import fs
 from cig_jax.config import Config, field_paths, to_dict
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError, ValueError):
     """The checkpoint was written by a run whose model differs from this config."""
 
 
@@ -161,7 +162,10 @@ def restore_params(directory: str | Path, abstract: Any, step: Optional[int] = N
     directory = fs.path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: no checkpoints there (train first, or check the path)")
-    manager = ocp.CheckpointManager(directory, item_handlers={"state": ocp.PyTreeCheckpointHandler()})
+    # every item the trainer saves has its handler, so orbax has no "Item ... could not be restored" to warn about
+    _, _, grain_handler = _grain_args()
+    manager = ocp.CheckpointManager(directory, item_handlers={
+        "state": ocp.PyTreeCheckpointHandler(), "config": ocp.JsonCheckpointHandler(), "data": grain_handler()})
     try:
         step = step if step is not None else manager.latest_step()
         if step is None:
