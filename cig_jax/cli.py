@@ -50,7 +50,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         help_text = action.help or ""
         default = action.default
         if ("%(default)" in help_text or "default" in help_text.lower()
-                or default in (None, False, [], "", argparse.SUPPRESS)
+                or default is None or default is False or default in ([], "", argparse.SUPPRESS)
                 or action.option_strings == [] and action.nargs in ("?", "*")):
             return help_text
         return f"{help_text} (default: %(default)s)"
@@ -85,9 +85,10 @@ def parser(prog_name: str, description: str, epilog: Optional[str] = None) -> ar
                                    formatter_class=HelpFormatter)
 
 
-def add_overrides(ap: argparse.ArgumentParser) -> None:
+def add_overrides(ap: argparse.ArgumentParser, help: str = "override a config key, e.g. --set train.steps=20") -> None:
+    """The repeatable `--set KEY=VALUE` every command with a config takes (into `args.overrides`)."""
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
-                    help="override a config key, e.g. --set train.steps=20 (repeatable)")
+                    help=f"{help} (repeatable)")
 
 
 def fail(prog_name: str, message: str) -> int:

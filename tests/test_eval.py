@@ -545,7 +545,7 @@ def _bench_reports(far_h=0.7, far_m=0.3, text=0.8, probe=0.9, rollback=0.85, rou
 
 
 def test_nonmarkov_verdict_needs_every_target_in_both_naming_orders():
-    from cig_jax.bench.nonmarkov import verdict
+    from cig_jax.eval.nonmarkov import verdict
 
     v = verdict(_bench_reports())
     assert v["met"] and v["checks"]["far_image_only_first"]["gap_points"] == 40.0
@@ -563,7 +563,7 @@ def test_nonmarkov_verdict_needs_every_target_in_both_naming_orders():
 
 @pytest.mark.slow  # ~10 min: five trainings and four evaluations at seq_len 768 (kept out of .ci/run's 45 min)
 def test_nonmarkov_bench_quick_trains_both_models_and_writes_the_table(classifier, eval_cache, tmp_path, capsys):
-    from cig_jax.bench import nonmarkov
+    from cig_jax.eval import nonmarkov
 
     result = nonmarkov.run(tmp_path, nonmarkov.QUICK, classifier_cache=eval_cache,
                            identity="none")
