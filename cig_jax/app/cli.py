@@ -30,15 +30,16 @@ def main(argv=None) -> int:
     ap.add_argument("--max-len", type=int, default=2048, help="KV-cache slots per browser session")
     ap.add_argument("--files", help="folder for the sessions' images and exports (default: a temporary folder)")
     args = ap.parse_args(argv)
-    cli.require("gradio", "app", "the web app")
     if not Path(args.checkpoint).is_dir():
         return cli.fail(prog, f"--checkpoint {args.checkpoint}: checkpoint directory not found")
-    from cig_jax.app.ui import launch  # gradio: the 'app' extra, checked above
-    from cig_jax.sample.session import ChatSession
-    from cig_jax.train.trainer import saved_config
     from cig_jax.config import override_config
+    from cig_jax.train.trainer import saved_config
 
     cfg = override_config(saved_config(args.checkpoint, source="checkpoint"), args.overrides, "--set")
+    cli.require("gradio", "app", "the web app")
+    from cig_jax.app.ui import launch  # gradio: the 'app' extra, checked above
+    from cig_jax.sample.session import ChatSession
+
     base = ChatSession.from_checkpoint(args.checkpoint, config=cfg, step=args.step, max_len=args.max_len)
     root = args.files or tempfile.mkdtemp(prefix="cig_app_")
     print(f"{prog}: serving on http://{args.host}:{args.port} (files under {root})")

@@ -42,7 +42,7 @@ def parse_mesh(spec: str) -> dict:
 
 def main(argv=None) -> dict:
     ap = cli.parser(cli.prog(module="cig_jax.bench.aot"), __doc__.split("\n\n")[0])
-    ap.add_argument("--config", required=True)
+    ap.add_argument("--config", required=True, help="a stage or model config (a model config compiles the MLLM step)")
     cli.add_overrides(ap)
     ap.add_argument("--devices", type=int, default=0, help="simulate this many CPU devices (0: real devices)")
     ap.add_argument("--mesh", default=None, help="e.g. fsdp=64 or fsdp=16,tensor=4 (unnamed axes are 1); "
