@@ -17,7 +17,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from flax import nnx
 
 from conftest import save_tiny_checkpoint
 
@@ -163,3 +165,45 @@ def test_user_error_is_one_line_exit_2_no_traceback(runs, key):
     lines = err.strip().splitlines()
     assert rc == 2 and len(lines) == 1, (rc, err[-3000:])
     assert "Traceback" not in err and "error:" in lines[0] and cases[key][1] in lines[0], lines
+
+
+# Runs `python -m MODULE ARGS` as a base install (`pip install -e .`) would: PyTorch and diffusers unimportable.
+BASE_INSTALL = r"""
+import runpy, sys
+sys.modules["torch"] = None
+sys.modules["diffusers"] = None
+module = sys.argv[1]
+sys.argv = [module.replace(".", "/") + ".py"] + sys.argv[2:]
+runpy.run_module(module, run_name="__main__", alter_sys=True)
+"""
+
+
+def test_export_on_the_base_install_names_the_extra_before_writing_then_exports_the_rest(tmp_path):
+    """Without torch / diffusers: one line naming the 'export' extra and the --skip that exports the rest, and no
+    folder written; with that --skip, exit 0 and every other part out, the ViT readable with safetensors alone and
+    equal to the checkpoint's weights."""
+    from safetensors.numpy import load_file
+
+    from cig_jax.sample.session import default_mesh
+    from cig_jax.train.checkpoint import load_trained
+    from cig_jax.train.trainer import saved_config
+
+    ckpt = save_tiny_checkpoint(tmp_path / "run", ["model.vit.pool=none", "model.vit.attn_pool=null"])
+    out = tmp_path / "export"
+    argv = [sys.executable, "-c", BASE_INSTALL, "cig_jax.convert.export", "--checkpoint", str(ckpt), "--out", str(out)]
+    r = subprocess.run(argv, env=_env(), capture_output=True, text=True, timeout=600)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "pip install -e '.[export]'" in lines[0], r.stderr[-3000:]
+    assert not out.exists()
+    skip = lines[0].split("--skip ")[1].split()[0]
+    assert "dit" in skip.split(",") and "llm" not in skip.split(",")
+    r = subprocess.run(argv + ["--skip", skip], env=_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "PyTorch was not found" not in r.stdout + r.stderr and "could not be restored" not in r.stderr
+    assert (out / "llm" / "config.json").is_file() and (out / "seedx_agent" / "agent.safetensors").is_file()
+    assert not (out / "dit").exists()
+    model = load_trained(saved_config(ckpt, source="test"), mesh=default_mesh(), workdir=ckpt)
+    theirs = load_file(str(out / "vit" / "cig_vit.safetensors"))
+    ours = {".".join(map(str, p)): np.asarray(v.get_value())
+            for p, v in nnx.to_flat_state(nnx.state(model.mllm.vit, nnx.Param))}
+    assert theirs.keys() == ours.keys() and all(np.array_equal(theirs[k], ours[k]) for k in ours)
