@@ -24,7 +24,8 @@ with face references draws with all of them (up to model.dit.identity.max_identi
 Bad input (malformed JSON, a missing / undecodable / unsupported image, a checkpoint that does not fit the
 config, a history longer than --max-len under --overflow error) is a one-line error naming the file, round and
 field, with exit status 2 and nothing written. `--interactive` chats in the terminal (`/image PATH` attaches an
-image to the next message, `/quit` ends) and saves the same outputs after every round.
+image to the next message, `/help` lists the commands, `/quit` ends) and saves the same outputs after every round,
+naming the files it wrote.
 """
 from __future__ import annotations
 
@@ -127,9 +128,12 @@ def _save_one(out: Path, conv, name: str):
     return schema.save_conversation(conv, out / name, png_text=png_text)
 
 
-def _write(out: Path, done: list) -> None:
-    """Saves each (conversation, name) into `out` (JSON + images) and the transcript of them all."""
-    _write_transcript(out, [_save_one(out, conv, name) for conv, name in done])
+def _write(out: Path, done: list) -> list:
+    """Saves each (conversation, name) into `out` (JSON + images) and the transcript of them all; returns the
+    conversations as saved (their image paths relative to `out`)."""
+    saved = [_save_one(out, conv, name) for conv, name in done]
+    _write_transcript(out, saved)
+    return saved
 
 
 def _write_transcript(out: Path, saved: list) -> None:
@@ -203,6 +207,10 @@ def main(argv=None) -> int:
         kept = {}
         if args.skip_existing:
             kept = {k: conv for k, (_, name) in enumerate(chats) if (conv := _existing(out, name)) is not None}
+        again = [name for k, (_, name) in enumerate(chats) if k not in kept and (out / name).exists()]
+        if again:
+            print(f"{prog}: {out} already holds {', '.join(again[:3])}{' ...' if len(again) > 3 else ''}: "
+                  f"overwriting {len(again)} conversation(s) (--skip-existing keeps the complete ones)", flush=True)
         sampled = _complete_all(session, chats, seed, args, kept, out)
     except user_errors as e:
         return cli.fail(prog, str(e))
@@ -258,6 +266,10 @@ def _complete_all(first, chats: list, seed: int, args, kept: dict, out: Path) ->
     return len(todo)
 
 
+INTERACTIVE_HELP = ("Type a message and press Enter; commands (never sent to the model): '/image PATH' attaches an "
+                    "image to the next message, '/help' shows this, '/quit' ends (so does Ctrl-D).")
+
+
 def _interactive(session, chat, out: Path, seed: int, args) -> int:
     """A terminal chat, starting from `chat` ((conversation, name) or None). Saves the history, images and
     transcript into `out` after every round."""
@@ -275,7 +287,7 @@ def _interactive(session, chat, out: Path, seed: int, args) -> int:
             print(f"[{r + 1}] you> {rnd.user_text}\n[{r + 1}] assistant> {rnd.assistant_text or ''}")
     else:
         conv, name = schema.Conversation(id="chat", kind="chat", source="sample.py --interactive"), "chat.json"
-    print("Type a message; '/image PATH' attaches an image to the next one; '/quit' ends.")
+    print(INTERACTIVE_HELP)
     attached: list = []
     while True:
         try:
@@ -285,6 +297,12 @@ def _interactive(session, chat, out: Path, seed: int, args) -> int:
         cmd = line.strip()
         if cmd in ("/quit", "/exit"):
             break
+        if cmd in ("/help", "/?"):
+            print(INTERACTIVE_HELP)
+            continue
+        if cmd.startswith("/") and cmd.split()[0] != "/image":
+            print(f"unknown command {cmd.split()[0]} (not sent to the model); /help lists the commands")
+            continue
         if cmd.startswith("/image"):
             path = cmd[len("/image"):].strip()
             try:
@@ -300,9 +318,11 @@ def _interactive(session, chat, out: Path, seed: int, args) -> int:
         done = session.history.rounds[-1]  # user images keep their paths: saving copies the files
         conv.rounds.append(dataclasses.replace(
             done, user_images=[dataclasses.replace(im, pixels=None) if im.path else im for im in done.user_images]))
-        _write(out, [(conv, name)])
-        drawn = f"  [image saved under {out / 'images'}]" if result.image is not None else ""
-        print(f"assistant> {result.text}{drawn}")
+        saved = _write(out, [(conv, name)])[0]
+        image = saved.rounds[-1].assistant_image
+        drawn = f"  [image: {Path(image.path) if Path(image.path).is_absolute() else out / image.path}]" \
+            if result.image is not None and image is not None and image.path else ""
+        print(f"assistant> {result.text}{drawn}  [history: {out / name}]")
     return 0
 
 
