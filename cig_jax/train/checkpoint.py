@@ -32,6 +32,14 @@ def _grain_args():
     return grain.checkpoint.CheckpointSave, grain.checkpoint.CheckpointRestore, grain.checkpoint.CheckpointHandler
 
 
+def _reader(directory) -> ocp.CheckpointManager:
+    """A manager for reading `directory` with a handler for every item the trainer saves, so orbax has no "Item
+    ... was found in the checkpoint, but could not be restored" to warn about whatever is read."""
+    _, _, grain_handler = _grain_args()
+    return ocp.CheckpointManager(directory, item_handlers={
+        "state": ocp.PyTreeCheckpointHandler(), "config": ocp.JsonCheckpointHandler(), "data": grain_handler()})
+
+
 class Checkpointer:
     """Thin owner of an `ocp.CheckpointManager` with items state / data / config."""
 
@@ -96,7 +104,7 @@ def read_config(directory: str | Path, step: Optional[int] = None) -> dict:
     directory = fs.path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: no checkpoints there")
-    manager = ocp.CheckpointManager(directory, item_handlers={"config": ocp.JsonCheckpointHandler()})
+    manager = _reader(directory)
     try:
         step = step if step is not None else manager.latest_step()
         if step is None:
@@ -162,10 +170,7 @@ def restore_params(directory: str | Path, abstract: Any, step: Optional[int] = N
     directory = fs.path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: no checkpoints there (train first, or check the path)")
-    # every item the trainer saves has its handler, so orbax has no "Item ... could not be restored" to warn about
-    _, _, grain_handler = _grain_args()
-    manager = ocp.CheckpointManager(directory, item_handlers={
-        "state": ocp.PyTreeCheckpointHandler(), "config": ocp.JsonCheckpointHandler(), "data": grain_handler()})
+    manager = _reader(directory)
     try:
         step = step if step is not None else manager.latest_step()
         if step is None:
@@ -237,7 +242,7 @@ def load_trained(cfg: Config, *, step: Optional[int] = None, mesh=None, task=Non
 
 
 def _latest_step(directory: Path) -> Optional[int]:
-    manager = ocp.CheckpointManager(directory.absolute())
+    manager = _reader(directory.absolute())
     try:
         return manager.latest_step()
     finally:
