@@ -615,3 +615,26 @@ def test_the_eval_context_holds_the_longest_conversation_whole(tiny_run):
     assert slots >= lengths[longest] + len(convs[longest].rounds) * cfg.sample.max_new_tokens + room
     # the shortest conversations alone ask for no more than the longest
     assert eval_run.context_for(tiny_run, [convs[int(np.argmin(lengths))]], 4) <= slots
+
+
+def test_samples_png_captions_draw_names_beyond_ascii_and_wrap_inside_their_cells():
+    from PIL import Image as PILImage
+    from PIL import ImageDraw
+
+    from cig_jax.eval.run import caption_font, wrap_to_width
+
+    font = caption_font()
+
+    def ink(text):
+        im = PILImage.new("L", (40, 20), 0)
+        ImageDraw.Draw(im).text((2, 2), text, fill=255, font=font)
+        return np.asarray(im)
+
+    missing = ink("\ue000")  # a private-use code point: no font has it, so it draws the missing-glyph box
+    for ch in "ëŁøñ":
+        assert ink(ch).any() and not np.array_equal(ink(ch), missing), ch
+    text = "Now show Zoë and Łucja at the seaside with a supercalifragilisticexpialidocious kite " * 3
+    lines = wrap_to_width(text, font, 150, 4)
+    assert len(lines) == 4 and lines[-1].endswith("…")
+    assert all(font.getlength(line) <= 150 for line in lines)
+    assert " ".join(wrap_to_width("Zoë and Łucja", font, 150, 4)) == "Zoë and Łucja"  # short: whole, untouched

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import textwrap
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -152,12 +151,43 @@ def generate_rounds(session, convs: Sequence[Conversation], *, view: str = "hist
 # ----------------------------------------------------------------------------------------------------------
 # Picture
 # ----------------------------------------------------------------------------------------------------------
+def caption_font(size: int = 11):
+    """A scalable font that draws names beyond ASCII (DejaVu Sans where installed, else PIL's own scalable
+    default; the bitmap default draws 'Zoë' or 'Łucja' as boxes)."""
+    try:
+        return ImageFont.truetype("DejaVuSans.ttf", size)
+    except OSError:
+        return ImageFont.load_default(size=size)
+
+
+def wrap_to_width(text: str, font, width: int, max_lines: int) -> list:
+    """`text` in lines no wider than `width` pixels in `font`; beyond `max_lines` the last line ends in '…'."""
+    lines: list = []
+    for word in text.split():
+        while font.getlength(word) > width:  # a word wider than the cell: break it
+            cut = max(1, max(k for k in range(1, len(word) + 1) if font.getlength(word[:k]) <= width or k == 1))
+            lines.append(word[:cut])
+            word = word[cut:]
+        if lines and font.getlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        elif word:
+            lines.append(word)
+    if len(lines) > max_lines:
+        last = lines[max_lines - 1]
+        while last and font.getlength(last + "…") > width:
+            last = last[:-1]
+        lines = lines[:max_lines - 1] + [last.rstrip() + "…"]
+    return lines
+
+
 def grid_image(truth: Sequence[Conversation], generated: Sequence[Sequence], cell: int = 96,
-               text_lines: int = 3) -> PILImage.Image:
+               text_lines: int = 4) -> PILImage.Image:
     """One row per conversation; per round two cells, the generated image ('rN gen') then the ground truth
-    ('rN truth'), captioned with the start of the round's user text. Missing images are grey."""
-    font = ImageFont.load_default()
-    cap = 12 * (text_lines + 1) + 4
+    ('rN truth'), captioned with the round's user text (wrapped to the two cells; '…' where it goes on). Missing
+    images are grey."""
+    font = caption_font()
+    line = 13
+    cap = line * (text_lines + 1) + 4
     cols = max(len(c.rounds) for c in truth)
     pad = 6
     width = cols * (2 * cell + 3 * pad) + pad
@@ -178,9 +208,8 @@ def grid_image(truth: Sequence[Conversation], generated: Sequence[Sequence], cel
                                                      (truth_px, f"r{r + 1} truth", (0, 0, 160)))):
                 sheet.paste(tile(px), (x + k * (cell + pad), y))
                 d.text((x + k * (cell + pad), y + cell + 1), label, fill=colour, font=font)
-            lines = textwrap.wrap(rnd.user_text or "", width=max(8, (2 * cell + pad) // 6))[:text_lines]
-            for k, line in enumerate(lines):
-                d.text((x, y + cell + 13 + 12 * k), line, fill=(40, 40, 40), font=font)
+            for k, text in enumerate(wrap_to_width(rnd.user_text or "", font, 2 * cell + pad, text_lines)):
+                d.text((x, y + cell + 1 + line * (k + 1)), text, fill=(40, 40, 40), font=font)
     return sheet
 
 
