@@ -24,7 +24,7 @@ def main(argv=None) -> int:
     ap = cli.parser(prog, __doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[2])
     ap.add_argument("--checkpoint", required=True, help="training workdir: DIR/checkpoints/<step>/ and DIR/tokenizer/")
     ap.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
-    cli.add_overrides(ap)
+    cli.add_overrides(ap, "override a key of the checkpoint's config, e.g. --set diffusion.num_steps=8")
     ap.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0 exposes it to the network)")
     ap.add_argument("--port", type=int, default=7860, help="port to serve on")
     ap.add_argument("--max-len", type=int, default=2048, help="KV-cache slots per browser session")

@@ -354,7 +354,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = cli.parser(cli.prog(module="cig_jax.eval.run", console="cig-eval"),
                     "Evaluate a trained checkpoint on held-out conversations.")
     ap.add_argument("--checkpoint", required=True, help="a training workdir (e.g. workdir/demo/stage3)")
-    cli.add_overrides(ap)
+    cli.add_overrides(ap, "override a key of the checkpoint's config, e.g. --set sample.max_new_tokens=32")
     ap.add_argument("--data", default="validation",
                     help="a split of the array_record build under --data-dir, a folder of conversation JSON files, "
                          "or 'synthetic' (a fresh held-out draw)")

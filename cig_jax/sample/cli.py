@@ -36,15 +36,16 @@ from cig_jax import cli
 
 
 def _args(argv):
-    ap = cli.parser(cli.prog(script="sample.py", console="cig-sample"), __doc__.split("\n\n")[0] + "\n\n"
-                    + __doc__.split("\n\n")[1])
+    ap = cli.parser(cli.prog(script="sample.py", console="cig-sample"),
+                    "Continue chat histories with a trained checkpoint: each pending round's answer as text and an "
+                    "image,\nthe completed history JSON and transcript.html in --out.\n\n" + __doc__.split("\n\n")[1])
     ap.add_argument("--checkpoint", required=True, help="training workdir: DIR/checkpoints/<step>/ and DIR/tokenizer/")
     ap.add_argument("--chat", help="history JSON (ours or a `messages` list), a directory of them, or a JSONL file "
                     "(one conversation a line)")
     ap.add_argument("--out", required=True, help="output directory (created)")
     ap.add_argument("--interactive", action="store_true", help="chat in the terminal")
     ap.add_argument("--config", help="YAML config to use instead of the one saved with the checkpoint")
-    cli.add_overrides(ap)
+    cli.add_overrides(ap, "override a key of the checkpoint's config, e.g. --set diffusion.num_steps=8")
     ap.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     ap.add_argument("--seed", type=int, help="round r samples with seed + r (default: sample.seed)")
     ap.add_argument("--max-new-tokens", type=int, help="text tokens per answer at most (default: sample.max_new_tokens)")
@@ -215,7 +216,7 @@ def main(argv=None) -> int:
     except user_errors as e:
         return cli.fail(prog, str(e))
     skipped = f" (kept {len(kept)} already complete)" if kept else ""
-    print(f"sample.py: wrote {sampled} conversation(s){skipped} and transcript.html to {out}")
+    print(f"{prog}: wrote {sampled} conversation(s){skipped} and transcript.html to {out}")
     return 0
 
 
