@@ -54,6 +54,9 @@ setup(
             "dlib-bin>=19.24",
             "face-recognition-models>=0.3.0",
         ],
+        # Exporting the VAE / DiT as diffusers folders and a CLIP / SigLIP ViT as a transformers folder (their
+        # tensor shapes come from the PyTorch classes); the LLM, the agent file and other ViTs need none of it.
+        "export": ["torch==2.13.0", "diffusers>=0.32"],
         # Building multi-round records from video clips (OpenCV, pulled in by insightface, is the fallback).
         "video": ["av>=12"],
         # Remote work directories (gs://bucket/run) for checkpoints, metrics and TensorBoard.

@@ -348,6 +348,18 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     check(cfg, source)
 
 
+def override_config(cfg: Config, overrides, source: str = "--set") -> Config:
+    """`cfg` (e.g. a checkpoint's saved config) with `--set KEY=VALUE` overrides applied and checked again."""
+    if not overrides:
+        return cfg
+    tree = to_dict(cfg)
+    for ov in overrides:
+        tree = apply_override(tree, ov)
+    cfg = from_dict(Config, tree, source=source)
+    check(cfg, source)
+    return cfg
+
+
 def validate_diffusion(d: DiffusionConfig, source: str = "<config>", key: str = "diffusion") -> None:
     check(d, source, key)
 

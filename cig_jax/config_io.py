@@ -24,8 +24,11 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from cig_jax import cli
+from cig_jax.cli import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration problem a user can fix: the message names the file and the key."""
 
 
@@ -252,18 +255,14 @@ def parse_cli(argv: list[str]) -> tuple[str | None, list[str], list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m cig_jax.config_io FILE [--set k=v ...]`: prints the resolved, checked config (exit 2 on error)."""
-    path, overrides, rest = parse_cli(list(sys.argv[1:] if argv is None else argv))
-    path = path or (rest[0] if rest else None)
-    if not path:
-        print("usage: python -m cig_jax.config_io CONFIG.yaml [--set key=value ...]", file=sys.stderr)
-        return 2
-    try:
-        print(dump_yaml(load_config(path, overrides)), end="")
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    ap = cli.parser(cli.prog(module="cig_jax.config_io"), "Print a config fully resolved (base chains and --set "
+                    "applied) and checked, as YAML.")
+    ap.add_argument("config", metavar="CONFIG", help="a YAML config (a stage, a model or a whole run)")
+    cli.add_overrides(ap)
+    args = ap.parse_args(argv)
+    print(dump_yaml(load_config(args.config, args.overrides)), end="")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run_main(main)

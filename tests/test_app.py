@@ -1,6 +1,7 @@
 """The web app in a real browser: headless Chromium (the system's, driven by Playwright) chats with the app over a
 tiny checkpoint: rounds with an uploaded image, each answer's image read back from the page, undo, bad uploads
-shown as messages, and two browser sessions with separate histories."""
+shown as messages, the downloaded zip loaded back (and a history JSON with its images) and continued, and two
+browser sessions with separate histories."""
 import json
 import os
 import shutil
@@ -186,6 +187,85 @@ def test_bad_uploads_and_an_overfull_context_show_a_message_and_the_session_goes
     chat.send("Draw a cat.", image=_picture(tmp_path / "ok.png", 2))
     assert chat.info()["rounds"] == 2 and chat.user_texts()[-1].startswith("Draw a cat.")
     _check_rendered(chat.bot_images(), 2)
+
+
+def _downloads(chat) -> dict:
+    """{file name: local path} of the files the Download button offers."""
+    from urllib.parse import unquote
+
+    chat.page.click("#export")
+    chat.page.wait_for_function("() => document.querySelectorAll('#downloads a').length >= 3", timeout=60_000)
+    hrefs = chat.page.eval_on_selector_all("#downloads a", "els => els.map(e => e.href)")
+    return {Path(unquote(h.split("file=", 1)[1])).name: Path(unquote(h.split("file=", 1)[1])) for h in hrefs
+            if "file=" in h}
+
+
+def _load(chat, files, rounds):
+    with chat.page.expect_file_chooser() as chooser:  # what a user does: click Load, pick the files
+        chat.page.click("#load")
+    chooser.value.set_files([str(f) for f in files])
+    chat.page.wait_for_function(f"() => document.querySelector('#info textarea').value.includes('\"rounds\": {rounds}')",
+                                timeout=WAIT * 1000)
+    time.sleep(0.5)
+
+
+def _seed(chat, value):
+    chat.page.fill("#seed input", str(value))
+    chat.page.press("#seed input", "Tab")
+
+
+def test_download_reset_load_the_zip_and_the_chat_goes_on_with_the_same_history(app_url, browser, tmp_path):
+    chat = Chat(browser(), app_url)
+    chat.send("Here is my friend.", image=_picture(tmp_path / "friend.png", 5))
+    chat.send("Draw her at the beach.")
+    drawn = [pixels for _, pixels in chat.bot_images()]
+    archive = tmp_path / "chat.zip"
+    archive.write_bytes(_downloads(chat)["chat.zip"].read_bytes())  # what the browser saves
+
+    chat.page.click("#reset")
+    chat.page.wait_for_function("() => document.querySelector('#info textarea').value.includes('\"rounds\": 0')",
+                                timeout=60_000)
+    _load(chat, [archive], 2)
+    assert chat.user_texts() == ["Here is my friend.", "Draw her at the beach."]
+    assert chat.page.locator("#chat .user-row img").count() == 1  # the uploaded photo came back
+    for (_, again), first in zip(chat.bot_images(), drawn):  # and the answers' images, pixel for pixel
+        assert np.abs(again.astype(int) - first.astype(int)).max() <= 1
+    # The cache now holds the history as its text encodes (a random model's answers may be byte pieces that
+    # encode to other tokens than it sampled): the same slots as a fresh browser session loading the same zip,
+    # and the next round, with the same seed, answers the same in both.
+    other = Chat(browser(), app_url)
+    _load(other, [archive], 2)
+    loaded = chat.info()
+    assert loaded == other.info() and loaded["cache_slots_used"] > 0
+    for c in (chat, other):
+        _seed(c, 11)
+        c.send("Now in the snow.")
+    assert chat.info()["rounds"] == 3 and chat.info()["cache_slots_used"] > loaded["cache_slots_used"]
+    assert chat.bot_texts()[-1] == other.bot_texts()[-1] and chat.info() == other.info()
+    _check_rendered(chat.bot_images(), 3)
+    (_, mine), (_, theirs) = chat.bot_images()[-1], other.bot_images()[-1]
+    assert np.abs(mine.astype(int) - theirs.astype(int)).max() <= 1
+    history = json.loads(_downloads(chat)["chat.json"].read_text())
+    assert [r["user_text"] for r in history["rounds"]] == ["Here is my friend.", "Draw her at the beach.",
+                                                          "Now in the snow."]
+
+
+def test_load_takes_a_history_json_with_its_images_uploaded_beside_it(app_url, browser, tmp_path):
+    folder = tmp_path / "saved"
+    (folder / "images").mkdir(parents=True)
+    photo, answer = _picture(folder / "images" / "maya.png", 7), _picture(folder / "images" / "park.png", 8)
+    history = folder / "history.json"
+    history.write_text(json.dumps({"version": 1, "id": "saved", "rounds": [
+        {"user_text": "This is Maya.", "user_images": ["images/maya.png"], "assistant_text": "Hello Maya.",
+         "assistant_image": "images/park.png"},
+        {"user_text": "Draw her again.", "assistant_text": "Here she is again."}]}))
+    chat = Chat(browser(), app_url)
+    _load(chat, [history, photo, answer], 2)  # the JSON names images/x.png; the uploads arrive as x.png
+    assert chat.user_texts() == ["This is Maya.", "Draw her again."]
+    (src, drawn), = chat.bot_images()
+    assert np.abs(drawn.astype(int) - np.asarray(PILImage.open(answer)).astype(int)).max() <= 1
+    chat.send("Now at the beach.")
+    assert chat.info()["rounds"] == 3
 
 
 def test_two_browser_sessions_keep_separate_histories(app_url, browser):

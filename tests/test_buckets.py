@@ -33,15 +33,26 @@ def _length(conv, template):
     return len(template.encode(conv, add_generation_prompt=False))
 
 
+def test_three_epochs_log_one_remainder_line_each_and_each_skipped_record_once(records, template, caplog):
+    skips = SkipCounter()
+    with caplog.at_level("WARNING", logger="cig_jax.data.pipeline"):
+        list(make_dataset(records, template, dataclasses.replace(OPTS, num_epochs=3), skips))
+    messages = [r.getMessage() for r in caplog.records]
+    epochs = [int(re.search(r"^epoch (\d+):", m).group(1)) for m in messages if "wait for the next epoch" in m]
+    assert epochs == sorted(set(epochs)) and len(epochs) >= 2  # at most one line per epoch, in order
+    skipped = [int(re.search(r"skipping record (\d+)", m).group(1)) for m in messages if "skipping record" in m]
+    assert skipped and len(skipped) == len(set(skipped))  # each bad record logged once, not once per epoch
+    assert skips.counts["too many images"] == 3 * len(set(skipped))  # ... though counted in every epoch
+
+
 def test_an_epoch_holds_each_record_once_in_the_smallest_bucket(records, template, caplog):
     skips = SkipCounter()
     with caplog.at_level("WARNING", logger="cig_jax.data.pipeline"):
         batches = list(make_dataset(records, template, dataclasses.replace(OPTS, num_epochs=1), skips))
-    # a window's remainder is counted per record but logged in one line per window
+    # the windows' remainders are counted per record but logged in one line for the epoch
     lines = [r.getMessage() for r in caplog.records if "wait for the next epoch" in r.getMessage()]
-    assert skips.counts["bucket window remainder"] > len(lines) >= 1
-    assert sum(int(re.search(r": (\d+) of its records", m).group(1)) for m in lines) == \
-        skips.counts["bucket window remainder"]
+    assert len(lines) == 1 and skips.counts["bucket window remainder"] > 1
+    assert int(re.search(r"epoch 0: (\d+) records", lines[0]).group(1)) == skips.counts["bucket window remainder"]
     assert not any("bucket window remainder" in r.getMessage() for r in caplog.records)
     seen = [int(i) for b in batches for i in b["record_index"]]
     assert len(seen) == len(set(seen))  # no record twice

@@ -545,7 +545,7 @@ def _bench_reports(far_h=0.7, far_m=0.3, text=0.8, probe=0.9, rollback=0.85, rou
 
 
 def test_nonmarkov_verdict_needs_every_target_in_both_naming_orders():
-    from cig_jax.bench.nonmarkov import verdict
+    from cig_jax.eval.nonmarkov import verdict
 
     v = verdict(_bench_reports())
     assert v["met"] and v["checks"]["far_image_only_first"]["gap_points"] == 40.0
@@ -563,7 +563,7 @@ def test_nonmarkov_verdict_needs_every_target_in_both_naming_orders():
 
 @pytest.mark.slow  # ~10 min: five trainings and four evaluations at seq_len 768 (kept out of .ci/run's 45 min)
 def test_nonmarkov_bench_quick_trains_both_models_and_writes_the_table(classifier, eval_cache, tmp_path, capsys):
-    from cig_jax.bench import nonmarkov
+    from cig_jax.eval import nonmarkov
 
     result = nonmarkov.run(tmp_path, nonmarkov.QUICK, classifier_cache=eval_cache,
                            identity="none")
@@ -615,3 +615,26 @@ def test_the_eval_context_holds_the_longest_conversation_whole(tiny_run):
     assert slots >= lengths[longest] + len(convs[longest].rounds) * cfg.sample.max_new_tokens + room
     # the shortest conversations alone ask for no more than the longest
     assert eval_run.context_for(tiny_run, [convs[int(np.argmin(lengths))]], 4) <= slots
+
+
+def test_samples_png_captions_draw_names_beyond_ascii_and_wrap_inside_their_cells():
+    from PIL import Image as PILImage
+    from PIL import ImageDraw
+
+    from cig_jax.eval.run import caption_font, wrap_to_width
+
+    font = caption_font()
+
+    def ink(text):
+        im = PILImage.new("L", (40, 20), 0)
+        ImageDraw.Draw(im).text((2, 2), text, fill=255, font=font)
+        return np.asarray(im)
+
+    missing = ink("\ue000")  # a private-use code point: no font has it, so it draws the missing-glyph box
+    for ch in "ëŁøñ":
+        assert ink(ch).any() and not np.array_equal(ink(ch), missing), ch
+    text = "Now show Zoë and Łucja at the seaside with a supercalifragilisticexpialidocious kite " * 3
+    lines = wrap_to_width(text, font, 150, 4)
+    assert len(lines) == 4 and lines[-1].endswith("…")
+    assert all(font.getlength(line) <= 150 for line in lines)
+    assert " ".join(wrap_to_width("Zoë and Łucja", font, 150, 4)) == "Zoë and Łucja"  # short: whole, untouched

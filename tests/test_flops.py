@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import pytest
 
 from cig_jax import sharding
-from cig_jax.bench.aot import compile_train_step
+from cig_jax.train.compile import compile_train_step
 from cig_jax.config import load_config
 from cig_jax.train.flops import count_loss_flops
 from cig_jax.train.stages import build_task

@@ -237,7 +237,7 @@ def test_train_step_compiles_ahead_of_time_sharded_by_batch(model_cfg):
     on its own 2 of the 16 images and the LLM on its own sequence. (Without the activation constraints, XLA
     meets the FSDP-sharded weights by gathering the whole batch onto every device once weights are wide.)"""
     from cig_jax import sharding
-    from cig_jax.bench.aot import compile_train_step
+    from cig_jax.train.compile import compile_train_step
     from cig_jax.config import Config, DataConfig, MeshConfig, TrainConfig
 
     m = model_cfg

@@ -347,17 +347,24 @@ def test_sample_cli_batches_jsonl_over_the_mesh_like_single_runs(ckpt, single_ru
 
 
 def test_sample_cli_interactive_saves_after_every_round(ckpt, tmp_path, monkeypatch, capsys):
-    lines = iter(["Draw Maya at the beach.", f"/image {EXAMPLE.parent / 'images' / 'maya.png'}",
-                  "This is Maya. Show her in the snow.", "/quit"])
+    lines = iter(["/help", "Draw Maya at the beach.", f"/image {EXAMPLE.parent / 'images' / 'maya.png'}",
+                  "/bogus", "This is Maya. Show her in the snow.", "/quit"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
     out = tmp_path / "out"
     rc = _sample_main()(["--checkpoint", str(ckpt), "--out", str(out), "--interactive", "--devices", "1",
                          "--no-progress", "--max-new-tokens", "2", "--force-image"])
-    assert rc == 0 and capsys.readouterr().out.count("assistant> ") == 2
+    printed = capsys.readouterr().out
+    assert rc == 0 and printed.count("assistant> ") == 2
+    assert printed.count("'/help' shows this") == 2 and "unknown command /bogus" in printed  # answered here
     chat = schema.load_conversation(out / "chat.json")
     assert [r.user_text for r in chat.rounds] == ["Draw Maya at the beach.", "This is Maya. Show her in the snow."]
     assert len(chat.rounds[1].user_images) == 1 and all(r.assistant_image is not None for r in chat.rounds)
     assert (out / "transcript.html").is_file()
+    for r in chat.rounds:  # each answer names the file its image went to
+        assert f"images/{Path(r.assistant_image.path).name}]" in printed
+    mask = os.umask(0)
+    os.umask(mask)
+    assert {oct(f.stat().st_mode & 0o777) for f in out.rglob("*") if f.is_file()} == {oct(0o666 & ~mask)}
 
 
 def _bad_inputs(folder: Path, ckpt: Path) -> dict:
@@ -405,7 +412,7 @@ def test_bad_input_is_one_line_exit_2_nothing_written(ckpt, tmp_path, capsys):
                    "--no-progress"] + extra)
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2, name
-        assert len(err) == 1 and err[0].startswith("sample.py: "), (name, err)
+        assert len(err) == 1 and err[0].startswith("python sample.py: error: "), (name, err)
         for piece in expected:
             assert piece in err[0], (name, err[0])
         assert chat.read_bytes() == before, name  # byte-identical

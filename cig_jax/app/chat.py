@@ -3,8 +3,8 @@
 Owns: `AppChat`, what the web app does per browser session without knowing the web framework: a round from the
 text and the uploaded image of a turn (the upload checked: readable, an image, not too large, a supported mode),
 the per-round controls (seed, guidance scales, diffusion steps, force image), undo of the last round (the
-session replays the history without it: the cache keeps the common prefix), reset, loading a history (ours or
-the Hugging Face / OpenAI `messages` form), and the export (history JSON + images + transcript, and one zip).
+session replays the history without it: the cache keeps the common prefix), reset, loading a history (the zip the
+app downloads, or a JSON, ours or the Hugging Face / OpenAI `messages` form, with its images), and the export (history JSON + images + transcript, and one zip).
 Every problem a user can cause is a `notice` in the chat, never an exception: the session stays usable.
 `messages()` is the chat as the page draws it.
 
@@ -17,6 +17,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path
@@ -64,6 +65,39 @@ def read_upload(path, where: str = "upload"):
     if max(w, h) > MAX_UPLOAD_SIDE:
         raise schema.SchemaError(f"{where}: {shown} is {w}x{h} pixels; sides up to {MAX_UPLOAD_SIDE} are accepted")
     return schema.read_image(path, where=where, shown=shown)
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp")
+
+
+def image_references(tree) -> list:
+    """Every string in a history's JSON tree that names an image file (ours: user_images / assistant_image paths;
+    the `messages` form: image parts), in order."""
+    if isinstance(tree, dict):
+        return [r for v in tree.values() for r in image_references(v)]
+    if isinstance(tree, list):
+        return [r for v in tree for r in image_references(v)]
+    if isinstance(tree, str) and not tree.startswith("data:") and tree.lower().endswith(IMAGE_SUFFIXES):
+        return [tree]
+    return []
+
+
+def history_in_zip(archive: Path, folder: Path) -> Path:
+    """Extracts `archive` (a chat the app downloaded) into `folder` and returns its history JSON (chat.json, or the
+    one JSON at its top). Members that would land outside `folder` are refused."""
+    with zipfile.ZipFile(archive) as z:
+        names = z.namelist()
+        for name in names:
+            if Path(name).is_absolute() or ".." in Path(name).parts:
+                raise schema.SchemaError(f"Load: {archive.name}: member {name!r} points outside the archive")
+        z.extractall(folder)
+    tops = sorted(n for n in names if "/" not in n.strip("/") and n.lower().endswith(".json"))
+    if "chat.json" in tops:
+        return folder / "chat.json"
+    if len(tops) != 1:
+        raise schema.SchemaError(f"Load: {archive.name} holds {len(tops)} history JSON files at its top; expected "
+                                 "one (the app's downloads hold chat.json)")
+    return folder / tops[0]
 
 
 class AppChat:
@@ -117,11 +151,12 @@ class AppChat:
         self.session.reset()
         self.entries = []
 
-    def load(self, path) -> Optional[str]:
-        """Makes the answered rounds of a history file (ours, or a `messages` list) the chat."""
+    def load(self, files) -> Optional[str]:
+        """Makes the answered rounds of a history the chat. `files`: one path or several: a zip the app downloaded
+        (history JSON + images + transcript), or a history JSON (ours, or a `messages` list) with its images
+        beside it, or uploaded with it (an image the JSON names is found by its file name among the uploads)."""
         try:
-            conv = messages.load_any(path)
-            conv = schema.with_pixels(conv)
+            conv = schema.with_pixels(messages.load_any(self._unpack(files)))
             answered = dataclasses.replace(conv, rounds=[r for r in conv.rounds if not r.pending])
             self._replay(answered)
         except (schema.SchemaError, ContextOverflowError) as e:
@@ -131,6 +166,42 @@ class AppChat:
                               None if r.assistant_image is None else self._png(r.assistant_image.pixels))
                         for r in answered.rounds]
         return None
+
+    def _unpack(self, files) -> Path:
+        """The history JSON to load from `files` (see `load`), laid out in a folder of this session so that the
+        paths it names resolve."""
+        paths = [Path(f) for f in ([files] if isinstance(files, (str, os.PathLike)) else list(files or []))]
+        if not paths:
+            raise schema.SchemaError("Load: no file given")
+        archives = [p for p in paths if zipfile.is_zipfile(p)]
+        histories = [p for p in paths if p.suffix.lower() in (".json", ".jsonl")]
+        self._n += 1
+        folder = self.folder / f"load_{self._n}"
+        if archives:
+            if len(paths) > 1:
+                raise schema.SchemaError("Load: give the downloaded zip alone")
+            return history_in_zip(archives[0], folder)
+        if len(histories) != 1:
+            raise schema.SchemaError(f"Load: give one history JSON (or the downloaded zip); got {len(histories)} "
+                                     f"JSON files among {len(paths)}")
+        history = histories[0]
+        uploads = {p.name: p for p in paths if p != history}
+        folder.mkdir(parents=True)
+        target = folder / history.name
+        shutil.copyfile(history, target)
+        try:
+            refs = image_references(json.loads(history.read_text(encoding="utf-8")))
+        except ValueError:  # not JSON: load_any says where, in one line
+            refs = []
+        for ref in refs:
+            rel = Path(ref)
+            if rel.is_absolute() or ".." in rel.parts:
+                continue
+            src = history.parent / rel if (history.parent / rel).is_file() else uploads.get(rel.name)
+            if src is not None:
+                (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, folder / rel)
+        return target
 
     def _replay(self, conv: schema.Conversation) -> None:
         if conv.rounds:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cig_jax.app.chat import AppChat
+from cig_jax.app.chat import IMAGE_SUFFIXES, AppChat
 from cig_jax.sample.session import ChatSession
 
 TITLE = "cig_jax chat"
@@ -56,9 +56,9 @@ def build_app(base: ChatSession, root, *, default_seed: int = 0):
             return chat.messages(), None, chat
         return chat.messages(), chat.export(), chat
 
-    def load(file, state):
+    def load(files, state):
         chat = chat_of(state)
-        chat.load(file)
+        chat.load([getattr(f, "name", f) for f in (files if isinstance(files, list) else [files])])
         return chat.messages(), chat, chat.summary()
 
     with gr.Blocks(title=TITLE) as demo:
@@ -85,7 +85,9 @@ def build_app(base: ChatSession, root, *, default_seed: int = 0):
                                   elem_id="steps")
                 force = gr.Checkbox(value=False, label="Force an image", elem_id="force")
                 info = gr.Textbox(label="Session", interactive=False, elem_id="info")
-                upload = gr.UploadButton("Load history JSON", file_types=[".json"], elem_id="load")
+                upload = gr.UploadButton("Load history (zip, or JSON + its images)",
+                                         file_types=[".zip", ".json", *IMAGE_SUFFIXES], file_count="multiple",
+                                         elem_id="load")
 
         box.submit(send, [box, state, seed, visual, identity, steps, force], [chatbot, box, state, info, seed])
         undo_btn.click(undo, [state], [chatbot, state, info])

@@ -17,13 +17,14 @@ no weight is ever allocated. It is lowered and compiled, and the per-device memo
 (`trainer.print_memory`), with the compile time. Batch: the config's data.seq_len and data.max_images (a model config without a data
 section: seq 1024, 2 images), 1 sequence per batch shard (global batch = per-device batch x data x fsdp).
 
-Owns: nothing the trainer uses; it reuses the trainer's optimizer, step and memory print.
+Owns: the command line (device simulation, TPU topology, mesh / sequence / attention overrides, the per-chip
+report); the compile itself is `cig_jax.train.compile.compile_train_step`, which `train.py --dry-run` runs too.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
-import time
 
 from cig_jax import cli
 
@@ -39,50 +40,9 @@ def parse_mesh(spec: str) -> dict:
     return sizes
 
 
-def abstract_batch(task, mesh, rules, global_batch: int) -> dict:
-    """ShapeDtypeStructs (with batch shardings) of one global batch of `task`."""
-    import jax
-
-    from cig_jax import sharding
-
-    out = {}
-    for k, (shape, dtype) in task.batch_spec(global_batch).items():
-        names = ("batch",) + (None,) * (len(shape) - 1)
-        out[k] = jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.logical_sharding(names, mesh, rules, shape))
-    return out
-
-
-def compile_train_step(cfg, mesh, *, per_device_batch: int = 1, verbose: bool = True) -> dict:
-    """Lowers and compiles the training step of stage `cfg.train.stage` on `mesh` from abstract arrays, exactly
-    as the trainer builds it (`state.setup_state(abstract=True)` + `trainer.make_train_step`, frozen parts as an
-    argument).
-    Returns a report: memory stats (bytes), compile seconds, parameter counts, global batch."""
-    import jax
-
-    from cig_jax.sharding import activation_sharding
-    from cig_jax.train import trainer
-    from cig_jax.train.state import setup_state
-
-    rules = cfg.mesh.axis_rules
-    setup = setup_state(cfg, mesh, abstract=True, load=False, total_steps=1000)
-    task, graphdef, state, shardings, tx = setup.task, setup.graphdef, setup.state, setup.shardings, setup.tx
-    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    global_batch = per_device_batch * batch_shards * cfg.train.grad_accum_steps
-    batch = abstract_batch(task, mesh, rules, global_batch)
-    step = trainer.make_train_step(graphdef, tx, task.loss_fn, cfg.train.grad_accum_steps, cfg.train.seed)
-    t0 = time.perf_counter()
-    with activation_sharding(mesh, rules):  # the trainer's own jit + lower + compile
-        compiled = trainer.compile_step(step, state, batch, shardings, jax.tree.map(lambda x: x.sharding, batch), mesh,
-                                        verbose=False)
-    t_compile = time.perf_counter() - t0
-    stats = trainer.print_memory(compiled) if verbose else {}
-    return dict(compiled=compiled, memory=stats, compile_s=t_compile, trainable_params=setup.trainable_params,
-                frozen_params=setup.frozen_params, global_batch=global_batch, mesh=dict(mesh.shape), stage=task.name)
-
-
 def main(argv=None) -> dict:
     ap = cli.parser(cli.prog(module="cig_jax.bench.aot"), __doc__.split("\n\n")[0])
-    ap.add_argument("--config", required=True)
+    ap.add_argument("--config", required=True, help="a stage or model config (a model config compiles the MLLM step)")
     cli.add_overrides(ap)
     ap.add_argument("--devices", type=int, default=0, help="simulate this many CPU devices (0: real devices)")
     ap.add_argument("--mesh", default=None, help="e.g. fsdp=64 or fsdp=16,tensor=4 (unnamed axes are 1); "
@@ -108,14 +68,10 @@ def main(argv=None) -> dict:
         os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={args.devices}"])
         os.environ["JAX_PLATFORMS"] = "cpu"
 
-    import dataclasses
-
-    import jax
-
+    # jax (and all that imports it) only now: the simulated device count above must be set first
     from cig_jax import sharding
-    from cig_jax.config import load_config
-
-    from cig_jax.config import load_yaml_tree
+    from cig_jax.config import load_config, load_yaml_tree
+    from cig_jax.train.compile import compile_train_step
 
     execution = [f"model.{part}.{field}={value}" for field, value in (("attention_impl", args.attention),
                                                                        ("remat_policy", args.remat)) if value
@@ -184,4 +140,4 @@ def chip_report(report: dict, kind: str, seq: int) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_main(main)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cig_jax import cli
 from cig_jax.bench.common import NotEqualWork, perturbation, ratio_stats, time_interleaved
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -153,4 +154,4 @@ def main(argv=None) -> list:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_main(main)

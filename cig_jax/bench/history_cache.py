@@ -194,4 +194,4 @@ def capacity_check(session, turn, opts, a) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_main(main)

@@ -67,4 +67,4 @@ def main(argv=None) -> list:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_main(main)

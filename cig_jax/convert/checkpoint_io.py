@@ -18,11 +18,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from cig_jax.cli import UserError
+
 INDEX_NAMES = ("model.safetensors.index.json", "diffusion_pytorch_model.safetensors.index.json")
 SINGLE_NAMES = ("model.safetensors", "diffusion_pytorch_model.safetensors")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be loaded as asked; the message names the directory and the tensors."""
 
 

@@ -21,10 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from cig_jax.cli import UserError
 from cig_jax.config import DiTConfig, VAEConfig
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
     """A checkpoint does not fit the model: the message lists what is missing, unexpected or mis-shaped."""
 
 

@@ -9,11 +9,16 @@ Writes under --out (each loads with its own library, and back into a run through
   llm_base/      (LoRA runs) the same LLM without its adapters ...
   llm_adapters/  ... and the adapters alone as PEFT LoRA (adapter_config.json + adapter_model.safetensors)
   vit/           a Hugging Face CLIP / SigLIP vision folder, or (Qwen-VL style) qwen_vit.safetensors in the
-                 Qwen-VL `transformer.visual` names
+                 Qwen-VL `transformer.visual` names, or (a ViT neither describes, e.g. the demo's) cig_vit.safetensors
+                 in our names with its config (`load_vit`)
   seedx_agent/   agent.safetensors in the SEED-X agent names (LLM merged + resamplers + patch positions)
   vae/, dit/     diffusers AutoencoderKL / PixArtTransformer2DModel folders; the DiT's parts diffusers has no
                  class for (identity encoder, identity attention, grid injection) go to dit/cig_extra.safetensors,
                  named by our parameter paths (dotted), documented in dit/README.md
+
+The LLM, the agent file and a Qwen-VL / cig-named ViT need only the base install; the diffusers folders (and a
+CLIP / SigLIP ViT, whose shapes come from its PyTorch class) need the 'export' extra (PyTorch CPU + diffusers).
+Without it the command stops in one line before writing anything; `--skip vae,dit` exports the rest.
 
 Owns: the export layout above and the inverse layouts of the ViT and diffusers mappings, which are derived from
 the forward converters themselves (`invert`: run the forward mapping on tensors holding their own element
@@ -24,6 +29,7 @@ Does not own: the name mappings (`hf_llm`, `hf_vit`, `seedx`, `diffusers`, `peft
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 from pathlib import Path
 from typing import Callable
@@ -70,7 +76,7 @@ def invert(forward: Callable[[dict], dict], theirs_shapes: dict[str, tuple], our
 
 
 def _params(module) -> dict[tuple, np.ndarray]:
-    return {p: np.asarray(v.value, np.float32) for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+    return {p: np.asarray(v.get_value(), np.float32) for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
 
 
 def _meta_shapes(build: Callable) -> dict[str, tuple]:
@@ -152,9 +158,46 @@ def vit_config_to_hf(v) -> dict:
     raise ValueError("this ViT is neither CLIP nor SigLIP")
 
 
+def vit_layout(v) -> str:
+    """How the ViT goes out: 'qwen_vit' (Qwen-VL names), 'hf' (a CLIP / SigLIP folder: needs PyTorch for its
+    shapes) or 'cig' (our own names, for a ViT neither Hugging Face family describes)."""
+    if v.pool == "resampler":
+        return "qwen_vit"
+    try:
+        vit_config_to_hf(v)
+    except ValueError:
+        return "cig"
+    return "hf"
+
+
+def parts_of(cfg) -> dict[str, tuple]:
+    """{part: (module, extra) that exporting it needs, or ()} for every part the checkpoint's model has."""
+    diffusers = ("diffusers", "export")
+    parts = {"llm": (), "vit": ("torch", "export") if vit_layout(cfg.model.vit) == "hf" else (), "seedx_agent": ()}
+    if cfg.model.use_vae:
+        parts["vae"] = diffusers
+    parts["dit"] = diffusers
+    return parts
+
+
 def export_vit(model, cfg, out: Path) -> str:
     v = cfg.model.vit
     ours = _params(model.mllm.vit)
+    if vit_layout(v) == "cig":  # no Hugging Face class has this ViT's layout: our names, loadable with safetensors
+        from safetensors.numpy import save_file
+
+        (out / "vit").mkdir(parents=True, exist_ok=True)
+        save_file({".".join(map(str, k)): np.ascontiguousarray(a) for k, a in ours.items()},
+                  str(out / "vit" / "cig_vit.safetensors"),
+                  metadata={"format": "cig_jax", "model_vit": json.dumps(dataclasses.asdict(v))})
+        write_json_atomic(dataclasses.asdict(v), out / "vit" / "config.json")
+        (out / "vit" / "README.md").write_text(
+            "# The ViT of a cig_jax model, in cig_jax's own names\n\nNeither CLIP nor SigLIP describes this ViT "
+            "(class token, patch bias, pre/post norms and pooling differ from both), so it goes out as "
+            "`cig_vit.safetensors`, keyed by cig_jax parameter path (dotted), with `config.json` (= its metadata "
+            "`model_vit`) the cig_jax `model.vit` config. Load it with `safetensors.numpy.load_file`, or back into "
+            "a run with `cig_jax.convert.export.load_vit`.\n")
+        return "vit"
     if v.pool == "resampler":  # Qwen-VL style: its own file, Qwen-VL's names
         from cig_jax.convert import seedx
         from cig_jax.models.resampler import sincos_2d
@@ -218,19 +261,21 @@ def _save_diffusers(cls_name: str, config: dict, forward, ours: dict, directory:
     write_json_atomic(config, directory / "config.json")
 
 
-def export_detokenizer(model, cfg, out: Path) -> list[str]:
+def export_detokenizer(model, cfg, out: Path, *, vae: bool = True, dit: bool = True) -> list[str]:
     from cig_jax.convert import diffusers as dc
     from cig_jax.convert.init import DIT_NEW
     from cig_jax.convert.seedx import model_params
 
     written = []
-    if cfg.model.use_vae:
+    if cfg.model.use_vae and vae:
         vae = model.detokenizer.vae
         abstract = nnx.state(vae, nnx.Param)
         _save_diffusers("AutoencoderKL", vae_config_to_diffusers(cfg.model.vae),
                         lambda t: dc.map_params(abstract, dc._modernise_vae_keys(t), renames=[(".to_out.", ".to_out.0.")]),
                         _params(vae), out / "vae")
         written.append("vae")
+    if not dit:
+        return written
     dit = model.detokenizer.dit
     ours = _params(dit)
     abstract = nnx.state(dit, nnx.Param)
@@ -255,6 +300,16 @@ def export_detokenizer(model, cfg, out: Path) -> list[str]:
         "the extra file is read by `cig_jax.convert.export.load_extra`.\n")
     written.append("dit")
     return written
+
+
+def load_vit(directory: str | Path) -> tuple[dict, dict[tuple, np.ndarray]]:
+    """(the `model.vit` config as a dict, {our ViT path: array}) of a `vit/cig_vit.safetensors` export."""
+    from safetensors import safe_open
+
+    f = str(Path(directory) / "cig_vit.safetensors")
+    with safe_open(f, framework="numpy") as st:
+        config = json.loads(st.metadata()["model_vit"])
+        return config, {tuple(int(x) if x.isdigit() else x for x in k.split(".")): st.get_tensor(k) for k in st.keys()}
 
 
 def load_extra(directory: str | Path) -> dict[tuple, np.ndarray]:
@@ -302,40 +357,58 @@ def stage_history(workdir: str | Path, limit: int = 10) -> list[dict]:
     return out[::-1]
 
 
-def export(checkpoint: str | Path, out: str | Path, *, step: int | None = None, mesh=None) -> list[str]:
-    """Writes every exportable part of the run under `checkpoint` into `out`; returns the folders written."""
+def export(checkpoint: str | Path, out: str | Path, *, step: int | None = None, mesh=None,
+           skip: tuple = ()) -> list[str]:
+    """Writes every exportable part of the run under `checkpoint` into `out` (but those in `skip`); returns the
+    folders written. A part whose layout needs a missing extra is a `MissingExtra` before anything is written."""
+    from cig_jax.train.trainer import saved_config
+
+    checkpoint, out = Path(checkpoint), Path(out)
+    cfg = saved_config(checkpoint, source="--checkpoint")
+    parts = {k: need for k, need in parts_of(cfg).items() if k not in skip}
+    missing = sorted({need for need in parts.values() if need and importlib.util.find_spec(need[0]) is None})
+    if missing:
+        names = ", ".join(k for k, need in parts.items() if need in missing)
+        modules = ", ".join(m for m, _ in missing)
+        raise cli.MissingExtra(f"exporting {names} needs the 'export' extra: pip install -e '.[export]' (module "
+                               f"{modules} is missing); --skip {names.replace(', ', ',')} exports the other parts")
     import jax
 
     from cig_jax import sharding
     from cig_jax.config import MeshConfig
     from cig_jax.train.checkpoint import load_trained
-    from cig_jax.train.trainer import saved_config
 
-    checkpoint, out = Path(checkpoint), Path(out)
-    cfg = saved_config(checkpoint, source="--checkpoint")
     mesh = mesh or sharding.make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
     model = load_trained(cfg, step=step, mesh=mesh, workdir=checkpoint)
     out.mkdir(parents=True, exist_ok=True)
-    written = export_llm(model, cfg, checkpoint / "tokenizer", out, stage_history(checkpoint))
-    try:
+    written = export_llm(model, cfg, checkpoint / "tokenizer", out, stage_history(checkpoint)) if "llm" in parts else []
+    if "vit" in parts:
         written.append(export_vit(model, cfg, out))
-    except ValueError as e:
-        print(f"[export] vit: skipped ({e})")
-    written.append(export_agent(model, cfg, out))
-    written += export_detokenizer(model, cfg, out)
+    if "seedx_agent" in parts:
+        written.append(export_agent(model, cfg, out))
+    if "dit" in parts or "vae" in parts:
+        written += export_detokenizer(model, cfg, out, vae="vae" in parts, dit="dit" in parts)
     return written
 
 
 def main(argv=None) -> list[str]:
-    ap = cli.parser(cli.prog(module="cig_jax.convert.export"), "Export a trained run as HF / PEFT / diffusers / SEED-X folders.")
+    ap = cli.parser(cli.prog(module="cig_jax.convert.export"), __doc__.split("\n\n")[0] + "\n\n"
+                    + __doc__.split("\n\n")[3])
     ap.add_argument("--checkpoint", required=True, help="the run's workdir (holds checkpoints/ and tokenizer/)")
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", required=True, help="folder to write the parts into (llm/, vit/, vae/, dit/, ...)")
     ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    ap.add_argument("--skip", default="", metavar="PARTS",
+                    help="comma-separated parts not to export, from llm, vit, seedx_agent, vae, dit (e.g. vae,dit "
+                         "where the 'export' extra is not installed)")
     args = ap.parse_args(argv)
-    written = export(args.checkpoint, args.out, step=args.step)
+    skip = tuple(p.strip() for p in args.skip.split(",") if p.strip())
+    unknown = [p for p in skip if p not in ("llm", "vit", "seedx_agent", "vae", "dit")]
+    if unknown:
+        raise cli.UserError(f"--skip {args.skip}: unknown part(s) {', '.join(unknown)}")
+    written = export(args.checkpoint, args.out, step=args.step, skip=skip)
     print(f"[export] {', '.join(written)} -> {args.out}")
     return written
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_main(main)

@@ -366,7 +366,7 @@ def main(argv=None) -> Path:
     from cig_jax.config import load_config
 
     ap = cli.parser(cli.prog(module="cig_jax.convert.init"), "Write a stage-0 checkpoint from a config's init_weights.")
-    ap.add_argument("--config", required=True)
+    ap.add_argument("--config", required=True, help="a config whose init_weights section names the released weights")
     cli.add_overrides(ap)
     ap.add_argument("--out", required=True, help="workdir to write (give it to train.init_from)")
     args = ap.parse_args(argv)
@@ -377,4 +377,4 @@ def main(argv=None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_main(main)

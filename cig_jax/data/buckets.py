@@ -63,15 +63,19 @@ class Windows:
         self._lock = threading.Lock()
         self._memo: dict = {}
         self._counted: set = set()  # windows whose skips were counted (a window evicted and recomputed: once)
+        self._tally: dict = {}  # epoch -> (windows with a remainder, records in them)
+        self._reported: set = set()  # epochs whose remainder line was logged
 
     def __getstate__(self):  # pickled into grain worker processes: a fresh lock and memo there
-        return {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_memo", "_counted")}
+        return {k: v for k, v in self.__dict__.items()
+                if k not in ("_lock", "_memo", "_counted", "_tally", "_reported")}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
         self._lock = threading.Lock()
         self._memo = {}
         self._counted = set()
+        self._tally, self._reported = {}, set()
 
     def __len__(self) -> int:  # windows
         return -(-len(self.order) // self.span)
@@ -84,6 +88,22 @@ class Windows:
                 self._memo[w] = self._compute(w, count=w not in self._counted)
                 self._counted.add(w)
             return self._memo[w]
+
+    def _tally_remainder(self, w: int, left: int) -> None:
+        """Adds window w's remainder (records that wait for the next epoch) to its epoch's tally, and logs one line
+        per epoch once the epoch's windows are all computed (its last window, or a window of a later epoch)."""
+        epoch = w * self.span // max(len(self.records), 1)
+        windows, records = self._tally.get(epoch, (0, 0))
+        self._tally[epoch] = (windows + (left > 0), records + left)
+        last = w == len(self) - 1
+        for e in sorted(self._tally):
+            if (e < epoch or last) and e not in self._reported:
+                self._reported.add(e)
+                windows, records = self._tally[e]
+                if records:
+                    pipeline.log.warning(
+                        "epoch %d: %d records in %d bucket windows wait for the next epoch (not a whole number of "
+                        "global batches of %d in their window)", e, records, windows, self.global_batch)
 
     def _compute(self, w: int, count: bool) -> list:
         opts, g = self.opts, self.global_batch
@@ -102,10 +122,8 @@ class Windows:
         left = kept[n * g:]  # fewer than one global batch left: out this epoch, so every batch is whole
         for _, pos, i in left:
             counters[pos].skip("bucket window remainder", i, "", warn=False)
-        if left and count and opts.process_index == 0:  # one line per window, not one per record
-            pipeline.log.warning("bucket window %d: %d of its records wait for the next epoch (%d usable of %d, "
-                                 "not a whole number of global batches of %d)", w, len(left), len(kept),
-                                 len(counters), g)
+        if count and opts.process_index == 0:
+            self._tally_remainder(w, len(left))
         rows = sorted(kept[:n * g])  # by length, ties in shuffled order
         out = []
         for j in range(n):

@@ -63,20 +63,24 @@ class SkipCounter:
     def __init__(self):
         self._lock = threading.Lock()
         self.counts: collections.Counter = collections.Counter()
+        self._logged: set = set()  # records whose skip was logged: later epochs skip them without a word
 
     def __getstate__(self):  # pickled into grain worker processes
-        return {"counts": self.counts}
+        return {"counts": self.counts, "logged": self._logged}
 
     def __setstate__(self, state):
         self.__init__()
-        self.counts = state["counts"]
+        self.counts, self._logged = state["counts"], set(state.get("logged", ()))
 
     def skip(self, reason: str, index: int, detail: str, warn: bool = True) -> None:
-        """Counts one skip; `warn` logs it (callers that summarise many skips in one line pass False)."""
+        """Counts one skip; `warn` logs it the first time record `index` is skipped (later epochs count it only;
+        callers that summarise many skips in one line pass False)."""
         with self._lock:
             self.counts[reason] += 1
-        if warn:
-            log.warning("skipping record %d (%s): %s", index, reason, detail)
+            first = index not in self._logged
+            self._logged.add(index)
+        if warn and first:
+            log.warning("skipping record %d (%s): %s (not logged again in later epochs)", index, reason, detail)
 
 
 def markov_view(conv: schema.Conversation) -> schema.Conversation:

@@ -38,6 +38,8 @@ from typing import Iterator, Optional, Union
 
 import numpy as np
 
+from cig_jax.cli import UserError
+
 SCHEMA_VERSION = 1
 # Kinds in use (`kind` is free text; these are the ones this codebase makes). "chat": a user-written history.
 KNOWN_KINDS = ("chat", "name_based", "single_turn", "rollback", "markov_edit", "video", "recall", "recall_describe", "recall_text")
@@ -50,7 +52,7 @@ SUPPORTED_MODES = ("RGB", "RGBA", "L", "LA", "P", "1")
 IDENTITY_BACKENDS = {"insightface": 512, "dlib": 128, "synthetic": None}
 
 
-class SchemaError(ValueError):
+class SchemaError(UserError, ValueError):
     """A conversation a user can fix: the message starts with `<file>: <field path>:`."""
 
 

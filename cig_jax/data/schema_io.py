@@ -91,12 +91,22 @@ def decode_png(data: bytes, where: str = "image") -> np.ndarray:
         raise SchemaError(f"{where}: cannot decode image bytes: {e}") from None
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()  # read once at import: os.umask can only be read by setting it
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; an output file gets the mode open() would give it
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

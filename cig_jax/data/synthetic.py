@@ -478,9 +478,9 @@ def contact_sheet(convs: Sequence[Conversation], cell: int = 128, text_lines: in
 def main(argv: Optional[Sequence[str]] = None) -> None:
     ap = cli.parser(cli.prog(module="cig_jax.data.synthetic"), "Write synthetic conversations (JSON + PNG) and a contact sheet.")
     ap.add_argument("--out", required=True, help="output folder")
-    ap.add_argument("--num", type=int, default=1000)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--num", type=int, default=1000, help="conversations to draw")
+    ap.add_argument("--seed", type=int, default=0, help="the draw's seed (the same seed, the same conversations)")
+    ap.add_argument("--size", type=int, default=64, help="side of the square images, in pixels")
     ap.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated, from {', '.join(ALL_KINDS)}")
     ap.add_argument("--sheet", type=int, default=8, help="conversations shown on contact_sheet.png")
     args = ap.parse_args(argv)
@@ -499,4 +499,4 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_main(main)

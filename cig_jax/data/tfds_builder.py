@@ -273,17 +273,19 @@ def load_records(data_dir: Union[str, Path], split: str = "train", config: Optio
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     ap = cli.parser(cli.prog(module="cig_jax.data.tfds_builder"), "Build the cig_conversations array_record dataset.")
-    ap.add_argument("--data-dir", required=True)
+    ap.add_argument("--data-dir", required=True, help="the TFDS data directory to build under")
     ap.add_argument("--source", default="synthetic", help="'synthetic' or a folder of conversation JSON files")
-    ap.add_argument("--num-train", type=int, default=1000)
-    ap.add_argument("--num-val", type=int, default=100)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--size", type=int, default=64)
-    ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--num-train", type=int, default=1000, help="synthetic: training conversations")
+    ap.add_argument("--num-val", type=int, default=100, help="synthetic: validation conversations")
+    ap.add_argument("--seed", type=int, default=0, help="synthetic: the draw's seed")
+    ap.add_argument("--size", type=int, default=64, help="synthetic: side of the square images, in pixels")
+    ap.add_argument("--overwrite", action="store_true", help="rebuild a build that already exists")
     args = ap.parse_args(argv)
+    if args.source != "synthetic" and not Path(args.source).is_dir():
+        raise FileNotFoundError(f"--source {args.source}: conversation folder not found")
     b = build_dataset(args.data_dir, args.source, args.num_train, args.num_val, args.seed, args.size, overwrite=args.overwrite)
     print(f"built {b.data_dir}: " + ", ".join(f"{k}={v.num_examples}" for k, v in b.info.splits.items()))
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_main(main)

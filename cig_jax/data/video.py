@@ -470,13 +470,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap = cli.parser(cli.prog(module="cig_jax.data.video"), "Build name-based conversations from two-person video clips.")
     ap.add_argument("--videos", required=True, help="folder of clips (searched recursively)")
     ap.add_argument("--out", required=True, help="output folder")
-    ap.add_argument("--backend", default="auto", choices=["auto", "dlib", "insightface"])
+    ap.add_argument("--backend", default="auto", choices=["auto", "dlib", "insightface"],
+                    help="face embedder (the 'face' extra; auto: insightface if its pack is found, else dlib)")
     ap.add_argument("--fps", type=float, default=2.0, help="frames sampled per second")
     ap.add_argument("--size", type=int, default=512, help="side of the square output images")
     ap.add_argument("--seed", type=int, default=0, help="name choice and phrasing")
     ap.add_argument("--threshold", type=float, default=None, help="identity cosine threshold (default per backend)")
     ap.add_argument("--min-face", type=float, default=40, help="smallest face width kept, in frame pixels")
-    ap.add_argument("--decoder", default="auto", choices=["auto", "pyav", "opencv"])
+    ap.add_argument("--decoder", default="auto", choices=["auto", "pyav", "opencv"],
+                    help="clip decoder (pyav: the 'video' extra; auto: PyAV when installed, else OpenCV)")
     ap.add_argument("--captioner", default=None, help="local transformers image-to-text model dir (default: templates)")
     args = ap.parse_args(argv)
     captioner = HFCaptioner(args.captioner) if args.captioner else None
@@ -486,4 +488,4 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_main(main)

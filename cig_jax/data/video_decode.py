@@ -11,8 +11,10 @@ from typing import Callable, Iterable, Iterator, Optional, Union
 
 import numpy as np
 
+from cig_jax.cli import UserError
 
-class VideoReadError(RuntimeError):
+
+class VideoReadError(UserError, RuntimeError):
     """A clip could not be opened or decoded."""
 
 

@@ -39,6 +39,7 @@ import optax
 from flax import nnx
 from PIL import Image as PILImage
 from PIL import ImageFilter
+from tqdm import tqdm
 
 from cig_jax.data import synthetic
 from cig_jax.data.schema import Image, iter_images
@@ -334,8 +335,8 @@ def _load_flat_params(model: nnx.Module, flat: dict) -> None:
 
 
 def train_classifier(size: int = 64, seed: int = 0, steps: int = 1000, lr: float = 3e-3,
-                     log_every: int = 0) -> AttributeClassifier:
-    """Trains an `AttributeClassifier` on fresh renders (deterministic given `seed`)."""
+                     log_every: int = 0, progress: bool = False) -> AttributeClassifier:
+    """Trains an `AttributeClassifier` on fresh renders (deterministic given `seed`); `progress` shows a bar."""
     vocab = _vocab(synthetic.ATTRIBUTES)
     model = AttributeCNN(vocab, size, rngs=nnx.Rngs(seed))
     graphdef, params = nnx.split(model)
@@ -357,12 +358,18 @@ def train_classifier(size: int = 64, seed: int = 0, steps: int = 1000, lr: float
 
     t0 = time.time()
     batches = _prefetch(_training_batches(seed, size, vocab))
+    bar = tqdm(total=steps, desc="attribute classifier (once)", unit="step", disable=not progress)
     for i in range(steps):
         x, y = next(batches)
         params, opt_state, loss = step(params, opt_state, _to_input(x), jnp.asarray(y))
+        bar.update(1)
         if log_every and (i + 1) % log_every == 0:
-            print(f"attribute classifier step {i + 1}/{steps} loss {float(loss):.4f} ({time.time() - t0:.0f}s)",
-                  flush=True)
+            if progress:
+                bar.set_postfix(loss=f"{float(loss):.4f}")
+            else:
+                print(f"attribute classifier step {i + 1}/{steps} loss {float(loss):.4f} ({time.time() - t0:.0f}s)",
+                      flush=True)
+    bar.close()
     batches.close()
     nnx.update(model, params)
     return AttributeClassifier(model, size, {"train_seconds": round(time.time() - t0, 1), "steps": steps})
@@ -396,7 +403,10 @@ def load_or_train_classifier(cache_dir: Union[str, Path], size: int = 64, seed: 
         except (ValueError, OSError, json.JSONDecodeError) as e:
             if verbose:
                 print(f"attribute classifier cache {folder} unreadable ({e}); retraining", flush=True)
-    clf = train_classifier(size, seed, steps, log_every=100 if verbose else 0)
+    if verbose:
+        print(f"[eval] training the attribute classifier once ({steps} steps on fresh synthetic renders; the default "
+              f"1000 take about 5 minutes on 2 CPU cores); it is cached in {folder} and reused by every later evaluation", flush=True)
+    clf = train_classifier(size, seed, steps, log_every=100 if verbose else 0, progress=verbose)
     meta = dict(want, train_seconds=clf.meta["train_seconds"], heldout_accuracy=evaluate_heldout(clf))
     clf.meta = meta
     folder.mkdir(parents=True, exist_ok=True)

@@ -260,7 +260,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--out", help="write the report here (JSON); it is printed either way")
     ap.add_argument("--cache", default="/tmp/cig_eval", help="where the attribute classifier is cached")
     ap.add_argument("--clip", help="local CLIP checkpoint folder for CLIP-T (skipped without one)")
-    ap.add_argument("--identity", default="auto", choices=("auto", "dlib", "insightface", "none"))
+    ap.add_argument("--identity", default="auto", choices=("auto", "dlib", "insightface", "none"),
+                    help="face embedder for identity similarity (the 'face' extra)")
     args = ap.parse_args(argv)
     from cig_jax.eval.attributes import load_or_train_classifier
 
@@ -290,4 +291,4 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_main(main)

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import textwrap
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -152,12 +151,43 @@ def generate_rounds(session, convs: Sequence[Conversation], *, view: str = "hist
 # ----------------------------------------------------------------------------------------------------------
 # Picture
 # ----------------------------------------------------------------------------------------------------------
+def caption_font(size: int = 11):
+    """A scalable font that draws names beyond ASCII (DejaVu Sans where installed, else PIL's own scalable
+    default; the bitmap default draws 'Zoë' or 'Łucja' as boxes)."""
+    try:
+        return ImageFont.truetype("DejaVuSans.ttf", size)
+    except OSError:
+        return ImageFont.load_default(size=size)
+
+
+def wrap_to_width(text: str, font, width: int, max_lines: int) -> list:
+    """`text` in lines no wider than `width` pixels in `font`; beyond `max_lines` the last line ends in '…'."""
+    lines: list = []
+    for word in text.split():
+        while font.getlength(word) > width:  # a word wider than the cell: break it
+            cut = max(1, max(k for k in range(1, len(word) + 1) if font.getlength(word[:k]) <= width or k == 1))
+            lines.append(word[:cut])
+            word = word[cut:]
+        if lines and font.getlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        elif word:
+            lines.append(word)
+    if len(lines) > max_lines:
+        last = lines[max_lines - 1]
+        while last and font.getlength(last + "…") > width:
+            last = last[:-1]
+        lines = lines[:max_lines - 1] + [last.rstrip() + "…"]
+    return lines
+
+
 def grid_image(truth: Sequence[Conversation], generated: Sequence[Sequence], cell: int = 96,
-               text_lines: int = 3) -> PILImage.Image:
+               text_lines: int = 4) -> PILImage.Image:
     """One row per conversation; per round two cells, the generated image ('rN gen') then the ground truth
-    ('rN truth'), captioned with the start of the round's user text. Missing images are grey."""
-    font = ImageFont.load_default()
-    cap = 12 * (text_lines + 1) + 4
+    ('rN truth'), captioned with the round's user text (wrapped to the two cells; '…' where it goes on). Missing
+    images are grey."""
+    font = caption_font()
+    line = 13
+    cap = line * (text_lines + 1) + 4
     cols = max(len(c.rounds) for c in truth)
     pad = 6
     width = cols * (2 * cell + 3 * pad) + pad
@@ -178,9 +208,8 @@ def grid_image(truth: Sequence[Conversation], generated: Sequence[Sequence], cel
                                                      (truth_px, f"r{r + 1} truth", (0, 0, 160)))):
                 sheet.paste(tile(px), (x + k * (cell + pad), y))
                 d.text((x + k * (cell + pad), y + cell + 1), label, fill=colour, font=font)
-            lines = textwrap.wrap(rnd.user_text or "", width=max(8, (2 * cell + pad) // 6))[:text_lines]
-            for k, line in enumerate(lines):
-                d.text((x, y + cell + 13 + 12 * k), line, fill=(40, 40, 40), font=font)
+            for k, text in enumerate(wrap_to_width(rnd.user_text or "", font, 2 * cell + pad, text_lines)):
+                d.text((x, y + cell + 1 + line * (k + 1)), text, fill=(40, 40, 40), font=font)
     return sheet
 
 
@@ -265,17 +294,22 @@ def evaluate_checkpoint(checkpoint, data: str = "validation", out=None, *, data_
                         context: str = "truth", seed: int = 0, batch_size: int = 8, max_len: Optional[int] = None,
                         num_steps: Optional[int] = None, classifier=None, classifier_cache: str = "/tmp/cig_eval",
                         identity: str = "auto", embedder=None, convs: Optional[Sequence[Conversation]] = None,
-                        grid_rows: int = 8, verbose: bool = True, names: str = "heldout", probe: bool = True) -> dict:
+                        grid_rows: int = 8, verbose: bool = True, names: str = "heldout", probe: bool = True,
+                        overrides: Sequence[str] = ()) -> dict:
     """Generates the held-out conversations with the checkpoint under `view` / `context`, scores them and, with
     `out`, writes OUT/metrics.json and OUT/samples.png (the first `grid_rows` conversations). `convs` replaces
     loading from `data` (`names`: the name pool of a synthetic draw). With `probe` and recall conversations
     under the history view, also the counterfactual name probe (`eval/recall.py`). Returns the report (the JSON
-    written)."""
+    written). `overrides` (`--set KEY=VALUE`) change the checkpoint's config (sampling and diffusion settings)."""
+    from cig_jax.config import override_config
     from cig_jax.eval.attributes import load_or_train_classifier
+    from cig_jax.sample.complete import checkpoint_parts
     from cig_jax.sample.session import ChatSession
 
     say = print if verbose else (lambda *a, **k: None)
     t0 = time.perf_counter()
+    cfg, _ = checkpoint_parts(checkpoint)  # a missing checkpoint or tokenizer stops here, before any work
+    cfg = override_config(cfg, overrides, f"checkpoint {checkpoint} + --set")
     if convs is None:
         convs = load_conversations(data, data_dir=data_dir, num=num, kinds=kinds, names=names)
     convs = list(convs)
@@ -286,7 +320,7 @@ def evaluate_checkpoint(checkpoint, data: str = "validation", out=None, *, data_
     batch_size = max(1, min(batch_size, len(convs)))
     if max_len is None:
         max_len = context_for(checkpoint, convs, batch_size)
-    session = ChatSession.from_checkpoint(checkpoint, max_len=max_len, batch_size=batch_size,
+    session = ChatSession.from_checkpoint(checkpoint, config=cfg, max_len=max_len, batch_size=batch_size,
                                           identity_embedder=False)
     t_gen = time.perf_counter()
     generated = generate_rounds(session, convs, view=view, context=context, seed=seed, num_steps=num_steps,
@@ -320,33 +354,42 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = cli.parser(cli.prog(module="cig_jax.eval.run", console="cig-eval"),
                     "Evaluate a trained checkpoint on held-out conversations.")
     ap.add_argument("--checkpoint", required=True, help="a training workdir (e.g. workdir/demo/stage3)")
+    cli.add_overrides(ap, "override a key of the checkpoint's config, e.g. --set sample.max_new_tokens=32")
     ap.add_argument("--data", default="validation",
                     help="a split of the array_record build under --data-dir, a folder of conversation JSON files, "
                          "or 'synthetic' (a fresh held-out draw)")
-    ap.add_argument("--data-dir", default="workdir/demo/data")
+    ap.add_argument("--data-dir", default="workdir/demo/data",
+                    help="the array_record build whose split --data names (train.py's recipe writes it)")
     ap.add_argument("--out", required=True, help="where metrics.json and samples.png go")
     ap.add_argument("--num", type=int, default=16, help="at most this many conversations")
     ap.add_argument("--kinds", default=",".join(DEFAULT_KINDS), help="comma-separated kinds ('' for all)")
     ap.add_argument("--names", default="heldout", choices=name_pools.POOLS,
                     help="--data synthetic: the name pool of the recall kind ('heldout': names no training draw uses)")
     ap.add_argument("--no-probe", action="store_true", help="skip the counterfactual name probe")
-    ap.add_argument("--view", default="history", choices=VIEWS)
-    ap.add_argument("--context", default="truth", choices=CONTEXTS)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--view", default="history", choices=VIEWS,
+                    help="what the model reads each round: the whole history, or (markov) only the last round "
+                         "with the previous image")
+    ap.add_argument("--context", default="truth", choices=CONTEXTS,
+                    help="earlier rounds' answers in the history: the ground truth's, or the model's own")
+    ap.add_argument("--seed", type=int, default=0, help="round r of a conversation samples with seed + r")
     ap.add_argument("--batch-size", type=int, default=8, help="conversations generated at once")
     ap.add_argument("--max-len", type=int, default=None,
                     help="KV-cache slots per conversation (default: what its batches need, each round at its "
                          "longest row plus max_new_tokens, rounded up to 256; eval.run.context_for)")
     ap.add_argument("--num-steps", type=int, help="diffusion steps (default: the checkpoint's config)")
-    ap.add_argument("--cache", default="/tmp/cig_eval", help="where the attribute classifier is cached")
-    ap.add_argument("--identity", default="auto", choices=("auto", "dlib", "insightface", "none"))
+    ap.add_argument("--cache", default="/tmp/cig_eval",
+                    help="where the attribute classifier is cached (trained once on synthetic images, a few "
+                         "minutes on CPU, the first time)")
+    ap.add_argument("--identity", default="auto", choices=("auto", "dlib", "insightface", "none"),
+                    help="face embedder for identity similarity (auto: dlib when the 'face' extra is installed, "
+                         "else skipped)")
     args = ap.parse_args(argv)
     kinds = tuple(k for k in args.kinds.split(",") if k)
     report = evaluate_checkpoint(args.checkpoint, args.data, args.out, data_dir=args.data_dir, num=args.num,
                                  kinds=kinds, view=args.view, context=args.context, seed=args.seed,
                                  batch_size=args.batch_size, max_len=args.max_len, num_steps=args.num_steps,
                                  classifier_cache=args.cache, identity=args.identity, names=args.names,
-                                 probe=not args.no_probe)
+                                 probe=not args.no_probe, overrides=args.overrides)
     print(format_table({args.view: report}))
     if "recall" in report:
         print(recall.format_recall({args.view: report}))

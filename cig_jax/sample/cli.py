@@ -24,34 +24,33 @@ with face references draws with all of them (up to model.dit.identity.max_identi
 Bad input (malformed JSON, a missing / undecodable / unsupported image, a checkpoint that does not fit the
 config, a history longer than --max-len under --overflow error) is a one-line error naming the file, round and
 field, with exit status 2 and nothing written. `--interactive` chats in the terminal (`/image PATH` attaches an
-image to the next message, `/quit` ends) and saves the same outputs after every round.
+image to the next message, `/help` lists the commands, `/quit` ends) and saves the same outputs after every round,
+naming the files it wrote.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
 
 from cig_jax import cli
 
 
 def _args(argv):
-    ap = argparse.ArgumentParser(prog=cli.prog(script="sample.py", console="cig-sample"),
-                                 description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = cli.parser(cli.prog(script="sample.py", console="cig-sample"),
+                    "Continue chat histories with a trained checkpoint: each pending round's answer as text and an "
+                    "image,\nthe completed history JSON and transcript.html in --out.\n\n" + __doc__.split("\n\n")[1])
     ap.add_argument("--checkpoint", required=True, help="training workdir: DIR/checkpoints/<step>/ and DIR/tokenizer/")
     ap.add_argument("--chat", help="history JSON (ours or a `messages` list), a directory of them, or a JSONL file "
                     "(one conversation a line)")
     ap.add_argument("--out", required=True, help="output directory (created)")
     ap.add_argument("--interactive", action="store_true", help="chat in the terminal")
     ap.add_argument("--config", help="YAML config to use instead of the one saved with the checkpoint")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    cli.add_overrides(ap, "override a key of the checkpoint's config, e.g. --set diffusion.num_steps=8")
     ap.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     ap.add_argument("--seed", type=int, help="round r samples with seed + r (default: sample.seed)")
-    ap.add_argument("--max-new-tokens", type=int, help="default: sample.max_new_tokens")
+    ap.add_argument("--max-new-tokens", type=int, help="text tokens per answer at most (default: sample.max_new_tokens)")
     ap.add_argument("--temperature", type=float, help="0: greedy (default: sample.temperature)")
-    ap.add_argument("--top-p", type=float, help="default: sample.top_p")
+    ap.add_argument("--top-p", type=float, help="nucleus sampling mass (default: sample.top_p)")
     ap.add_argument("--num-steps", type=int, help="diffusion steps (default: diffusion.num_steps)")
     ap.add_argument("--visual-scale", type=float, help="visual guidance scale (default: diffusion.visual_guidance_scale)")
     ap.add_argument("--identity-scale", type=float,
@@ -69,7 +68,7 @@ def _args(argv):
     ap.add_argument("--identity-backend", choices=("auto", "insightface", "dlib", "none"), default="auto",
                     help="face embedder for photos without a recorded identity (auto: insightface if its pack is "
                          "found, else dlib); its width must be the checkpoint's")
-    ap.add_argument("--face-model-root", help="folder holding models/<pack>/*.onnx (default ~/.insightface)")
+    ap.add_argument("--face-model-root", help="folder holding models/<pack>/*.onnx (default: ~/.insightface)")
     ap.add_argument("--face-pack", default="buffalo_l", help="insightface pack name (buffalo_l, antelopev2)")
     args = ap.parse_args(argv)
     if not args.interactive and not args.chat:
@@ -88,22 +87,15 @@ def _load_chats(path: Path) -> list:
 
 def _config(args):
     """The config to sample with: --config or the checkpoint's own, with --set overrides."""
-    from cig_jax.config import Config, apply_override, from_dict, load_config, to_dict, validate
+    from cig_jax.config import load_config, override_config
     from cig_jax.train.trainer import saved_config
 
     if args.config:
-        return load_config(args.config, args.set)
+        return load_config(args.config, args.overrides)
     if not Path(args.checkpoint).is_dir():
         raise FileNotFoundError(f"{args.checkpoint}: checkpoint directory not found")
-    cfg = saved_config(args.checkpoint, source="checkpoint")
-    if not args.set:
-        return cfg
-    tree = to_dict(cfg)
-    for ov in args.set:
-        tree = apply_override(tree, ov)
-    cfg = from_dict(Config, tree, source=f"checkpoint {args.checkpoint} + --set")
-    validate(cfg, "--set")
-    return cfg
+    return override_config(saved_config(args.checkpoint, source="checkpoint"), args.overrides,
+                           f"checkpoint {args.checkpoint} + --set")
 
 
 def _round_options(args) -> dict:
@@ -137,9 +129,12 @@ def _save_one(out: Path, conv, name: str):
     return schema.save_conversation(conv, out / name, png_text=png_text)
 
 
-def _write(out: Path, done: list) -> None:
-    """Saves each (conversation, name) into `out` (JSON + images) and the transcript of them all."""
-    _write_transcript(out, [_save_one(out, conv, name) for conv, name in done])
+def _write(out: Path, done: list) -> list:
+    """Saves each (conversation, name) into `out` (JSON + images) and the transcript of them all; returns the
+    conversations as saved (their image paths relative to `out`)."""
+    saved = [_save_one(out, conv, name) for conv, name in done]
+    _write_transcript(out, saved)
+    return saved
 
 
 def _write_transcript(out: Path, saved: list) -> None:
@@ -178,15 +173,13 @@ def main(argv=None) -> int:
     import jax
 
     from cig_jax import sharding
-    from cig_jax.config import ConfigError
     from cig_jax.data import schema
     from cig_jax.sample import complete as C
     from cig_jax.sample import session as S
-    from cig_jax.sample.identities import IdentityDimensionError, embedder_for_checkpoint
-    from cig_jax.train.checkpoint import CheckpointMismatchError
+    from cig_jax.sample.identities import embedder_for_checkpoint
 
-    user_errors = (schema.SchemaError, FileNotFoundError, CheckpointMismatchError, ConfigError, S.ContextOverflowError,
-                   IdentityDimensionError)
+    user_errors = (cli.UserError, FileNotFoundError)
+    prog = cli.prog(script="sample.py", console="cig-sample")
     out = Path(args.out)
     try:
         # --- everything that can be checked before sampling: input, config, checkpoint, context -------------
@@ -215,12 +208,15 @@ def main(argv=None) -> int:
         kept = {}
         if args.skip_existing:
             kept = {k: conv for k, (_, name) in enumerate(chats) if (conv := _existing(out, name)) is not None}
+        again = [name for k, (_, name) in enumerate(chats) if k not in kept and (out / name).exists()]
+        if again:
+            print(f"{prog}: {out} already holds {', '.join(again[:3])}{' ...' if len(again) > 3 else ''}: "
+                  f"overwriting {len(again)} conversation(s) (--skip-existing keeps the complete ones)", flush=True)
         sampled = _complete_all(session, chats, seed, args, kept, out)
     except user_errors as e:
-        print(f"sample.py: {e}", file=sys.stderr)
-        return 2
+        return cli.fail(prog, str(e))
     skipped = f" (kept {len(kept)} already complete)" if kept else ""
-    print(f"sample.py: wrote {sampled} conversation(s){skipped} and transcript.html to {out}")
+    print(f"{prog}: wrote {sampled} conversation(s){skipped} and transcript.html to {out}")
     return 0
 
 
@@ -271,6 +267,10 @@ def _complete_all(first, chats: list, seed: int, args, kept: dict, out: Path) ->
     return len(todo)
 
 
+INTERACTIVE_HELP = ("Type a message and press Enter; commands (never sent to the model): '/image PATH' attaches an "
+                    "image to the next message, '/help' shows this, '/quit' ends (so does Ctrl-D).")
+
+
 def _interactive(session, chat, out: Path, seed: int, args) -> int:
     """A terminal chat, starting from `chat` ((conversation, name) or None). Saves the history, images and
     transcript into `out` after every round."""
@@ -288,7 +288,7 @@ def _interactive(session, chat, out: Path, seed: int, args) -> int:
             print(f"[{r + 1}] you> {rnd.user_text}\n[{r + 1}] assistant> {rnd.assistant_text or ''}")
     else:
         conv, name = schema.Conversation(id="chat", kind="chat", source="sample.py --interactive"), "chat.json"
-    print("Type a message; '/image PATH' attaches an image to the next one; '/quit' ends.")
+    print(INTERACTIVE_HELP)
     attached: list = []
     while True:
         try:
@@ -298,6 +298,12 @@ def _interactive(session, chat, out: Path, seed: int, args) -> int:
         cmd = line.strip()
         if cmd in ("/quit", "/exit"):
             break
+        if cmd in ("/help", "/?"):
+            print(INTERACTIVE_HELP)
+            continue
+        if cmd.startswith("/") and cmd.split()[0] != "/image":
+            print(f"unknown command {cmd.split()[0]} (not sent to the model); /help lists the commands")
+            continue
         if cmd.startswith("/image"):
             path = cmd[len("/image"):].strip()
             try:
@@ -313,9 +319,11 @@ def _interactive(session, chat, out: Path, seed: int, args) -> int:
         done = session.history.rounds[-1]  # user images keep their paths: saving copies the files
         conv.rounds.append(dataclasses.replace(
             done, user_images=[dataclasses.replace(im, pixels=None) if im.path else im for im in done.user_images]))
-        _write(out, [(conv, name)])
-        drawn = f"  [image saved under {out / 'images'}]" if result.image is not None else ""
-        print(f"assistant> {result.text}{drawn}")
+        saved = _write(out, [(conv, name)])[0]
+        image = saved.rounds[-1].assistant_image
+        drawn = f"  [image: {Path(image.path) if Path(image.path).is_absolute() else out / image.path}]" \
+            if result.image is not None and image is not None and image.path else ""
+        print(f"assistant> {result.text}{drawn}  [history: {out / name}]")
     return 0
 
 

@@ -19,12 +19,13 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from cig_jax.cli import UserError
 from cig_jax.data import schema
 
 log = logging.getLogger(__name__)
 
 
-class IdentityDimensionError(ValueError):
+class IdentityDimensionError(UserError, ValueError):
     """A face embedding whose width is not the checkpoint's identity width (never dropped silently)."""
 
 
@@ -156,13 +157,14 @@ def embedder_for_checkpoint(backend: str, identity_dim: int, model_root=None, pa
             embedder = F.make_identity_embedder("dlib")
         except (ImportError, F.IdentityModelNotFoundError) as e:
             log.warning("no face backend (no insightface pack, dlib unavailable: %s): photos without a recorded "
-                        "identity are drawn without one", e)
+                        "identity are drawn without one; pip install -e '.[face]' brings dlib (or give "
+                        "--identity-backend none to say so)", e)
             return False
     else:
         try:
             embedder = F.make_identity_embedder(backend, model_root, pack)
         except ImportError as e:
-            raise F.IdentityModelNotFoundError(f"--identity-backend {backend}: {e}; pip install '.[face]'") from None
+            raise F.IdentityModelNotFoundError(f"--identity-backend {backend}: {e}; pip install -e '.[face]'") from None
     if embedder.embedding_dim != identity_dim:
         fits = [b for b, d in BACKEND_DIMS.items() if d == identity_dim]
         raise IdentityDimensionError(

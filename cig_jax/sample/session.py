@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from cig_jax.cli import UserError
 from cig_jax import sharding
 from cig_jax.config import Config, MeshConfig
 from cig_jax.data import schema
@@ -52,7 +53,7 @@ log = logging.getLogger(__name__)
 OVERFLOW_POLICIES = ("error", "drop_oldest")
 
 
-class ContextOverflowError(ValueError):
+class ContextOverflowError(UserError, ValueError):
     """The history does not fit the session's KV cache under the 'error' overflow policy."""
 
 

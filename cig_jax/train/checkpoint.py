@@ -17,11 +17,12 @@ from typing import Any, Optional
 import jax
 import orbax.checkpoint as ocp
 
+from cig_jax.cli import UserError
 from cig_jax import fs
 from cig_jax.config import Config, field_paths, to_dict
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError, ValueError):
     """The checkpoint was written by a run whose model differs from this config."""
 
 
@@ -29,6 +30,14 @@ def _grain_args():
     import grain
 
     return grain.checkpoint.CheckpointSave, grain.checkpoint.CheckpointRestore, grain.checkpoint.CheckpointHandler
+
+
+def _reader(directory) -> ocp.CheckpointManager:
+    """A manager for reading `directory` with a handler for every item the trainer saves, so orbax has no "Item
+    ... was found in the checkpoint, but could not be restored" to warn about whatever is read."""
+    _, _, grain_handler = _grain_args()
+    return ocp.CheckpointManager(directory, item_handlers={
+        "state": ocp.PyTreeCheckpointHandler(), "config": ocp.JsonCheckpointHandler(), "data": grain_handler()})
 
 
 class Checkpointer:
@@ -95,7 +104,7 @@ def read_config(directory: str | Path, step: Optional[int] = None) -> dict:
     directory = fs.path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: no checkpoints there")
-    manager = ocp.CheckpointManager(directory, item_handlers={"config": ocp.JsonCheckpointHandler()})
+    manager = _reader(directory)
     try:
         step = step if step is not None else manager.latest_step()
         if step is None:
@@ -161,7 +170,7 @@ def restore_params(directory: str | Path, abstract: Any, step: Optional[int] = N
     directory = fs.path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: no checkpoints there (train first, or check the path)")
-    manager = ocp.CheckpointManager(directory, item_handlers={"state": ocp.PyTreeCheckpointHandler()})
+    manager = _reader(directory)
     try:
         step = step if step is not None else manager.latest_step()
         if step is None:
@@ -233,7 +242,7 @@ def load_trained(cfg: Config, *, step: Optional[int] = None, mesh=None, task=Non
 
 
 def _latest_step(directory: Path) -> Optional[int]:
-    manager = ocp.CheckpointManager(directory.absolute())
+    manager = _reader(directory.absolute())
     try:
         return manager.latest_step()
     finally:

@@ -7,11 +7,10 @@ abstractly (no parameter memory), compiles the training step ahead of time and p
 FLOPs per step, then exits without writing anything.
 
 Does not own: the loop (`trainer`), the config format (`cig_jax.config`), the AOT compile itself
-(`trainer.compile_step`, reached through `cig_jax.bench.aot.compile_train_step`).
+(`cig_jax.train.compile`).
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -53,50 +52,11 @@ def print_configs(stages: list) -> None:
         print(dump_yaml(cfg), end="")
 
 
-def dry_run(cfg, label: str) -> dict:
-    """Mesh + abstract model + ahead-of-time compile of the stage's training step; prints memory and FLOPs."""
-    import jax
-
-    from cig_jax import sharding
-    from cig_jax.bench.aot import compile_train_step
-    from cig_jax.train.flops import FORMULA, task_flops
-    from cig_jax.train.stages import build_task
-
-    mesh = sharding.make_mesh(cfg.mesh)
-    shards = mesh.shape["data"] * mesh.shape["fsdp"] * cfg.train.grad_accum_steps
-    if cfg.data.global_batch_size % shards:
-        raise ConfigError(f"{label}: 'data.global_batch_size' ({cfg.data.global_batch_size}) must divide by the batch "
-                          f"shards x train.grad_accum_steps ({shards})")
-    print(f"[dry-run] {label}: stage {cfg.train.stage!r}, mesh {dict(mesh.shape)} over {jax.device_count()} "
-          f"{jax.devices()[0].platform} device(s), global batch {cfg.data.global_batch_size}", flush=True)
-    report = compile_train_step(cfg, mesh, per_device_batch=cfg.data.global_batch_size // shards)
-    cost = report["compiled"].cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    compiled_flops = float((cost or {}).get("flops", 0.0))
-    task = build_task(cfg)
-    count = task_flops(task, cfg.data.global_batch_size)
-    counted = count.total
-    print(f"[dry-run] parameters: {report['trainable_params'] / 1e6:,.2f}M trainable, "
-          f"{report['frozen_params'] / 1e6:,.2f}M frozen; compiled in {report['compile_s']:.1f}s")
-    print(f"[dry-run] FLOPs per step: {compiled_flops:.4g} per device (XLA cost analysis), "
-          f"{counted / jax.device_count():.4g} per device, {counted:.4g} in all (the trainer's MFU count)")
-    print(f"[dry-run] the trainer's count: {count.summary()}; {FORMULA}")
-    m = cfg.model
-    scanned = [k for k, part in (("llm", m.llm), ("vit", m.vit), ("dit", m.dit)) if part.scan_layers]
-    remat = [k for k, part in (("llm", m.llm), ("vit", m.vit), ("dit", m.dit)) if part.remat_policy != "none"]
-    if scanned or remat:
-        print(f"[dry-run] XLA's count differs by design: it counts a lax.scan body once (scan_layers: "
-              f"{', '.join(scanned) or 'none'}), remat's recompute (remat_policy set: {', '.join(remat) or 'none'}) "
-              "and elementwise ops; with scan_layers false and remat_policy none the two agree within 10% "
-              "(tests/test_flops.py)")
-    print(f"[dry-run] nothing written; {cfg.train.workdir} untouched", flush=True)
-    return dict(report, compiled_flops=compiled_flops, counted_flops=counted)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     prog = cli.prog(script="train.py", console="cig-train")
     ap = cli.parser(prog, DESCRIPTION, EPILOG)
-    ap.add_argument("--config", metavar="FILE", help="a stage config or a recipe (required)")
+    ap.add_argument("--config", metavar="FILE", required=True,
+                    help="a stage config or a recipe, e.g. configs/demo.yaml (see the list above)")
     cli.add_overrides(ap)
     what = ap.add_mutually_exclusive_group()
     what.add_argument("--print-config", action="store_true",
@@ -105,9 +65,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       help="compile the training step ahead of time, print per-device memory and FLOPs, and exit "
                            "without writing a checkpoint")
     args = ap.parse_args(argv)
-    if not args.config:
-        ap.print_usage(sys.stderr)
-        return cli.fail(prog, "--config FILE is required (e.g. --config configs/demo.yaml); see --help")
     if not Path(args.config).is_file():
         return cli.fail(prog, f"config file not found: {args.config}")
     try:
@@ -116,6 +73,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print_configs(stages)
             return 0
         if args.dry_run:
+            from cig_jax.train.compile import dry_run  # jax: not imported for --help and --print-config
+
             for label, cfg in stages:
                 dry_run(cfg, label)
             return 0
