@@ -231,12 +231,16 @@ def run(cfg: Config, task: Task | None = None) -> dict:
     if cfg.data.global_batch_size % (nproc * cfg.train.grad_accum_steps):
         raise ValueError(f"data.global_batch_size {cfg.data.global_batch_size} must divide by processes x "
                          f"train.grad_accum_steps ({nproc} x {cfg.train.grad_accum_steps})")
-    data_iter = iter(task.make_dataset(pid, nproc))
-
-    # --- model, shard and transfer ----------------------------------------------------------------------
     ckpt = Checkpointer(workdir / "checkpoints", save_every=max(cfg.train.checkpoint_every, 0) or cfg.train.steps,
                         keep=cfg.train.keep_checkpoints, async_save=cfg.train.async_checkpoints)
     start = ckpt.latest_step() if cfg.train.resume else None
+    if start is not None and start >= cfg.train.steps:  # a finished run: nothing to build or compile
+        ckpt.close()
+        say(f"[done] already trained to step {start} (train.steps {cfg.train.steps}); checkpoint in {ckpt.directory}")
+        return {"step": start}
+    data_iter = iter(task.make_dataset(pid, nproc))
+
+    # --- model, shard and transfer ----------------------------------------------------------------------
     # a resumed run's checkpoint already holds its weights: only a fresh run reads init_from / init_weights
     from cig_jax.train.state import setup_state
 
