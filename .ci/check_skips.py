@@ -33,7 +33,9 @@ def skips(report: Path) -> list[tuple[str, str]]:
             if skipped.get("type") == "pytest.xfail":
                 continue
             test = f"{case.get('classname', '')}::{case.get('name', '')}"
-            out.append((test, (skipped.get("message") or skipped.text or "").strip()))
+            message, text = (skipped.get("message") or "").strip(), (skipped.text or "").strip()
+            # a module-level skip (importorskip at import) is reported as 'collection skipped', its reason in the text
+            out.append((test, text if message in ("", "collection skipped") else message))
     return out
 
 

@@ -47,7 +47,8 @@ def test_pytest_with_onnx_uninstalled_fails_the_gate(tmp_path):
             f"sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', 'tests/test_identity.py', '--junitxml', {str(report)!r}]))")
     run = subprocess.run([sys.executable, "-c", shim], cwd=ROOT, capture_output=True, text=True,
                          env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, timeout=300)
-    assert run.returncode == 0 and "skipped" in run.stdout, run.stdout + run.stderr  # pytest itself stays green
+    # pytest itself does not fail: 5 = nothing ran here (the file's only tests skipped); in a full run, 0
+    assert run.returncode in (0, 5) and "1 skipped" in run.stdout, run.stdout + run.stderr
     r = _check(report)
     assert r.returncode == 1, r.stdout
     assert "UNEXPECTED skip" in r.stdout and "onnx" in r.stdout, r.stdout
