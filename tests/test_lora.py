@@ -14,7 +14,7 @@ from cig_jax.convert.hf_llm import config_to_hf, hf_to_ours, llm_from_params
 from cig_jax.convert.peft import peft_to_ours
 from cig_jax.data.lm_smoke import permutation_walk
 from cig_jax.models import layers
-from cig_jax.models.llm import LLM, merge_lora, next_token_loss
+from cig_jax.models.llm import LLM, merge_lora, next_token_loss, selected_token_loss, shifted_token_loss
 
 BASE = LLMConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
 LORA = dataclasses.replace(BASE, lora_rank=16, lora_alpha=16.0, lora_dropout=0.05)
@@ -136,3 +136,23 @@ def test_lora_step_computes_no_gradient_of_the_frozen_weights():
     kernels = {"48,48", "48,24", "48,80", "80,48", "48,72", "72,48"}  # q/o, k/v, gate/up, down, lm_head, embed
     assert not _dot_shapes(layers.LoRAParam) & kernels
     assert _dot_shapes(nnx.Param) & kernels  # the check sees them when the base trains too
+
+
+def test_lm_head_only_where_the_loss_is_gives_the_full_heads_loss_and_gradient():
+    """`selected_token_loss` (the LoRA step's loss: logits of the answer positions only) against the plain
+    `shifted_token_loss` over the [b, l, vocab] logits: the same loss and the same adapter gradients."""
+    model, _ = _adapted()
+    graphdef, lora, rest = nnx.split(model, layers.LoRAParam, ...)
+    mask = jnp.zeros_like(TOKENS).at[:, 20:].set(1).at[1, 5].set(1)  # an answer per row, and one stray position
+    count = int(mask[:, 1:].sum())
+
+    def full(p):
+        return shifted_token_loss(nnx.merge(graphdef, p, rest)(TOKENS).logits, TOKENS, mask)[0]
+
+    def selected(p):
+        m = nnx.merge(graphdef, p, rest)
+        return selected_token_loss(m, m(TOKENS, return_logits=False).hidden_states, TOKENS, mask, count + 3)[0]
+
+    (want, g_want), (got, g_got) = jax.value_and_grad(full)(lora), jax.value_and_grad(selected)(lora)
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6), g_got, g_want)
