@@ -114,8 +114,11 @@ def run_main(main, argv: Optional[Sequence[str]] = None) -> None:
         code = fail(invoked(), str(e))
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as e:
         code = fail(invoked(), _file_message(e))
-    except SystemExit as e:
-        code = fail(invoked(), str(e.code)) if isinstance(e.code, str) else e.code
+    except SystemExit as e:  # a message: one line, exit 2 (or the exception's own `status`, e.g. a failed check's 1)
+        code = e.code
+        if isinstance(e.code, str):
+            fail(invoked(), e.code)
+            code = getattr(e, "status", 2)
     except KeyboardInterrupt:
         print(f"{invoked()}: interrupted", file=sys.stderr)
         code = 130

@@ -3,9 +3,9 @@ image-query block the probe reads, and only the causal mask keeps it out, so cha
 prediction where it was (while the target it is scored against moves). Both versions of a pair share one draw:
 the same history, a last round that differs only in the name and the person drawn.
 
-Seen while writing this (tiny_run, random weights): inverting every *history* image moves the prediction by
-exactly 0.0 while a change of text moves it by ~3, so on this model images do not reach the query block at
-all and the image half of this check is weak; see the issue note."""
+(History images do reach the query block: a check that inverts them must copy each version's rounds on their
+own, since the two versions of a pair share their history's round objects and an image inverted through both
+is inverted twice, back to where it was.)"""
 import copy
 
 import numpy as np

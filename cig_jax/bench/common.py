@@ -23,6 +23,8 @@ PERTURB_ENV = "CIG_BENCH_PERTURB"
 class NotEqualWork(SystemExit):
     """Raised (exit status 1) when the two sides of a benchmark did not compute the same thing."""
 
+    status = 1  # what `cli.run_main` exits with: a failed check, not a user's mistake (2)
+
     def __init__(self, message: str):
         super().__init__(f"NOT EQUAL WORK: {message}")
 
