@@ -49,7 +49,7 @@ class ChatFormat:
     jinja: str  # the Hugging Face `chat_template` of the exported tokenizer (text-only turns)
     bos: Optional[str] = None  # the bos / eos token strings; None: the tokenizer's own bos / eos
     eos: Optional[str] = None
-    turn_marker: bool = False  # a round also ends when the model writes how the next user turn opens
+    turn_marker: bool = False  # a round also ends when the model writes how the next turn opens (text-only turns)
     tiny_tokens: tuple = ("<s>", "</s>", "<pad>")  # bos, eos, pad of the tiny offline tokenizer for this format
 
     LAYOUT = ("start", "user_open", "user_open_next", "user_close", "round_end", "conversation_end")

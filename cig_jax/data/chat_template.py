@@ -37,8 +37,8 @@ ids here and for a user of the exported folder. (Tokenizing piece by piece would
 word-start piece to every separately tokenized piece, and byte-level BPE joins a marker's trailing space to the
 next word.) Special tokens always split the text, so every image slot, `<img>`, `</img>`, `<s>` and `</s>`
 sits at a known position (a format's own bos / eos too). Inside a run of text, a boundary between parts (user
-turn | assistant text | next turn) is placed where the tokenization of the text up to the boundary stops agreeing with the tokenization of
-the whole (`ChatTemplate._tokenize`): a token that straddles a boundary belongs to the part after it. So the
+turn | assistant text | next turn) is placed where the tokenization of the text up to the boundary stops
+agreeing with the tokenization of the whole (`ChatTemplate._tokenize`): a token that straddles a boundary belongs to the part after it. So the
 targets are exactly the tokens the text before the reply does not already determine, as at sampling time,
 where the prompt ends after " [/INST]\\n" and the cache keeps the common prefix when the history is re-encoded.
 Special tokens split the string before the tokenizer reads it, so the string is tokenized segment by segment (a
@@ -72,7 +72,6 @@ NUM_LOC_TOKENS = 224  # grounding coordinates <loc-0>..<loc-223>
 # With <box_start>/<box_end> these are the 330 tokens that take LLaMA-2's 32000 to SEED-X's 32330.
 BOX_START, BOX_END = "<box_start>", "<box_end>"
 
-USER_OPEN, USER_OPEN_NEXT, USER_CLOSE = LLAMA2.user_open, LLAMA2.user_open_next, LLAMA2.user_close
 ENDS = ("conversation", "round", "answer")  # where `encode` ends a conversation whose last round is answered
 
 # role values (the MLLM's `role` input: cig_jax.models.mllm reads them from here)
