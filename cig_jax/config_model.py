@@ -338,6 +338,9 @@ class MLLMConfig(Section):
     # this fraction of a batch's positions (0: the head runs everywhere). A batch with more loss positions loses the
     # excess from its LM loss and says so (metric lm_tokens_dropped).
     lm_head_fraction: float = execution_field(0.0)
+    # How a conversation becomes tokens (`cig_jax/data/chat_formats.py`): 'llama2' (SEED-X's [INST] turns) or
+    # 'chatml' (SmolLM2-Instruct's <|im_start|> turns; the tokenizer needs <|im_start|> and <|im_end|>).
+    chat_format: Literal["llama2", "chatml"] = "llama2"
 
     def check(self, key: str) -> None:
         need(0 < self.num_image_tokens <= 100,

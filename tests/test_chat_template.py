@@ -50,6 +50,22 @@ def test_ids_equal_hugging_face_apply_chat_template(tokenizers):
     assert same == 20, f"token ids equal in {same} of 20 conversations"
 
 
+def round_targets(template, conv):
+    """Per round of an answered conversation: (r, the round, the ids of its targets), after checking that the
+    encoding of the history up to the round's prompt is a prefix of the whole that holds no target of the round,
+    and that the round's first target is the token right after it."""
+    enc = template.encode(conv, add_generation_prompt=False)
+    for r, rnd in enumerate(conv.rounds):
+        prompt = template.encode(dataclasses.replace(conv, rounds=conv.rounds[:r] + [dataclasses.replace(
+            rnd, assistant_text=None, assistant_image=None)]))
+        n = len(prompt)
+        assert enc.input_ids[:n].tolist() == prompt.input_ids.tolist()
+        assert not enc.loss_mask[:n][enc.round_index[:n] == r].any()  # the prompt holds no target of round r
+        targets = np.flatnonzero((enc.loss_mask == 1) & (enc.round_index == r))
+        assert targets[0] == n
+        yield r, rnd, enc.input_ids[targets]
+
+
 def test_targets_start_where_the_generation_prompt_ends(tokenizers):
     """Per answered round: the encoding of the history up to that round's prompt is a prefix of the whole, and
     the round's first target is the token right after it; the round's targets are its reply (+ <img>)."""
@@ -58,20 +74,12 @@ def test_targets_start_where_the_generation_prompt_ends(tokenizers):
     byte_level = "Ġ" in ours.get_vocab() or "Ċ" in ours.get_vocab()  # decodes back to exactly its text
     rounds_checked = 0
     for conv in generate(12, seed=3):
-        enc = template.encode(conv, add_generation_prompt=False)
-        for r, rnd in enumerate(conv.rounds):
-            prompt = template.encode(dataclasses.replace(conv, rounds=conv.rounds[:r] + [dataclasses.replace(
-                rnd, assistant_text=None, assistant_image=None)]))
-            n = len(prompt)
-            assert enc.input_ids[:n].tolist() == prompt.input_ids.tolist()
-            assert not enc.loss_mask[:n][enc.round_index[:n] == r].any()  # the prompt holds no target of round r
-            targets = np.flatnonzero((enc.loss_mask == 1) & (enc.round_index == r))
-            assert targets[0] == n
+        for r, rnd, targets in round_targets(template, conv):
             if byte_level:
                 want = (rnd.assistant_text or "") + ("<img>" if rnd.assistant_image is not None else "")
                 if r == len(conv.rounds) - 1:
                     want += "</s>"
-                assert ours.decode(enc.input_ids[targets]) == want
+                assert ours.decode(targets) == want
             rounds_checked += 1
     assert rounds_checked >= 24
 

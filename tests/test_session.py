@@ -109,6 +109,18 @@ class Recompute:
         block = int(np.sum(enc.role[:n] == IMAGE_QUERY)) // self.t.num_image_tokens - 1
         return tokens, stop, np.asarray(vis[block])
 
+    def check(self, res, history: schema.Conversation, text: str, images: list, max_new: int, force: bool,
+              where: str):
+        """Asserts that a session's round (`res`, run over `history`) chose the tokens, the stop and the visual
+        embeddings of recomputing it; returns those embeddings (None when it did not draw)."""
+        rnd = schema.Round(user_text=text, user_images=[schema.Image(pixels=p) for p in images])
+        tokens, stop, vis = self.round(history, rnd, max_new, force)
+        assert (res.tokens, res.stop) == (tokens, stop), where
+        assert (res.image is None) == (vis is None), where
+        if vis is not None:
+            np.testing.assert_allclose(res.visual_embeddings, vis, atol=1e-5, err_msg=where)
+        return vis
+
 
 def _cache_ids(session, row=0):
     return [t[0] for t in session.cache.tokens[row]]
@@ -127,12 +139,7 @@ def test_cached_round_equals_full_recompute(session):
     for r, (text, images, force) in enumerate(spec):
         before = session.history
         res = session.round(text, images, seed=r, force_image=force, max_new_tokens=5)
-        rnd = schema.Round(user_text=text, user_images=[schema.Image(pixels=p) for p in images])
-        tokens, stop, vis = ref.round(before, rnd, 5, force)
-        assert (res.tokens, res.stop) == (tokens, stop), f"round {r}"
-        assert (res.image is None) == (vis is None)
-        if vis is not None:
-            np.testing.assert_allclose(res.visual_embeddings, vis, atol=1e-5, err_msg=f"round {r}")
+        if ref.check(res, before, text, images, 5, force, f"round {r}") is not None:
             assert res.image.dtype == np.uint8 and res.image.shape == (32, 32, 3)
             drawn += 1
     assert drawn == 3 and any(len(r.assistant_text or "") for r in session.history.rounds)

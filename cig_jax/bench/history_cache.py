@@ -85,9 +85,10 @@ def main(argv=None) -> None:
     mesh = default_mesh()
     model = sharding.create_sharded(lambda: CIGModel(cfg.model, rngs=nnx.Rngs(0)), mesh, cfg.mesh.axis_rules)
     llm_params = sum(x.size for x in jax.tree.leaves(nnx.state(model.mllm.llm, nnx.Param)))
-    tokenizer = build_tiny_tokenizer(Path(tempfile.gettempdir()) / "cig_jax_tokenizer")
-    session = ChatSession(model, ChatTemplate(tokenizer, cfg.model.mllm.num_image_tokens), cfg, max_len=a.max_len,
-                          mesh=mesh, identity_embedder=False)
+    tokenizer = build_tiny_tokenizer(Path(tempfile.gettempdir()) / "cig_jax_tokenizer",
+                                     chat_format=cfg.model.mllm.chat_format)
+    template = ChatTemplate(tokenizer, cfg.model.mllm.num_image_tokens, cfg.model.mllm.chat_format)
+    session = ChatSession(model, template, cfg, max_len=a.max_len, mesh=mesh, identity_embedder=False)
     del model
     turns = conversation(a.rounds, cfg.model.vit.image_size)
     opts = dict(max_new_tokens=a.new_tokens, force_image=True, num_steps=a.num_steps)

@@ -4,8 +4,8 @@
 
 Writes under --out (each loads with its own library, and back into a run through `init_weights`):
   llm/           Hugging Face LLaMA / Qwen2 folder, LoRA merged: config.json, safetensors (+ index when sharded),
-                 the run's tokenizer with a Jinja `chat_template` (the SEED-X / LLaMA-2 layout of
-                 `data/chat_template.py`, text-only turns), generation_config.json, a model card README.md
+                 the run's tokenizer with a Jinja `chat_template` (the run's `model.mllm.chat_format` from
+                 `data/chat_formats.py`, text-only turns), generation_config.json, a model card README.md
   llm_base/      (LoRA runs) the same LLM without its adapters ...
   llm_adapters/  ... and the adapters alone as PEFT LoRA (adapter_config.json + adapter_model.safetensors)
   vit/           a Hugging Face CLIP / SigLIP vision folder, or (Qwen-VL style) qwen_vit.safetensors in the
@@ -39,17 +39,9 @@ from flax import nnx
 
 from cig_jax import cli
 from cig_jax.convert.checkpoint_io import save_tensors, write_json_atomic
+from cig_jax.data.chat_formats import LLAMA2, chat_format
 
-# The SEED-X / LLaMA-2 chat layout of data/chat_template.py for text-only turns (a system turn is not part of it).
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}"
-    "{% if message['role'] == 'user' %}{% if loop.index0 > 0 %}{{ '\\n' }}{% endif %}"
-    "{{ '[INST] ' + message['content'] + ' [/INST]\\n' }}"
-    "{% elif message['role'] == 'assistant' %}{{ message['content'] }}"
-    "{% if loop.last %}{{ eos_token }}{% endif %}"
-    "{% else %}{{ raise_exception('only user and assistant turns') }}{% endif %}"
-    "{% endfor %}"
-)
+CHAT_TEMPLATE = LLAMA2.jinja  # the default format's Jinja template (each format's: `chat_formats.FORMATS`)
 EXTRA = "cig_extra.safetensors"
 
 
@@ -108,7 +100,7 @@ def export_llm(model, cfg, tokenizer_dir: Path, out: Path, stages: list[dict]) -
         written += ["llm_base", "llm_adapters"]
     if tokenizer_dir.is_dir():
         tok = load_tokenizer(tokenizer_dir)
-        tok.chat_template = CHAT_TEMPLATE
+        tok.chat_template = chat_format(cfg.model.mllm.chat_format).jinja
         for d in written[:2]:
             tok.save_pretrained(str(out / d))
         gen = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
@@ -130,7 +122,8 @@ def model_card(cfg, stages: list[dict]) -> str:
              f"({llm.num_kv_heads} KV), vocabulary {llm.vocab_size} (the SEED-X image / box tokens included). "
              + ("LoRA adapters are merged into these weights; `../llm_adapters` holds them alone (PEFT)."
                 if llm.lora_rank else ""), "",
-             "Text-only chat uses the tokenizer's `chat_template` (LLaMA-2 `[INST]` turns, as SEED-X). Image slots "
+             f"Text-only chat uses the tokenizer's `chat_template` ({chat_format(cfg.model.mllm.chat_format).about}). "
+             "Image slots "
              "(`<img>`, `<img_00000>`...) need the ViT and resamplers of the full model.", "",
              "## Training stages (oldest first)", ""]
     for s in stages:

@@ -1,14 +1,16 @@
-"""How a conversation becomes tokens: the SEED-X chat layout, image slots, image-query tokens, loss masks.
+"""How a conversation becomes tokens: the chat layout, image slots, image-query tokens, loss masks.
 
 Owns: the special tokens (`add_mllm_tokens`, added to any Hugging Face tokenizer loaded from a local path),
 the tiny offline tokenizer (`build_tiny_tokenizer`, a byte-level BPE trained here on a fixed corpus made from
 the synthetic dataset's vocabulary), `ChatTemplate.encode` (conversation -> `TemplateOutput` arrays; `render`
 gives the one string it tokenizes), and `pad_to` for batching.
 
-Does not own: the conversation dataclasses (`schema.py`), image pixels / preprocessing and batching across
-examples (`pipeline.py`), what the model does with the slots (`models/mllm.py`).
+Does not own: the chat formats' strings and tokens (`chat_formats.py`: 'llama2', the default, below, and
+'chatml', SmolLM2-Instruct's; `model.mllm.chat_format` picks one), the conversation dataclasses (`schema.py`),
+image pixels / preprocessing and batching across examples (`pipeline.py`), what the model does with the slots
+(`models/mllm.py`).
 
-Layout (LLaMA-2 chat as SEED-X writes it; every round after the first starts with "\\n[INST] "):
+Layout ('llama2': LLaMA-2 chat as SEED-X writes it; every round after the first starts with "\\n[INST] "):
 
     <s>[INST] {user images}{user text} [/INST]\\n{assistant text}{assistant image}\\n[INST] ... [/INST]\\n...</s>
 
@@ -25,7 +27,8 @@ Loss mask (marks *targets*: position t is 1 when token t must be predicted from 
 text, on the `<img>` that opens a query block, and on the final `</s>`; 0 on user turns, on every image slot,
 on `</img>`, and on the write-back input block. A round that is not the last ends without `</s>` (as in
 SEED-X): at sampling time a round ends when the model predicts `</s>`, which is not fed back, so the cache holds
-exactly the training layout.
+exactly the training layout. ('chatml' ends every answered round with `<|im_end|>` (a target) and "\\n", and the
+next round reads them: the sampling cache holds them too. `encode(..., end=...)` gives each of these cuts.)
 
 Tokenization: the whole conversation is rendered as one string (special tokens written as their strings) and
 tokenized in one call, exactly as Hugging Face's `tokenizer.apply_chat_template(..., tokenize=True)` tokenizes
@@ -33,9 +36,9 @@ the exported Jinja template's rendering (`cig_jax/convert/export.py`), so a text
 ids here and for a user of the exported folder. (Tokenizing piece by piece would not: SentencePiece prepends a
 word-start piece to every separately tokenized piece, and byte-level BPE joins a marker's trailing space to the
 next word.) Special tokens always split the text, so every image slot, `<img>`, `</img>`, `<s>` and `</s>`
-sits at a known position. Inside a run of text, a boundary between parts (user turn | assistant text | next
-turn) is placed where the tokenization of the text up to the boundary stops agreeing with the tokenization of
-the whole (`ChatTemplate._tokenize`): a token that straddles a boundary belongs to the part after it. So the
+sits at a known position (a format's own bos / eos too). Inside a run of text, a boundary between parts (user
+turn | assistant text | next turn) is placed where the tokenization of the text up to the boundary stops
+agreeing with the tokenization of the whole (`ChatTemplate._tokenize`): a token that straddles a boundary belongs to the part after it. So the
 targets are exactly the tokens the text before the reply does not already determine, as at sampling time,
 where the prompt ends after " [/INST]\\n" and the cache keeps the common prefix when the history is re-encoded.
 Special tokens split the string before the tokenizer reads it, so the string is tokenized segment by segment (a
@@ -55,7 +58,8 @@ from typing import Optional
 
 import numpy as np
 
-from cig_jax.data import schema
+from cig_jax.data import chat_formats, schema
+from cig_jax.data.chat_formats import LLAMA2
 from cig_jax.data.schema import user_segments
 
 BOI, EOI = "<img>", "</img>"
@@ -68,7 +72,7 @@ NUM_LOC_TOKENS = 224  # grounding coordinates <loc-0>..<loc-223>
 # With <box_start>/<box_end> these are the 330 tokens that take LLaMA-2's 32000 to SEED-X's 32330.
 BOX_START, BOX_END = "<box_start>", "<box_end>"
 
-USER_OPEN, USER_OPEN_NEXT, USER_CLOSE = "[INST] ", "\n[INST] ", " [/INST]\n"
+ENDS = ("conversation", "round", "answer")  # where `encode` ends a conversation whose last round is answered
 
 # role values (the MLLM's `role` input: cig_jax.models.mllm reads them from here)
 TEXT, INPUT_IMAGE, IMAGE_QUERY = 0, 1, 2
@@ -140,8 +144,10 @@ def _vocabulary() -> dict:
                 scenes=list(world.SCENES))
 
 
-def tiny_corpus(vocab: Optional[dict] = None) -> list[str]:
-    """A fixed, deterministic corpus of chat lines over the synthetic vocabulary."""
+def tiny_corpus(vocab: Optional[dict] = None, chat_format: str = "llama2") -> list[str]:
+    """A fixed, deterministic corpus of chat lines over the synthetic vocabulary, with the format's chat markup
+    (its special tokens left out: they are special tokens of the tokenizer)."""
+    fmt = chat_formats.chat_format(chat_format)
     v = vocab or _vocabulary()
     names, att, scenes = v["names"], v["attributes"], v["scenes"]
     colors = sorted(set(att["hair_color"]) | set(att["clothing_color"]))
@@ -157,41 +163,48 @@ def tiny_corpus(vocab: Optional[dict] = None) -> list[str]:
                 tone=att["skin_tone"][k % len(att["skin_tone"])], eyes=att["eye_color"][k % len(att["eye_color"])],
                 style=att["hair_style"][k % len(att["hair_style"])]))
     # chat markup as the template writes it
-    lines += [USER_OPEN + lines[-1 - i] + USER_CLOSE + lines[-2 - i] + USER_OPEN_NEXT for i in range(0, 200, 2)]
-    return lines
+    lines += [fmt.text("user_open") + lines[-1 - i] + fmt.text("user_close") + lines[-2 - i] + fmt.text("round_end")
+              + fmt.text("user_open_next") for i in range(0, 200, 2)]
+    return lines + ([fmt.text("start")] if fmt.text("start") else [])  # chatml: its system turn
 
 
-def build_tiny_tokenizer(cache_dir: str | Path, vocab_size: int = 1024):
+def build_tiny_tokenizer(cache_dir: str | Path, vocab_size: int = 1024, chat_format: str = "llama2"):
     """A small byte-level BPE trained on `tiny_corpus()`, wrapped as a `transformers.PreTrainedTokenizerFast`
     with <s>, </s>, <unk>, <pad> and the MLLM tokens. `vocab_size` is the total size (special tokens included).
+    For chat_format 'chatml': trained on ChatML markup, with <|im_start|> (bos), <|im_end|> (eos and pad, as
+    SmolLM2's) and <unk> instead.
 
     Deterministic: the trained tokenizer is cached under `cache_dir/tiny-<hash of corpus and size>/` and reused.
     Byte-level, so `decode(encode(text)) == text` for any text."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    corpus = tiny_corpus()
+    fmt = chat_formats.chat_format(chat_format)
+    corpus = tiny_corpus(chat_format=fmt.name)
+    bos, eos, pad = fmt.tiny_tokens
+    trained = list(dict.fromkeys(["<unk>", bos, eos, pad]))  # the BPE's own special tokens
     n_special = len(mllm_special_tokens())
     base = vocab_size - n_special
     if base < 256 + 4 + 16:
         raise ValueError(f"vocab_size {vocab_size} leaves no room for BPE merges next to {n_special} MLLM tokens "
                          f"and 256 bytes; use at least {n_special + 276}")
-    key = hashlib.sha1(json.dumps([corpus, vocab_size, 1]).encode()).hexdigest()[:12]
+    key = hashlib.sha1(json.dumps([corpus, vocab_size, 1] + ([trained] if fmt is not LLAMA2 else [])).encode()
+                       ).hexdigest()[:12]
     path = Path(cache_dir) / f"tiny-{key}"
     file = path / "tokenizer.json"
     if not file.is_file():
         tok = Tokenizer(models.BPE(unk_token="<unk>"))
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=base, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+        trainer = trainers.BpeTrainer(vocab_size=base, special_tokens=trained,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
         tok.train_from_iterator(corpus, trainer=trainer)
         path.mkdir(parents=True, exist_ok=True)
         tmp = path / f".tokenizer.{os.getpid()}.json"  # write, then rename: concurrent builders never see half a file
         tok.save(str(tmp))
         tmp.replace(file)
-    out = PreTrainedTokenizerFast(tokenizer_file=str(file), bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                  pad_token="<pad>", clean_up_tokenization_spaces=False)
+    out = PreTrainedTokenizerFast(tokenizer_file=str(file), bos_token=bos, eos_token=eos, unk_token="<unk>",
+                                  pad_token=pad, clean_up_tokenization_spaces=False)
     add_mllm_tokens(out)
     return out
 
@@ -230,13 +243,16 @@ class _Part:
 class ChatTemplate:
     """Turns conversations into token arrays, for one tokenizer.
 
-    tokenizer: a Hugging Face tokenizer (its MLLM tokens are added if missing).
+    tokenizer: a Hugging Face tokenizer (its MLLM tokens are added if missing; the chat format's own tokens must be
+    in it: a ValueError says so otherwise).
     num_image_tokens: slots per image block (config `model.mllm.num_image_tokens`, 64 for SEED-X).
+    chat_format: a name in `chat_formats.FORMATS` (config `model.mllm.chat_format`).
     """
 
-    def __init__(self, tokenizer, num_image_tokens: int = 64):
+    def __init__(self, tokenizer, num_image_tokens: int = 64, chat_format: str = "llama2"):
         if not 0 < num_image_tokens <= NUM_IMG_TOKENS:
             raise ValueError(f"num_image_tokens must be in 1..{NUM_IMG_TOKENS}, got {num_image_tokens}")
+        self.format = fmt = chat_formats.chat_format(chat_format)
         add_mllm_tokens(tokenizer)
         self.tokenizer, self.num_image_tokens = tokenizer, num_image_tokens
         self._memo: collections.OrderedDict = collections.OrderedDict()  # segment text -> ids (`_ids`)
@@ -244,18 +260,35 @@ class ChatTemplate:
         tid = tokenizer.convert_tokens_to_ids
         self.boi_id, self.eoi_id = tid(BOI), tid(EOI)
         self.slot_ids = np.asarray([tid(IMG.format(i)) for i in range(num_image_tokens)], np.int32)
-        self.bos_id, self.eos_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+        missing = [t for t in fmt.special_tokens() if t not in tokenizer.get_vocab()]
+        if missing:
+            raise ValueError(f"chat format {fmt.name!r} needs the tokens {missing}, which the tokenizer lacks: use "
+                             f"a tokenizer that has them (SmolLM2's for 'chatml', or build_tiny_tokenizer(..., "
+                             f"chat_format={fmt.name!r})) or another model.mllm.chat_format")
+        if fmt.bos is None:  # the tokenizer's own
+            self.bos_id, self.eos_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+        else:
+            self.bos_id, self.eos_id = tid(fmt.bos), tid(fmt.eos)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
         if self.bos_id is None or self.eos_id is None:
             raise ValueError("the tokenizer needs bos and eos tokens (<s>, </s>)")
         layout = {self.bos_id, self.eos_id, self.boi_id, self.eoi_id, *self.slot_ids.tolist()}
         self._strings = {i: tokenizer.convert_ids_to_tokens(i) for i in layout}  # layout token id -> its string
-        # The ids that open a new user turn after an answer ("\n[INST]"), as they sit in an encoded history
-        # (the trailing space may merge with the next word): decoding stops when the model writes them.
-        probe = [_Part(ids=(self.bos_id,)), _Part(USER_OPEN + "Hi." + USER_CLOSE + "Sure."),
-                 _Part(USER_OPEN_NEXT.rstrip(), rnd=1), _Part(" Hi.", rnd=2)]
-        enc = self._tokenize(probe, "the turn-marker probe")
-        self.turn_marker = enc.input_ids[enc.round_index == 1].tolist()
+        self._layout = {k: [_Part(ids=(self.bos_id,)) if p == "{bos}" else
+                            _Part(ids=(self.eos_id,), loss=int(k in fmt.TARGETS)) if p == "{eos}" else _Part(p)
+                            for p in fmt.pieces(k)] for k in fmt.LAYOUT}  # a layout string's parts
+        self.turn_marker: list = []  # a format whose rounds end only at eos has none
+        if fmt.turn_marker:
+            # The ids that open a new user turn after an answer ("\n[INST]"), as they sit in an encoded history
+            # (the trailing space may merge with the next word): decoding stops when the model writes them.
+            probe = [*self._at("start", 0), _Part(fmt.user_open + "Hi." + fmt.user_close + "Sure."),
+                     _Part(fmt.user_open_next.rstrip(), rnd=1), _Part(" Hi.", rnd=2)]
+            enc = self._tokenize(probe, "the turn-marker probe")
+            self.turn_marker = enc.input_ids[enc.round_index == 1].tolist()
+
+    def _at(self, name: str, rnd: int) -> list:
+        """The format's layout string `name` as parts of round `rnd`."""
+        return [dataclasses.replace(p, rnd=rnd) for p in self._layout[name]]
 
     @property
     def query_ids(self) -> np.ndarray:
@@ -276,32 +309,35 @@ class ChatTemplate:
         return _Part(ids=tuple(self.image_block()), role=(TEXT,) + (IMAGE_QUERY,) * n + (TEXT,),
                      image=(-1,) + (image,) * n + (-1,), loss=(1,) + (0,) * (n + 1), rnd=rnd)  # <img>: it draws
 
-    def render(self, conv, *, add_generation_prompt: bool = True) -> str:
+    def render(self, conv, *, add_generation_prompt: bool = True, end: str = "conversation") -> str:
         """The conversation as the one string that `encode` tokenizes (image blocks as token strings); for a
         text-only conversation, what the exported Jinja chat template renders."""
-        return "".join(self._render(p) for p in self._parts(conv, add_generation_prompt)[0])
+        return "".join(self._render(p) for p in self._parts(conv, add_generation_prompt, end)[0])
 
     def _render(self, p: _Part) -> str:
         return "".join(self._strings[i] for i in p.ids) if p.ids else p.text
 
-    def _parts(self, conv, add_generation_prompt: bool) -> tuple[list, list]:
-        parts, images = [_Part(ids=(self.bos_id,))], []
+    def _parts(self, conv, add_generation_prompt: bool, end: str) -> tuple[list, list]:
+        if end not in ENDS:
+            raise ValueError(f"end must be one of {ENDS}, got {end!r}")
+        parts, images = self._at("start", 0), []
         rounds = list(conv.rounds)
-        last_answered = False
+        last_answered, closing = False, []  # closing: the last answered round's end, once a round follows it
         for r, rnd in enumerate(rounds):
             pending = rnd.assistant_text is None and rnd.assistant_image is None
             if pending and not (add_generation_prompt and r == len(rounds) - 1):
                 if r != len(rounds) - 1:
                     raise ValueError(f"round {r} has no assistant output but is not the last round")
                 break
-            parts.append(_Part(USER_OPEN if r == 0 else USER_OPEN_NEXT, rnd=r))
+            parts += closing
+            parts += self._at("user_open" if r == 0 else "user_open_next", r)
             for seg in user_segments(rnd):
                 if isinstance(seg, str):
                     parts.append(_Part(seg, rnd=r))
                 else:
                     parts.append(self._input_block(len(images), r))
                     images.append(seg)
-            parts.append(_Part(USER_CLOSE, rnd=r))
+            parts += self._at("user_close", r)
             last_answered = not pending
             if pending:
                 break
@@ -312,8 +348,11 @@ class ChatTemplate:
                 images.append(rnd.assistant_image)
                 parts.append(self._query_block(k, r))
                 parts.append(self._input_block(k, r))  # the drawn image, written back for later rounds
-        if last_answered:
-            parts.append(_Part(ids=(self.eos_id,), loss=1, rnd=len(rounds) - 1))
+            closing = self._at("round_end", r)
+        if last_answered and end != "answer":
+            parts += closing
+            if end == "conversation":
+                parts += self._at("conversation_end", len(rounds) - 1)
         return parts, images
 
     def _ids(self, texts: list[str]) -> list[list[int]]:
@@ -399,14 +438,18 @@ class ChatTemplate:
             role[sl], image[sl], loss[sl], rnd[sl] = p.role, p.image, p.loss, p.rnd
         return TemplateOutput(np.asarray(ids, np.int32), role, image, loss, rnd)
 
-    def encode(self, conv, *, add_generation_prompt: bool = True) -> TemplateOutput:
+    def encode(self, conv, *, add_generation_prompt: bool = True, end: str = "conversation") -> TemplateOutput:
         """Conversation (`schema.Conversation` or any object with `.rounds` of objects with user_text,
         user_images, assistant_text, assistant_image) -> TemplateOutput.
 
         A last round without assistant output ends after " [/INST]\\n" (the prompt the model continues) when
-        `add_generation_prompt`; otherwise it is dropped. A conversation whose last round is answered ends
-        with `</s>`. Raises schema.SchemaError when a text holds one of the layout's token strings."""
-        parts, images = self._parts(conv, add_generation_prompt)
+        `add_generation_prompt`; otherwise it is dropped. A conversation whose last round is answered ends as
+        `end` says: 'conversation' (training): with the round's end and the conversation's (llama2 `</s>`;
+        chatml `<|im_end|>\\n`); 'round' (what a sampling cache holds after the round): without the
+        conversation's end, which is predicted and never fed back (llama2: no `</s>`; chatml: the same as
+        'conversation'); 'answer': after the last answer (its image blocks included), before any end. Raises
+        schema.SchemaError when a text holds one of the layout's token strings."""
+        parts, images = self._parts(conv, add_generation_prompt, end)
         out = self._tokenize(parts, schema._label(conv) if isinstance(conv, schema.Conversation) else "conversation")
         out.images = images
         return out

@@ -35,7 +35,7 @@ def checkpoint_parts(directory, config: Optional[Config] = None) -> tuple[Config
     if len(tokenizer) > cfg.model.llm.vocab_size:
         raise CheckpointMismatchError(f"{directory / 'tokenizer'}: {len(tokenizer)} tokens do not fit "
                                       f"model.llm.vocab_size {cfg.model.llm.vocab_size}")
-    return cfg, ChatTemplate(tokenizer, cfg.model.mllm.num_image_tokens)
+    return cfg, ChatTemplate(tokenizer, cfg.model.mllm.num_image_tokens, cfg.model.mllm.chat_format)
 
 
 def check_context(template: ChatTemplate, conv: schema.Conversation, max_len: int, max_new_tokens: int,
@@ -46,7 +46,7 @@ def check_context(template: ChatTemplate, conv: schema.Conversation, max_len: in
     pending = schema.pending_rounds(conv)
     filled = dataclasses.replace(conv, rounds=[dataclasses.replace(r, assistant_text="") if i in pending else r
                                                for i, r in enumerate(conv.rounds)])
-    need = len(template.encode(filled, add_generation_prompt=False)) - 1  # the cache never holds </s>
+    need = len(template.encode(filled, add_generation_prompt=False, end="round"))  # what the cache holds
     need += len(pending) * answer_slots(max_new_tokens, template.num_image_tokens, batch_size)
     if need > max_len:
         r = pending[0] if pending else len(conv.rounds) - 1

@@ -2,8 +2,8 @@
 
 Owns: the next-token choice (`choose_next`, per row with its own seed: `choose_rows`) and `decode_text`: from the
 logits after the prompt, each iteration chooses every row's token (banned ids masked), stops a row on EOS, `<img>`,
-the chat's turn marker or `max_new_tokens`, and feeds the rows still active (one token each) into the cache,
-until no row is active. The loop runs over a view of the cache cut to the slots the round can reach (a power-of-two
+the chat's turn marker (llama2's; a chatml round ends at EOS) or `max_new_tokens`, and feeds the rows still active
+(one token each) into the cache, until no row is active. The loop runs over a view of the cache cut to the slots the round can reach (a power-of-two
 bucket, `cache.view_len`), so its cost follows the history's length, not the cache's capacity; the host receives
 the round's tokens once, at the end, and records what was fed in the cache's host mirror.
 

@@ -14,7 +14,9 @@ token layout (`cig_jax/data/chat_template.py`), the models (`cig_jax/models/`), 
 (`complete.py`), files and the transcript (`sample.py`, `transcript.py`).
 
 How the cache stays right. Each row of the cache (`cache.RowCache`) mirrors, token for token, the chat
-template's encoding of its history (without the final `</s>`, which a round never feeds back): before each step
+template's encoding of its history (`encode(..., end="round")`: without llama2's final `</s>`, which a round never
+feeds back; with chatml's `<|im_end|>\\n`, which the next round reads and which go in with the next feed, like a
+drawing's write-back; right after decoding, up to the answer only): before each step
 the session encodes the history it wants in the cache and the cache keeps the common prefix and feeds the rest.
 So a generated text that tokenizes differently when re-encoded, a turn marker the model emits, a replayed
 history that shares its beginning with the cache, and the drawn image's write-back all go through one
@@ -136,16 +138,7 @@ class ChatSession:
         self._identity_dim = cfg.model.dit.identity.embedding_dim
         self._has_identity = cfg.model.dit.identity_injection != "none"
         self._embedder = identity_embedder
-        vocab = cfg.model.llm.vocab_size
-        banned = np.zeros((vocab,), bool)  # what assistant text may not contain: markup of images and the chat
-        tok = template.tokenizer
-        special = [t for t in mllm_special_tokens() if t != BOI] + [tok.bos_token, tok.pad_token, tok.unk_token]
-        for t in special:
-            i = tok.convert_tokens_to_ids(t) if t is not None else None
-            if i is not None and 0 <= i < vocab:
-                banned[i] = True
-        banned[len(tok):] = True  # rows of the embedding the tokenizer never produces
-        self._banned = jnp.asarray(banned)
+        self._banned = jnp.asarray(banned_ids(template, cfg.model.llm.vocab_size))
         self.reset()
 
     # -- construction ----------------------------------------------------------------------------------
@@ -305,8 +298,9 @@ class ChatSession:
             rnd = row.conv.rounds[-1]
             rnd.assistant_text = results[i].text = self.template.tokenizer.decode(results[i].tokens)
             rnd.assistant_image = _PENDING_IMAGE if draw[i] else None
-        visual = self.cache.sync([self._target(row, until_queries=draw[i]) for i, row in enumerate(self.rows)],
-                                 want_visual=any(draw))
+        # what the model wrote (a chatml round's end goes in with the next feed, with the next user turn)
+        visual = self.cache.sync([self._target(row, upto="queries" if draw[i] else "answer")
+                                  for i, row in enumerate(self.rows)], want_visual=any(draw))
 
         # --- the image -----------------------------------------------------------------------------------
         if any(draw):
@@ -348,18 +342,17 @@ class ChatSession:
         self._keys[id(image)] = (image, key)
         return key
 
-    def _target(self, row: _Row, *, prompt: bool = False, until_queries: bool = False) -> list:
+    def _target(self, row: _Row, *, prompt: bool = False, upto: str = "round") -> list:
         """The tokens the row's cache should hold: the template's encoding of the history (rounds in
-        `row.dropped` left out), without the final </s>; `prompt`: the last round is pending (encode up to the
-        generation prompt); `until_queries`: only up to the end of the last round's query block."""
+        `row.dropped` left out) as a sampling cache holds it (`end="round"`: llama2 without the final </s>);
+        `prompt`: the last round is pending (encode up to the generation prompt); `upto` 'answer': only up to
+        the last round's answer (before its round end), 'queries': up to the end of its query block."""
         rounds = [r for k, r in enumerate(row.conv.rounds) if k not in row.dropped]
         conv = dataclasses.replace(row.conv, rounds=rounds)
-        enc = self.template.encode(conv, add_generation_prompt=prompt)
+        enc = self.template.encode(conv, add_generation_prompt=prompt, end="answer" if upto == "answer" else "round")
         n = len(enc)
-        if until_queries:
+        if upto == "queries":
             n = int(np.flatnonzero(enc.role == IMAGE_QUERY)[-1]) + 1
-        elif rounds and not rounds[-1].pending:
-            n -= 1  # </s>
         keys = [self._key(im) if im is not _PENDING_IMAGE else None for im in enc.images]
         ids, role, ii = enc.input_ids[:n].tolist(), enc.role[:n].tolist(), enc.image_index[:n].tolist()
         return [(t, r, keys[k] if r == INPUT_IMAGE else None) for t, r, k in zip(ids, role, ii)]
@@ -465,6 +458,21 @@ def _user_text(text) -> str:
 _PENDING_IMAGE = schema.Image()  # stands for the image being drawn while its query block is encoded
 
 
+def banned_ids(template: ChatTemplate, vocab: int) -> np.ndarray:
+    """[vocab] bool: what assistant text may not contain: the markup of images (`<img>` aside: it starts a
+    drawing) and of the chat (bos, which opens a turn; pad and unk), and the embedding rows the tokenizer never
+    produces. Never eos, which ends the round (SmolLM2's pad is its eos)."""
+    banned = np.zeros((vocab,), bool)
+    tok = template.tokenizer
+    special = [t for t in mllm_special_tokens() if t != BOI] + [tok.bos_token, tok.pad_token, tok.unk_token]
+    for i in [tok.convert_tokens_to_ids(t) for t in special if t is not None] + [template.bos_id]:
+        if i is not None and 0 <= i < vocab:
+            banned[i] = True
+    banned[template.eos_id] = False
+    banned[len(tok):] = True  # rows of the embedding the tokenizer never produces
+    return banned
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The answer's room in the cache
 # ----------------------------------------------------------------------------------------------------------
@@ -475,5 +483,5 @@ def answer_slots(max_new_tokens: int, num_image_tokens: int, batch_size: int = 1
     return (2 if batch_size > 1 else 1) * max_new_tokens + 2 * num_image_tokens + 4
 
 
-__all__ = ["ChatSession", "RoundResult", "ContextOverflowError", "answer_slots", "to_uint8",
+__all__ = ["ChatSession", "RoundResult", "ContextOverflowError", "answer_slots", "banned_ids", "to_uint8",
            "default_mesh", "OVERFLOW_POLICIES"]

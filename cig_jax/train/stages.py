@@ -132,7 +132,8 @@ def stage_tokenizer(cfg: Config):
         else:
             tok = load_tokenizer(path)
     else:
-        tok = build_tiny_tokenizer(Path(fs.local_cache(cfg.train.workdir, "tokenizer_cache")))
+        tok = build_tiny_tokenizer(Path(fs.local_cache(cfg.train.workdir, "tokenizer_cache")),
+                                   chat_format=cfg.model.mllm.chat_format)
     if len(tok) > cfg.model.llm.vocab_size:
         raise ConfigError(f"model.llm.vocab_size ({cfg.model.llm.vocab_size}) is smaller than the tokenizer "
                           f"({len(tok)} tokens incl. the MLLM tokens)")
@@ -267,7 +268,7 @@ def conversation_dataset(cfg: Config, records: Sequence, process_index: int, pro
 def _template(cfg: Config):
     from cig_jax.data.chat_template import ChatTemplate
 
-    return ChatTemplate(stage_tokenizer(cfg), cfg.model.mllm.num_image_tokens)
+    return ChatTemplate(stage_tokenizer(cfg), cfg.model.mllm.num_image_tokens, cfg.model.mllm.chat_format)
 
 
 STAGES = {"lm": _lm_task, "detokenizer": _system_task, "personalize": _system_task, "multiround": _system_task}
