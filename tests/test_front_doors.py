@@ -29,9 +29,6 @@ MODULES = sorted(p.relative_to(REPO).with_suffix("").as_posix().replace("/", "."
                  for p in (REPO / "cig_jax").rglob("*.py") if 'if __name__ == "__main__"' in p.read_text())
 COMMANDS = SCRIPTS + MODULES
 SAME_AS = {"cig_jax.sample.cli": "sample.py", "cig_jax.bench.nonmarkov": "cig_jax.eval.nonmarkov"}  # one command, two doors
-# benchmark modules another change is reworking (equal-work checks): their flags get help text there
-UNDOCUMENTED_ELSEWHERE = {"cig_jax.bench.decode", "cig_jax.bench.dit_step", "cig_jax.bench.llm_step",
-                          "cig_jax.bench.history_cache", "cig_jax.bench.gpu_step"}
 
 # Runs the command as `python <script>` / `python -m <module>` would, with a shim recording the parser's actions.
 HELP_SHIM = r"""
@@ -149,8 +146,6 @@ def test_help_exits_0_documents_every_flag_and_shows_each_default_once(runs, com
     twice = [row["flags"] for row in flags if row["help"].lower().count("default") > 1]
     assert not twice, twice
     undocumented = [row["flags"] for row in flags if not row["help"].strip()]
-    if undocumented and command in UNDOCUMENTED_ELSEWHERE:
-        pytest.xfail(f"flags without help, left to the change reworking {command}: {undocumented}")
     assert not undocumented, undocumented
 
 

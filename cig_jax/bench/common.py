@@ -72,3 +72,14 @@ def check_close(what: str, ours: float, theirs: float, *, rtol: float, atol: flo
         raise NotEqualWork(line)
     print("equal work: " + line)
     return line
+
+
+def add_llm_shape(p, *, layers: int, hidden: int, heads: int, kv_heads: int, mlp: int, vocab: int, seq: int,
+                  batch: int) -> None:
+    """The LLaMA-shape and batch flags the LLM benchmarks share (each with its own defaults)."""
+    for flag, default, what in (("--layers", layers, "decoder layers"), ("--hidden", hidden, "hidden width"),
+                                ("--heads", heads, "attention heads"), ("--kv-heads", kv_heads, "key / value heads"),
+                                ("--mlp", mlp, "MLP width"), ("--vocab", vocab, "vocabulary size"),
+                                ("--seq", seq, "tokens per row"), ("--batch", batch, "rows per step")):
+        p.add_argument(flag, type=int, default=default, help=what)
+

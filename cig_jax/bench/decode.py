@@ -34,7 +34,7 @@ def parse(argv=None):
     p.add_argument("--prompt", type=int, default=32, help="prompt tokens")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens decoded")
     p.add_argument("--batches", default="1,8", help="batch sizes, comma-separated")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats per side, after a warm-up")
     p.add_argument("--threads", type=int, default=0, help="PyTorch threads (0: as many as CPU cores)")
     p.add_argument("--models", default="demo,6x512", help="demo (configs/model/demo.yaml's LLM) and/or 6x512")
     return p.parse_args(argv)

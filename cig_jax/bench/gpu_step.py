@@ -189,7 +189,7 @@ def main(argv=None) -> list:
     ap.add_argument("--only", default=None, help="run only the variants whose name contains this text")
     ap.add_argument("--tiny", action="store_true", help="toy sizes, CPU-friendly: checks the code path")
     ap.add_argument("--steps", type=int, default=10, help="timed steps per variant (after one warm-up)")
-    ap.add_argument("--stage2-config", default="configs/stage2_personalize_1b.yaml")
+    ap.add_argument("--stage2-config", default="configs/stage2_personalize_1b.yaml", help="the stage-2 config the LLM variants build")
     ap.add_argument("--json", default=None, help="also write the results here (a JSON list)")
     ap.add_argument("--workdir", default="/tmp/cig_gpu_bench", help="where the tiny tokenizer is cached")
     ap.add_argument("--peak-tflops", type=float, default=None, help="per-device dense bf16 peak")

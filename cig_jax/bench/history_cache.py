@@ -38,10 +38,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def parse(argv=None):
     p = cli.parser(cli.prog(module="cig_jax.bench.history_cache"), __doc__)
-    p.add_argument("--rounds", type=int, default=10)
-    p.add_argument("--llm-hidden", type=int, default=512)
-    p.add_argument("--llm-layers", type=int, default=8)
-    p.add_argument("--llm-heads", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=10, help="chat rounds")
+    p.add_argument("--llm-hidden", type=int, default=512, help="LLM hidden width")
+    p.add_argument("--llm-layers", type=int, default=8, help="LLM layers")
+    p.add_argument("--llm-heads", type=int, default=8, help="LLM attention heads")
     p.add_argument("--llm-mlp", type=int, default=1408, help="LLM intermediate size")
     p.add_argument("--num-steps", type=int, default=None, help="diffusion steps (default: the config's, 20)")
     p.add_argument("--new-tokens", type=int, default=0, help="text tokens decoded before each drawing")

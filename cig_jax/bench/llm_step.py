@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from cig_jax import cli, sharding
+from cig_jax.bench import common
 from cig_jax.bench.common import check_close, perturbation, ratio_line, ratio_stats, time_interleaved
 from cig_jax.config import LLMConfig, MeshConfig, OptimizerConfig
 from cig_jax.convert.hf_llm import config_to_hf, ours_to_hf
@@ -91,14 +92,7 @@ def bench_torch(cfg: LLMConfig, hf_tensors: dict, data: dict, threads: int):
 
 def main(argv=None) -> dict:
     ap = cli.parser(cli.prog(module="cig_jax.bench.llm_step"), __doc__.splitlines()[0])
-    ap.add_argument("--layers", type=int, default=6)
-    ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--kv-heads", type=int, default=8)
-    ap.add_argument("--mlp", type=int, default=1376)
-    ap.add_argument("--vocab", type=int, default=8000)
-    ap.add_argument("--seq", type=int, default=512)
-    ap.add_argument("--batch", type=int, default=8)
+    common.add_llm_shape(ap, layers=6, hidden=512, heads=8, kv_heads=8, mlp=1376, vocab=8000, seq=512, batch=8)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per side (repeats), after one warm-up step")
     ap.add_argument("--dtype", default="float32", help="compute dtype of our step (PyTorch runs fp32)")
     ap.add_argument("--remat", default="none", help="our remat policy (HF runs without gradient checkpointing)")
@@ -106,7 +100,7 @@ def main(argv=None) -> dict:
                     help="our layers under lax.scan (--no-scan: unrolled, as configs/model/demo.yaml runs on CPU)")
     ap.add_argument("--threads", type=int, default=0, help="PyTorch threads (0: as many as CPU cores)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="per-device peak for MFU")
-    ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--no-torch", action="store_true", help="time ours only (no reference, no equality check)")
     args = ap.parse_args(argv)
 
     cfg = LLMConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.mlp,

@@ -32,6 +32,7 @@ import numpy as np
 from flax import nnx
 
 from cig_jax import cli, sharding
+from cig_jax.bench import common
 from cig_jax.bench.common import check_close, perturbation, ratio_line, time_interleaved
 from cig_jax.config import LLMConfig, MeshConfig, OptimizerConfig
 from cig_jax.convert.hf_llm import config_to_hf, hf_to_ours, llm_from_params
@@ -47,17 +48,11 @@ RTOL = {"float32": {"loss": 1e-5, "grad_norm": 1e-4}, "bfloat16": {"loss": 2e-3,
 
 def parse(argv=None):
     p = cli.parser(cli.prog(module="cig_jax.bench.lora_step"), __doc__.splitlines()[0], epilog=__doc__)
-    p.add_argument("--layers", type=int, default=30)
-    p.add_argument("--hidden", type=int, default=576)
-    p.add_argument("--heads", type=int, default=9)
-    p.add_argument("--kv-heads", type=int, default=3)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--mlp", type=int, default=1536)
-    p.add_argument("--vocab", type=int, default=49152)
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--alpha", type=float, default=32.0)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--batch", type=int, default=4, help="rows (4 peaks at 7.7 GiB resident, both sides; 8 reached ~12 GiB)")
+    common.add_llm_shape(p, layers=30, hidden=576, heads=9, kv_heads=3, mlp=1536, vocab=49152, seq=256,
+                         batch=4)  # batch 4 peaks at 7.7 GiB resident, both sides; 8 reached ~12 GiB
+    p.add_argument("--head-dim", type=int, default=64, help="width of an attention head")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank")
+    p.add_argument("--alpha", type=float, default=32.0, help="LoRA alpha")
     p.add_argument("--answer", type=float, default=0.5, help="fraction of each row (its end) that carries the loss")
     p.add_argument("--dtypes", default="float32,bfloat16", help="compute dtypes, each run on both sides")
     p.add_argument("--repeats", type=int, default=3, help="timed steps per side after one warm-up step")

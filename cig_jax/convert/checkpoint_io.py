@@ -102,7 +102,26 @@ _ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": n
               "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
 
 
-class LazyTensors:
+class TensorIndex:
+    """Named tensors read one at a time: a subclass fills `_where` ({name: where its bytes are}) and gives
+    `shape(name)` and `[name]`; the mapping side (`keys`, `in`, iteration, `len`) is this."""
+
+    _where: dict
+
+    def keys(self):
+        return self._where.keys()
+
+    def __contains__(self, name) -> bool:
+        return name in self._where
+
+    def __iter__(self):
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
+class LazyTensors(TensorIndex):
     """The tensors of safetensors files, read one at a time: `keys()` and `shape(name)` come from the headers,
     `[name]` reads that tensor's bytes only (bf16/fp16 widened to fp32). The files are read, not memory-mapped,
     so a loader that places one tensor at a time holds one tensor of host memory at a time (a mapping would
@@ -121,18 +140,6 @@ class LazyTensors:
                     raise CheckpointError(f"{f}: tensor {k} has dtype {meta['dtype']}, which is not supported")
                 begin, end = meta["data_offsets"]
                 self._where[name] = (str(f), 8 + n + begin, end - begin, meta["dtype"], tuple(meta["shape"]))
-
-    def keys(self):
-        return self._where.keys()
-
-    def __contains__(self, name) -> bool:
-        return name in self._where
-
-    def __iter__(self):
-        return iter(self._where)
-
-    def __len__(self) -> int:
-        return len(self._where)
 
     def shape(self, name: str) -> tuple:
         return self._where[name][4]

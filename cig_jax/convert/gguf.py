@@ -29,7 +29,7 @@ import transformers
 from tokenizers import decoders, models, pre_tokenizers
 
 from cig_jax.config import LLMConfig, RopeScalingConfig
-from cig_jax.convert.checkpoint_io import CheckpointError
+from cig_jax.convert.checkpoint_io import CheckpointError, TensorIndex
 
 ARCHITECTURES = ("llama", "qwen2")  # decoders whose GGUF tensors map onto `LLM`
 _PERMUTED = ("llama",)  # architectures whose q / k rows llama.cpp interleaves
@@ -125,7 +125,7 @@ def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, d, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-class GGUFTensors:
+class GGUFTensors(TensorIndex):
     """A GGUF file's LLaMA-family tensors under Hugging Face names, read one at a time: `keys()` and
     `shape(name)` come from the header, `[name]` dequantizes that tensor to fp32 ([out, in], q / k rows in
     HF order). Unknown tensors (e.g. llama.cpp's `rope_freqs`) raise one CheckpointError naming them."""
@@ -152,18 +152,6 @@ class GGUFTensors:
     @property
     def tied(self) -> bool:
         return "lm_head.weight" not in self._where
-
-    def keys(self):
-        return self._where.keys()
-
-    def __contains__(self, name) -> bool:
-        return name in self._where
-
-    def __iter__(self):
-        return iter(self._where)
-
-    def __len__(self) -> int:
-        return len(self._where)
 
     def shape(self, name: str) -> tuple:
         return tuple(int(n) for n in reversed(self._where[name].shape))
