@@ -193,9 +193,13 @@ def _downloads(chat) -> dict:
     """{file name: local path} of the files the Download button offers."""
     from urllib.parse import unquote
 
+    links = "els => els.map(e => e.href)"
+    before = chat.page.eval_on_selector_all("#downloads a", links)  # an earlier export's links, if any
     chat.page.click("#export")
-    chat.page.wait_for_function("() => document.querySelectorAll('#downloads a').length >= 3", timeout=60_000)
-    hrefs = chat.page.eval_on_selector_all("#downloads a", "els => els.map(e => e.href)")
+    chat.page.wait_for_function("before => { const now = [...document.querySelectorAll('#downloads a')]"
+                                ".map(e => e.href); return now.length >= 3 && now.join() !== before.join(); }",
+                                arg=before, timeout=60_000)
+    hrefs = chat.page.eval_on_selector_all("#downloads a", links)
     return {Path(unquote(h.split("file=", 1)[1])).name: Path(unquote(h.split("file=", 1)[1])) for h in hrefs
             if "file=" in h}
 

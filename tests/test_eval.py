@@ -442,7 +442,7 @@ def test_grid_puts_generated_beside_ground_truth():
     gen = [[np.full((20, 20, 3), 200, np.uint8), None, np.zeros((64, 64, 3), np.uint8)] for _ in convs]
     cell, pad = 50, 6
     sheet = np.asarray(eval_run.grid_image(convs, gen, cell=cell))
-    cap = 12 * 4 + 4
+    cap = 13 * (4 + 1) + 4  # a label line and 4 caption lines of 13 px, 4 px below
     assert sheet.shape == (2 * (cell + cap + pad) + pad, 3 * (2 * cell + 3 * pad) + pad, 3)
     y = pad + (cell + cap + pad) + cell // 2  # second row
     assert (sheet[y, pad + 5] == 200).all()  # round 1, generated

@@ -63,19 +63,18 @@ class Windows:
         self._lock = threading.Lock()
         self._memo: dict = {}
         self._counted: set = set()  # windows whose skips were counted (a window evicted and recomputed: once)
-        self._tally: dict = {}  # epoch -> (windows with a remainder, records in them)
-        self._reported: set = set()  # epochs whose remainder line was logged
+        self._tally: dict = {}  # epoch -> (windows with a remainder, records in them, windows tallied)
 
     def __getstate__(self):  # pickled into grain worker processes: a fresh lock and memo there
         return {k: v for k, v in self.__dict__.items()
-                if k not in ("_lock", "_memo", "_counted", "_tally", "_reported")}
+                if k not in ("_lock", "_memo", "_counted", "_tally")}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
         self._lock = threading.Lock()
         self._memo = {}
         self._counted = set()
-        self._tally, self._reported = {}, set()
+        self._tally = {}
 
     def __len__(self) -> int:  # windows
         return -(-len(self.order) // self.span)
@@ -89,21 +88,25 @@ class Windows:
                 self._counted.add(w)
             return self._memo[w]
 
+    def _epoch_of(self, w: int) -> int:
+        return w * self.span // max(len(self.records), 1)
+
+    def _windows_in(self, epoch: int) -> int:
+        """How many windows start inside `epoch` (the order may repeat without end: counted, not enumerated)."""
+        n = max(len(self.records), 1)
+        first = -(-epoch * n // self.span)  # the first window starting at or after the epoch's first position
+        return min(-(-(epoch + 1) * n // self.span), len(self)) - first
+
     def _tally_remainder(self, w: int, left: int) -> None:
         """Adds window w's remainder (records that wait for the next epoch) to its epoch's tally, and logs one line
-        per epoch once the epoch's windows are all computed (its last window, or a window of a later epoch)."""
-        epoch = w * self.span // max(len(self.records), 1)
-        windows, records = self._tally.get(epoch, (0, 0))
-        self._tally[epoch] = (windows + (left > 0), records + left)
-        last = w == len(self) - 1
-        for e in sorted(self._tally):
-            if (e < epoch or last) and e not in self._reported:
-                self._reported.add(e)
-                windows, records = self._tally[e]
-                if records:
-                    pipeline.log.warning(
-                        "epoch %d: %d records in %d bucket windows wait for the next epoch (not a whole number of "
-                        "global batches of %d in their window)", e, records, windows, self.global_batch)
+        per epoch once every window of that epoch is tallied (prefetch threads compute windows out of order)."""
+        epoch = self._epoch_of(w)
+        windows, records, seen = self._tally.get(epoch, (0, 0, 0))
+        self._tally[epoch] = windows, records, seen = (windows + (left > 0), records + left, seen + 1)
+        if seen == self._windows_in(epoch) and records:
+            pipeline.log.warning(
+                "epoch %d: %d records in %d bucket windows wait for the next epoch (not a whole number of global "
+                "batches of %d in their window)", epoch, records, windows, self.global_batch)
 
     def _compute(self, w: int, count: bool) -> list:
         opts, g = self.opts, self.global_batch
