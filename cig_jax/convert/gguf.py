@@ -130,7 +130,7 @@ class GGUFTensors(TensorIndex):
     `shape(name)` come from the header, `[name]` dequantizes that tensor to fp32 ([out, in], q / k rows in
     HF order). Unknown tensors (e.g. llama.cpp's `rope_freqs`) raise one CheckpointError naming them."""
 
-    def __init__(self, path: str | Path, cfg: LLMConfig | None = None):
+    def __init__(self, path: str | Path):
         self.path = Path(path)
         r = _reader(self.path)
         meta = {k: f.contents() for k, f in r.fields.items() if k == "general.architecture" or k.endswith(
