@@ -341,8 +341,15 @@ class MLLMConfig(Section):
     # How a conversation becomes tokens (`cig_jax/data/chat_formats.py`): 'llama2' (SEED-X's [INST] turns) or
     # 'chatml' (SmolLM2-Instruct's <|im_start|> turns; the tokenizer needs <|im_start|> and <|im_end|>).
     chat_format: Literal["llama2", "chatml"] = "llama2"
+    # The identity head (0: none): a linear readout of each image-query block's mean final hidden state to an
+    # identity embedding of this width (= model.dit.identity.embedding_dim), trained (cosine) onto the identity of
+    # the one person the target image shows; sampling hands it to the detokenizer's identity branch when the
+    # round has no face reference of its own. It is how a person who was only ever *drawn* keeps their face.
+    identity_dim: int = 0
+    identity_weight: float = objective_field(1.0)
 
     def check(self, key: str) -> None:
+        need(self.identity_dim >= 0, f"'{key}.identity_dim' must be >= 0, got {self.identity_dim}")
         need(0 < self.num_image_tokens <= 100,
               f"'{key}.num_image_tokens' must be in 1..100, got {self.num_image_tokens}")
         need(0.0 <= self.lm_head_fraction <= 1.0,
@@ -392,6 +399,9 @@ class ModelConfig(Section):
                   and math.isqrt(k) % math.isqrt(m.num_image_tokens) == 0,
                   f"'{key}.mllm.reg_target_pool: grid' needs square grids with {m.num_image_tokens} dividing {k} "
                   "evenly")
+        need(m.identity_dim in (0, dit.identity.embedding_dim),
+             f"'{key}.mllm.identity_dim' ({m.identity_dim}) must be 0 or '{key}.dit.identity.embedding_dim' "
+             f"({dit.identity.embedding_dim}): the detokenizer reads what the identity head predicts")
         need(dit.caption_channels == d_vit, f"'{key}.dit.caption_channels' ({dit.caption_channels}) must equal the "
                                              f"ViT feature width ({d_vit}): the DiT reads the MLLM's visual embeddings")
         if self.use_vae:

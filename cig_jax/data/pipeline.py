@@ -13,7 +13,8 @@ how a conversation becomes tokens (`chat_template.py`), or global arrays (`cig_j
 
 Batch (all [batch, ...] numpy): input_ids, role, image_index, loss_mask, round_index, attention_mask
 [seq_len] (with `length_buckets`: [the batch's bucket], `buckets.py`); images [max_images, S, S, 3] float32
-in [-1, 1]; image_mask [max_images]; record_index [].
+in [-1, 1]; image_mask [max_images]; record_index []; with `identity_dim`, image_identity [max_images, De] and
+image_identity_mask [max_images] (`shown_identities`).
 
 `make_image_dataset` serves the detokenizer stage instead: single images [S, S, 3] in [-1, 1] with the identity
 embeddings of the people shown, read from the record (`Person.identity`, never from a renderer): `identity`
@@ -54,6 +55,7 @@ class PipelineOptions:
     prefetch_buffer: int = 0  # batches buffered ahead (per worker with workers); 0: grain's default
     length_buckets: tuple = ()  # () = pad every example to seq_len; else see `cig_jax.data.buckets`
     bucket_window: int = 8  # global batches sorted by length together (with length_buckets)
+    identity_dim: int = 0  # > 0: each example also carries image_identity / image_identity_mask (see below)
 
 
 class SkipCounter:
@@ -150,7 +152,24 @@ def encode_record(conv: schema.Conversation, index: int, template: ChatTemplate,
         image_mask[k] = 1
     example = pad_to(out, opts.seq_len, template.pad_id)
     example.update(images=images, image_mask=image_mask, record_index=np.int64(index))
+    if opts.identity_dim:
+        example.update(zip(("image_identity", "image_identity_mask"),
+                           shown_identities(out.images, opts.identity_dim, opts.max_images, f"record {index}")))
     return example
+
+
+def shown_identities(images: Sequence[schema.Image], dim: int, max_images: int, where: str):
+    """The identity of the one person each image shows, what the MLLM's identity head learns to predict:
+    (image_identity [max_images, dim] float32, image_identity_mask [max_images] float32, 1 where image k shows
+    exactly one person whose record carries an identity)."""
+    ident = np.zeros((max_images, dim), np.float32)
+    mask = np.zeros((max_images,), np.float32)
+    for k, img in enumerate(images[:max_images]):
+        people = img.people or []
+        if len(people) == 1 and people[0].identity is not None:
+            ident[k] = people[0].identity.for_width(dim, f"{where}: image {k}.people[0].identity")
+            mask[k] = 1.0
+    return ident, mask
 
 
 def make_dataset(records: Sequence[schema.Conversation], template: ChatTemplate, opts: PipelineOptions,

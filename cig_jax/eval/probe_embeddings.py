@@ -61,23 +61,48 @@ def _examples(session, convs: Sequence) -> dict:
     return {k: np.stack([r[k] for r in rows]) for k in keys}
 
 
+def identity_score(pred_a: np.ndarray, pred_b: np.ndarray, ident_a: np.ndarray, ident_b: np.ndarray) -> dict:
+    """The identity head's side of the probe: pred_* [pairs, De] (the last block's predicted identity of versions
+    A and B), ident_* [pairs, De] (the identities of A and B). A version is right when its prediction is nearer
+    (cosine) its own person's identity than the other's; a name-blind head is right in at most half the versions
+    and, over pairs, right in both only by luck of noise (~0)."""
+    unit = lambda v: np.asarray(v, np.float64) / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)  # noqa: E731
+    pa, pb, ia, ib = (unit(x) for x in (pred_a, pred_b, ident_a, ident_b))
+    a_ok = np.sum(pa * ia, -1) > np.sum(pa * ib, -1)
+    b_ok = np.sum(pb * ib, -1) > np.sum(pb * ia, -1)
+    n = len(pa)
+    return {"identity_versions": float((a_ok.sum() + b_ok.sum()) / (2 * n)) if n else None,
+            "identity_pairs": float(np.mean(a_ok & b_ok)) if n else None}
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _forward(graph, state, batch: dict):
-    """-> (visual embeddings, targets) [batch, blocks, Q, D] and the target image of each block [batch, blocks]."""
+    """-> (visual embeddings, targets) [batch, blocks, Q, D], the target image of each block [batch, blocks] and
+    the identity head's output [batch, blocks, De] (None without one)."""
     mllm = nnx.merge(graph, state).mllm
     feats = mllm.encode_images(batch["images"])  # [batch, N, K, D_vit]
     out = mllm(batch["input_ids"], batch["role"], batch["image_index"], image_features=feats,
                attention_mask=batch["attention_mask"], return_logits=False)
     targets = pool_targets(take_images(feats, out.query_image_index), mllm.cfg.num_image_tokens,
                            mllm.cfg.reg_target_pool)
-    return out.visual_embeddings, targets, out.query_image_index
+    return out.visual_embeddings, targets, out.query_image_index, out.identity
 
 
-def _last_blocks(session, convs: Sequence) -> tuple[np.ndarray, np.ndarray]:
-    """(predicted visual embeddings, targets) [len(convs), Q, D] of each conversation's last query block."""
-    pred, target, index = (np.asarray(x) for x in _forward(session.graph, session.state, _examples(session, convs)))
+def _last_blocks(session, convs: Sequence) -> tuple:
+    """(predicted visual embeddings, targets) [len(convs), Q, D] of each conversation's last query block, and
+    its predicted identity [len(convs), De] (None without an identity head)."""
+    pred, target, index, ident = _forward(session.graph, session.state, _examples(session, convs))
+    pred, target, index = np.asarray(pred), np.asarray(target), np.asarray(index)
     last = [int(np.flatnonzero(row >= 0)[-1]) for row in index]
-    return (np.stack([pred[i, j] for i, j in enumerate(last)]), np.stack([target[i, j] for i, j in enumerate(last)]))
+    ident = None if ident is None else np.stack([np.asarray(ident)[i, j] for i, j in enumerate(last)])
+    return (np.stack([pred[i, j] for i, j in enumerate(last)]), np.stack([target[i, j] for i, j in enumerate(last)]),
+            ident)
+
+
+def _shown_identity(conv, dim: int) -> np.ndarray:
+    """The identity of the one person the conversation's last answer image shows, [dim]."""
+    people = conv.rounds[-1].assistant_image.people
+    return people[0].identity.for_width(dim, "probe answer image")
 
 
 def run(session, pairs: Sequence, batch_size: int = 16) -> dict:
@@ -85,10 +110,17 @@ def run(session, pairs: Sequence, batch_size: int = 16) -> dict:
     versions of each in the one batch)."""
     if not pairs:
         return score(*(np.zeros((0, 1, 1)),) * 4)
-    parts = []
+    parts, idents = [], []
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i:i + batch_size]
-        pred, target = _last_blocks(session, [p.conversations[v] for v in (0, 1) for p in chunk])
+        convs = [p.conversations[v] for v in (0, 1) for p in chunk]
+        pred, target, ident = _last_blocks(session, convs)
         n = len(chunk)
         parts.append((pred[:n], pred[n:], target[:n], target[n:]))
-    return score(*(np.concatenate(x) for x in zip(*parts)))
+        if ident is not None:
+            truth = np.stack([_shown_identity(c, ident.shape[-1]) for c in convs])
+            idents.append((ident[:n], ident[n:], truth[:n], truth[n:]))
+    out = score(*(np.concatenate(x) for x in zip(*parts)))
+    if idents:
+        out.update(identity_score(*(np.concatenate(x) for x in zip(*idents))))
+    return out

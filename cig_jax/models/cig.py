@@ -41,6 +41,7 @@ PARTS = {
     "llm_embed": _under("mllm", "llm", "embed_tokens"),  # the token embedding: the new image-query / slot rows
     "output_resampler": _under("mllm", "output_resampler"),
     "patch_pos_embed": _under("mllm", "patch_pos_embed"),
+    "identity_head": _under("mllm", "identity_head"),  # model.mllm.identity_dim > 0
     "dit": _under("detokenizer", "dit"),  # includes the identity encoder
     "id_encoder": _under("detokenizer", "dit", "id_encoder"),
     "vae": _under("detokenizer", "vae"),

@@ -105,6 +105,7 @@ class MLLMOutput:
     visual_embeddings: Optional[jax.Array]  # [batch, num_blocks, Q, D_vit] (None without query blocks)
     query_image_index: Optional[jax.Array]  # [batch, num_blocks] image each block generates; -1 = no block
     cache: Optional[KVCache]
+    identity: Optional[jax.Array] = None  # [batch, num_blocks, De] the identity head's output (None without one)
 
 
 class MLLM(nnx.Module):
@@ -118,6 +119,10 @@ class MLLM(nnx.Module):
         self.output_resampler = Resampler(cfg.output_resampler, rngs=rngs)
         d = cfg.llm.hidden_size
         # SEED-X any-resolution position of a (sub-)image: [x, y, 1-x, 1-y] / 2 @ patch_pos_embed.
+        de = cfg.mllm.identity_dim  # the identity head: mean query-block state [D_llm] -> identity [De]
+        self.identity_head = (layers.Dense(d, de, ("embed", None), rngs=rngs, use_bias=True,
+                                           param_dtype=layers.dtype_of(cfg.llm.param_dtype),
+                                           kernel_init=nnx.initializers.normal(d ** -0.5)) if de else None)
         self.patch_pos_embed = (layers.param(rngs, nnx.initializers.normal(d ** -0.5), (4, d), (None, "embed"),
                                              layers.dtype_of(cfg.llm.param_dtype))
                                 if cfg.mllm.add_patch_pos else None)
@@ -179,16 +184,26 @@ class MLLM(nnx.Module):
         filled = jnp.einsum("btk,bkd->btd", onehot, flat, precision=jax.lax.Precision.HIGHEST)  # [batch, len, D_llm]
         return jnp.where((role == INPUT_IMAGE)[..., None], filled, x)
 
+    def predict_identity(self, states: jax.Array) -> Optional[jax.Array]:
+        """Query-block final hidden states [..., Q, D_llm] -> identity [..., De] (None without an identity head)."""
+        if self.identity_head is None:
+            return None
+        return self.identity_head(jnp.mean(states.astype(jnp.float32), axis=-2))
+
     def visual_embeddings(self, hidden: jax.Array, role: jax.Array, image_index: jax.Array, num_blocks: int):
         """Final hidden states [batch, len, D_llm] at the first `num_blocks` query blocks -> output resampler.
-        Returns (visual_embeddings [batch, num_blocks, Q, D_vit], target image [batch, num_blocks], -1 = none)."""
+        Returns (visual_embeddings [batch, num_blocks, Q, D_vit], target image [batch, num_blocks], -1 = none,
+        identity [batch, num_blocks, De] or None)."""
         q = self.num_image_tokens
         select, target = query_block_selection(role, image_index, num_blocks, q)
         b = hidden.shape[0]
         states = jnp.einsum("bkt,btd->bkd", select.astype(hidden.dtype), hidden,
                             precision=jax.lax.Precision.HIGHEST)  # [batch, num_blocks * Q, D_llm]
-        emb = self.output_resampler(states.reshape(b * num_blocks, q, -1))  # [batch * num_blocks, Q, D_vit]
-        return emb.reshape(b, num_blocks, q, -1), target
+        states = states.reshape(b * num_blocks, q, -1)
+        emb = self.output_resampler(states)  # [batch * num_blocks, Q, D_vit]
+        ident = self.predict_identity(states)
+        ident = None if ident is None else ident.reshape(b, num_blocks, -1)
+        return emb.reshape(b, num_blocks, q, -1), target, ident
 
     # -- forward -------------------------------------------------------------------------------------------
     def __call__(self, input_ids: jax.Array, role: jax.Array, image_index: jax.Array, *,
@@ -208,10 +223,10 @@ class MLLM(nnx.Module):
         if num_query_blocks is None:
             given = next((a for a in (images, image_features, image_tokens) if a is not None), None)
             num_query_blocks = 0 if given is None else given.shape[1]
-        vis = target = None
+        vis = target = ident = None
         if num_query_blocks:
-            vis, target = self.visual_embeddings(out.hidden_states, role, image_index, num_query_blocks)
-        return MLLMOutput(out.logits, out.hidden_states, vis, target, out.cache)
+            vis, target, ident = self.visual_embeddings(out.hidden_states, role, image_index, num_query_blocks)
+        return MLLMOutput(out.logits, out.hidden_states, vis, target, out.cache, ident)
 
     def generate_image(self, cache: KVCache, query_ids: jax.Array) -> tuple[jax.Array, KVCache]:
         """Appends one query block (the Q image-query tokens `query_ids` [Q], e.g. `ChatTemplate.query_ids`)
@@ -248,6 +263,19 @@ def regression_loss(pred: jax.Array, target: jax.Array, valid: jax.Array, kind: 
     return jnp.sum(per_token * w) / jnp.maximum(tokens, 1.0)
 
 
+def identity_loss(pred: jax.Array, identity: jax.Array, mask: jax.Array, target_image: jax.Array):
+    """pred [batch, blocks, De] (the identity head's), identity [batch, N, De] / mask [batch, N] (the one person
+    image n shows), target_image [batch, blocks] (-1: no block) -> (mean 1 - cos over the blocks whose target
+    shows one person with an identity, that number of blocks)."""
+    target = take_images(identity, target_image)  # [batch, blocks, De]
+    w = take_images(mask, target_image) * (target_image >= 0)  # [batch, blocks]
+    # v / |v| with a finite gradient at v = 0 (a missing block's prediction is exactly the head's zero bias)
+    unit = lambda v: v * jax.lax.rsqrt(jnp.maximum(jnp.sum(v * v, axis=-1, keepdims=True), 1e-24))  # noqa: E731
+    cos = jnp.sum(unit(pred.astype(jnp.float32)) * unit(target.astype(jnp.float32)), axis=-1)
+    n = jnp.sum(w)
+    return jnp.sum((1.0 - cos) * w) / jnp.maximum(n, 1.0), n
+
+
 def mllm_loss(model: MLLM, batch: dict, *, dropout_rng: Optional[jax.Array] = None, return_output: bool = False):
     """lm_weight x next-token CE on `loss_mask` + reg_weight x regression of visual embeddings onto the target
     images' pooled ViT features (stop_gradient).
@@ -280,6 +308,11 @@ def mllm_loss(model: MLLM, batch: dict, *, dropout_rng: Optional[jax.Array] = No
     targets = jax.lax.stop_gradient(pool_targets(chosen, cfg.num_image_tokens, cfg.reg_target_pool))
     reg = regression_loss(out.visual_embeddings, targets, valid, cfg.reg_loss)
     loss = cfg.lm_weight * lm + cfg.reg_weight * reg
+    if out.identity is not None and "image_identity" in batch:
+        ident_loss, extra["identity_blocks"] = identity_loss(out.identity, batch["image_identity"],
+                                                             batch["image_identity_mask"], out.query_image_index)
+        extra["identity_loss"] = ident_loss
+        loss = loss + cfg.identity_weight * ident_loss
     metrics = {"lm_loss": lm, "reg_loss": reg, "loss_tokens": count, "query_blocks": jnp.sum(valid), **extra}
     return (loss, metrics, out) if return_output else (loss, metrics)
 

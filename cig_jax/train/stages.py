@@ -231,6 +231,9 @@ def _system_task(cfg: Config) -> Task:
     def spec(b):
         out = {k: ((b, data.seq_len), jnp.int32) for k in CONVERSATION_KEYS[:-1]}
         out["images"] = ((b, n_img, size, size, 3), jnp.float32)
+        if model_cfg.mllm.identity_dim:
+            out["image_identity"] = ((b, n_img, model_cfg.mllm.identity_dim), jnp.float32)
+            out["image_identity_mask"] = ((b, n_img), jnp.float32)
         return out
 
     weight = cfg.train.detokenizer_loss_weight
@@ -241,6 +244,7 @@ def _system_task(cfg: Config) -> Task:
 
 
 CONVERSATION_KEYS = ("input_ids", "role", "image_index", "loss_mask", "attention_mask", "images")
+IDENTITY_KEYS = ("image_identity", "image_identity_mask")  # with model.mllm.identity_dim > 0
 
 
 def pipeline_options(cfg: Config, process_index: int, process_count: int):
@@ -253,7 +257,7 @@ def pipeline_options(cfg: Config, process_index: int, process_count: int):
                                     markov_view=d.markov_view, process_index=process_index,
                                     process_count=process_count, worker_count=d.worker_count,
                                     prefetch_buffer=d.prefetch_buffer, length_buckets=d.effective_buckets(),
-                                    bucket_window=d.bucket_window)
+                                    bucket_window=d.bucket_window, identity_dim=cfg.model.mllm.identity_dim)
 
 
 def conversation_dataset(cfg: Config, records: Sequence, process_index: int, process_count: int):
@@ -262,7 +266,8 @@ def conversation_dataset(cfg: Config, records: Sequence, process_index: int, pro
     from cig_jax.data import pipeline
 
     ds = pipeline.make_dataset(records, _template(cfg), pipeline_options(cfg, process_index, process_count))
-    return ds.map(lambda ex: {k: ex[k] for k in CONVERSATION_KEYS})
+    keys = CONVERSATION_KEYS + (IDENTITY_KEYS if cfg.model.mllm.identity_dim else ())
+    return ds.map(lambda ex: {k: ex[k] for k in keys})
 
 
 def _template(cfg: Config):
