@@ -69,13 +69,16 @@ def unview(cache: KVCache, part: KVCache) -> KVCache:
 def _append(graph, state, ids, role, image_index, valid, cache, num_query_blocks, image_tokens, n_view):
     """Feeds a chunk ([b, T]; `valid` marks real tokens, right-padded; image_tokens [b, n, Q, D_llm] for the chunk's
     `image_index`) into the cache, reading and writing only its first n_view slots. Returns (logits of each row's
-    last real token [b, V], visual embeddings of the chunk's first query block [b, Q, D_vit] or None, cache)."""
+    last real token [b, V], (visual embeddings [b, Q, D_vit], identity [b, De] or None) of the chunk's first query
+    block or None, cache)."""
     mllm = nnx.merge(graph, state).mllm
     out = mllm(ids, role, image_index, image_tokens=image_tokens, attention_mask=valid, cache=view(cache, n_view),
                num_query_blocks=num_query_blocks, return_logits=False)
     last = jnp.maximum(jnp.sum(valid, axis=1) - 1, 0)
     hidden = jnp.take_along_axis(out.hidden_states, last[:, None, None], axis=1)  # [b, 1, D_llm]
-    vis = out.visual_embeddings[:, 0] if num_query_blocks else None
+    vis = None
+    if num_query_blocks:
+        vis = (out.visual_embeddings[:, 0], None if out.identity is None else out.identity[:, 0])
     return mllm.llm.logits(hidden)[:, 0], vis, unview(cache, out.cache)
 
 
@@ -200,7 +203,8 @@ class RowCache:
     def sync(self, targets: list, want_visual: bool = False) -> Optional[jax.Array]:
         """Makes row i hold targets[i] (lists of (id, role, image key)): keeps the common prefix, retracts the
         rest, feeds what is missing. Afterwards `logits` [b, V] are each row's next-token logits. Returns the visual
-        embeddings [b, Q, D_vit] of each row's last query block fed now (with want_visual), else None."""
+        embeddings [b, Q, D_vit] of each row's last query block fed now and the identity head's output for it [b, De]
+        (None without a head), with want_visual; else None."""
         keep = [common_prefix(tokens, t) for tokens, t in zip(self.tokens, targets)]
         rows = np.asarray([k < len(tokens) for k, tokens in zip(keep, self.tokens)])
         if rows.any():
@@ -213,14 +217,15 @@ class RowCache:
         new = [t[k:] for k, t in zip(keep, targets)]
         self._encode_missing({t[2] for toks in new for t in toks if t[2] is not None})
         split = [pieces(toks) for toks in new]
-        visual = None
+        drawn = None  # (visual, identity) of the query blocks fed so far, row by row
         for k in range(max(len(p) for p in split)):
             chunk = [p[k] if k < len(p) else [] for p in split]
-            vis = self._append(chunk, want_visual)
-            if vis is not None:
+            out = self._append(chunk, want_visual)
+            if out is not None:
                 has = self.put(np.asarray([any(t[1] == IMAGE_QUERY for t in c) for c in chunk]), ("batch",))
-                visual = vis if visual is None else jnp.where(has[:, None, None], vis, visual)
-        return visual
+                drawn = out if drawn is None else jax.tree.map(
+                    lambda new, old: jnp.where(has.reshape(-1, *(1,) * (new.ndim - 1)), new, old), out, drawn)
+        return drawn
 
     def step(self, chosen: np.ndarray, feed: np.ndarray) -> None:
         """One decoding step from the host: text token chosen[i] goes into row i where feed[i]; `logits` then

@@ -132,6 +132,26 @@ def round_identities(rnd: schema.Round, refs: FaceReferences, dim: int, max_iden
     return ident, mask, boxes, {"identity": "identity: " + "; ".join(c.how for c in chosen), "identities": used}
 
 
+def with_predicted(ident: np.ndarray, mask: np.ndarray, boxes: np.ndarray, record: dict, predicted: np.ndarray,
+                   rnd: schema.Round, cast: list) -> tuple:
+    """A round with no face reference draws with the identity the MLLM's identity head predicted for its query
+    block ([De], made unit norm), over the whole image, when the round names at most one person of the cast
+    (the head learns the identity of one-person images; a pair has no one identity). Else unchanged."""
+    if mask.any():
+        return ident, mask, boxes, record
+    named = schema.mentioned_names(f"{rnd.user_text} {rnd.assistant_text or ''}", cast)
+    if len(named) > 1:
+        return ident, mask, boxes, dict(record, identity=record["identity"] + f"; {len(named)} people named, so "
+                                        "not the identity head's prediction")
+    ident, mask, boxes = ident.copy(), mask.copy(), boxes.copy()
+    ident[0] = predicted / max(float(np.linalg.norm(predicted)), 1e-12)
+    mask[0], boxes[0] = 1.0, layout_boxes(1)[0]
+    who = named[0] if named else None
+    return ident, mask, boxes, {"identity": f"identity: {who or 'the person'} as the MLLM predicted (no face "
+                                            "reference)", "identities": [{"name": who, "source": "predicted",
+                                                                          "box": [0.0, 0.0, 1.0, 1.0]}]}
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The face backend for a checkpoint (sample.py --identity-backend / --face-model-root)
 # ----------------------------------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ from cig_jax.data.chat_template import BOI, IMAGE_QUERY, INPUT_IMAGE, ChatTempla
 from cig_jax.sample.cache import RowCache
 from cig_jax.sample.decode import decode_text
 from cig_jax.sample.draw import detokenize, diffusion_bar
-from cig_jax.sample.identities import FaceReferences, round_identities
+from cig_jax.sample.identities import FaceReferences, round_identities, with_predicted
 
 log = logging.getLogger(__name__)
 
@@ -299,12 +299,13 @@ class ChatSession:
             rnd.assistant_text = results[i].text = self.template.tokenizer.decode(results[i].tokens)
             rnd.assistant_image = _PENDING_IMAGE if draw[i] else None
         # what the model wrote (a chatml round's end goes in with the next feed, with the next user turn)
-        visual = self.cache.sync([self._target(row, upto="queries" if draw[i] else "answer")
-                                  for i, row in enumerate(self.rows)], want_visual=any(draw))
+        drawn = self.cache.sync([self._target(row, upto="queries" if draw[i] else "answer")
+                                 for i, row in enumerate(self.rows)], want_visual=any(draw))
+        visual, predicted = drawn if drawn is not None else (None, None)
 
         # --- the image -----------------------------------------------------------------------------------
         if any(draw):
-            identity, on, boxes = self._identities(results, draw)
+            identity, on, boxes = self._identities(results, draw, predicted)
             with diffusion_bar(self.progress, n_steps, d.sampler):
                 pixels = detokenize(self.graph, self.state, seeds_arr, visual, identity,
                                     self.cache.put(on, ("batch", None)), self.cache.put(boxes, ("batch", None, None)),
@@ -421,9 +422,11 @@ class ChatSession:
             row.identities.register(rnd, r, self._identity_dim, self._get_embedder,
                                     f"{schema._label(row.conv)}: rounds[{r}]")
 
-    def _identities(self, results: list, draw: list):
+    def _identities(self, results: list, draw: list, predicted=None):
         """Identities [b, P, De], which slots are used [b, P] and their regions [b, P, 4], with a note (and the
-        list of identities used) per drawing row: see `identities.round_identities`."""
+        list of identities used) per drawing row: see `identities.round_identities`; a row with none takes the
+        identity head's prediction (predicted [b, De], `identities.with_predicted`)."""
+        predicted = None if predicted is None else np.asarray(jax.device_get(predicted))
         b, p = self.batch_size, self.cfg.model.dit.identity.max_identities
         out = np.zeros((b, p, self._identity_dim), np.float32)
         on = np.zeros((b, p), bool)
@@ -437,6 +440,9 @@ class ChatSession:
                 out[i], m, boxes[i], record = round_identities(row.conv.rounds[-1], row.identities, self._identity_dim,
                                                                p, self._get_embedder,
                                                                f"{schema._label(row.conv)}: rounds[{r}]")
+                if predicted is not None:
+                    out[i], m, boxes[i], record = with_predicted(out[i], m, boxes[i], record, predicted[i],
+                                                                 row.conv.rounds[-1], [q.name for q in row.conv.people])
                 on[i] = m > 0
             results[i].identity_used = bool(on[i].any())
             results[i].notes.append(record["identity"])
