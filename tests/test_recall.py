@@ -140,7 +140,8 @@ def test_edits_persist_until_changed_and_sources_say_where_each_value_came_from(
 def said(text: str, x: str, attr: str, value: str) -> bool:
     """Whether a sentence of `text` naming `x` states `value` for `attr` (as the generator's describe, edit and
     undo sentences phrase attributes: "blue hair", "hair blue", "shirt to red", "a hat", "no hat or glasses", ...)."""
-    phrases = {"hair_color": [f"{value} hair", f"hair {value}"], "clothing_color": [f"{value} shirt", f"shirt to {value}"],
+    phrases = {"hair_color": [f"{value} hair", f"hair {value}"],
+               "clothing_color": [f"{value} shirt", f"shirt to {value}"],
                "accessory": ["no hat or glasses", "Take off"] if value == "none" else [value],
                "face_shape": [f"{value} face"], "skin_tone": [f"{value} skin"], "eye_color": [f"{value} eyes"],
                "hair_style": [{"bald": "bald", "ponytail": "ponytail"}.get(value, f"{value} hair")]}[attr]
