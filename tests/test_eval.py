@@ -531,8 +531,9 @@ def test_drawn_identity_is_the_fraction_of_identity_attributes_right():
     assert res["n"] == 2 and res["mean"] == pytest.approx(0.8)
 
 
-def _bench_reports(far_h=0.7, far_m=0.3, text=0.8, probe=0.9, rollback=0.85, round1=0.75) -> dict:
-    def report(far, with_rest):
+def _bench_reports(far_h=0.7, far_m=0.3, text=0.8, probe=0.9, rollback=0.85, round1=0.75, free_far=0.66,
+                   free_text=0.75) -> dict:
+    def report(far, with_rest, text=text):
         order = {o: {"image_only": {"accuracy": far}} for o in ("first", "second")}
         rep = {"attributes": {"rounds": [{"round": 0, "text": {"accuracy": round1}}]},
                "recall": {"far_by_order": order, "far": {"text": {"accuracy": text}}}}
@@ -541,6 +542,7 @@ def _bench_reports(far_h=0.7, far_m=0.3, text=0.8, probe=0.9, rollback=0.85, rou
         return rep
 
     return {"history": report(far_h, True), "markov": report(far_m, False),
+            "history_generated": report(free_far, False, free_text),
             "ceiling": {"attributes": {"rounds": [{"round": 0, "text": {"accuracy": 0.8}}]}}}
 
 
@@ -559,6 +561,31 @@ def test_nonmarkov_verdict_needs_every_target_in_both_naming_orders():
     v = verdict(one_order)
     assert not v["met"] and v["checks"]["far_image_only_first"]["met"] and not v["checks"]["far_image_only_second"]["met"]
     assert not verdict({"history": {}, "markov": {}, "ceiling": {}})["met"]
+
+
+def test_nonmarkov_verdict_is_gated_on_the_free_running_row_too():
+    """Teacher-forced rows alone can flatter (each round is handed the true earlier images): the free-running
+    row (the model's own earlier answers) must meet the recalled-people targets as well, and be there."""
+    from cig_jax.eval.nonmarkov import verdict
+
+    v = verdict(_bench_reports(free_far=0.66))
+    assert v["met"] and v["checks"]["free_running_far_image_only_second"] == {
+        "history_generated": 0.66, "markov": 0.3, "gap_points": 36.0, "met": True}
+    # teacher-forced rows all met, the free-running one not: the verdict fails, on exactly those checks
+    both = {"free_running_far_image_only_first", "free_running_far_image_only_second"}
+    for miss, failed in (({"free_far": 0.5}, both), ({"free_far": 0.62, "far_m": 0.45}, both),
+                         ({"free_text": 0.6}, {"free_running_far_text"})):
+        v = verdict(_bench_reports(**miss))
+        assert not v["met"] and {k for k, c in v["checks"].items() if not c["met"]} == failed, miss
+    no_free = _bench_reports()
+    del no_free["history_generated"]
+    v = verdict(no_free)
+    assert not v["met"] and v["checks"]["free_running_far_text"] == {"history_generated": None, "met": False}
+    one_order = _bench_reports()  # free-running, the second-named person drifts to the left one's look
+    one_order["history_generated"]["recall"]["far_by_order"]["second"]["image_only"]["accuracy"] = 0.35
+    v = verdict(one_order)
+    assert not v["met"] and v["checks"]["free_running_far_image_only_first"]["met"]
+    assert not v["checks"]["free_running_far_image_only_second"]["met"]
 
 
 @pytest.mark.slow  # ~10 min: five trainings and four evaluations at seq_len 768 (kept out of .ci/run's 45 min)

@@ -2,7 +2,8 @@
 with their own `save_pretrained` (a LLaMA with PEFT LoRA adapters, a CLIP vision tower, a diffusers pipeline folder holding an
 AutoencoderKL and a PixArt transformer, a SentencePiece-only LLaMA-2-style tokenizer) load into a stage-2 run
 that reproduces each reference at step 0 (fp32, 1e-4) and then trains; SEED-X agent + Qwen-VL ViT files
-load as the tested converter builds them; a missing or mis-shaped checkpoint is one clear error, before any
+written from independent torch modules (transformers' LLaMA, tests/qwen_vl_reference.py) load into a model
+that reproduces each of them; a missing or mis-shaped checkpoint is one clear error, before any
 model is built."""
 import dataclasses
 import io
@@ -232,34 +233,47 @@ def test_full_size_config_without_its_weights_is_a_clear_error_before_any_model(
 
 
 def _seedx_files(root: Path, cfg) -> dict:
-    """A SEED-X agent (`pytorch_model.bin`, its real tensor names) and a Qwen-VL ViT file (`transformer.visual.`
-    names, as Qwen-VL-Chat stores it) for `cfg.model`, random."""
-    from cig_jax.convert.seedx import VIT_PREFIX, seedx_shapes
-    from cig_jax.models.resampler import sincos_2d
+    """A SEED-X agent (`pytorch_model.bin`: a transformers LLaMA under `llm.`, two Qwen-VL resamplers and the
+    patch positions) and a Qwen-VL ViT file (`transformer.visual.` names, as Qwen-VL-Chat stores it) for
+    `cfg.model`, each the state dict of an independent random torch module (transformers' LLaMA; the Qwen-VL
+    modules of tests/qwen_vl_reference.py). Returns those modules, the references the loaded model must match."""
+    import transformers
+    from qwen_vl_reference import QwenResampler, QwenVisual, jitter
 
-    rng = np.random.default_rng(0)
-    t = {k: rng.standard_normal(s).astype(np.float32) for k, s in seedx_shapes(cfg.model).items()}
-    for prefix, rc in (("input_resampler.", cfg.model.input_resampler), ("output_resampler.", cfg.model.output_resampler),
-                       ("visual.attn_pool.", cfg.model.vit.attn_pool)):
-        t[prefix + "pos_embed"] = np.array(sincos_2d(rc.embed_dim, int(rc.num_queries ** 0.5)))
-    agent = root / cfg.init_weights.seedx_agent
-    vit = root / cfg.init_weights.vit
-    agent.parent.mkdir(parents=True)
-    vit.parent.mkdir(parents=True)
-    torch.save({k: torch.from_numpy(v) for k, v in t.items() if not k.startswith(VIT_PREFIX)}, agent)
-    torch.save({"transformer.visual." + k[len(VIT_PREFIX):]: torch.from_numpy(v) for k, v in t.items()
-                if k.startswith(VIT_PREFIX)}, vit)
-    return t
+    m = cfg.model
+    llm = _jitter(transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=m.llm.vocab_size, hidden_size=m.llm.hidden_size, intermediate_size=m.llm.intermediate_size,
+        num_hidden_layers=m.llm.num_layers, num_attention_heads=m.llm.num_heads,
+        num_key_value_heads=m.llm.num_kv_heads, rms_norm_eps=m.llm.rms_norm_eps, rope_theta=m.llm.rope_theta,
+        max_position_embeddings=m.llm.max_position_embeddings, tie_word_embeddings=False)))
+    refs = {"llm": llm, "patch_pos_embed": 0.1 * torch.randn(4, m.llm.hidden_size)}
+    agent = {"llm." + k: v for k, v in llm.state_dict().items()}
+    for seed, name in enumerate(("input_resampler", "output_resampler"), start=1):
+        rc = getattr(m, name)
+        refs[name] = jitter(QwenResampler(rc.num_queries, rc.embed_dim, rc.num_heads, rc.kv_dim, rc.layer_norm_eps),
+                            seed=seed)
+        agent.update({f"{name}.{k}": v for k, v in refs[name].state_dict().items()})
+    agent["patch_pos_embed"] = refs["patch_pos_embed"]
+    v, pool = m.vit, m.vit.attn_pool
+    refs["vit"] = jitter(QwenVisual(patch=v.patch_size, width=v.hidden_size, layers=v.num_layers, heads=v.num_heads,
+                                    mlp_width=v.intermediate_size, pos_side=v.pos_grid_size,
+                                    num_queries=pool.num_queries, out_dim=pool.out_dim, pool_heads=pool.num_heads,
+                                    eps=v.layer_norm_eps), seed=3)
+    for path, tensors in ((root / cfg.init_weights.seedx_agent, agent),
+                          (root / cfg.init_weights.vit, {"transformer.visual." + k: t
+                                                         for k, t in refs["vit"].state_dict().items()})):
+        path.parent.mkdir(parents=True)
+        torch.save({k: t.detach().clone().contiguous() for k, t in tensors.items()}, path)
+    return refs
 
 
 def test_full_size_config_starts_with_tiny_stand_ins_at_its_paths(tmp_path, monkeypatch):
     import diffusers
 
-    from cig_jax.convert.seedx import mllm_from_seedx
-
     monkeypatch.chdir(tmp_path)
-    cfg = load_config(STAGE1_13B, TINY_13B)
-    tensors = _seedx_files(tmp_path, cfg)
+    fp32 = [f"model.{part}.dtype=float32" for part in ("llm", "vit", "input_resampler", "output_resampler")]
+    cfg = load_config(STAGE1_13B, TINY_13B + fp32)  # fp32 compute, to compare with the torch references at 1e-4
+    refs = _seedx_files(tmp_path, cfg)
     sentencepiece_tokenizer(tmp_path / cfg.init_weights.tokenizer)
     _jitter(diffusers.AutoencoderKL(block_out_channels=[32, 32], layers_per_block=1, norm_num_groups=8,
                                     down_block_types=["DownEncoderBlock2D"] * 2, latent_channels=4,
@@ -273,12 +287,23 @@ def test_full_size_config_starts_with_tiny_stand_ins_at_its_paths(tmp_path, monk
 
     setup = setup_state(cfg, default_mesh(), say=lambda *a, **k: None)
     assert setup.source == "init_weights seedx_agent, vit, vae, dit"
-    model = nnx.merge(setup.graphdef, setup.state.model_state())
-    ref = mllm_from_seedx(tensors, cfg.model)  # the converter, tested number for number against torch
-    want = {p: np.asarray(v.value) for p, v in nnx.to_flat_state(nnx.state(ref, nnx.Param))}
-    got = {p: np.asarray(v.value) for p, v in nnx.to_flat_state(nnx.state(model.mllm, nnx.Param))}
-    assert got.keys() == want.keys()
-    assert [p for p in got if not np.array_equal(got[p], want[p])] == []
+    mllm = nnx.merge(setup.graphdef, setup.state.model_state()).mllm
+    # Each part against the torch module its file was written from (not against the converter under test).
+    tol, rng = dict(atol=1e-4, rtol=1e-4), np.random.default_rng(0)
+    tokens = rng.integers(0, cfg.model.llm.vocab_size, (2, 10))
+    with torch.no_grad():
+        ref = refs["llm"](input_ids=torch.tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(mllm.llm(jnp.asarray(tokens)).logits), ref, **tol)
+    px = rng.standard_normal((2, 3, 28, 28)).astype(np.float32)
+    with torch.no_grad():
+        ref = refs["vit"](torch.from_numpy(px))[1].numpy()  # the attention pool's 16 x 16 features
+    np.testing.assert_allclose(np.asarray(mllm.vit(jnp.asarray(px.transpose(0, 2, 3, 1))).pooled), ref, **tol)
+    for name, keys in (("input_resampler", 16), ("output_resampler", 4)):  # the ViT's 16 tokens; 4 LLM states
+        x = rng.standard_normal((2, keys, getattr(cfg.model, name).kv_dim)).astype(np.float32)
+        with torch.no_grad():
+            ref = refs[name](torch.from_numpy(x)).numpy()
+        np.testing.assert_allclose(np.asarray(getattr(mllm, name)(jnp.asarray(x))), ref, **tol, err_msg=name)
+    np.testing.assert_array_equal(np.asarray(mllm.patch_pos_embed[...]), refs["patch_pos_embed"].numpy())
 
 
 def test_a_checkpoint_that_does_not_fit_lists_every_problem_with_part_and_path(tmp_path):

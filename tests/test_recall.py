@@ -3,6 +3,7 @@ disjoint name pools, edits kept, content-addressed rollbacks), its ground truth,
 probe, which a model answering by round position cannot pass and one answering by name passes fully."""
 import collections
 import json
+import re
 
 import numpy as np
 import pytest
@@ -127,11 +128,65 @@ def test_edits_persist_until_changed_and_sources_say_where_each_value_came_from(
                     assert rd["looks"][x] == look[x]  # later appearances keep every change
                 for k, src in rd["sources"][x].items():
                     s = p["rounds"][src["round"]]
-                    assert src["round"] <= r and x in s["shown"] and s["looks"][x][k] == rd["looks"][x][k]
-                    if src["via"] == "text" and s["action"] != "rollback":
-                        assert x in s["text"]
+                    assert src["round"] <= r
+                    if src["via"] == "image":
+                        assert x in s["shown"] and s["looks"][x][k] == rd["looks"][x][k]
+                    else:  # that round's user text said the value of x's attribute
+                        assert said(s["text"], x, k, rd["looks"][x][k]), (s["text"], x, k, rd["looks"][x][k])
                 look[x] = dict(rd["looks"][x])
     assert edits > 500
+
+
+def said(text: str, x: str, attr: str, value: str) -> bool:
+    """Whether a sentence of `text` naming `x` states `value` for `attr` (as the generator's describe, edit and
+    undo sentences phrase attributes: "blue hair", "hair blue", "shirt to red", "a hat", "no hat or glasses", ...)."""
+    phrases = {"hair_color": [f"{value} hair", f"hair {value}"],
+               "clothing_color": [f"{value} shirt", f"shirt to {value}"],
+               "accessory": ["no hat or glasses", "Take off"] if value == "none" else [value],
+               "face_shape": [f"{value} face"], "skin_tone": [f"{value} skin"], "eye_color": [f"{value} eyes"],
+               "hair_style": [{"bald": "bald", "ponytail": "ponytail"}.get(value, f"{value} hair")]}[attr]
+    for sentence in re.split(r"(?<=\.) ", text):
+        if not re.search(rf"\b{re.escape(x)}\b", sentence):
+            continue
+        if attr == "accessory" and value != "none":
+            sentence = sentence.replace("no hat or glasses", "")
+        if any(re.search(rf"\b{re.escape(ph)}\b", sentence) for ph in phrases):
+            return True
+    return False
+
+
+def test_an_attribute_given_by_image_was_never_said_in_a_user_text_about_that_person(plans):
+    """The 'image_only' ground truth is honest: no user text up to the round (an introduction, an edit's
+    "Take off Maya's hat.", an undo) stated the value of an attribute whose source is an image."""
+    checked = 0
+    for p in plans:
+        for r, rd in enumerate(p["rounds"]):
+            for x in rd["shown"]:
+                for k, src in rd["sources"][x].items():
+                    if src["via"] != "image":
+                        continue
+                    checked += 1
+                    value = rd["looks"][x][k]
+                    stated = [q for q in range(r + 1) if said(p["rounds"][q]["text"], x, k, value)]
+                    assert stated == [], (p["rounds"][stated[0]]["text"], x, k, value, r)
+    assert checked > 10_000
+
+
+def test_an_undo_names_the_change_not_the_value_it_restores(plans):
+    undos = collections.Counter()
+    for p in plans:
+        for r, rd in enumerate(p["rounds"]):
+            if rd["action"] != "rollback":
+                continue
+            x = rd["rollback"]["name"]
+            before = p["rounds"][r - 1]["looks"][x]
+            restored = {k: v for k, v in rd["looks"][x].items() if v != before[k]}
+            assert restored
+            if rd["rollback"]["by"] == "undo":
+                undos[next(iter(restored))] += 1
+            words = set(re.findall(r"[a-z]+", rd["text"].lower()))
+            assert not {v for v in restored.values() if v != "none"} & words, (rd["text"], restored)
+    assert undos["accessory"] >= 20 and undos["clothing_color"] >= 10 and undos["hair_color"] >= 10
 
 
 def test_rollbacks_restore_an_earlier_look_named_by_content_not_by_recency(plans):

@@ -102,7 +102,8 @@ def run_stage2(name: str, overrides: list, mu_dtype, args, peak, host_batches: d
     tx = make_tx(1e-5, mu_dtype and jnp.dtype(mu_dtype))
     state, state_sh = trainer.init_state(params, tx, mesh, rules, frozen if jax.tree.leaves(frozen) else None)
     batch = sharding.host_to_global(host_batches[gb], mesh, rules)
-    step = trainer.make_train_step(graphdef, tx, task.loss_fn, cfg.train.grad_accum_steps, cfg.train.seed)
+    step = trainer.make_train_step(graphdef, tx, task.loss_fn, cfg.train.grad_accum_steps, cfg.train.seed,
+                                   weight_by=task.accum_weight)
     t0 = time.perf_counter()
     with sharding.activation_sharding(mesh, rules):
         step = trainer.compile_step(step, state, batch, state_sh, jax.tree.map(lambda x: x.sharding, batch), mesh,

@@ -17,7 +17,8 @@ Every other round is one of
     pair      "Draw Maya and Leo together at the beach."   two people, the first named on the left
     edit      "Give Maya a hat."            one person in their last scene, one attribute changed from now on
     rollback  "Undo Maya's hat." / "Go back to the picture of Maya at the beach."   one person restored to
-              an earlier round's look (content-addressed: the change or the scene, not 'the last change')
+              an earlier round's look (content-addressed: the change or the scene, not 'the last change'; an
+              undo names the change, never the value it restores: "Put back what you took off Maya.")
 and, in the training aid 'recall_describe' (`describe_p`), also
     describe  "Describe Maya." / "What does Maya look like now?"   text only: the answer states every attribute
               of Maya's current look (she is not shown, so stays due)
@@ -33,7 +34,8 @@ Ground truth, per round (`Round.metadata`, kept by JSON and record round trips):
     shown           names in the assistant image, left to right
     distance        {name: rounds since that person was last shown, null where introduced}
     sources         {name: {attribute: {"round": r, "via": "text" | "image"}}}: the round whose user text
-                    said the attribute's current value ('text'), or whose image first showed it ('image')
+                    said the attribute's current value ('text'; an edit's "Take off Maya's hat." says 'hat'
+                    for a later rollback to it), or whose image first showed it ('image')
     restores_round  (rollback) the round whose look of the person the answer restores;
     described       (describe) the name whose look the answer states;
     rollback        (rollback) {"name", "by": "undo" | "scene", "previous_round"}
@@ -74,9 +76,10 @@ def _phrases():
 
 
 def _undo_text(name: str, attr: str, old: str, new: str) -> str:
+    """Names the change undone (its new value), never the value restored: where that came from is in `sources`."""
     if attr == "accessory":
         if new == "none":
-            return f"Give {name} the {'hat' if old == 'hat' else 'glasses'} back."
+            return f"Put back what you took off {name}."
         return f"Undo {name}'s {'hat' if new == 'hat' else 'glasses'}."
     return f"Undo {name}'s {new} {'shirt' if attr == 'clothing_color' else 'hair'}."
 
@@ -105,6 +108,7 @@ class _Planner:
         self.recalled = {x: False for x in self.names}
         self.history: dict = {x: [] for x in self.names}  # [(round, scene, state, sources)]
         self.last_edit: dict = {}  # name -> (round, attr, old, new, state before, sources before, round before)
+        self.said_old: dict = {x: {} for x in self.names}  # name -> {(attr, value): edit round whose text named it}
         keys = list(ATTRIBUTES)
         self.text_p = np.array([_TEXT_WEIGHTS[k] for k in keys]) / sum(_TEXT_WEIGHTS[k] for k in keys)
         self.rounds: list = []
@@ -183,6 +187,8 @@ class _Planner:
         old = self.state[x][attr]
         new = str(self.rng.choice([v for v in ATTRIBUTES[attr] if v != old]))
         self.last_edit[x] = (r, attr, old, new, dict(self.state[x]), copy.deepcopy(self.sources[x]), self.last_shown[x])
+        if attr == "accessory" and old != "none":  # "Take off Maya's hat." / "Replace Maya's hat with ...": said
+            self.said_old[x][(attr, old)] = r
         self.state[x][attr] = new
         self.sources[x][attr] = {"round": r, "via": "text"}
         scene = self.history[x][-1][1]
@@ -212,6 +218,10 @@ class _Planner:
         by, k, look, src, scene, text = option
         self.state[x] = dict(look)
         self.sources[x] = copy.deepcopy(src)
+        for attr, value in look.items():  # a restored value an edit's text named since is text-given now
+            said = self.said_old[x].get((attr, value))
+            if said is not None and self.sources[x][attr]["via"] == "image" and said > self.sources[x][attr]["round"]:
+                self.sources[x][attr] = {"round": said, "via": "text"}
         self.last_edit.pop(x, None)
         self._show(r, [x], scene, "rollback", text, "Here is the earlier version.", restores_round=k,
                    rollback={"name": x, "by": by, "previous_round": r - 1})

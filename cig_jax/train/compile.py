@@ -43,7 +43,8 @@ def compile_train_step(cfg, mesh, *, per_device_batch: int = 1, verbose: bool = 
     batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
     global_batch = per_device_batch * batch_shards * cfg.train.grad_accum_steps
     batch = abstract_batch(task, mesh, rules, global_batch)
-    step = trainer.make_train_step(graphdef, tx, task.loss_fn, cfg.train.grad_accum_steps, cfg.train.seed)
+    step = trainer.make_train_step(graphdef, tx, task.loss_fn, cfg.train.grad_accum_steps, cfg.train.seed,
+                                   weight_by=task.accum_weight)
     t0 = time.perf_counter()
     with sharding.activation_sharding(mesh, rules):  # the trainer's own jit + lower + compile
         compiled = trainer.compile_step(step, state, batch, shardings, jax.tree.map(lambda x: x.sharding, batch), mesh,

@@ -54,6 +54,10 @@ class Task:
     tokens_per_example: int  # padded length (data.seq_len; with data.length_buckets the largest bucket)
     batch_spec: Callable[[int], dict] = None  # global batch -> {key: (shape, dtype)} (ahead-of-time compiles)
     images_per_example: float = 0.0
+    # Gradient accumulation: the loss metric each microbatch weighs by (`trainer.make_train_step` weight_by):
+    # 'loss_tokens' for a per-token mean (normalised over the whole batch); None: equal weights (the mean of
+    # microbatch means, e.g. stages 2-3, whose loss adds a per-token LM term and a per-block regression term)
+    accum_weight: Optional[str] = None
 
     @functools.cached_property
     def flops_per_example(self) -> float:
@@ -101,6 +105,7 @@ def _lm_task(cfg: Config) -> Task:
         make_model=lambda: LLM(llm, rngs=nnx.Rngs(cfg.train.seed)),
         trainable=nnx.Param,
         loss_fn=lm_loss,
+        accum_weight="loss_tokens",
         make_dataset=make_dataset,
         tokens_per_example=data.seq_len,
         batch_spec=spec,

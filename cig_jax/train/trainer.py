@@ -78,11 +78,17 @@ class TrainState:
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, loss_fn: Callable, accum_steps: int = 1,
-                    seed: int = 0):
+                    seed: int = 0, weight_by: Optional[str] = None):
     """(state, batch) -> (state, metrics). The frozen model state travels in `state.frozen` (an argument of the
     compiled step, not a constant baked into the program) and comes back unchanged. The loss sees
     `batch['rng']`, a key folded from (seed, step, microbatch). With accum_steps > 1 the batch's leading axis
-    is split into that many microbatches whose gradients are averaged."""
+    is split into that many microbatches whose gradients (and metrics) are combined as one batch would:
+
+    weight_by None: each microbatch weighs 1 / accum_steps (the mean of microbatch means: one batch's value
+    when every microbatch holds as much of what the loss averages over, e.g. a mean over examples).
+    weight_by 'loss_tokens' (a metric of the loss: the count its loss is a mean over): microbatch i weighs
+    n_i / sum(n), so a per-token loss is normalised per token over the whole batch however unevenly the
+    microbatches' loss masks are filled; that metric itself comes back as the whole batch's sum."""
 
     def grads_of(params, frozen, batch):
         def compute(p):
@@ -99,15 +105,27 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, loss_fn: Callabl
         else:
             micro = jax.tree.map(lambda x: x.reshape(accum_steps, x.shape[0] // accum_steps, *x.shape[1:]), batch)
             micro = dict(micro, rng=jax.random.split(key, accum_steps))
-
-            def body(acc, mb):
-                g, m = grads_of(state.params, frozen, mb)
-                return jax.tree.map(jnp.add, acc, (g, m)), None
-
             first = jax.tree.map(lambda x: x[0], micro)
-            zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grads_of, state.params, frozen, first))
-            (grads, metrics), _ = jax.lax.scan(body, zeros, micro)
-            grads, metrics = jax.tree.map(lambda x: x / accum_steps, (grads, metrics))
+            shapes = jax.eval_shape(grads_of, state.params, frozen, first)
+            if weight_by is None:
+                def body(acc, mb):
+                    return jax.tree.map(jnp.add, acc, grads_of(state.params, frozen, mb)), None
+
+                (grads, metrics), _ = jax.lax.scan(body, jax.tree.map(jnp.zeros_like, shapes), micro)
+                grads, metrics = jax.tree.map(lambda x: x / accum_steps, (grads, metrics))
+            else:  # sums of n_i x (gradient, metrics) in fp32, then / sum(n)
+                f32 = lambda t: jax.tree.map(lambda x: x.astype(jnp.float32), t)  # noqa: E731
+
+                def body(acc, mb):
+                    g, m = f32(grads_of(state.params, frozen, mb))
+                    w = m[weight_by]
+                    return jax.tree.map(jnp.add, acc, (jax.tree.map(lambda x: x * w, (g, m)), w)), None
+
+                zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), (shapes, jnp.zeros(())))
+                ((grads, metrics), total), _ = jax.lax.scan(body, zeros, micro)
+                safe = jnp.where(total > 0, total, 1.0)  # no loss tokens anywhere: every weighted term is 0 anyway
+                grads = jax.tree.map(lambda x, s: (x / safe).astype(s.dtype), grads, shapes[0])
+                metrics = dict(jax.tree.map(lambda x: x / safe, metrics), **{weight_by: total})
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = dict(metrics, grad_norm=optax.global_norm(grads))
@@ -261,7 +279,8 @@ def run(cfg: Config, task: Task | None = None) -> dict:
     # --- update step --------------------------------------------------------------------------------------
     host_batch = next(data_iter)
     batch = sharding.host_to_global(host_batch, mesh, rules)
-    step_fn = make_train_step(graphdef, tx, task.loss_fn, cfg.train.grad_accum_steps, cfg.train.seed)
+    step_fn = make_train_step(graphdef, tx, task.loss_fn, cfg.train.grad_accum_steps, cfg.train.seed,
+                              weight_by=task.accum_weight)
     compiled: dict = {}  # batch shapes -> compiled step: one per length bucket (data.length_buckets), else one
 
     def step_for(batch):
