@@ -334,6 +334,11 @@ class MLLMConfig(Section):
     reg_loss: Literal["mse", "mse_position", "cosine"] = objective_field("mse")
     reg_target_pool: Literal["sequence", "grid"] = "sequence"
     add_patch_pos: bool = True  # SEED-X agent `patch_pos_embed` [4, llm width], added to input image tokens
+    # > 0: each input image token is RMS-normalised to this root-mean-square value before it enters the LLM, the
+    # scale of the LLM's own token embeddings (SmolLM2-135M: 0.12). A released LLM's layers were trained on that
+    # scale; the input resampler's raw output is ~15x larger, fills the residual stream at image positions, and
+    # the query tokens cannot read the person from it. 0: as the resampler gives them (SEED-X).
+    image_token_rms: float = 0.0
     # The LM head (vocab x width: a fifth of SmolLM2-135M's step) runs only at the positions carrying loss, at most
     # this fraction of a batch's positions (0: the head runs everywhere). A batch with more loss positions loses the
     # excess from its LM loss and says so (metric lm_tokens_dropped).
@@ -350,6 +355,7 @@ class MLLMConfig(Section):
 
     def check(self, key: str) -> None:
         need(self.identity_dim >= 0, f"'{key}.identity_dim' must be >= 0, got {self.identity_dim}")
+        need(self.image_token_rms >= 0.0, f"'{key}.image_token_rms' must be >= 0, got {self.image_token_rms}")
         need(0 < self.num_image_tokens <= 100,
               f"'{key}.num_image_tokens' must be in 1..100, got {self.num_image_tokens}")
         need(0.0 <= self.lm_head_fraction <= 1.0,

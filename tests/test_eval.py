@@ -509,7 +509,7 @@ def test_embedding_probe_reads_each_versions_last_query_block_against_its_own_an
                                         size=session.image_size)
     pairs = probe_pairs(convs)
     versions = [c for p in pairs for c in p.conversations]
-    pred, target = probe_embeddings._last_blocks(session, versions)
+    pred, target, _ = probe_embeddings._last_blocks(session, versions)
     mllm = nnx.merge(session.graph, session.state).mllm
     for conv, t in zip(versions, target):  # the target is the pooled ViT features of the probe round's answer
         px = preprocess_image(conv.rounds[-1].assistant_image.pixels, session.image_size)

@@ -255,3 +255,19 @@ def test_train_step_compiles_ahead_of_time_sharded_by_batch(model_cfg):
     assert "f32[2,16,2048]" in hlo and "f32[16,16,2048]" not in hlo  # ViT MLP: 2 images x 16 patches
     assert "f32[1,32,2048]" in hlo and "f32[8,32,2048]" not in hlo  # LLM MLP: 1 sequence x 32 tokens
     assert report["compiled"].memory_analysis() is not None
+
+
+def test_image_tokens_enter_at_the_llms_embedding_scale(model_cfg):
+    """model.mllm.image_token_rms: every input image token has that root-mean-square before the patch position is
+    added (a released LLM's layers expect its own embeddings' scale); 0 leaves the resampler's output alone."""
+    feats = jnp.asarray(np.random.default_rng(0).standard_normal((2, 16, model_cfg.input_resampler.kv_dim)) * 7.0,
+                        jnp.float32)
+    cfg = dataclasses.replace(model_cfg, mllm=dataclasses.replace(model_cfg.mllm, image_token_rms=0.13,
+                                                                  add_patch_pos=False))
+    scaled = MLLM(cfg, rngs=nnx.Rngs(0)).image_tokens(feats)
+    np.testing.assert_allclose(np.sqrt(np.mean(np.square(np.asarray(scaled)), axis=-1)), 0.13, rtol=1e-5)
+    raw = MLLM(dataclasses.replace(cfg, mllm=dataclasses.replace(cfg.mllm, image_token_rms=0.0)),
+               rngs=nnx.Rngs(0)).image_tokens(feats)
+    direction = lambda x: np.asarray(x) / np.linalg.norm(np.asarray(x), axis=-1, keepdims=True)  # noqa: E731
+    np.testing.assert_allclose(direction(scaled), direction(raw), atol=1e-5)  # the same tokens, rescaled
+    assert abs(float(np.sqrt(np.mean(np.square(np.asarray(raw))))) - 0.13) > 0.05

@@ -27,12 +27,12 @@ def _pairs(session):
 def test_changing_the_answer_image_does_not_move_the_probe_prediction(tiny_run):
     session = ChatSession.from_checkpoint(tiny_run)
     versions = [c for p in _pairs(session) for c in p.conversations]
-    pred, target = probe_embeddings._last_blocks(session, versions)
+    pred, target, _ = probe_embeddings._last_blocks(session, versions)
     changed = copy.deepcopy(versions)
     for conv in changed:  # another answer: the probe round's image inverted
         image = conv.rounds[-1].assistant_image
         image.pixels = (255 - np.asarray(image.pixels)).astype(np.uint8)
-    pred_changed, target_changed = probe_embeddings._last_blocks(session, changed)
+    pred_changed, target_changed, _ = probe_embeddings._last_blocks(session, changed)
     assert np.abs(target_changed - target).max() > 1e-3  # what the probe is scored against did change
     np.testing.assert_allclose(pred_changed, pred, atol=1e-5, rtol=0)  # what the model predicts did not
     # control: the prediction is not a constant; the probe round's request (before the query block) moves it

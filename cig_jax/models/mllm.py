@@ -156,6 +156,10 @@ class MLLM(nnx.Module):
         lead = features.shape[:-2]
         tokens = self.input_resampler(features.reshape(-1, *features.shape[-2:]))
         tokens = tokens.reshape(*lead, *tokens.shape[1:])  # [..., Q, D_llm]
+        if self.cfg.image_token_rms > 0:  # the LLM's embedding scale (MLLMConfig.image_token_rms)
+            t32 = tokens.astype(jnp.float32)
+            t32 = t32 * jax.lax.rsqrt(jnp.mean(jnp.square(t32), axis=-1, keepdims=True) + 1e-12)
+            tokens = (t32 * self.cfg.image_token_rms).astype(tokens.dtype)
         if self.patch_pos_embed is not None:
             pos = jnp.full((*lead, 2), 0.5, jnp.float32) if positions is None else positions.astype(jnp.float32)
             rel = jnp.concatenate([pos, 1.0 - pos], axis=-1) / 2.0 @ self.patch_pos_embed[...].astype(jnp.float32)
