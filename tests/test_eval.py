@@ -665,3 +665,22 @@ def test_samples_png_captions_draw_names_beyond_ascii_and_wrap_inside_their_cell
     assert len(lines) == 4 and lines[-1].endswith("…")
     assert all(font.getlength(line) <= 150 for line in lines)
     assert " ".join(wrap_to_width("Zoë and Łucja", font, 150, 4)) == "Zoë and Łucja"  # short: whole, untouched
+
+
+def test_names_copied_counts_answers_that_write_every_requested_name_intact():
+    from cig_jax.data.schema import Conversation, Person, Round
+    from cig_jax.eval.metrics import names_copied
+
+    cast = [Person("Zoë"), Person("Łukasz")]
+    truth = Conversation(id="t", people=cast, rounds=[
+        Round(user_text="Draw Zoë and Łukasz in the park.", assistant_text="Here are Zoë and Łukasz."),
+        Round(user_text="Show Łukasz at the beach.", assistant_text="Here is Łukasz."),
+        Round(user_text="Thanks!", assistant_text="You're welcome.")])  # names nobody: not counted
+    answers = ["Here are Zoë and Lukasz in the park.", "Here is Łukasz at the beach.", "Sure."]
+    generated = Conversation(id="t", people=cast, rounds=[Round(user_text=r.user_text, assistant_text=a)
+                                                          for r, a in zip(truth.rounds, answers)])
+    out = names_copied([truth], [generated])
+    assert out["rounds"] == 2 and out["intact"] == 0.5  # "Lukasz" is not "Łukasz"
+    assert out["misses"] == [{"conversation": "t", "round": 0, "names": ["Zoë", "Łukasz"],
+                              "answer": "Here are Zoë and Lukasz in the park."}]
+    assert names_copied([truth], [truth])["intact"] == 1.0

@@ -107,7 +107,7 @@ def test_two_processes_run_a_two_stage_recipe_with_one_distributed_start_each(tm
             *MESH]
     cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(recipe), *[x for o in sets for x in ("--set", o)]]
 
-    single = tmp_path / "single"  # stage workdirs (workdir/demo/stage1, ...) are relative: one cwd per run
+    single = tmp_path / "single"  # stage workdirs (workdir/demo_tiny/stage1, ...) are relative: one cwd per run
     single.mkdir()
     out = subprocess.run(cmd, env=_env(8), cwd=single, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
@@ -132,7 +132,7 @@ def test_two_processes_run_a_two_stage_recipe_with_one_distributed_start_each(tm
     assert "[recipe] drawing" in outs[0] and "[recipe] drawing" not in outs[1]
     assert "[recipe] waiting for process 0" in outs[1]
     for stage in ("stage1", "stage2"):
-        ref = _metrics(single / "workdir" / "demo" / stage)
-        got = _metrics(multi / "workdir" / "demo" / stage)
+        ref = _metrics(single / "workdir" / "demo_tiny" / stage)
+        got = _metrics(multi / "workdir" / "demo_tiny" / stage)
         assert [r["step"] for r in ref] == [r["step"] for r in got] == [1, 2]
         np.testing.assert_allclose([r["loss"] for r in got], [r["loss"] for r in ref], rtol=1e-5, err_msg=stage)

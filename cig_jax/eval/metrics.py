@@ -13,6 +13,7 @@ Owns:
     attributes the classifier reads (the procedural faces are not faces to a face embedder).
   - `multi_round_consistency`: how alike the same named person looks across the generated rounds they
     appear in (identity cosine, and attribute agreement when given a classifier).
+  - `names_copied`: whether each answer writes the names its request named, intact.
   - `evaluate`: all of the above as one JSON-ready report (with, for the recall kind, `eval/recall.py`'s rows by
     distance, length and naming order, rollback agreement and self-consistency), and a CLI over conversation
     folders.
@@ -50,7 +51,7 @@ import numpy as np
 
 from cig_jax import cli
 from cig_jax.data import world
-from cig_jax.data.schema import Conversation, load_conversation
+from cig_jax.data.schema import Conversation, load_conversation, mentioned_names
 from cig_jax.eval.clip_score import clip_t_score, round_clip_t  # noqa: F401 (part of this module's API)
 from cig_jax.eval.identity_score import (BACKEND_NOTES, EmbeddingCache, cosine,  # noqa: F401
                                          drawn_identity_similarity, face_embedding, identity_similarity,
@@ -236,7 +237,31 @@ def evaluate(truth: Sequence[Conversation], generated=None, *, classifier=None, 
         report["consistency"] = multi_round_consistency(truth, generated, embedder, classifier)
     report["clip_t"] = round_clip_t(truth, generated, clip_path)
     report["clip_t"].pop("scores")
+    if generated is not None:
+        report["names"] = names_copied(truth, generated)
     return report
+
+
+def names_copied(truth: Sequence[Conversation], generated: Sequence[Conversation]) -> dict:
+    """Does the answer write the names the user wrote? Over generated rounds whose user text names people of the
+    cast (`Conversation.people`), the fraction whose answer holds every such name intact (as a whole word, the
+    same characters: a name garbled by the tokenizer or the model does not count), and a few misses to read."""
+    n = ok = 0
+    misses = []
+    for t, g in zip(truth, generated):
+        if not isinstance(g, Conversation):  # images only: no answers to read
+            continue
+        cast = [p.name for p in t.people]
+        for r, (tr, gr) in enumerate(zip(t.rounds, g.rounds)):
+            asked = mentioned_names(tr.user_text, cast)
+            if not asked:
+                continue
+            n += 1
+            if set(mentioned_names(gr.assistant_text or "", asked)) == set(asked):
+                ok += 1
+            elif len(misses) < 5:
+                misses.append({"conversation": t.id, "round": r, "names": asked, "answer": gr.assistant_text})
+    return {"rounds": n, "intact": ok / n if n else None, "misses": misses}
 
 
 def json_safe(x):

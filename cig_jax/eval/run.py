@@ -90,8 +90,10 @@ def _round_inputs(conv: Conversation, r: int, view: str, previous: Optional[np.n
 
 
 def generate_rounds(session, convs: Sequence[Conversation], *, view: str = "history", context: str = "truth",
-                    seed: int = 0, on_batch=None, only_last: bool = False, **round_options) -> list:
-    """Per conversation, per round, the generated image (uint8 [H, W, 3], or None): `len(convs)` lists.
+                    seed: int = 0, on_batch=None, only_last: bool = False, texts: Optional[list] = None,
+                    **round_options) -> list:
+    """Per conversation, per round, the generated image (uint8 [H, W, 3], or None): `len(convs)` lists. With
+    `texts` (a list), also the answers' texts, appended per conversation in the same layout.
 
     `session`: a `ChatSession`; its `batch_size` conversations of the same length are generated at once
     (conversations are grouped by length, the order of the result is that of `convs`; a short last batch is
@@ -109,6 +111,7 @@ def generate_rounds(session, convs: Sequence[Conversation], *, view: str = "hist
     for i, c in enumerate(convs):
         by_length.setdefault(len(c.rounds), []).append(i)
     out: list = [None] * len(convs)
+    said: list = [None] * len(convs)
     done = 0
     for n_rounds, members in by_length.items():
         for start in range(0, len(members), b):
@@ -117,6 +120,7 @@ def generate_rounds(session, convs: Sequence[Conversation], *, view: str = "hist
             n_real = len(chunk)
             chunk += [chunk[-1]] * (b - n_real)
             gen = [[None] * n_rounds for _ in chunk]
+            answers = [[None] * n_rounds for _ in chunk]
             session.reset()
             for r in range(n_rounds):
                 if only_last and r < n_rounds - 1:
@@ -139,12 +143,14 @@ def generate_rounds(session, convs: Sequence[Conversation], *, view: str = "hist
                 results = session.round_batch([t for t, _ in inputs], [ims for _, ims in inputs], seeds=seeds,
                                               force_image=True, **round_options)
                 for i, res in enumerate(results):
-                    gen[i][r] = res.image
-            for i, g in zip(idx, gen[:n_real]):
-                out[i] = g
+                    gen[i][r], answers[i][r] = res.image, res.text
+            for i, g, a in zip(idx, gen[:n_real], answers[:n_real]):
+                out[i], said[i] = g, a
             done += n_real
             if on_batch is not None:
                 on_batch(done, len(convs))
+    if texts is not None:
+        texts.extend(said)
     return out
 
 
@@ -323,11 +329,16 @@ def evaluate_checkpoint(checkpoint, data: str = "validation", out=None, *, data_
     session = ChatSession.from_checkpoint(checkpoint, config=cfg, max_len=max_len, batch_size=batch_size,
                                           identity_embedder=False)
     t_gen = time.perf_counter()
+    texts: list = []
     generated = generate_rounds(session, convs, view=view, context=context, seed=seed, num_steps=num_steps,
+                                texts=texts,
                                 on_batch=lambda n, total: say(f"[eval] generated {n}/{total} conversations "
                                                               f"({time.perf_counter() - t_gen:.0f}s)", flush=True))
     t_score = time.perf_counter()
     report = metrics.evaluate(convs, generated, classifier=classifier, embedder=embedder)
+    report["names"] = metrics.names_copied(convs, [
+        dataclasses.replace(c, rounds=[dataclasses.replace(r, assistant_text=a or "") for r, a in zip(c.rounds, t)])
+        for c, t in zip(convs, texts)])
     if probe and view == "history" and any(recall.is_recall(c) for c in convs):
         t_probe = time.perf_counter()
         pairs = recall_data.probe_pairs(convs)
@@ -394,6 +405,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if "recall" in report:
         print(recall.format_recall({args.view: report}))
     print("chance levels per attribute: " + ", ".join(f"{k} {v:.2f}" for k, v in report["attributes"]["chance"].items()))
+    names = report.get("names") or {}
+    if names.get("rounds"):
+        print(f"names copied intact: {names['intact']:.0%} of {names['rounds']} answers to a round that names someone")
     return 0
 
 
