@@ -44,7 +44,7 @@ def save_tiny_checkpoint(workdir, extra=()):
     import numpy as np
     from flax import nnx
 
-    from cig_jax.config import load_config
+    from cig_jax.config_io import load_config
     from cig_jax.sample.session import default_mesh
     from cig_jax.train import stages, trainer
     from cig_jax.train.checkpoint import Checkpointer

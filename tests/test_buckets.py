@@ -138,7 +138,7 @@ def test_a_bucketed_stage3_run_trains_and_compiles_one_step_per_bucket(tmp_path,
     import json
     from pathlib import Path
 
-    from cig_jax.config import load_config
+    from cig_jax.config_io import load_config
     from cig_jax.train import trainer
     from cig_jax.train.stages import build_task
 
@@ -166,7 +166,8 @@ def test_a_bucketed_stage3_run_trains_and_compiles_one_step_per_bucket(tmp_path,
 def test_length_buckets_are_checked_at_load_and_follow_seq_len():
     from pathlib import Path
 
-    from cig_jax.config import ConfigError, load_config
+    from cig_jax.config_base import ConfigError
+    from cig_jax.config_io import load_config
 
     stage3 = Path(__file__).resolve().parents[1] / "configs" / "stage3_multiround.yaml"
     cfg = load_config(stage3)

@@ -7,7 +7,7 @@ from pathlib import Path
 import yaml
 import pytest
 
-from cig_jax.config import load_config
+from cig_jax.config_io import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 

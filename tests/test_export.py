@@ -10,7 +10,7 @@ import pytest
 import torch
 from flax import nnx
 
-from cig_jax.config import load_config
+from cig_jax.config_io import load_config
 from cig_jax.convert import export as export_lib
 from cig_jax.convert import init as init_lib
 from cig_jax.models.llm import merge_lora

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cig_jax.config import load_config
+from cig_jax.config_io import load_config
 from cig_jax.convert import export as export_lib
 from cig_jax.models import layers
 from cig_jax.sample.session import default_mesh

@@ -181,7 +181,8 @@ def splits(seed: int = 0):
 # Training and sampling
 # ----------------------------------------------------------------------------------------------------------
 def make_config():
-    from cig_jax.config import DiffusionConfig, DiTConfig, IDEncoderConfig
+    from cig_jax.config import DiffusionConfig
+    from cig_jax.config_model import DiTConfig, IDEncoderConfig
 
     dit = DiTConfig(num_layers=4, num_heads=4, head_dim=32, in_channels=3, patch_size=SIZE // GRID, sample_size=SIZE,
                     caption_channels=3 + SUB * SUB, cross_attention_dim=128, visual_grid_injection=True,

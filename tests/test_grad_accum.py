@@ -5,7 +5,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from cig_jax.config import LLMConfig
+from cig_jax.config_model import LLMConfig
 from cig_jax.data.lm_smoke import permutation_walk
 from cig_jax.models.llm import LLM
 from cig_jax.train.stages import lm_loss

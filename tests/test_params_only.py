@@ -10,7 +10,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from cig_jax.config import from_dict, Config
+from cig_jax.config import Config
+from cig_jax.config_base import from_dict
 from cig_jax.sample.session import ChatSession, default_mesh
 from cig_jax.train import trainer
 from cig_jax.train.checkpoint import Checkpointer, load_trained, read_config

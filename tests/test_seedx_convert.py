@@ -7,7 +7,7 @@ import pytest
 import torch
 from flax import nnx
 
-from cig_jax.config import LLMConfig, MLLMConfig, ModelConfig, ResamplerConfig, ViTConfig
+from cig_jax.config_model import LLMConfig, MLLMConfig, ModelConfig, ResamplerConfig, ViTConfig
 from cig_jax.convert.checkpoint_io import CheckpointError
 from cig_jax.convert.seedx import (_vit_names, model_params, mllm_from_seedx, ours_to_seedx, seedx_shapes,
                                    seedx_to_ours)

@@ -6,7 +6,8 @@ import pytest
 from flax import nnx
 
 from cig_jax import sharding
-from cig_jax.config import LLMConfig, MeshConfig
+from cig_jax.config import MeshConfig
+from cig_jax.config_model import LLMConfig
 from cig_jax.models.llm import LLM, next_token_loss
 
 CFG = LLMConfig(vocab_size=512, hidden_size=128, intermediate_size=512, num_layers=2, num_heads=4,

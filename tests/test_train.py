@@ -14,7 +14,8 @@ import pytest
 from flax import nnx
 
 from cig_jax import sharding
-from cig_jax.config import MeshConfig, load_config
+from cig_jax.config import MeshConfig
+from cig_jax.config_io import load_config
 from cig_jax.train import trainer
 from cig_jax.train.checkpoint import CheckpointMismatchError
 from cig_jax.train.stages import build_task
@@ -230,7 +231,7 @@ def test_checkpoint_restores_on_other_meshes(tmp_path):
 
 
 def test_overrides_read_numbers_as_yaml_1_1_does_not():
-    from cig_jax.config import ConfigError
+    from cig_jax.config_base import ConfigError
 
     # PyYAML reads '5e-4' (an exponent without a dot) as a string; a float field takes it as the number
     cfg = load_config(SMOKE, ["optimizer.learning_rate=5e-4", "optimizer.b2=0.95"])

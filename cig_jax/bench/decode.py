@@ -41,7 +41,8 @@ def parse(argv=None):
 
 
 def _configs(names):
-    from cig_jax.config import LLMConfig, load_config
+    from cig_jax.config_io import load_config
+    from cig_jax.config_model import LLMConfig
 
     out = {}
     for name in names:

@@ -83,7 +83,7 @@ def make_tx(lr: float, mu_dtype):
 # ----------------------------------------------------------------------------------------------------------
 def run_stage2(name: str, overrides: list, mu_dtype, args, peak, host_batches: dict) -> dict:
     from cig_jax import sharding
-    from cig_jax.config import load_config
+    from cig_jax.config_io import load_config
     from cig_jax.train import trainer
     from cig_jax.train.flops import task_flops
     from cig_jax.train.stages import build_task
@@ -120,7 +120,7 @@ def run_stage2(name: str, overrides: list, mu_dtype, args, peak, host_batches: d
 # DiT
 # ----------------------------------------------------------------------------------------------------------
 def dit_config(args, **fields):
-    from cig_jax.config import DiTConfig
+    from cig_jax.config_model import DiTConfig
 
     if args.tiny:
         size = dict(num_layers=2, num_heads=4, head_dim=16, sample_size=16, caption_channels=32)

@@ -72,7 +72,7 @@ def main(argv=None) -> None:
     import jax
 
     from cig_jax import sharding
-    from cig_jax.config import load_config
+    from cig_jax.config_io import load_config
     from cig_jax.data.chat_template import ChatTemplate, build_tiny_tokenizer
     from cig_jax.models.cig import CIGModel
     from cig_jax.sample.session import ChatSession, default_mesh

@@ -38,7 +38,7 @@ def write_checkpoint(out: str, sizes: dict, layers_per_shard: int = 2) -> None:
     import numpy as np
     from safetensors.numpy import save_file
 
-    from cig_jax.config import LLMConfig
+    from cig_jax.config_model import LLMConfig
     from cig_jax.convert.hf_llm import config_to_hf
 
     cfg = LLMConfig(**sizes)
@@ -81,7 +81,8 @@ def measure(checkpoint: str) -> dict:
     import numpy as np
     from flax import nnx
 
-    from cig_jax.config import Config, InitWeightsConfig, MeshConfig, ModelConfig
+    from cig_jax.config import Config, InitWeightsConfig, MeshConfig
+    from cig_jax.config_model import ModelConfig
     from cig_jax.convert.checkpoint_io import lazy_tensors, read_json
     from cig_jax.convert.hf_llm import config_from_hf
     from cig_jax.convert.init import load_abstract

@@ -47,7 +47,8 @@ def main(argv=None) -> list:
     ap.add_argument("--batches", type=int, default=30, help="timed batches per worker count")
     ap.add_argument("--warmup", type=int, default=3, help="untimed batches first")
     args = ap.parse_args(argv)
-    from cig_jax.config import ConfigError, load_config
+    from cig_jax.config_base import ConfigError
+    from cig_jax.config_io import load_config
 
     try:
         cfg = load_config(args.config, args.overrides)

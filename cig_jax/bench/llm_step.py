@@ -26,7 +26,8 @@ from flax import nnx
 from cig_jax import cli, sharding
 from cig_jax.bench import common
 from cig_jax.bench.common import check_close, perturbation, ratio_line, ratio_stats, time_interleaved
-from cig_jax.config import LLMConfig, MeshConfig, OptimizerConfig
+from cig_jax.config import MeshConfig, OptimizerConfig
+from cig_jax.config_model import LLMConfig
 from cig_jax.convert.hf_llm import config_to_hf, ours_to_hf
 from cig_jax.models.llm import LLM, num_params
 from cig_jax.train.flops import FORMULA, module_flops

@@ -34,7 +34,8 @@ from flax import nnx
 from cig_jax import cli, sharding
 from cig_jax.bench import common
 from cig_jax.bench.common import check_close, perturbation, ratio_line, time_interleaved
-from cig_jax.config import LLMConfig, MeshConfig, OptimizerConfig
+from cig_jax.config import MeshConfig, OptimizerConfig
+from cig_jax.config_model import LLMConfig
 from cig_jax.convert.hf_llm import config_to_hf, hf_to_ours, llm_from_params
 from cig_jax.convert.peft import peft_to_ours
 from cig_jax.models import layers

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from cig_jax.cli import UserError
-from cig_jax.config import DiTConfig, VAEConfig
+from cig_jax.config_model import DiTConfig, VAEConfig
 
 
 class ConversionError(UserError, ValueError):

@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 from flax import nnx
 
-from cig_jax.config import LLMConfig, RopeScalingConfig
+from cig_jax.config_model import LLMConfig, RopeScalingConfig
 from cig_jax.convert.checkpoint_io import (CheckpointError, fill_state, load_tensors, raise_if_mismatched, read_json,
                                            save_tensors, write_json_atomic)
 from cig_jax.models.llm import LLM, merge_lora

@@ -17,7 +17,7 @@ from typing import Optional
 import numpy as np
 from flax import nnx
 
-from cig_jax.config import ViTConfig
+from cig_jax.config_model import ViTConfig
 from cig_jax.convert.checkpoint_io import CheckpointError, fill_state, load_tensors, read_json
 from cig_jax.models.vit import VisionTransformer
 

@@ -25,7 +25,8 @@ import numpy as np
 from flax import nnx
 
 from cig_jax import cli
-from cig_jax.config import Config, ConfigError
+from cig_jax.config import Config
+from cig_jax.config_base import ConfigError
 from cig_jax.convert import gguf as gguf_io
 from cig_jax.convert.checkpoint_io import CheckpointError, raise_if_mismatched, resolve_path
 
@@ -363,7 +364,7 @@ def write_stage0(cfg: Config, out: str | Path, mesh=None, *, say: Callable = pri
 
 
 def main(argv=None) -> Path:
-    from cig_jax.config import load_config
+    from cig_jax.config_io import load_config
 
     ap = cli.parser(cli.prog(module="cig_jax.convert.init"), "Write a stage-0 checkpoint from a config's init_weights.")
     ap.add_argument("--config", required=True, help="a config whose init_weights section names the released weights")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cig_jax.config import LLMConfig
+from cig_jax.config_model import LLMConfig
 from cig_jax.convert.checkpoint_io import CheckpointError, raise_if_mismatched, read_json, write_json_atomic
 from cig_jax.convert.hf_llm import _LAYER_LINEARS
 

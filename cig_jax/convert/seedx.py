@@ -51,7 +51,7 @@ from typing import Optional
 import numpy as np
 from flax import nnx
 
-from cig_jax.config import ModelConfig, ResamplerConfig, ViTConfig
+from cig_jax.config_model import ModelConfig, ResamplerConfig, ViTConfig
 from cig_jax.convert import hf_llm
 from cig_jax.convert.checkpoint_io import CheckpointError, fill_state, load_tensors, raise_if_mismatched
 from cig_jax.models.resampler import sincos_2d

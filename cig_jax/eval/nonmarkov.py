@@ -53,7 +53,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from cig_jax import cli
-from cig_jax.config import Config, load_config
+from cig_jax.config import Config
+from cig_jax.config_io import load_config
 from cig_jax.data import schema
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "bench" / "nonmarkov.yaml"

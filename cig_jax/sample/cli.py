@@ -87,7 +87,8 @@ def _load_chats(path: Path) -> list:
 
 def _config(args):
     """The config to sample with: --config or the checkpoint's own, with --set overrides."""
-    from cig_jax.config import load_config, override_config
+    from cig_jax.config import override_config
+    from cig_jax.config_io import load_config
     from cig_jax.train.trainer import saved_config
 
     if args.config:

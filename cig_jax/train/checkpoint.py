@@ -19,7 +19,8 @@ import orbax.checkpoint as ocp
 
 from cig_jax.cli import UserError
 from cig_jax import fs
-from cig_jax.config import Config, field_paths, to_dict
+from cig_jax.config import Config, field_paths
+from cig_jax.config_base import to_dict
 
 
 class CheckpointMismatchError(UserError, ValueError):

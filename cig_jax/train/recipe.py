@@ -17,7 +17,8 @@ from pathlib import Path
 
 import yaml
 
-from cig_jax.config import ConfigError, apply_override, load_config
+from cig_jax.config_base import apply_override, ConfigError
+from cig_jax.config_io import load_config
 
 _DATA_KEYS = {"dir", "num_train", "num_val", "size", "seed", "kinds"}
 

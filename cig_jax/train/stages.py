@@ -35,7 +35,8 @@ import numpy as np
 from flax import nnx
 
 from cig_jax import fs
-from cig_jax.config import Config, ConfigError
+from cig_jax.config import Config
+from cig_jax.config_base import ConfigError
 from cig_jax.convert import gguf
 from cig_jax.convert.checkpoint_io import resolve_path
 from cig_jax.data.lm_smoke import lm_smoke_dataset

@@ -382,7 +382,7 @@ def restore_state(cfg: Config, mesh, *, step: Optional[int] = None, task: Option
 
 def saved_config(workdir: str | Path, source: str = "train.init_from") -> Config:
     """The config a run wrote into its latest checkpoint."""
-    from cig_jax.config import from_dict
+    from cig_jax.config_base import from_dict
     from cig_jax.train.checkpoint import read_config
 
     return from_dict(Config, read_config(fs.path(workdir) / "checkpoints"), source=f"{source} {workdir}")
@@ -403,7 +403,7 @@ def check_init_from(workdir: str | Path, cfg: Config) -> Config:
 
 
 def to_dict_model(cfg: Config) -> dict:
-    from cig_jax.config import to_dict
+    from cig_jax.config_base import to_dict
 
     return to_dict(cfg)["model"]
 
@@ -411,7 +411,7 @@ def to_dict_model(cfg: Config) -> dict:
 def write_artifacts(cfg: Config, workdir) -> None:
     """Written before step 1: <workdir>/config.yaml (the resolved config; `train.py --config` takes it again) and
     what sampling needs beside the checkpoint: the tokenizer of MLLM stages, under <workdir>/tokenizer."""
-    from cig_jax.config import dump_yaml
+    from cig_jax.config_io import dump_yaml
 
     (workdir / "config.yaml").write_text(dump_yaml(cfg))
     if cfg.train.stage == "lm":
