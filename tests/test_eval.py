@@ -455,7 +455,7 @@ def test_grid_puts_generated_beside_ground_truth():
 def test_eval_cli_writes_metrics_and_grid(tiny_run, classifier, eval_cache, tmp_path, capsys):
     out = tmp_path / "eval"
     folder = tmp_path / "held_out"
-    from cig_jax.data.schema import save_conversation
+    from cig_jax.data.schema_io import save_conversation
 
     convs = name_based(3, seed=EVAL_SEED + 7)
     for c in convs:

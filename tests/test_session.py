@@ -17,6 +17,7 @@ from flax import nnx
 from PIL import Image as PILImage
 
 from cig_jax.data import schema
+from cig_jax.data import schema_io
 from cig_jax.data.chat_template import BOI, IMAGE_QUERY, mllm_special_tokens
 from cig_jax.data.pipeline import preprocess_image
 from cig_jax.sample.session import ChatSession, ContextOverflowError
@@ -309,8 +310,8 @@ def single_run(ckpt, tmp_path_factory):
 def test_sample_cli_writes_images_history_and_transcript(single_run):
     chat, before, out = single_run
     assert chat.read_bytes() == before  # the input is never modified
-    done = schema.load_conversation(out / chat.name)  # validates; every image file is readable
-    original = schema.load_conversation(chat)
+    done = schema_io.load_conversation(out / chat.name)  # validates; every image file is readable
+    original = schema_io.load_conversation(chat)
     assert len(done.rounds) == 3 and not schema.pending_rounds(done)
     assert [r.user_text for r in done.rounds] == [r.user_text for r in original.rounds]
     assert [p.name for p in done.people] == [p.name for p in original.people]
@@ -343,9 +344,9 @@ def test_sample_cli_batches_jsonl_over_the_mesh_like_single_runs(ckpt, single_ru
                          "--devices", "2", "--batch-size", "2", "--no-progress", "--max-new-tokens", "4",
                          "--force-image"])
     assert rc == 0
-    alone = schema.with_pixels(schema.load_conversation(single_out / "two_friends.json"))
-    batched = schema.with_pixels(schema.load_conversation(out / f"{first['id']}.json"))
-    assert schema.load_conversation(out / "two_friends_b.json").rounds[1].user_text == "Show Maya in the snow."
+    alone = schema.with_pixels(schema_io.load_conversation(single_out / "two_friends.json"))
+    batched = schema.with_pixels(schema_io.load_conversation(out / f"{first['id']}.json"))
+    assert schema_io.load_conversation(out / "two_friends_b.json").rounds[1].user_text == "Show Maya in the snow."
     for a, b in zip(alone.rounds, batched.rounds):
         assert a.assistant_text == b.assistant_text
         assert (a.assistant_image is None) == (b.assistant_image is None)
@@ -363,7 +364,7 @@ def test_sample_cli_interactive_saves_after_every_round(ckpt, tmp_path, monkeypa
     printed = capsys.readouterr().out
     assert rc == 0 and printed.count("assistant> ") == 2
     assert printed.count("'/help' shows this") == 2 and "unknown command /bogus" in printed  # answered here
-    chat = schema.load_conversation(out / "chat.json")
+    chat = schema_io.load_conversation(out / "chat.json")
     assert [r.user_text for r in chat.rounds] == ["Draw Maya at the beach.", "This is Maya. Show her in the snow."]
     assert len(chat.rounds[1].user_images) == 1 and all(r.assistant_image is not None for r in chat.rounds)
     assert (out / "transcript.html").is_file()

@@ -11,6 +11,7 @@ from PIL import Image as PILImage
 from PIL import ImageDraw, ImageFilter
 
 from cig_jax.data import schema, video
+from cig_jax.data import schema_io
 from cig_jax.data.video import Frame, build_from_videos, process_clip
 from cig_jax.faces.identity import Face
 
@@ -137,7 +138,7 @@ def test_two_person_clip_becomes_three_rounds_with_the_right_people(built):
     report, visible, out = built
     (res,) = [r for r in report.results if r.clip == "pair.mp4"]
     assert res.kept, res.detail
-    conv = schema.load_conversation(res.path)
+    conv = schema_io.load_conversation(res.path)
     assert (conv.kind, conv.source, len(conv.rounds)) == ("name_based", "video:pair.mp4", 3)
     a_name, b_name = [p.name for p in conv.people]
     assert conv.rounds[0].introduces == [a_name, b_name]
@@ -347,7 +348,7 @@ def test_video_record_carries_each_persons_embedding_close_to_their_photo(built,
     to the other person's."""
     report, _, _ = built
     (res,) = [r for r in report.results if r.clip == "pair.mp4"]
-    conv = schema.load_conversation(res.path)
+    conv = schema_io.load_conversation(res.path)
     photo = np.asarray(_t1())
     faces = dlib_embedder.detect(photo)
 

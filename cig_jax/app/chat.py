@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Optional
 
 from cig_jax.data import messages, schema
+from cig_jax.data import schema_io
 from cig_jax.sample.session import ChatSession, ContextOverflowError
 
 log = logging.getLogger(__name__)
@@ -236,7 +237,7 @@ class AppChat:
         out = self.folder / f"export_{self._n}"
         conv = self.session.history
         conv.kind, conv.source = "chat", "app.py"
-        saved = schema.save_conversation(conv, out / "chat.json")
+        saved = schema_io.save_conversation(conv, out / "chat.json")
         page = write_transcript(out / "transcript.html", [saved], title="Chat")
         archive = out / "chat.zip"
         with zipfile.ZipFile(archive, "w") as z:

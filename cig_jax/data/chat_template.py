@@ -450,7 +450,7 @@ class ChatTemplate:
         'conversation'); 'answer': after the last answer (its image blocks included), before any end. Raises
         schema.SchemaError when a text holds one of the layout's token strings."""
         parts, images = self._parts(conv, add_generation_prompt, end)
-        out = self._tokenize(parts, schema._label(conv) if isinstance(conv, schema.Conversation) else "conversation")
+        out = self._tokenize(parts, schema.conversation_label(conv) if isinstance(conv, schema.Conversation) else "conversation")
         out.images = images
         return out
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from cig_jax.data import schema
+from cig_jax.data import schema_io
 
 
 def open_records(source: str, *, data_dir: str = "", split: str = "train", num: Optional[int] = None,
@@ -85,9 +86,9 @@ def open_files(path: Path) -> list:
             if messages.is_messages(d):
                 conv = messages.conversation_from_messages(d, source=where, base_dir=path.parent, conv_id=f"line{n}")
             else:
-                conv = schema.conversation_from_dict(d, source=where, base_dir=path.parent)
+                conv = schema_io.conversation_from_dict(d, source=where, base_dir=path.parent)
             schema.validate(conv)
-            out.append((conv, schema._safe(conv.id or f"line{n}") + ".json"))
+            out.append((conv, schema_io.safe_name(conv.id or f"line{n}") + ".json"))
         if not out:
             raise schema.SchemaError(f"{path}: no conversations in this file")
         return out

@@ -43,7 +43,8 @@ from PIL import ImageDraw, ImageFont
 
 from cig_jax.data import names as name_pools
 from cig_jax.data import recall
-from cig_jax.data.schema import Conversation, Image, Person, Round, save_conversation
+from cig_jax.data.schema import Conversation, Image, Person, Round
+from cig_jax.data.schema_io import save_conversation
 from cig_jax.data.world import ATTRIBUTES, NAMES, SCENES, has_identity_attributes, person_identity
 
 KINDS: tuple[str, ...] = ("name_based", "single_turn", "rollback", "markov_edit", "recall")  # a build's default

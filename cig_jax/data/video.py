@@ -46,8 +46,8 @@ from PIL import Image as PILImage
 from cig_jax import cli
 from cig_jax.data.captions import (CaptionModelNotFoundError, Captioner, HFCaptioner, Shot,  # noqa: F401
                                    TemplateCaptioner)
-from cig_jax.data.schema import (IDENTITY_BACKENDS, Conversation, Image, Person, PersonIdentity, Round,
-                                 save_conversation, validate)
+from cig_jax.data.schema import Conversation, IDENTITY_BACKENDS, Image, Person, PersonIdentity, Round, validate
+from cig_jax.data.schema_io import save_conversation
 from cig_jax.data.video_decode import Frame, VideoReadError, read_frames  # noqa: F401
 from cig_jax.data.world import NAMES as DEFAULT_NAMES
 

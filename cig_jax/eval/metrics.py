@@ -50,7 +50,8 @@ import numpy as np
 
 from cig_jax import cli
 from cig_jax.data import world
-from cig_jax.data.schema import Conversation, load_conversation
+from cig_jax.data.schema import Conversation
+from cig_jax.data.schema_io import load_conversation
 from cig_jax.eval.clip_score import clip_t_score, round_clip_t  # noqa: F401 (part of this module's API)
 from cig_jax.eval.identity_score import (BACKEND_NOTES, EmbeddingCache, cosine,  # noqa: F401
                                          drawn_identity_similarity, face_embedding, identity_similarity,

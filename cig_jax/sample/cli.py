@@ -33,6 +33,7 @@ import json
 from pathlib import Path
 
 from cig_jax import cli
+from cig_jax.data import schema, schema_io
 
 
 def _args(argv):
@@ -110,9 +111,8 @@ def _round_options(args) -> dict:
 
 def _save_one(out: Path, conv, name: str):
     """Writes one completed conversation into `out`: candidate PNGs, then the images and the JSON (last)."""
-    from cig_jax.data import schema
 
-    stem, png_text = schema._safe(conv.id), {}
+    stem, png_text = schema_io.safe_name(conv.id), {}
     for r, rnd in enumerate(conv.rounds):
         sample = rnd.metadata.get("sample") if isinstance(rnd.metadata, dict) else None
         if not isinstance(sample, dict):
@@ -123,11 +123,11 @@ def _save_one(out: Path, conv, name: str):
                 rel = f"images/{stem}_r{r}_a_c{k}.png"
                 made = {key: v for key, v in dict(sample, seed=cand["seed"], stop=cand["stop"]).items()
                         if key != "candidates"}
-                schema._atomic_write(out / rel, schema.encode_png(im.pixels, {"cig_jax": json.dumps(made)}))
+                schema_io.atomic_write(out / rel, schema.encode_png(im.pixels, {"cig_jax": json.dumps(made)}))
                 cand["image"] = rel
         made = {key: v for key, v in sample.items() if key != "candidates"}
         png_text[f"rounds[{r}].assistant_image"] = {"cig_jax": json.dumps(made)}
-    return schema.save_conversation(conv, out / name, png_text=png_text)
+    return schema_io.save_conversation(conv, out / name, png_text=png_text)
 
 
 def _write(out: Path, done: list) -> list:
@@ -146,17 +146,15 @@ def _write_transcript(out: Path, saved: list) -> None:
 
 def _existing(out: Path, name: str):
     """The complete conversation already saved as out/name, or None (missing, unreadable or pending rounds)."""
-    from cig_jax.data import schema
 
     try:
-        conv = schema.load_conversation(out / name)
+        conv = schema_io.load_conversation(out / name)
     except schema.SchemaError:
         return None
     return None if schema.pending_rounds(conv) else conv
 
 
 def _check_outputs(out: Path, chats: list) -> None:
-    from cig_jax.data import schema
 
     if out.exists() and not out.is_dir():
         raise schema.SchemaError(f"--out {out}: exists and is not a directory")
@@ -174,7 +172,6 @@ def main(argv=None) -> int:
     import jax
 
     from cig_jax import sharding
-    from cig_jax.data import schema
     from cig_jax.sample import complete as C
     from cig_jax.sample import session as S
     from cig_jax.sample.identities import embedder_for_checkpoint
@@ -236,7 +233,6 @@ def _complete_all(first, chats: list, seed: int, args, kept: dict, out: Path) ->
     """Completes every conversation not in `kept` (index -> saved conversation), batching those of the same shape,
     and writes each batch's conversations as soon as they are done (the transcript too, of all so far). Returns
     how many were sampled."""
-    from cig_jax.data import schema
     from cig_jax.sample import complete as C
 
     todo = [k for k in range(len(chats)) if k not in kept]
@@ -277,7 +273,6 @@ def _interactive(session, chat, out: Path, seed: int, args) -> int:
     transcript into `out` after every round."""
     import dataclasses
 
-    from cig_jax.data import schema
     from cig_jax.sample import complete as C
 
     opts = _round_options(args)

@@ -51,7 +51,7 @@ def check_context(template: ChatTemplate, conv: schema.Conversation, max_len: in
     if need > max_len:
         r = pending[0] if pending else len(conv.rounds) - 1
         raise ContextOverflowError(
-            f"{schema._label(conv)}: rounds[{r}]: completing the history needs up to {need} KV-cache slots (with "
+            f"{schema.conversation_label(conv)}: rounds[{r}]: completing the history needs up to {need} KV-cache slots (with "
             f"{max_new_tokens} new tokens and an image a round) but the context holds {max_len}; raise max_len "
             "(sample.py --max-len), lower max_new_tokens, or use overflow 'drop_oldest'")
 
@@ -95,7 +95,7 @@ def complete_conversations(session: ChatSession, convs: Sequence[schema.Conversa
     out = [copy.deepcopy(c) for c in convs]
     for r in pending:
         texts = [c.rounds[r].user_text for c in rows]
-        images = [[session.loaded(im, c, f"{schema._label(c)}: rounds[{r}].user_images[{j}]")
+        images = [[session.loaded(im, c, f"{schema.conversation_label(c)}: rounds[{r}].user_images[{j}]")
                    for j, im in enumerate(c.rounds[r].user_images)] for c in rows]
         seeds = [seed + r + k * CANDIDATE_SEEDS for _ in convs for k in range(n)]
         results = session.round_batch(texts, images, seeds=seeds, **options)

@@ -97,11 +97,11 @@ def _as_image(x, where: str) -> schema.Image:
     """A user image given as uint8 [H, W, 3] or a schema.Image -> a schema.Image carrying its pixels."""
     if isinstance(x, schema.Image):
         if x.pixels is not None:
-            schema._check_pixels(x.pixels, f"{where}.pixels")
+            schema.check_pixels(x.pixels, f"{where}.pixels")
             return x
         return dataclasses.replace(x, pixels=x.load(None, where=where))
     if isinstance(x, np.ndarray):
-        schema._check_pixels(x, where)
+        schema.check_pixels(x, where)
         return schema.Image(pixels=x)
     raise schema.SchemaError(f"{where}: expected a uint8 [H, W, 3] array or a schema.Image, got {type(x).__name__}")
 
@@ -195,7 +195,7 @@ class ChatSession:
             answered = [r for r in conv.rounds if not r.pending]
             rounds = []
             for r, rnd in enumerate(answered):
-                where = f"{schema._label(conv)}: rounds[{r}]"
+                where = f"{schema.conversation_label(conv)}: rounds[{r}]"
                 rounds.append(dataclasses.replace(
                     rnd, metadata=copy.deepcopy(rnd.metadata),
                     user_images=[self.loaded(im, conv, f"{where}.user_images[{j}]")
@@ -265,7 +265,7 @@ class ChatSession:
         # --- the user turn -------------------------------------------------------------------------------
         r_index = len(self.rows[0].conv.rounds)
         for i, row in enumerate(self.rows):
-            where = f"{schema._label(row.conv)}: rounds[{r_index}]"
+            where = f"{schema.conversation_label(row.conv)}: rounds[{r_index}]"
             rnd = schema.Round(user_text=_user_text(texts[i]),
                                user_images=[_as_image(im, f"{where}.user_images[{j}]")
                                             for j, im in enumerate(images[i])],
@@ -371,7 +371,7 @@ class ChatSession:
                 row = self.rows[0]
                 r = len(row.conv.rounds) - 1
                 raise ContextOverflowError(
-                    f"{schema._label(row.conv)}: rounds[{r}]: the {what} needs {need} KV-cache slots (incl. {reserve} for the "
+                    f"{schema.conversation_label(row.conv)}: rounds[{r}]: the {what} needs {need} KV-cache slots (incl. {reserve} for the "
                     f"answer) but the context holds {self.max_len}; raise max_len (sample.py --max-len) or use "
                     "overflow 'drop_oldest'")
             progress = False
@@ -383,12 +383,12 @@ class ChatSession:
                         dropped_now[i].add(k)
                         progress = True
                         log.warning("%s: context full (%d > %d slots): rounds[%d] (text only) left out of the cache",
-                                    schema._label(row.conv), need, self.max_len, k)
+                                    schema.conversation_label(row.conv), need, self.max_len, k)
                         break
             if not progress:
                 row = self.rows[0]
                 raise ContextOverflowError(
-                    f"{schema._label(row.conv)}: rounds[{len(row.conv.rounds) - 1}]: the {what} needs {need} KV-cache slots "
+                    f"{schema.conversation_label(row.conv)}: rounds[{len(row.conv.rounds) - 1}]: the {what} needs {need} KV-cache slots "
                     f"but the context holds {self.max_len}, and no text-only round is left to drop; raise max_len")
             self.cache.clear()  # rebuilt from scratch: no holes left by the dropped rounds
 
@@ -419,7 +419,7 @@ class ChatSession:
         """Remembers the identity of named one-person user images (face references) for later rounds."""
         if self._has_identity:
             row.identities.register(rnd, r, self._identity_dim, self._get_embedder,
-                                    f"{schema._label(row.conv)}: rounds[{r}]")
+                                    f"{schema.conversation_label(row.conv)}: rounds[{r}]")
 
     def _identities(self, results: list, draw: list):
         """Identities [b, P, De], which slots are used [b, P] and their regions [b, P, 4], with a note (and the
@@ -436,7 +436,7 @@ class ChatSession:
             if self._has_identity:
                 out[i], m, boxes[i], record = round_identities(row.conv.rounds[-1], row.identities, self._identity_dim,
                                                                p, self._get_embedder,
-                                                               f"{schema._label(row.conv)}: rounds[{r}]")
+                                                               f"{schema.conversation_label(row.conv)}: rounds[{r}]")
                 on[i] = m > 0
             results[i].identity_used = bool(on[i].any())
             results[i].notes.append(record["identity"])
