@@ -8,7 +8,8 @@ import pytest
 
 from cig_jax.data import schema, synthetic
 from cig_jax.data.chat_template import ChatTemplate, build_tiny_tokenizer
-from cig_jax.data.pipeline import PipelineOptions, SkipCounter, make_dataset
+from cig_jax.data.buckets import make_dataset
+from cig_jax.data.pipeline import PipelineOptions, SkipCounter
 
 from batch_checks import assert_same, take
 

@@ -260,9 +260,9 @@ def pipeline_options(cfg: Config, process_index: int, process_count: int):
 def conversation_dataset(cfg: Config, records: Sequence, process_index: int, process_count: int):
     """MLLM stages' batches of `records` (CONVERSATION_KEYS), this process's share ([batch, seq_len] tokens, or
     [batch, bucket] per batch with data.length_buckets)."""
-    from cig_jax.data import pipeline
+    from cig_jax.data import buckets
 
-    ds = pipeline.make_dataset(records, _template(cfg), pipeline_options(cfg, process_index, process_count))
+    ds = buckets.make_dataset(records, _template(cfg), pipeline_options(cfg, process_index, process_count))
     return ds.map(lambda ex: {k: ex[k] for k in CONVERSATION_KEYS})
 
 
