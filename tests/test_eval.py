@@ -600,7 +600,7 @@ def test_nonmarkov_bench_quick_trains_both_models_and_writes_the_table(classifie
 def test_the_eval_context_holds_the_longest_conversation_whole(tiny_run):
     """Unless told, an evaluation sizes its KV cache to its longest conversation plus the answer's room (the full
     non-Markov benchmark's 8-round chats overflowed a fixed 1024 slots)."""
-    from cig_jax.sample.complete import checkpoint_parts
+    from cig_jax.train.checkpoint import checkpoint_parts
     from cig_jax.sample.session import answer_slots
 
     convs = list(synthetic.generate(12, seed=EVAL_SEED + 11, kinds=("recall",), size=32))

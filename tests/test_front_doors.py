@@ -82,9 +82,9 @@ def _error_cases(ckpt: Path, tmp: Path) -> dict:
         ("cig_jax.eval.run", "bad --set"): (["--checkpoint", str(ckpt), "--out", str(tmp / "e"), *bad], "nosuch"),
         ("cig_jax.convert.export", "missing checkpoint"): (["--checkpoint", gone, "--out", str(tmp / "x")],
                                                            "no_such_run"),
-        ("cig_jax.convert.init", "missing file"): (["--config", str(tmp / "nowhere.yaml"), "--out", str(tmp / "i")],
+        ("cig_jax.train.stage0", "missing file"): (["--config", str(tmp / "nowhere.yaml"), "--out", str(tmp / "i")],
                                                    "nowhere.yaml"),
-        ("cig_jax.convert.init", "bad --set"): (["--config", small, "--out", str(tmp / "i"), *bad], "nosuch"),
+        ("cig_jax.train.stage0", "bad --set"): (["--config", small, "--out", str(tmp / "i"), *bad], "nosuch"),
         ("cig_jax.config_io", "missing file"): ([str(tmp / "nowhere.yaml")], "nowhere.yaml"),
         ("cig_jax.config_io", "bad --set"): ([small, *bad], "nosuch"),
         ("cig_jax.data.tfds_builder", "missing file"): (["--data-dir", str(tmp / "t"), "--source",
@@ -181,7 +181,7 @@ def test_export_on_the_base_install_names_the_extra_before_writing_then_exports_
 
     from cig_jax.sample.session import default_mesh
     from cig_jax.train.checkpoint import load_trained
-    from cig_jax.train.trainer import saved_config
+    from cig_jax.train.checkpoint import saved_config
 
     ckpt = save_tiny_checkpoint(tmp_path / "run", ["model.vit.pool=none", "model.vit.attn_pool=null"])
     out = tmp_path / "export"

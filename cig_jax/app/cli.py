@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     if not Path(args.checkpoint).is_dir():
         return cli.fail(prog, f"--checkpoint {args.checkpoint}: checkpoint directory not found")
     from cig_jax.config import override_config
-    from cig_jax.train.trainer import saved_config
+    from cig_jax.train.checkpoint import saved_config
 
     cfg = override_config(saved_config(args.checkpoint, source="checkpoint"), args.overrides, "--set")
     cli.require("gradio", "app", "the web app")

@@ -4,7 +4,7 @@ COMMAND: python -m cig_jax.bench.decode                 # demo LLM + a 6x512 LLa
          python -m cig_jax.bench.decode --new-tokens 128 --prompt 64 --repeats 5
 Both sides decode greedily from the same random prompt for the same number of tokens (no stop token) with the
 same weights (ours exported as a Hugging Face checkpoint and loaded by transformers, fp32): ours is a prefill
-plus `decode._decode_loop` (the loop `ChatSession.round` runs: one jitted `lax.while_loop` over a KV cache view
+plus `decode.decode_loop` (the loop `ChatSession.round` runs: one jitted `lax.while_loop` over a KV cache view
 cut to the filled part), theirs `model.generate(..., do_sample=False, use_cache=True)` on CPU (the header says
 where ours runs). The generated tokens must be equal or the command exits 1 (`CIG_BENCH_PERTURB=0.1` perturbs
 our first layers' norm: it must exit 1). Prints one row per (model, batch): tokens/s of each (new tokens x batch
@@ -64,7 +64,7 @@ def _ours(model, prompt: np.ndarray, new: int):
 
     from cig_jax.models.llm import KVCache
     from cig_jax.sample.cache import unview, view, view_len
-    from cig_jax.sample.decode import _decode_loop
+    from cig_jax.sample.decode import decode_loop
 
     graph, state = nnx.split(model)  # the GraphDef is hashable (frozen configs): a jit static argument
     b, p = prompt.shape
@@ -85,7 +85,7 @@ def _ours(model, prompt: np.ndarray, new: int):
     def run():
         kv = KVCache.init(model.cfg, b, capacity)
         logits, kv = prefill(graph, state, ids, kv)
-        out, *_ = _decode_loop(graph, "llm", n_view, new, 0.0, 1.0, (), state, kv, logits, seeds, banned,
+        out, *_ = decode_loop(graph, "llm", n_view, new, 0.0, 1.0, (), state, kv, logits, seeds, banned,
                                jnp.int32(-1), jnp.int32(-1))
         return np.asarray(jax.device_get(out))
 

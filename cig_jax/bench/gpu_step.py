@@ -85,6 +85,7 @@ def run_stage2(name: str, overrides: list, mu_dtype, args, peak, host_batches: d
     from cig_jax import sharding
     from cig_jax.config_io import load_config
     from cig_jax.train import trainer
+    from cig_jax.train import state as train_state
     from cig_jax.train.flops import task_flops
     from cig_jax.train.stages import build_task
 
@@ -100,7 +101,7 @@ def run_stage2(name: str, overrides: list, mu_dtype, args, peak, host_batches: d
     model = sharding.create_sharded(task.make_model, mesh, rules)
     graphdef, params, frozen = nnx.split(model, task.trainable, ...)
     tx = make_tx(1e-5, mu_dtype and jnp.dtype(mu_dtype))
-    state, state_sh = trainer.init_state(params, tx, mesh, rules, frozen if jax.tree.leaves(frozen) else None)
+    state, state_sh = train_state.init_state(params, tx, mesh, rules, frozen if jax.tree.leaves(frozen) else None)
     batch = sharding.host_to_global(host_batches[gb], mesh, rules)
     step = trainer.make_train_step(graphdef, tx, task.loss_fn, cfg.train.grad_accum_steps, cfg.train.seed)
     t0 = time.perf_counter()

@@ -88,7 +88,7 @@ def measure(checkpoint: str) -> dict:
     from cig_jax.convert.init import load_abstract
     from cig_jax.models.llm import LLM
     from cig_jax.sharding import make_mesh
-    from cig_jax.train.trainer import sharded_abstract
+    from cig_jax.train.state import sharded_abstract
 
     llm = config_from_hf(read_json(Path(checkpoint) / "config.json"))
     mesh_cfg = MeshConfig(data=1, fsdp=-1, tensor=1)

@@ -136,10 +136,10 @@ def model_card(cfg, stages: list[dict]) -> str:
 
 def vit_config_to_hf(v) -> dict:
     """CLIP / SigLIP config.json for our ViT (raises for a ViT that neither family describes)."""
-    from cig_jax.convert.hf_vit import _ACTS
+    from cig_jax.convert.hf_vit import ACTS
 
     act = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}[v.hidden_act]
-    assert _ACTS[act] == v.hidden_act
+    assert ACTS[act] == v.hidden_act
     common = dict(hidden_size=v.hidden_size, intermediate_size=v.intermediate_size, num_hidden_layers=v.num_layers,
                   num_attention_heads=v.num_heads, num_channels=v.num_channels, image_size=v.image_size,
                   patch_size=v.patch_size, hidden_act=act, layer_norm_eps=v.layer_norm_eps)
@@ -256,7 +256,7 @@ def _save_diffusers(cls_name: str, config: dict, forward, ours: dict, directory:
 
 def export_detokenizer(model, cfg, out: Path, *, vae: bool = True, dit: bool = True) -> list[str]:
     from cig_jax.convert import diffusers as dc
-    from cig_jax.convert.init import DIT_NEW
+    from cig_jax.convert.diffusers import DIT_NEW
     from cig_jax.convert.seedx import model_params
 
     written = []
@@ -264,7 +264,7 @@ def export_detokenizer(model, cfg, out: Path, *, vae: bool = True, dit: bool = T
         vae = model.detokenizer.vae
         abstract = nnx.state(vae, nnx.Param)
         _save_diffusers("AutoencoderKL", vae_config_to_diffusers(cfg.model.vae),
-                        lambda t: dc.map_params(abstract, dc._modernise_vae_keys(t), renames=[(".to_out.", ".to_out.0.")]),
+                        lambda t: dc.map_params(abstract, dc.modernise_vae_keys(t), renames=[(".to_out.", ".to_out.0.")]),
                         _params(vae), out / "vae")
         written.append("vae")
     if not dit:
@@ -325,7 +325,7 @@ def export_agent(model, cfg, out: Path) -> str:
     ours = _params(model.mllm)
     for name in seedx.RESAMPLERS:
         sub = {p[1:]: a for p, a in ours.items() if p[0] == name}
-        t.update(seedx._resampler_out(sub, f"{name}.", getattr(cfg.model, name)))
+        t.update(seedx.resampler_out(sub, f"{name}.", getattr(cfg.model, name)))
     if cfg.model.mllm.add_patch_pos:
         t["patch_pos_embed"] = ours[("patch_pos_embed",)]
     save_tensors({k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in t.items()}, out / "seedx_agent",
@@ -354,7 +354,7 @@ def export(checkpoint: str | Path, out: str | Path, *, step: int | None = None, 
            skip: tuple = ()) -> list[str]:
     """Writes every exportable part of the run under `checkpoint` into `out` (but those in `skip`); returns the
     folders written. A part whose layout needs a missing extra is a `MissingExtra` before anything is written."""
-    from cig_jax.train.trainer import saved_config
+    from cig_jax.train.checkpoint import saved_config
 
     checkpoint, out = Path(checkpoint), Path(out)
     cfg = saved_config(checkpoint, source="--checkpoint")

@@ -235,7 +235,7 @@ def vit_to_ours(t: dict[str, np.ndarray], cfg: ModelConfig, *, source: str = "<t
 # ----------------------------------------------------------------------------------------------------------
 # ours -> SEED-X
 # ----------------------------------------------------------------------------------------------------------
-def _resampler_out(p: dict, prefix: str, rc: ResamplerConfig, post_prefix: Optional[str] = None) -> dict:
+def resampler_out(p: dict, prefix: str, rc: ResamplerConfig, post_prefix: Optional[str] = None) -> dict:
     e = rc.embed_dim
     t = {prefix + "query": p[("query",)], prefix + "pos_embed": np.array(sincos_2d(e, int(round(rc.num_queries ** 0.5)))),
          prefix + "attn.in_proj_weight": np.concatenate([p[("attn", n, "kernel")].T for n in "qkv"]),
@@ -264,7 +264,7 @@ def ours_to_seedx(params: dict[tuple, np.ndarray], cfg: ModelConfig) -> dict[str
 
     t = {"llm." + k: a for k, a in hf_llm.ours_to_hf(sub(("llm",)), cfg.llm).items()}
     for name in RESAMPLERS:
-        t.update(_resampler_out(sub((name,)), f"{name}.", getattr(cfg, name)))
+        t.update(resampler_out(sub((name,)), f"{name}.", getattr(cfg, name)))
     if cfg.mllm.add_patch_pos:
         t["patch_pos_embed"] = np.asarray(params[("patch_pos_embed",)])
     v, vp, vit = cfg.vit, VIT_PREFIX, sub(("vit",))
@@ -282,7 +282,7 @@ def ours_to_seedx(params: dict[tuple, np.ndarray], cfg: ModelConfig) -> dict[str
         t[p + "attn.out_proj.weight"], t[p + "attn.out_proj.bias"] = b("attn", "o", "kernel").T, b("attn", "o", "bias")
         for ours, theirs in (("fc1", "c_fc"), ("fc2", "c_proj")):
             t[f"{p}mlp.{theirs}.weight"], t[f"{p}mlp.{theirs}.bias"] = b("mlp", ours, "kernel").T, b("mlp", ours, "bias")
-    t.update(_resampler_out(sub(("vit", "attn_pool")), vp + "attn_pool.", v.attn_pool, post_prefix=vp))
+    t.update(resampler_out(sub(("vit", "attn_pool")), vp + "attn_pool.", v.attn_pool, post_prefix=vp))
     return {k: np.ascontiguousarray(np.asarray(a, np.float32)) for k, a in t.items()}
 
 
@@ -313,7 +313,7 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     return {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy() for k, v in sd.items()}
 
 
-def _vit_names(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def vit_names(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The ViT's own state dict (no prefix, `transformer.visual.` or `visual.`) under `visual.`."""
     out = {}
     for k, v in tensors.items():
@@ -339,5 +339,5 @@ def mllm_from_seedx(tensors: dict[str, np.ndarray], cfg: ModelConfig, *, source:
 def load_seedx(agent_path: str | Path, vit_path: str | Path, cfg: ModelConfig):
     """Builds our MLLM from the SEED-X agent file and the Qwen-VL ViT file (local paths)."""
     tensors = dict(read_state_dict(agent_path))
-    tensors.update(_vit_names(read_state_dict(vit_path)))
+    tensors.update(vit_names(read_state_dict(vit_path)))
     return mllm_from_seedx(tensors, cfg, source=f"{agent_path} + {vit_path}")

@@ -178,10 +178,10 @@ def ceiling(checkpoint: str, convs: Sequence[schema.Conversation], classifier, n
     features: the most that regression onto those features can give either model."""
     from cig_jax.eval.metrics import evaluate
     from cig_jax.sample.session import default_mesh
-    from cig_jax.train import trainer
+    from cig_jax.train import checkpoint as train_checkpoint
 
-    cfg = trainer.saved_config(checkpoint)
-    model = trainer.load_trained(cfg, mesh=default_mesh(), workdir=checkpoint)
+    cfg = train_checkpoint.saved_config(checkpoint)
+    model = train_checkpoint.load_trained(cfg, mesh=default_mesh(), workdir=checkpoint)
     where = [(i, r) for i, c in enumerate(convs) for r, rnd in enumerate(c.rounds) if rnd.assistant_image is not None]
     drawn = reconstruct(model, cfg, np.stack([convs[i].rounds[r].assistant_image.pixels for i, r in where]),
                         num_steps=num_steps)

@@ -273,7 +273,7 @@ def context_for(checkpoint, convs: Sequence[Conversation], batch_size: int, mult
     session to when not told. The rows of a batch share one write position, so each round takes the longest
     row's tokens; each answer may run to the checkpoint's max_new_tokens (a generated history), and the last
     round keeps its answer's room (`answer_slots`)."""
-    from cig_jax.sample.complete import checkpoint_parts
+    from cig_jax.train.checkpoint import checkpoint_parts
     from cig_jax.sample.session import answer_slots
 
     cfg, template = checkpoint_parts(checkpoint)
@@ -303,7 +303,7 @@ def evaluate_checkpoint(checkpoint, data: str = "validation", out=None, *, data_
     written). `overrides` (`--set KEY=VALUE`) change the checkpoint's config (sampling and diffusion settings)."""
     from cig_jax.config import override_config
     from cig_jax.eval.attributes import load_or_train_classifier
-    from cig_jax.sample.complete import checkpoint_parts
+    from cig_jax.train.checkpoint import checkpoint_parts
     from cig_jax.sample.session import ChatSession
 
     say = print if verbose else (lambda *a, **k: None)
@@ -331,7 +331,8 @@ def evaluate_checkpoint(checkpoint, data: str = "validation", out=None, *, data_
     if probe and view == "history" and any(recall.is_recall(c) for c in convs):
         t_probe = time.perf_counter()
         pairs = recall_data.probe_pairs(convs)
-        report["probe"] = recall.run_probe(session, pairs, classifier, seed=seed, num_steps=num_steps)
+        report["probe"] = recall.run_probe(session, pairs, classifier, generate=generate_rounds, seed=seed,
+                                             num_steps=num_steps)
         report["probe"]["embeddings"] = probe_embeddings.run(session, pairs, batch_size)
         say(f"[eval] counterfactual name probe: {len(convs)} pairs ({time.perf_counter() - t_probe:.0f}s)")
     report["checkpoint"] = str(checkpoint)

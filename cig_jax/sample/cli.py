@@ -90,7 +90,7 @@ def _config(args):
     """The config to sample with: --config or the checkpoint's own, with --set overrides."""
     from cig_jax.config import override_config
     from cig_jax.config_io import load_config
-    from cig_jax.train.trainer import saved_config
+    from cig_jax.train.checkpoint import saved_config
 
     if args.config:
         return load_config(args.config, args.overrides)
@@ -173,6 +173,7 @@ def main(argv=None) -> int:
 
     from cig_jax import sharding
     from cig_jax.sample import complete as C
+    from cig_jax.train import checkpoint as train_checkpoint
     from cig_jax.sample import session as S
     from cig_jax.sample.identities import embedder_for_checkpoint
 
@@ -184,7 +185,7 @@ def main(argv=None) -> int:
         chats = _load_chats(Path(args.chat)) if args.chat else []
         _check_outputs(out, chats)
         cfg = _config(args)
-        _, template = C.checkpoint_parts(args.checkpoint, cfg)
+        _, template = train_checkpoint.checkpoint_parts(args.checkpoint, cfg)
         max_new = args.max_new_tokens if args.max_new_tokens is not None else cfg.sample.max_new_tokens
         if args.overflow == "error":
             for batch in _batches(chats, args.batch_size):

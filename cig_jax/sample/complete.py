@@ -1,41 +1,18 @@
 """Whole conversations through a `ChatSession`: fill the pending rounds of histories, batched by shape.
 
 Owns: `complete_conversation(s)` (what `sample.py`, the app's history import and the evaluation code call),
-`checkpoint_parts` (config + chat template of a run, no weights), `shape_of` (what conversations sharing a batch agree on) and `check_context` (the up-front check that a
+`shape_of` (what conversations sharing a batch agree on) and `check_context` (the up-front check that a
 history's completion fits the cache). Does not own: a round itself (`session.py`), files (`sample.py`).
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
-from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from cig_jax.config import Config
 from cig_jax.data import schema
 from cig_jax.data.chat_template import ChatTemplate
 from cig_jax.sample.session import ChatSession, ContextOverflowError, RoundResult, answer_slots
-
-
-def checkpoint_parts(directory, config: Optional[Config] = None) -> tuple[Config, ChatTemplate]:
-    """(config, chat template) of a training workdir, without loading weights. Raises FileNotFoundError for a
-    missing directory / checkpoint / tokenizer and CheckpointMismatchError when the tokenizer does not fit."""
-    from cig_jax.data.chat_template import load_tokenizer
-    from cig_jax.train.checkpoint import CheckpointMismatchError
-    from cig_jax.train.trainer import saved_config
-
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"{directory}: checkpoint directory not found")
-    cfg = config if config is not None else saved_config(directory, source="checkpoint")
-    if not (directory / "tokenizer").is_dir():
-        raise FileNotFoundError(f"{directory / 'tokenizer'}: no tokenizer saved with this run "
-                                "(MLLM stages save one)")
-    tokenizer = load_tokenizer(directory / "tokenizer")
-    if len(tokenizer) > cfg.model.llm.vocab_size:
-        raise CheckpointMismatchError(f"{directory / 'tokenizer'}: {len(tokenizer)} tokens do not fit "
-                                      f"model.llm.vocab_size {cfg.model.llm.vocab_size}")
-    return cfg, ChatTemplate(tokenizer, cfg.model.mllm.num_image_tokens, cfg.model.mllm.chat_format)
 
 
 def check_context(template: ChatTemplate, conv: schema.Conversation, max_len: int, max_new_tokens: int,
@@ -122,4 +99,4 @@ def shape_of(conv: schema.Conversation) -> tuple:
     return (len(conv.rounds), tuple(schema.pending_rounds(conv)))
 
 
-__all__ = ["checkpoint_parts", "complete_conversation", "complete_conversations", "check_context", "shape_of", "RoundResult"]
+__all__ = ["complete_conversation", "complete_conversations", "check_context", "shape_of", "RoundResult"]

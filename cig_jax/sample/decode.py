@@ -65,7 +65,7 @@ def _feed_text(model, kind: str, ids, valid, kv):
 
 
 @partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6), donate_argnums=(8,))
-def _decode_loop(graph, kind, n_view, max_new, temperature, top_p, marker, state, kv, logits, seeds, banned, eos,
+def decode_loop(graph, kind, n_view, max_new, temperature, top_p, marker, state, kv, logits, seeds, banned, eos,
                  boi):
     """The loop of `decode_text` on device. kv: the whole cache (donated); logits [b, V]; seeds [b].
     Returns (tokens [b, max_new], counts [b], stop codes [b] (index into STOPS), fed [b], logits [b, V], kv)."""
@@ -120,7 +120,7 @@ def decode_text(cache, *, seeds, banned, eos_id: int, boi_id: int, marker: Seque
     if max_new <= 0:
         return [[] for _ in range(cache.batch_size)], ["max_new_tokens"] * cache.batch_size
     n_view = view_len(cache.index + max_new, cache.kv.max_len)
-    out, n, stop, fed, cache.logits, cache.kv = _decode_loop(
+    out, n, stop, fed, cache.logits, cache.kv = decode_loop(
         cache.graph, kind, n_view, int(max_new), float(temperature), float(top_p), tuple(int(t) for t in marker),
         cache.state, dataclasses.replace(cache.kv, index=jnp.asarray(cache.index, jnp.int32)), cache.logits, seeds,
         banned, jnp.int32(eos_id), jnp.int32(boi_id))

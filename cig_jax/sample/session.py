@@ -148,8 +148,7 @@ class ChatSession:
         """A session over a training workdir (`DIR/checkpoints/<step>/`, `DIR/tokenizer/`). `config` overrides the
         config saved in the checkpoint (the model must match it: `CheckpointMismatchError` otherwise). A missing
         directory, checkpoint or tokenizer is a FileNotFoundError."""
-        from cig_jax.sample.complete import checkpoint_parts
-        from cig_jax.train.checkpoint import load_trained
+        from cig_jax.train.checkpoint import checkpoint_parts, load_trained
 
         cfg, template = checkpoint_parts(directory, config)
         mesh = mesh if mesh is not None else default_mesh()
