@@ -12,6 +12,7 @@ import math
 from typing import Literal, Optional
 
 from cig_jax.config_base import Section, adapter_field, execution_field, need, objective_field
+from cig_jax.faces import backends
 
 DType = Literal["float32", "bfloat16", "float16"]
 RematPolicy = Literal["none", "full", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable"]
@@ -206,7 +207,10 @@ class IDEncoderConfig(Section):
     """Perceiver that turns one face embedding (512-d ArcFace or 128-d dlib), optionally with face-crop
     features, into `num_tokens` identity tokens for the DiT."""
 
-    embedding_dim: int = 128  # 512 for insightface ArcFace, 128 for dlib
+    embedding_dim: int = 128  # the backend's width (faces/backends.py): 512 for insightface ArcFace, 128 for dlib
+    # The face backend whose embeddings it takes (a name in faces.backends.BACKENDS, checked against embedding_dim
+    # here rather than by a Literal: the registry is the one list); None: not recorded.
+    backend: Optional[str] = None
     feature_dim: Optional[int] = None  # face-crop feature width (e.g. ViT patch features); None: unused
     num_tokens: int = 16  # K identity tokens out
     num_embedding_tokens: int = 4  # the face embedding is expanded into this many context tokens
@@ -220,6 +224,13 @@ class IDEncoderConfig(Section):
     def check(self, key: str) -> None:
         need(self.width % self.num_heads == 0, f"'{key}.width' must be divisible by '{key}.num_heads'")
         need(self.max_identities >= 1, f"'{key}.max_identities' must be >= 1, got {self.max_identities}")
+        if self.backend is not None:
+            known = backends.BACKENDS.get(self.backend)
+            need(known is not None, f"'{key}.backend' must be one of {', '.join(backends.BACKENDS)} (or null), "
+                                    f"got {self.backend!r}")
+            need(known.dim is None or known.dim == self.embedding_dim,
+                 f"'{key}.backend' {self.backend} gives {known.dim}-d embeddings but '{key}.embedding_dim' is "
+                 f"{self.embedding_dim}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -43,7 +43,7 @@ def classifier(eval_cache):
 
 @pytest.fixture(scope="module")
 def dlib_embedder():
-    from cig_jax.faces.identity import make_identity_embedder
+    from cig_jax.faces.backends import make_identity_embedder
 
     return make_identity_embedder("dlib")
 

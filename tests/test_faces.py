@@ -51,7 +51,7 @@ SCENES = [  # (top colour, bottom colour, band colour)
 @lru_cache(maxsize=1)
 def dlib_parts():
     pytest.importorskip("dlib")
-    from cig_jax.faces.identity import make_identity_embedder
+    from cig_jax.faces.backends import make_identity_embedder
 
     return make_identity_embedder("dlib")
 

@@ -13,6 +13,7 @@ from PIL import ImageDraw, ImageFilter
 from cig_jax.data import schema, video
 from cig_jax.data import schema_io
 from cig_jax.data.video import Frame, build_from_videos, process_clip
+from cig_jax.faces.backends import BACKENDS
 from cig_jax.faces.identity import Face
 
 FPS = 10  # rendered clip
@@ -116,7 +117,7 @@ def render_clip(path: Path, schedule, frames: int) -> list:
 @pytest.fixture(scope="module")
 def dlib_embedder():
     pytest.importorskip("dlib")
-    from cig_jax.faces.identity import make_identity_embedder
+    from cig_jax.faces.backends import make_identity_embedder
 
     return make_identity_embedder("dlib")
 
@@ -162,8 +163,8 @@ def test_two_person_clip_becomes_three_rounds_with_the_right_people(built):
         assert on[0] / FPS - 0.3 <= stats["first_s"] <= on[0] / FPS + 0.3
         assert on[-1] / FPS - 0.3 <= stats["last_s"] <= on[-1] / FPS + 0.3
         assert stats["detections"] >= 0.8 * len(on) * SAMPLE_FPS / FPS
-        assert stats["min_similarity_to_mean"] > video.IDENTITY_THRESHOLDS["dlib"]
-    assert conv.metadata["identity_similarity"] < video.IDENTITY_THRESHOLDS["dlib"]
+        assert stats["min_similarity_to_mean"] > BACKENDS["dlib"].same_person
+    assert conv.metadata["identity_similarity"] < BACKENDS["dlib"].same_person
 
 
 def test_single_person_and_broken_clips_are_dropped_with_reasons(built):

@@ -42,6 +42,7 @@ import numpy as np
 from PIL import Image as PILImage
 
 from cig_jax.cli import UserError
+from cig_jax.faces import backends
 
 SCHEMA_VERSION = 1
 # Kinds in use (`kind` is free text; these are the ones this codebase makes). "chat": a user-written history.
@@ -49,10 +50,6 @@ KNOWN_KINDS = ("chat", "name_based", "single_turn", "rollback", "markov_edit", "
 IMAGE_PLACEHOLDER = "<image>"
 # PIL modes we read (converted to 8-bit RGB). Anything else (CMYK, 16-bit, float) is refused.
 SUPPORTED_MODES = ("RGB", "RGBA", "L", "LA", "P", "1")
-# Who may have made a person's identity embedding, with the length it must have (None: any length).
-# insightface: ArcFace (buffalo_l w600k_r50, antelopev2 glintr100); dlib: its ResNet; synthetic: the drawn
-# people's attribute code (`cig_jax.data.world.identity_code`), zero-padded to the model's width when read.
-IDENTITY_BACKENDS = {"insightface": 512, "dlib": 128, "synthetic": None}
 
 
 class SchemaError(UserError, ValueError):
@@ -64,7 +61,7 @@ class SchemaError(UserError, ValueError):
 # ----------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class PersonIdentity:
-    """A face-identity embedding and the backend that made it (a key of IDENTITY_BACKENDS). The values are
+    """A face-identity embedding and the backend that made it (a name in `faces.backends.BACKENDS`). The values are
     a tuple of floats (so people compare by value); `vector()` gives them as float32 [D]."""
 
     backend: str
@@ -94,12 +91,12 @@ class PersonIdentity:
 def identity_problem(backend, embedding, where: str) -> Optional[str]:
     """What is wrong with an identity (backend, embedding values), or None: the one check behind JSON reading
     and `validate`."""
-    if backend not in IDENTITY_BACKENDS:
-        return f"{where}.backend: expected one of {', '.join(IDENTITY_BACKENDS)}, got {backend!r}"
+    if backend not in backends.BACKENDS:
+        return f"{where}.backend: expected one of {', '.join(backends.BACKENDS)}, got {backend!r}"
     emb = list(embedding) if isinstance(embedding, (list, tuple)) else None
     if not emb or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in emb):
         return f"{where}.embedding: expected a non-empty list of finite numbers"
-    want = IDENTITY_BACKENDS[backend]
+    want = backends.BACKENDS[backend].dim
     if want is not None and len(emb) != want:
         return f"{where}.embedding: a {backend} embedding has {want} values, got {len(emb)}"
     return None

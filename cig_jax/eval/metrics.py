@@ -53,10 +53,11 @@ from cig_jax.data import world
 from cig_jax.data.schema import Conversation
 from cig_jax.data.schema_io import load_conversation
 from cig_jax.eval.clip_score import clip_t_score, round_clip_t  # noqa: F401 (part of this module's API)
-from cig_jax.eval.identity_score import (BACKEND_NOTES, EmbeddingCache, cosine,  # noqa: F401
+from cig_jax.eval.identity_score import (EmbeddingCache, cosine,  # noqa: F401
                                          drawn_identity_similarity, face_embedding, identity_similarity,
                                          round_identity_similarity)
 from cig_jax.eval.rounds import aligned, appearances, generated_images, intro_rounds, scale_box  # noqa: F401
+from cig_jax.faces import backends
 
 GROUPS = ("text", "image_only", "all")
 def chance_levels(attributes: Optional[dict] = None) -> dict:
@@ -203,7 +204,7 @@ def multi_round_consistency(truth: Sequence[Conversation], generated, embedder=N
         ok = [v for v in id_values if v is not None]
         out["identity"] = {"mean": float(np.mean(ok)) if ok else None, "n": len(ok), "pairs": len(id_values),
                            "detect_failures": failures, "appearances": n_appearances, "backend": embedder.name,
-                           "note": BACKEND_NOTES.get(embedder.name, "")}
+                           "note": backends.note(embedder.name)}
     if classifier is not None:
         out["attributes"] = {"agreement": agree / agree_n if agree_n else None, "n": agree_n}
     return out
@@ -261,7 +262,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--out", help="write the report here (JSON); it is printed either way")
     ap.add_argument("--cache", default="/tmp/cig_eval", help="where the attribute classifier is cached")
     ap.add_argument("--clip", help="local CLIP checkpoint folder for CLIP-T (skipped without one)")
-    ap.add_argument("--identity", default="auto", choices=("auto", "dlib", "insightface", "none"),
+    ap.add_argument("--identity", default="auto", choices=backends.choices(none=True),
                     help="face embedder for identity similarity (the 'face' extra)")
     args = ap.parse_args(argv)
     from cig_jax.eval.attributes import load_or_train_classifier
@@ -280,9 +281,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         generated = [by_id[c.id] for c in truth]
     embedder = None
     if args.identity != "none":
-        from cig_jax.faces.identity import make_identity_embedder
-
-        embedder = make_identity_embedder(args.identity)
+        embedder = backends.make_identity_embedder(args.identity)
     classifier = load_or_train_classifier(args.cache, verbose=True)
     report = json_safe(evaluate(truth, generated, classifier=classifier, embedder=embedder, clip_path=args.clip))
     text = json.dumps(report, indent=1)

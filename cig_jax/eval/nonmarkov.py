@@ -56,6 +56,7 @@ from cig_jax import cli
 from cig_jax.config import Config
 from cig_jax.config_io import load_config
 from cig_jax.data import schema
+from cig_jax.faces import backends
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "bench" / "nonmarkov.yaml"
 STAGE1_CONFIG = CONFIG.with_name("nonmarkov_stage1.yaml")
@@ -325,7 +326,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--init", help="reuse this stage-1 (or later) checkpoint instead of training a detokenizer")
     ap.add_argument("--num-eval", type=int, help="held-out conversations (default: 48, --quick 4)")
     ap.add_argument("--cache", default="/tmp/cig_eval", help="where the attribute classifier is cached")
-    ap.add_argument("--identity", default="dlib", choices=("auto", "dlib", "insightface", "none"),
+    ap.add_argument("--identity", default="dlib", choices=backends.choices(none=True),
                     help="face embedder for identity similarity (the 'face' extra)")
     cli.add_overrides(ap, "override of configs/bench/nonmarkov.yaml for both MLLM runs (e.g. train.steps=3000); "
                           "data.*, model.* and diffusion.* entries also apply to the adaptation runs")

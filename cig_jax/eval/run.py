@@ -43,6 +43,7 @@ from cig_jax.data import recall as recall_data
 from cig_jax.data import schema, sources
 from cig_jax.eval import metrics, probe_embeddings, recall
 from cig_jax.data.schema import Conversation
+from cig_jax.faces import backends
 
 VIEWS = ("history", "markov")
 CONTEXTS = ("truth", "generated")
@@ -256,16 +257,14 @@ def make_embedder(identity: str):
     failures are counted in the report."""
     if identity == "none":
         return None
-    import importlib.util
-
-    if identity == "auto" and not any(importlib.util.find_spec(m) for m in ("dlib", "insightface")):
+    if identity == "auto" and not any(backends.installed(b) for b in backends.embedders()):
         print("[eval] identity similarity not computed: no face backend installed (pip install -e '.[face]')",
               flush=True)
         return None
-    cli.require("dlib" if identity in ("auto", "dlib") else "insightface", "face", f"--identity {identity}")
-    from cig_jax.faces.identity import make_identity_embedder
-
-    return make_identity_embedder(identity)
+    need = backends.BACKENDS[backends.embedders()[-1] if identity == "auto" else identity]  # auto falls back last
+    if need.module:
+        cli.require(need.module, need.extra, f"--identity {identity}")
+    return backends.make_identity_embedder(identity)
 
 
 def context_for(checkpoint, convs: Sequence[Conversation], batch_size: int, multiple: int = 256) -> int:
@@ -381,7 +380,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--cache", default="/tmp/cig_eval",
                     help="where the attribute classifier is cached (trained once on synthetic images, a few "
                          "minutes on CPU, the first time)")
-    ap.add_argument("--identity", default="auto", choices=("auto", "dlib", "insightface", "none"),
+    ap.add_argument("--identity", default="auto", choices=backends.choices(none=True),
                     help="face embedder for identity similarity (auto: dlib when the 'face' extra is installed, "
                          "else skipped)")
     args = ap.parse_args(argv)

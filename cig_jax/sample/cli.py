@@ -34,6 +34,7 @@ from pathlib import Path
 
 from cig_jax import cli
 from cig_jax.data import schema, schema_io
+from cig_jax.faces import backends
 
 
 def _args(argv):
@@ -66,7 +67,7 @@ def _args(argv):
     ap.add_argument("--batch-size", type=int, default=8, help="conversations sampled together")
     ap.add_argument("--devices", type=int, help="devices of the mesh (default: all)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
-    ap.add_argument("--identity-backend", choices=("auto", "insightface", "dlib", "none"), default="auto",
+    ap.add_argument("--identity-backend", choices=backends.choices(none=True), default="auto",
                     help="face embedder for photos without a recorded identity (auto: insightface if its pack is "
                          "found, else dlib); its width must be the checkpoint's")
     ap.add_argument("--face-model-root", help="folder holding models/<pack>/*.onnx (default: ~/.insightface)")

@@ -405,7 +405,7 @@ class ChatSession:
             return None
         if self._embedder is None:
             try:
-                from cig_jax.faces.identity import make_identity_embedder
+                from cig_jax.faces.backends import make_identity_embedder
 
                 self._embedder = make_identity_embedder("auto")
             except Exception as e:  # noqa: BLE001 - no weights / no backend: only recorded identities
