@@ -139,7 +139,7 @@ def test_cached_round_equals_full_recompute(session):
     drawn = 0
     for r, (text, images, force) in enumerate(spec):
         before = session.history
-        res = session.round(text, images, seed=r, force_image=force, max_new_tokens=5)
+        res = session.round(text, images, seed=r, options=session.options(force_image=force, max_new_tokens=5))
         if ref.check(res, before, text, images, 5, force, f"round {r}") is not None:
             assert res.image.dtype == np.uint8 and res.image.shape == (32, 32, 3)
             drawn += 1
@@ -196,7 +196,7 @@ def test_a_round_encodes_only_its_new_tokens(session, monkeypatch):
     for r, (text, images, force, max_new) in enumerate(spec):
         before, history = list(session.cache.tokens[0]), session.history
         seen.update(text=[], fed=0, vit=0, decoded=[])
-        res = session.round(text, images, seed=r, force_image=force, max_new_tokens=max_new)
+        res = session.round(text, images, seed=r, options=session.options(force_image=force, max_new_tokens=max_new))
         after = session.cache.tokens[0]
         # the rounds up to the last one answered with an image (its image block is special tokens, which split
         # the text: later text is tokenized on its own); a text-only answer's end may still merge with the next
@@ -225,21 +225,21 @@ def test_drawn_image_is_seen_by_later_rounds(session):
     """Round 1's drawing goes back into the cache: replaying the same history gives the same round 3, and
     changing only round 1's image changes round 3, which names the person drawn there."""
     session.reset()
-    session.round("Draw Julian in the park.", seed=1, force_image=True)
+    session.round("Draw Julian in the park.", seed=1, options=session.options(force_image=True))
     session.round("Who wears a hat?", seed=2)
-    third = session.round("Now show Julian from the first picture at the beach.", seed=3, force_image=True)
+    third = session.round("Now show Julian from the first picture at the beach.", seed=3, options=session.options(force_image=True))
     history = session.history
 
     other = session.with_batch_size(1)
     other.replay(dataclasses.replace(history, rounds=history.rounds[:2]))
-    again = other.round("Now show Julian from the first picture at the beach.", seed=3, force_image=True)
+    again = other.round("Now show Julian from the first picture at the beach.", seed=3, options=other.options(force_image=True))
     np.testing.assert_allclose(again.visual_embeddings, third.visual_embeddings, atol=1e-5)
     assert again.tokens == third.tokens
 
     changed = copy.deepcopy(history)
     changed.rounds[0].assistant_image = schema.Image(pixels=255 - history.rounds[0].assistant_image.pixels)
     other.replay(dataclasses.replace(changed, rounds=changed.rounds[:2]))
-    moved = other.round("Now show Julian from the first picture at the beach.", seed=3, force_image=True)
+    moved = other.round("Now show Julian from the first picture at the beach.", seed=3, options=other.options(force_image=True))
     assert np.abs(moved.visual_embeddings - third.visual_embeddings).max() > 1e-3
     other.flush()
     enc = other.template.encode(other.history, add_generation_prompt=False)
@@ -272,13 +272,13 @@ def test_overflow_is_an_error_or_drops_oldest_text_rounds_explicitly(session, ca
     strict = _sibling(session)
     strict.replay(history)
     with pytest.raises(ContextOverflowError, match=r"long.*rounds\[3\].*KV-cache slots.*drop_oldest"):
-        strict.round(prompt.user_text, seed=3, max_new_tokens=max_new)
+        strict.round(prompt.user_text, seed=3, options=strict.options(max_new_tokens=max_new))
     assert len(strict.history.rounds) == 3  # a failed round leaves the history as it was
 
     dropping = _sibling(session, overflow="drop_oldest")
     dropping.replay(history)
     with caplog.at_level("WARNING"):
-        res = dropping.round(prompt.user_text, seed=3, max_new_tokens=max_new)
+        res = dropping.round(prompt.user_text, seed=3, options=dropping.options(max_new_tokens=max_new))
     assert res.dropped_rounds == [0] and "rounds[0] (text only) left out of the cache" in caplog.text
     assert dropping.history.rounds[-1].metadata["sample"]["dropped_rounds"] == [0]
     assert len(dropping.history.rounds) == 4  # the history itself keeps every round

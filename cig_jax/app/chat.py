@@ -127,7 +127,9 @@ class AppChat:
                 return self._notice("Type a message or attach an image.")
             params = dict(seed=int(seed), visual_scale=visual_scale, identity_scale=identity_scale,
                           num_steps=None if not num_steps else int(num_steps), force_image=bool(force_image))
-            result = self.session.round(text, images, **params)
+            options = self.session.options(visual_scale=visual_scale, identity_scale=identity_scale,
+                                           num_steps=params["num_steps"], force_image=bool(force_image))
+            result = self.session.round(text, images, seed=int(seed), options=options)
         except (schema.SchemaError, ContextOverflowError) as e:
             return self._notice(str(e))
         except Exception as e:  # noqa: BLE001 - the page shows a message; the session stays usable

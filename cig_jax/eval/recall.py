@@ -164,12 +164,12 @@ def probe_score(pairs: Sequence[ProbePair], drawn: Sequence[tuple]) -> dict:
 
 
 def run_probe(session, pairs: Sequence[ProbePair], classifier, *, generate: Callable, seed: int = 0,
-              **round_options) -> dict:
+              options=None) -> dict:
     """Generates the last round of both versions of every pair (ground-truth history), reads the drawn person
     with `classifier` and scores them (`probe_score`). `generate`: the generation protocol
     (`cig_jax.eval.run.generate_rounds`, which calls this)."""
     convs = [c for p in pairs for c in p.conversations]
-    images = generate(session, convs, view="history", context="truth", seed=seed, only_last=True, **round_options)
+    images = generate(session, convs, view="history", context="truth", seed=seed, only_last=True, options=options)
     last = [g[-1] for g in images]
     preds = classifier.predict(last, [None] * len(last)) if last else []
     report = probe_score(pairs, [(preds[2 * i], preds[2 * i + 1]) for i in range(len(pairs))])

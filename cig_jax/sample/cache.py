@@ -222,11 +222,6 @@ class RowCache:
                 visual = vis if visual is None else jnp.where(has[:, None, None], vis, visual)
         return visual
 
-    def step(self, chosen: np.ndarray, feed: np.ndarray) -> None:
-        """One decoding step from the host: text token chosen[i] goes into row i where feed[i]; `logits` then
-        follow them (`decode.decode_text` runs the whole loop on device instead)."""
-        self._append([[(int(t), TEXT, None)] if f else [] for t, f in zip(chosen, feed)], False, length=1)
-
     def record_fed(self, fed: list) -> None:
         """Host mirror of a device decode loop that fed text tokens fed[i] into row i, one a step from `index`
         (all rows together: the shared offset advances by the longest)."""

@@ -35,6 +35,7 @@ from pathlib import Path
 from cig_jax import cli
 from cig_jax.data import schema, schema_io
 from cig_jax.faces import backends
+from cig_jax.sample.options import RoundOptions, round_seed
 
 
 def _args(argv):
@@ -101,13 +102,11 @@ def _config(args):
                            f"checkpoint {args.checkpoint} + --set")
 
 
-def _round_options(args) -> dict:
-    opts = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                num_steps=args.num_steps, visual_scale=args.visual_scale, identity_scale=args.identity_scale)
-    opts = {k: v for k, v in opts.items() if v is not None}
-    if args.force_image:
-        opts["force_image"] = True
-    return opts
+def _round_options(args, cfg) -> RoundOptions:
+    """The flags' sampling knobs over the config's: resolved once, passed whole."""
+    return RoundOptions.resolve(cfg, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                top_p=args.top_p, num_steps=args.num_steps, visual_scale=args.visual_scale,
+                                identity_scale=args.identity_scale, force_image=args.force_image)
 
 
 def _save_one(out: Path, conv, name: str):
@@ -187,11 +186,11 @@ def main(argv=None) -> int:
         _check_outputs(out, chats)
         cfg = _config(args)
         _, template = train_checkpoint.checkpoint_parts(args.checkpoint, cfg)
-        max_new = args.max_new_tokens if args.max_new_tokens is not None else cfg.sample.max_new_tokens
+        options = _round_options(args, cfg)
         if args.overflow == "error":
             for batch in _batches(chats, args.batch_size):
                 for k in batch:
-                    C.check_context(template, chats[k][0], args.max_len, max_new,
+                    C.check_context(template, chats[k][0], args.max_len, options.max_new_tokens,
                                     batch_size=len(batch) * args.num_images)
         embedder = False
         if cfg.model.dit.identity_injection != "none":
@@ -204,7 +203,7 @@ def main(argv=None) -> int:
         # --- sampling: each conversation is written as soon as it is complete -----------------------------------
         seed = args.seed if args.seed is not None else cfg.sample.seed
         if args.interactive:
-            return _interactive(session, chats[0] if chats else None, out, seed, args)
+            return _interactive(session, chats[0] if chats else None, out, seed, options)
         kept = {}
         if args.skip_existing:
             kept = {k: conv for k, (_, name) in enumerate(chats) if (conv := _existing(out, name)) is not None}
@@ -212,7 +211,7 @@ def main(argv=None) -> int:
         if again:
             print(f"{prog}: {out} already holds {', '.join(again[:3])}{' ...' if len(again) > 3 else ''}: "
                   f"overwriting {len(again)} conversation(s) (--skip-existing keeps the complete ones)", flush=True)
-        sampled = _complete_all(session, chats, seed, args, kept, out)
+        sampled = _complete_all(session, chats, seed, args, kept, out, options)
     except user_errors as e:
         return cli.fail(prog, str(e))
     skipped = f" (kept {len(kept)} already complete)" if kept else ""
@@ -231,7 +230,7 @@ def _batches(chats: list, batch_size: int) -> list:
     return [members[i:i + size] for members in groups.values() for i in range(0, len(members), size)]
 
 
-def _complete_all(first, chats: list, seed: int, args, kept: dict, out: Path) -> int:
+def _complete_all(first, chats: list, seed: int, args, kept: dict, out: Path, options: RoundOptions) -> int:
     """Completes every conversation not in `kept` (index -> saved conversation), batching those of the same shape,
     and writes each batch's conversations as soon as they are done (the transcript too, of all so far). Returns
     how many were sampled."""
@@ -246,7 +245,6 @@ def _complete_all(first, chats: list, seed: int, args, kept: dict, out: Path) ->
         bar = tqdm(total=total, desc="rounds", unit="round")
     saved: dict = dict(kept)
     sessions = {1: first}
-    opts = _round_options(args)
     n = args.num_images
     for batch in _batches([chats[k] for k in todo], args.batch_size):
         batch = [todo[i] for i in batch]
@@ -255,7 +253,7 @@ def _complete_all(first, chats: list, seed: int, args, kept: dict, out: Path) ->
             sessions[b] = first.with_batch_size(b)
         convs = [chats[k][0] for k in batch]
         tick = (lambda r, res: bar.update(len(res))) if bar is not None else None
-        done = C.complete_conversations(sessions[b], convs, seed=seed, on_round=tick, num_images=n, **opts)
+        done = C.complete_conversations(sessions[b], convs, seed=seed, on_round=tick, num_images=n, options=options)
         for k, conv in zip(batch, done):
             saved[k] = _save_one(out, conv, chats[k][1])
         _write_transcript(out, [saved[k] for k in sorted(saved)])
@@ -270,17 +268,16 @@ INTERACTIVE_HELP = ("Type a message and press Enter; commands (never sent to the
                     "image to the next message, '/help' shows this, '/quit' ends (so does Ctrl-D).")
 
 
-def _interactive(session, chat, out: Path, seed: int, args) -> int:
+def _interactive(session, chat, out: Path, seed: int, options: RoundOptions) -> int:
     """A terminal chat, starting from `chat` ((conversation, name) or None). Saves the history, images and
     transcript into `out` after every round."""
     import dataclasses
 
     from cig_jax.sample import complete as C
 
-    opts = _round_options(args)
     if chat is not None:
         conv, name = chat
-        conv = C.complete_conversation(session, conv, seed=seed, **opts)
+        conv = C.complete_conversation(session, conv, seed=seed, options=options)
         _write(out, [(conv, name)])
         for r, rnd in enumerate(conv.rounds):
             print(f"[{r + 1}] you> {rnd.user_text}\n[{r + 1}] assistant> {rnd.assistant_text or ''}")
@@ -312,7 +309,7 @@ def _interactive(session, chat, out: Path, seed: int, args) -> int:
             continue
         if not cmd and not attached:
             continue
-        result = session.round(line, attached, seed=seed + len(conv.rounds), **opts)
+        result = session.round(line, attached, seed=round_seed(seed, len(conv.rounds)), options=options)
         attached = []
         done = session.history.rounds[-1]  # user images keep their paths: saving copies the files
         conv.rounds.append(dataclasses.replace(

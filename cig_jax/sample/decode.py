@@ -22,6 +22,7 @@ from flax import nnx
 
 from cig_jax.data.chat_template import TEXT
 from cig_jax.sample.cache import unview, view, view_len
+from cig_jax.sample.options import RoundOptions
 
 
 def choose_next(logits: jax.Array, key: jax.Array, temperature: float = 0.0, top_p: float = 1.0) -> jax.Array:
@@ -112,11 +113,12 @@ def decode_loop(graph, kind, n_view, max_new, temperature, top_p, marker, state,
     return out, n, stop, fed, logits, unview(kv, part)
 
 
-def decode_text(cache, *, seeds, banned, eos_id: int, boi_id: int, marker: Sequence[int], max_new: int,
-                temperature: float, top_p: float, kind: str = "mllm") -> tuple[list, list]:
+def decode_text(cache, *, seeds, banned, eos_id: int, boi_id: int, marker: Sequence[int], options: RoundOptions,
+                kind: str = "mllm") -> tuple[list, list]:
     """Decodes every row of `cache` (a `cache.RowCache` whose `logits` follow the prompt) on device. seeds [b]
-    (on the mesh), banned [V] bool. Returns (per row the chosen text ids, stop token excluded; per row the stop
+    (on the mesh), banned [V] bool; options: the round's (max_new_tokens, temperature, top_p). Returns (per row the chosen text ids, stop token excluded; per row the stop
     reason, one of STOPS). The fed tokens join the cache and its host mirror; `cache.logits` follow them."""
+    max_new, temperature, top_p = options.max_new_tokens, options.temperature, options.top_p
     if max_new <= 0:
         return [[] for _ in range(cache.batch_size)], ["max_new_tokens"] * cache.batch_size
     n_view = view_len(cache.index + max_new, cache.kv.max_len)

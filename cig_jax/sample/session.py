@@ -11,7 +11,8 @@ conversations of one shape over the mesh.
 Does not own: keeping cache rows in step with token lists and the jitted model calls on them (`cache.py`), the
 token layout (`cig_jax/data/chat_template.py`), the models (`cig_jax/models/`), the diffusion samplers
 (`diffusion.py`), the text decoding loop (`decode.py`), the detokenizer call (`draw.py`), whole conversations
-(`complete.py`), files and the transcript (`sample.py`, `transcript.py`).
+(`complete.py`), the round's options and the seed rule (`options.py`), files and the transcript (`sample.py`,
+`transcript.py`).
 
 How the cache stays right. Each row of the cache (`cache.RowCache`) mirrors, token for token, the chat
 template's encoding of its history (`encode(..., end="round")`: without llama2's final `</s>`, which a round never
@@ -49,6 +50,7 @@ from cig_jax.sample.cache import RowCache
 from cig_jax.sample.decode import decode_text
 from cig_jax.sample.draw import detokenize, diffusion_bar
 from cig_jax.sample.identities import FaceReferences, round_identities
+from cig_jax.sample.options import RoundOptions
 
 log = logging.getLogger(__name__)
 
@@ -211,26 +213,22 @@ class ChatSession:
         self.cache.sync(targets)
         self._prune_images()
 
-    def round(self, text: str, images=(), *, seed: int = 0, max_new_tokens: Optional[int] = None,
-              temperature: Optional[float] = None, top_p: Optional[float] = None, num_steps: Optional[int] = None,
-              visual_scale: Optional[float] = None, identity_scale: Optional[float] = None,
-              force_image: bool = False) -> RoundResult:
+    def options(self, **given) -> RoundOptions:
+        """`RoundOptions.resolve(self.cfg, **given)`: the knobs given, the config's values for the rest."""
+        return RoundOptions.resolve(self.cfg, **given)
+
+    def round(self, text: str, images=(), *, seed: int = 0, options: Optional[RoundOptions] = None) -> RoundResult:
         """One user turn -> the assistant's answer (text, and an image when the model opens `<img>` or when
-        `force_image`). Options default to the config's `sample` / `diffusion` sections. The answer joins the
+        `options.force_image`). options: None = the config's (`self.options()`). The answer joins the
         history; the drawn image is written back into the cache as an input block, exactly as a user image, with
         the next feed (the next round's user turn: one model call for both, and not on the way to the image), so
         later rounds see it."""
         if self.batch_size != 1:
             raise ValueError(f"this session holds {self.batch_size} conversations: use .round_batch")
-        return self.round_batch([text], [images], seeds=[seed], max_new_tokens=max_new_tokens,
-                                temperature=temperature, top_p=top_p, num_steps=num_steps, visual_scale=visual_scale,
-                                identity_scale=identity_scale, force_image=force_image)[0]
+        return self.round_batch([text], [images], seeds=[seed], options=options)[0]
 
     def round_batch(self, texts: Sequence[str], images: Optional[Sequence] = None, *, seeds: Sequence[int] = (),
-                    max_new_tokens: Optional[int] = None, temperature: Optional[float] = None,
-                    top_p: Optional[float] = None, num_steps: Optional[int] = None,
-                    visual_scale: Optional[float] = None, identity_scale: Optional[float] = None,
-                    force_image: bool = False) -> list:
+                    options: Optional[RoundOptions] = None) -> list:
         """`round` for every conversation of the batch at once: texts [b], images [b] lists, seeds [b]."""
         b = self.batch_size
         images = list(images) if images is not None else [()] * b
@@ -238,28 +236,19 @@ class ChatSession:
         if not (len(texts) == len(images) == len(seeds) == b):
             raise ValueError(f"round_batch: need {b} texts, image lists and seeds, got {len(texts)}, {len(images)}, "
                              f"{len(seeds)}")
-        s, d = self.cfg.sample, self.cfg.diffusion
-        max_new = s.max_new_tokens if max_new_tokens is None else max_new_tokens
-        temperature = s.temperature if temperature is None else temperature
-        top_p = s.top_p if top_p is None else top_p
-        n_steps = num_steps or d.num_steps
+        options = self.options() if options is None else options
         before = [len(row.conv.rounds) for row in self.rows]
         try:
-            return self._round_batch(texts, images, seeds, max_new, float(temperature), float(top_p), n_steps,
-                                     visual_scale, identity_scale, force_image)
+            return self._round_batch(texts, images, seeds, options)
         except BaseException:  # the history stays as it was; the next sync repairs the cache
             for row, n in zip(self.rows, before):
                 del row.conv.rounds[n:]
             raise
 
-    def _round_batch(self, texts, images, seeds, max_new, temperature, top_p, n_steps, visual_scale, identity_scale,
-                     force_image) -> list:
+    def _round_batch(self, texts, images, seeds, options: RoundOptions) -> list:
         b, d = self.batch_size, self.cfg.diffusion
         results = [RoundResult("", None, None, False, []) for _ in range(b)]
-        params = dict(max_new_tokens=int(max_new), temperature=temperature, top_p=top_p, num_steps=int(n_steps),
-                      visual_scale=float(d.visual_guidance_scale if visual_scale is None else visual_scale),
-                      identity_scale=float(d.identity_guidance_scale if identity_scale is None else identity_scale),
-                      force_image=bool(force_image))  # how the round was made: saved with the history
+        max_new, n_steps = options.max_new_tokens, options.num_steps
 
         # --- the user turn -------------------------------------------------------------------------------
         r_index = len(self.rows[0].conv.rounds)
@@ -268,7 +257,7 @@ class ChatSession:
             rnd = schema.Round(user_text=_user_text(texts[i]),
                                user_images=[_as_image(im, f"{where}.user_images[{j}]")
                                             for j, im in enumerate(images[i])],
-                               metadata={"sample": dict(params, seed=int(seeds[i]))})
+                               metadata={"sample": dict(options.as_metadata(), seed=int(seeds[i]))})
             if not rnd.user_text and not rnd.user_images:
                 raise schema.SchemaError(f"{where}: user turn is empty (needs text or images)")
             schema.user_segments(rnd)  # checks <image> markers against the images
@@ -286,13 +275,12 @@ class ChatSession:
         # --- text ----------------------------------------------------------------------------------------
         seeds_arr = self.cache.put(np.asarray(seeds, np.int32), ("batch",))
         tokens, stops = decode_text(self.cache, seeds=seeds_arr, banned=self._banned, eos_id=self.template.eos_id,
-                                    boi_id=self.template.boi_id, marker=self.template.turn_marker,
-                                    max_new=max_new, temperature=temperature, top_p=top_p)
+                                    boi_id=self.template.boi_id, marker=self.template.turn_marker, options=options)
         for res, toks, stop in zip(results, tokens, stops):
             res.tokens, res.stop = toks, stop
 
         # --- image queries -------------------------------------------------------------------------------
-        draw = [force_image or res.stop == "image" for res in results]
+        draw = [options.force_image or res.stop == "image" for res in results]
         for i, row in enumerate(self.rows):
             rnd = row.conv.rounds[-1]
             rnd.assistant_text = results[i].text = self.template.tokenizer.decode(results[i].tokens)
@@ -307,7 +295,7 @@ class ChatSession:
             with diffusion_bar(self.progress, n_steps, d.sampler):
                 pixels = detokenize(self.graph, self.state, seeds_arr, visual, identity,
                                     self.cache.put(on, ("batch", None)), self.cache.put(boxes, ("batch", None, None)),
-                                    jnp.float32(params["visual_scale"]), jnp.float32(params["identity_scale"]), d,
+                                    jnp.float32(options.visual_scale), jnp.float32(options.identity_scale), d,
                                     n_steps, self.progress)
             pixels = to_uint8(jax.device_get(pixels))
             vis_np = np.asarray(jax.device_get(visual))
