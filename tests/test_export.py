@@ -1,5 +1,5 @@
 """Export round trip: a run converted once from released weights (`python -m cig_jax.train.stage0`, a stage-0
-checkpoint) is exported (`python -m cig_jax.convert.export`); transformers / peft / diffusers reload every
+checkpoint) is exported (`python -m cig_jax.train.export`); transformers / peft / diffusers reload every
 folder and reproduce our outputs (fp32, 1e-4); importing the export again gives bitwise-equal parameters;
 the exported Jinja chat template renders text-only conversations as data/chat_template.py lays them out."""
 import dataclasses
@@ -11,7 +11,7 @@ import torch
 from flax import nnx
 
 from cig_jax.config_io import load_config
-from cig_jax.convert import export as export_lib
+from cig_jax.train import export as export_lib
 from cig_jax.train import stage0 as stage0_lib
 from cig_jax.models.llm import merge_lora
 from cig_jax.sample.session import default_mesh

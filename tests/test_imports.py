@@ -113,6 +113,13 @@ def test_project_imports_inside_functions_only_for_optional_extras_and_front_doo
     assert len(found) <= IN_FUNCTION_IMPORTS_LEFT, f"{len(found)} in-function imports:\n" + "\n".join(found)
 
 
+def test_convert_imports_nothing_of_train():
+    """convert/ is a leaf of formats: reading a run's checkpoint lives in train/ (train.export, train.stage0)."""
+    found = [f"{mod}:{node.lineno} imports {target}" for mod, target, _, _, node in _imports(_modules())
+             if mod.startswith("cig_jax.convert") and target.startswith("cig_jax.train")]
+    assert found == [], "\n".join(found)
+
+
 def test_no_module_getattr():
     assert [m for m, tree in _modules().items() for n in tree.body
             if isinstance(n, ast.FunctionDef) and n.name == "__getattr__"] == []

@@ -1,6 +1,7 @@
-"""A trained run -> released-format folders, for what its checkpoint holds.
+"""A trained model -> released-format folders, for what it holds (the command that reads a run's checkpoint
+and calls `write_parts` is `python -m cig_jax.train.export`).
 
-    python -m cig_jax.convert.export --checkpoint workdir/demo/stage3 --out exported/
+    python -m cig_jax.train.export --checkpoint workdir/demo/stage3 --out exported/
 
 Writes under --out (each loads with its own library, and back into a run through `init_weights`):
   llm/           Hugging Face LLaMA / Qwen2 folder, LoRA merged: config.json, safetensors (+ index when sharded),
@@ -24,7 +25,8 @@ Owns: the export layout above and the inverse layouts of the ViT and diffusers m
 the forward converters themselves (`invert`: run the forward mapping on tensors holding their own element
 indices, then scatter), so import and export cannot drift apart.
 
-Does not own: the name mappings (`hf_llm`, `hf_vit`, `seedx`, `diffusers`, `peft`).
+Does not own: the name mappings (`hf_llm`, `hf_vit`, `seedx`, `diffusers`, `peft`); reading a checkpoint and
+the command line (`cig_jax/train/export.py`: convert/ imports nothing of train/).
 """
 from __future__ import annotations
 
@@ -334,30 +336,11 @@ def export_agent(model, cfg, out: Path) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The command
+# A loaded model -> the folders
 # ----------------------------------------------------------------------------------------------------------
-def stage_history(workdir: str | Path, limit: int = 10) -> list[dict]:
-    """The saved configs of this run and of the runs it started from (train.init_from), oldest first."""
-    from cig_jax.train.checkpoint import read_config
-
-    out, seen = [], set()
-    w = Path(workdir)
-    while w and str(w) not in seen and len(out) < limit and (w / "checkpoints").is_dir():
-        seen.add(str(w))
-        c = read_config(w / "checkpoints")
-        out.append(c)
-        w = Path(c.get("train", {}).get("init_from") or "") if c.get("train", {}).get("init_from") else None
-    return out[::-1]
-
-
-def export(checkpoint: str | Path, out: str | Path, *, step: int | None = None, mesh=None,
-           skip: tuple = ()) -> list[str]:
-    """Writes every exportable part of the run under `checkpoint` into `out` (but those in `skip`); returns the
-    folders written. A part whose layout needs a missing extra is a `MissingExtra` before anything is written."""
-    from cig_jax.train.checkpoint import saved_config
-
-    checkpoint, out = Path(checkpoint), Path(out)
-    cfg = saved_config(checkpoint, source="--checkpoint")
+def missing_extras(cfg, skip: tuple = ()) -> None:
+    """Raises `MissingExtra` (one line, before anything is written) when a part of `cfg`'s model not in `skip`
+    needs a module that is not installed."""
     parts = {k: need for k, need in parts_of(cfg).items() if k not in skip}
     missing = sorted({need for need in parts.values() if need and importlib.util.find_spec(need[0]) is None})
     if missing:
@@ -365,16 +348,18 @@ def export(checkpoint: str | Path, out: str | Path, *, step: int | None = None, 
         modules = ", ".join(m for m, _ in missing)
         raise cli.MissingExtra(f"exporting {names} needs the 'export' extra: pip install -e '.[export]' (module "
                                f"{modules} is missing); --skip {names.replace(', ', ',')} exports the other parts")
-    import jax
 
-    from cig_jax import sharding
-    from cig_jax.config import MeshConfig
-    from cig_jax.train.checkpoint import load_trained
 
-    mesh = mesh or sharding.make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
-    model = load_trained(cfg, step=step, mesh=mesh, workdir=checkpoint)
+def write_parts(model, cfg, tokenizer_dir: str | Path, out: str | Path, stages: list[dict],
+                skip: tuple = ()) -> list[str]:
+    """Writes every exportable part of `model` (a loaded `CIGModel` of config `cfg`) into `out`, but those in
+    `skip`; `stages`: the saved configs of the run and the runs it started from, oldest first (the LLM's model
+    card). Returns the folders written."""
+    missing_extras(cfg, skip)
+    parts = {k for k in parts_of(cfg) if k not in skip}
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    written = export_llm(model, cfg, checkpoint / "tokenizer", out, stage_history(checkpoint)) if "llm" in parts else []
+    written = export_llm(model, cfg, Path(tokenizer_dir), out, stages) if "llm" in parts else []
     if "vit" in parts:
         written.append(export_vit(model, cfg, out))
     if "seedx_agent" in parts:
@@ -384,24 +369,4 @@ def export(checkpoint: str | Path, out: str | Path, *, step: int | None = None, 
     return written
 
 
-def main(argv=None) -> list[str]:
-    ap = cli.parser(cli.prog(module="cig_jax.convert.export"), __doc__.split("\n\n")[0] + "\n\n"
-                    + __doc__.split("\n\n")[3])
-    ap.add_argument("--checkpoint", required=True, help="the run's workdir (holds checkpoints/ and tokenizer/)")
-    ap.add_argument("--out", required=True, help="folder to write the parts into (llm/, vit/, vae/, dit/, ...)")
-    ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-    ap.add_argument("--skip", default="", metavar="PARTS",
-                    help="comma-separated parts not to export, from llm, vit, seedx_agent, vae, dit (e.g. vae,dit "
-                         "where the 'export' extra is not installed)")
-    args = ap.parse_args(argv)
-    skip = tuple(p.strip() for p in args.skip.split(",") if p.strip())
-    unknown = [p for p in skip if p not in ("llm", "vit", "seedx_agent", "vae", "dit")]
-    if unknown:
-        raise cli.UserError(f"--skip {args.skip}: unknown part(s) {', '.join(unknown)}")
-    written = export(args.checkpoint, args.out, step=args.step, skip=skip)
-    print(f"[export] {', '.join(written)} -> {args.out}")
-    return written
-
-
-if __name__ == "__main__":
-    cli.run_main(main)
+PARTS = ("llm", "vit", "seedx_agent", "vae", "dit")
