@@ -23,9 +23,9 @@ import zipfile
 from pathlib import Path
 from typing import Optional
 
-from cig_jax.data import messages, schema
-from cig_jax.data import schema_io
+from cig_jax.data import messages, schema, schema_io
 from cig_jax.sample.session import ChatSession, ContextOverflowError
+from cig_jax.sample.transcript import write_transcript
 
 log = logging.getLogger(__name__)
 
@@ -233,8 +233,6 @@ class AppChat:
     def export(self) -> list:
         """Writes the history (chat.json + images/), transcript.html and chat.zip (all of them); returns the
         paths [chat.json, transcript.html, chat.zip]."""
-        from cig_jax.sample.transcript import write_transcript
-
         self._n += 1
         out = self.folder / f"export_{self._n}"
         conv = self.session.history

@@ -24,6 +24,12 @@ import numpy as np
 
 from cig_jax import cli
 from cig_jax.bench.common import NotEqualWork, perturbation, ratio_stats, time_interleaved
+from cig_jax.config_io import load_config
+from cig_jax.config_model import LLMConfig
+from cig_jax.convert.hf_llm import save_hf_llm
+from cig_jax.models.llm import KVCache, LLM
+from cig_jax.sample.cache import unview, view, view_len
+from cig_jax.sample.decode import decode_loop
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -41,9 +47,6 @@ def parse(argv=None):
 
 
 def _configs(names):
-    from cig_jax.config_io import load_config
-    from cig_jax.config_model import LLMConfig
-
     out = {}
     for name in names:
         if name == "demo":
@@ -61,10 +64,6 @@ def _ours(model, prompt: np.ndarray, new: int):
     import jax
     import jax.numpy as jnp
     from flax import nnx
-
-    from cig_jax.models.llm import KVCache
-    from cig_jax.sample.cache import unview, view, view_len
-    from cig_jax.sample.decode import decode_loop
 
     graph, state = nnx.split(model)  # the GraphDef is hashable (frozen configs): a jit static argument
     b, p = prompt.shape
@@ -115,9 +114,6 @@ def main(argv=None) -> list:
     a = parse(argv)
     import jax
     from flax import nnx
-
-    from cig_jax.convert.hf_llm import save_hf_llm
-    from cig_jax.models.llm import LLM
 
     threads = a.threads or os.cpu_count()
     batches = [int(x) for x in a.batches.split(",")]

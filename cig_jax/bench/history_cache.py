@@ -28,8 +28,13 @@ from pathlib import Path
 import numpy as np
 from flax import nnx
 
-from cig_jax import cli
+from cig_jax import cli, sharding
 from cig_jax.bench.common import NotEqualWork, perturbation, ratio_stats
+from cig_jax.config_io import load_config
+from cig_jax.data import synthetic
+from cig_jax.data.chat_template import ChatTemplate, build_tiny_tokenizer
+from cig_jax.models.cig import CIGModel
+from cig_jax.sample.session import ChatSession, default_mesh
 
 VISUAL_ATOL = 1e-4  # the same computation in a different order: ~1e-6 in fp32
 
@@ -54,8 +59,6 @@ def parse(argv=None):
 
 def conversation(rounds: int, size: int, seed: int = 0) -> list:
     """(user text, face reference) per round: a new drawn person each time, drawn somewhere."""
-    from cig_jax.data import synthetic
-
     rng = np.random.default_rng(seed)
     out = []
     for r in range(rounds):
@@ -70,12 +73,6 @@ def conversation(rounds: int, size: int, seed: int = 0) -> list:
 def main(argv=None) -> None:
     a = parse(argv)
     import jax
-
-    from cig_jax import sharding
-    from cig_jax.config_io import load_config
-    from cig_jax.data.chat_template import ChatTemplate, build_tiny_tokenizer
-    from cig_jax.models.cig import CIGModel
-    from cig_jax.sample.session import ChatSession, default_mesh
 
     h = a.llm_hidden
     cfg = load_config(ROOT / "configs" / "model" / "demo.yaml", [

@@ -23,6 +23,8 @@ from flax import nnx
 
 from cig_jax.cli import UserError
 from cig_jax.config_model import DiTConfig, VAEConfig
+from cig_jax.models.dit import DiT
+from cig_jax.models.vae import AutoencoderKL
 
 
 class ConversionError(UserError, ValueError):
@@ -199,8 +201,6 @@ def modernise_vae_keys(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def load_vae(path: str | Path, *, seed: int = 0, **overrides):
     """A diffusers AutoencoderKL directory -> `models.vae.AutoencoderKL` with its weights."""
-    from cig_jax.models.vae import AutoencoderKL
-
     cfg = vae_config_from_diffusers(read_config(path), **overrides)
     model = AutoencoderKL(cfg, rngs=nnx.Rngs(seed))
     tensors = modernise_vae_keys(read_tensors(path))
@@ -246,8 +246,6 @@ def dit_config_from_diffusers(d: dict, **overrides) -> DiTConfig:
 def load_pixart(path: str | Path, *, seed: int = 0, **overrides):
     """A diffusers PixArtTransformer2DModel directory -> `models.dit.DiT` with its weights (identity branch at
     init). `overrides` set DiTConfig fields, e.g. identity_injection='parallel', dtype='bfloat16'."""
-    from cig_jax.models.dit import DiT
-
     cfg = dit_config_from_diffusers(read_config(path), **overrides)
     model = DiT(cfg, rngs=nnx.Rngs(seed))
     load_params(model, read_tensors(path), renames=RENAMES_PIXART, stacked=["transformer_blocks"],

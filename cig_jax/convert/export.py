@@ -40,8 +40,16 @@ import numpy as np
 from flax import nnx
 
 from cig_jax import cli
+from cig_jax.convert import diffusers as dc, hf_llm, seedx
 from cig_jax.convert.checkpoint_io import save_tensors, write_json_atomic
+from cig_jax.convert.diffusers import DIT_NEW
+from cig_jax.convert.hf_vit import ACTS, hf_vit_tensors
+from cig_jax.convert.peft import save_peft
+from cig_jax.convert.seedx import model_params
 from cig_jax.data.chat_formats import LLAMA2, chat_format
+from cig_jax.data.chat_template import load_tokenizer
+from cig_jax.models.llm import merge_lora
+from cig_jax.models.resampler import sincos_2d
 
 CHAT_TEMPLATE = LLAMA2.jinja  # the default format's Jinja template (each format's: `chat_formats.FORMATS`)
 EXTRA = "cig_extra.safetensors"
@@ -84,10 +92,6 @@ def _meta_shapes(build: Callable) -> dict[str, tuple]:
 # Parts
 # ----------------------------------------------------------------------------------------------------------
 def export_llm(model, cfg, tokenizer_dir: Path, out: Path, stages: list[dict]) -> list[str]:
-    from cig_jax.convert import hf_llm
-    from cig_jax.convert.peft import save_peft
-    from cig_jax.data.chat_template import load_tokenizer
-
     llm = model.mllm.llm
     hf_llm.save_hf_llm(llm, out / "llm")  # LoRA merged
     written = ["llm"]
@@ -138,8 +142,6 @@ def model_card(cfg, stages: list[dict]) -> str:
 
 def vit_config_to_hf(v) -> dict:
     """CLIP / SigLIP config.json for our ViT (raises for a ViT that neither family describes)."""
-    from cig_jax.convert.hf_vit import ACTS
-
     act = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}[v.hidden_act]
     assert ACTS[act] == v.hidden_act
     common = dict(hidden_size=v.hidden_size, intermediate_size=v.intermediate_size, num_hidden_layers=v.num_layers,
@@ -194,9 +196,6 @@ def export_vit(model, cfg, out: Path) -> str:
             "a run with `cig_jax.convert.export.load_vit`.\n")
         return "vit"
     if v.pool == "resampler":  # Qwen-VL style: its own file, Qwen-VL's names
-        from cig_jax.convert import seedx
-        from cig_jax.models.resampler import sincos_2d
-
         ap = v.attn_pool
         table = np.array(sincos_2d(ap.embed_dim, int(round(ap.num_queries ** 0.5))), np.float32)  # computed, not learned
         pos = "attn_pool.pos_embed"
@@ -212,8 +211,6 @@ def export_vit(model, cfg, out: Path) -> str:
         save_tensors(tensors, out / "vit", file_prefix="qwen_vit")
         return "vit"
     import transformers
-
-    from cig_jax.convert.hf_vit import hf_vit_tensors
 
     hf = vit_config_to_hf(v)
     config = (transformers.CLIPVisionConfig if hf["model_type"].startswith("clip") else
@@ -257,10 +254,6 @@ def _save_diffusers(cls_name: str, config: dict, forward, ours: dict, directory:
 
 
 def export_detokenizer(model, cfg, out: Path, *, vae: bool = True, dit: bool = True) -> list[str]:
-    from cig_jax.convert import diffusers as dc
-    from cig_jax.convert.diffusers import DIT_NEW
-    from cig_jax.convert.seedx import model_params
-
     written = []
     if cfg.model.use_vae and vae:
         vae = model.detokenizer.vae
@@ -318,9 +311,6 @@ def load_extra(directory: str | Path) -> dict[tuple, np.ndarray]:
 
 
 def export_agent(model, cfg, out: Path) -> str:
-    from cig_jax.convert import hf_llm, seedx
-    from cig_jax.models.llm import merge_lora
-
     llm = model.mllm.llm
     llm = merge_lora(llm) if llm.cfg.lora_rank else llm
     t = {"llm." + k: a for k, a in hf_llm.ours_to_hf(_params(llm), llm.cfg).items()}

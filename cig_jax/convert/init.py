@@ -23,9 +23,14 @@ from flax import nnx
 
 from cig_jax.config import Config
 from cig_jax.config_base import ConfigError
-from cig_jax.convert import diffusers as dc
-from cig_jax.convert import gguf as gguf_io
-from cig_jax.convert.checkpoint_io import CheckpointError, raise_if_mismatched, resolve_path
+from cig_jax.convert import diffusers as dc, gguf as gguf_io, hf_llm, seedx
+from cig_jax.convert.checkpoint_io import (CheckpointError, lazy_tensors, load_tensors, raise_if_mismatched, read_json,
+                                           resolve_path)
+from cig_jax.convert.export import load_extra
+from cig_jax.convert.hf_vit import hf_vit_tensors
+from cig_jax.convert.peft import peft_to_ours
+from cig_jax.models.layers import LoRAParam
+from cig_jax.sharding import names_of
 
 # init_weights field -> where it lands in CIGModel
 PARTS = {"seedx_agent": ("mllm",), "llm": ("mllm", "llm"), "llm_adapters": ("mllm", "llm"), "vit": ("mllm", "vit"),
@@ -106,9 +111,6 @@ def _eager(values: dict) -> Plan:
 
 
 def _llm_plan(path: str, cfg: Config) -> Plan:
-    from cig_jax.convert import hf_llm
-    from cig_jax.convert.checkpoint_io import lazy_tensors, read_json
-
     source = f"init_weights.llm {path}"
     local = resolve_path(path)
     if gguf_io.is_gguf(local):
@@ -142,8 +144,6 @@ def _check_llm_config(theirs, cfg: Config, source: str) -> None:
 
 
 def _agent_plan(path: str, cfg: Config) -> Plan:
-    from cig_jax.convert import hf_llm, seedx
-
     source = f"init_weights.seedx_agent {path}"
     t = seedx.read_state_dict(path)
     want = seedx.seedx_shapes(cfg.model, vit=False)
@@ -162,8 +162,6 @@ def _agent_plan(path: str, cfg: Config) -> Plan:
 def _vit_plan(path: str, cfg: Config) -> Plan:
     p = Path(path)
     if p.is_file():  # the SEED-X Qwen-VL ViT-G
-        from cig_jax.convert import seedx
-
         t = seedx.vit_names(seedx.read_state_dict(p))
         source = f"init_weights.vit {path}"
         want = {k: s for k, s in seedx.seedx_shapes(cfg.model).items() if k.startswith(seedx.VIT_PREFIX)}
@@ -173,8 +171,6 @@ def _vit_plan(path: str, cfg: Config) -> Plan:
                                    for k in want if k in t and tuple(np.shape(t[k])) != tuple(want[k])),
                             sorted(k for k in t if k not in want))
         return _eager({k[1:]: v for k, v in seedx.vit_to_ours(t, cfg.model, source=source).items()})
-    from cig_jax.convert.checkpoint_io import load_tensors
-    from cig_jax.convert.hf_vit import hf_vit_tensors
 
     mapped = hf_vit_tensors(load_tensors(p), cfg.model.vit, f"init_weights.vit {path}")
     if cfg.model.vit.pool != "map":  # a SigLIP head this config does not build
@@ -190,7 +186,6 @@ def _diffusers_plan(part: str, path: str, model) -> Plan:
         tensors = dc.modernise_vae_keys(dc.read_tensors(d))
         return _eager(dc.map_params(nnx.state(model.detokenizer.vae, nnx.Param), tensors,
                                     renames=[(".to_out.", ".to_out.0.")], what=what))
-    from cig_jax.convert.export import load_extra
 
     values = dc.map_params(nnx.state(model.detokenizer.dit, nnx.Param), dc.read_tensors(d),
                            renames=dc.RENAMES_PIXART, stacked=["transformer_blocks"], new=dc.DIT_NEW, what=what)
@@ -203,8 +198,6 @@ def _diffusers_plan(part: str, path: str, model) -> Plan:
 # ----------------------------------------------------------------------------------------------------------
 def _keeps(part: str, rel: tuple, var) -> bool:
     """Parameters a part's checkpoint is not expected to hold (they keep their initialisation)."""
-    from cig_jax.models.layers import LoRAParam
-
     if part == "llm_adapters":
         return not isinstance(var, LoRAParam)  # the adapters only
     if isinstance(var, LoRAParam):
@@ -241,8 +234,6 @@ def place(targets: dict, plan: Plan, *, part: str, source: str, put: Callable[[t
     """Checks `plan` against `targets` ({path: nnx Variable whose value carries `.sharding`: real or abstract})
     and then places each tensor into its shards, one at a time, handing it to `put(path, array)`. Returns the
     number of values placed. A tensor shorter than the model's along the vocabulary grows (`grow_rows`)."""
-    from cig_jax.sharding import names_of
-
     missing = sorted(".".join(map(str, p)) for p, v in targets.items() if p not in plan and not _keeps(part, p, v))
     unexpected = sorted(".".join(map(str, p)) for p in plan if p not in targets)
     mismatched, grow = [], {}
@@ -282,8 +273,6 @@ def _plan(part: str, path: str, cfg: Config, model) -> Plan:
     if part == "vit":
         return _vit_plan(path, cfg)
     if part == "llm_adapters":
-        from cig_jax.convert.peft import peft_to_ours
-
         return _eager(peft_to_ours(path, cfg.model.llm))
     return _diffusers_plan(part, path, model)
 

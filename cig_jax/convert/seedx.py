@@ -54,6 +54,7 @@ from flax import nnx
 from cig_jax.config_model import ModelConfig, ResamplerConfig, ViTConfig
 from cig_jax.convert import hf_llm
 from cig_jax.convert.checkpoint_io import CheckpointError, fill_state, load_tensors, raise_if_mismatched
+from cig_jax.models.mllm import MLLM
 from cig_jax.models.resampler import sincos_2d
 
 VIT_PREFIX = "visual."
@@ -326,8 +327,6 @@ def vit_names(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def mllm_from_seedx(tensors: dict[str, np.ndarray], cfg: ModelConfig, *, source: str = "<tensors>"):
     """Our MLLM filled from SEED-X tensors (agent + `visual.` ViT); built abstractly, no random init."""
-    from cig_jax.models.mllm import MLLM
-
     if cfg.llm.lora_rank:
         raise CheckpointError(f"{source}: load SEED-X weights with model.llm.lora_rank: 0, then add adapters")
     values = seedx_to_ours(tensors, cfg, source=source)

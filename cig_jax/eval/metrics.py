@@ -52,6 +52,8 @@ from cig_jax import cli
 from cig_jax.data import world
 from cig_jax.data.schema import Conversation
 from cig_jax.data.schema_io import load_conversation
+from cig_jax.eval import recall
+from cig_jax.eval.attributes import load_or_train_classifier
 from cig_jax.eval.clip_score import clip_t_score, round_clip_t  # noqa: F401 (part of this module's API)
 from cig_jax.eval.identity_score import (EmbeddingCache, cosine,  # noqa: F401
                                          drawn_identity_similarity, face_embedding, identity_similarity,
@@ -218,8 +220,6 @@ def evaluate(truth: Sequence[Conversation], generated=None, *, classifier=None, 
     """One JSON-ready report: attribute accuracy and drawn-person identity (with `classifier`), identity
     similarity and consistency (with `embedder`), CLIP-T (with `clip_path`, else skipped). `generated=None`
     scores the ground truth against itself (the ceiling each metric can reach)."""
-    from cig_jax.eval import recall
-
     truth = list(truth)
     generated = None if generated is None else list(generated)
     report: dict = {"conversations": len(truth)}
@@ -265,7 +265,6 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--identity", default="auto", choices=backends.choices(none=True),
                     help="face embedder for identity similarity (the 'face' extra)")
     args = ap.parse_args(argv)
-    from cig_jax.eval.attributes import load_or_train_classifier
 
     files = sorted(Path(args.truth).glob("*.json"))
     if not files:

@@ -32,10 +32,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cig_jax import cli
-from cig_jax.data import schema, schema_io
+from cig_jax import cli, sharding
+from cig_jax.config import override_config
+from cig_jax.config_io import load_config
+from cig_jax.data import schema, schema_io, sources
 from cig_jax.faces import backends
+from cig_jax.sample import complete as C, session as S
+from cig_jax.sample.identities import embedder_for_checkpoint
 from cig_jax.sample.options import RoundOptions, round_seed
+from cig_jax.sample.transcript import write_transcript
+from cig_jax.train import checkpoint as train_checkpoint
+from cig_jax.train.checkpoint import saved_config
 
 
 def _args(argv):
@@ -83,17 +90,11 @@ def _args(argv):
 
 def _load_chats(path: Path) -> list:
     """(conversation, output file name) pairs from a JSON file, a directory of JSON files, or a JSONL file."""
-    from cig_jax.data import sources
-
     return sources.open_files(path)
 
 
 def _config(args):
     """The config to sample with: --config or the checkpoint's own, with --set overrides."""
-    from cig_jax.config import override_config
-    from cig_jax.config_io import load_config
-    from cig_jax.train.checkpoint import saved_config
-
     if args.config:
         return load_config(args.config, args.overrides)
     if not Path(args.checkpoint).is_dir():
@@ -139,8 +140,6 @@ def _write(out: Path, done: list) -> list:
 
 
 def _write_transcript(out: Path, saved: list) -> None:
-    from cig_jax.sample.transcript import write_transcript
-
     write_transcript(out / "transcript.html", saved, title=", ".join(c.id for c in saved) or "Transcript")
 
 
@@ -170,12 +169,6 @@ def _check_outputs(out: Path, chats: list) -> None:
 def main(argv=None) -> int:
     args = _args(argv)
     import jax
-
-    from cig_jax import sharding
-    from cig_jax.sample import complete as C
-    from cig_jax.train import checkpoint as train_checkpoint
-    from cig_jax.sample import session as S
-    from cig_jax.sample.identities import embedder_for_checkpoint
 
     user_errors = (cli.UserError, FileNotFoundError)
     prog = cli.prog(script="sample.py", console="cig-sample")
@@ -221,8 +214,6 @@ def main(argv=None) -> int:
 
 def _batches(chats: list, batch_size: int) -> list:
     """Indices into `chats`, in batches of at most `batch_size` conversations of the same shape."""
-    from cig_jax.sample import complete as C
-
     groups: dict = {}
     for k, (conv, _) in enumerate(chats):
         groups.setdefault(C.shape_of(conv), []).append(k)
@@ -234,8 +225,6 @@ def _complete_all(first, chats: list, seed: int, args, kept: dict, out: Path, op
     """Completes every conversation not in `kept` (index -> saved conversation), batching those of the same shape,
     and writes each batch's conversations as soon as they are done (the transcript too, of all so far). Returns
     how many were sampled."""
-    from cig_jax.sample import complete as C
-
     todo = [k for k in range(len(chats)) if k not in kept]
     total = sum(len(schema.pending_rounds(chats[k][0])) for k in todo)
     bar = None
@@ -272,8 +261,6 @@ def _interactive(session, chat, out: Path, seed: int, options: RoundOptions) -> 
     """A terminal chat, starting from `chat` ((conversation, name) or None). Saves the history, images and
     transcript into `out` after every round."""
     import dataclasses
-
-    from cig_jax.sample import complete as C
 
     if chat is not None:
         conv, name = chat

@@ -24,6 +24,8 @@ from flax import nnx
 
 from cig_jax import fs, sharding
 from cig_jax.config import Config, OptimizerConfig
+from cig_jax.convert import init as pretrained
+from cig_jax.models.layers import LoRAParam
 from cig_jax.train.checkpoint import CheckpointMismatchError, check_init_from, restore_params
 from cig_jax.train.stages import Task, build_task
 
@@ -56,8 +58,6 @@ def setup_state(cfg: Config, mesh, *, task: Optional[Task] = None, abstract: boo
     mesh and, when `load`, its weights from `train.init_from` or `init_weights` (pass load=False when a
     checkpoint of this run will be restored over it). `total_steps` (default train.steps) sets the schedule.
     """
-    from cig_jax.convert import init as pretrained
-
     task = task or build_task(cfg)
     rules = cfg.mesh.axis_rules
     prev_cfg = None
@@ -99,8 +99,6 @@ def model_from(make: Callable[[], nnx.Module], workdir: str, mesh, rules) -> nnx
     model's initialiser is never compiled): LoRA adapters the previous stage did not have keep their fresh
     initialisation (which leaves the base model unchanged); any other parameter missing there is an error,
     raised before anything is initialised."""
-    from cig_jax.models.layers import LoRAParam
-
     graphdef, abstract = nnx.split(nnx.eval_shape(make))
     params = nnx.filter_state(abstract, nnx.Param)
     restored, step, missing = restore_params(fs.path(workdir) / "checkpoints",
