@@ -1,6 +1,6 @@
 """Configuration: typed, frozen dataclasses for every section and their checks (the model sections live in
-`cig_jax.config_model`, reading YAML in `cig_jax.config_io`; both re-exported here, so callers import
-everything from `cig_jax.config`).
+`cig_jax.config_model`, reading YAML and `load_config` in `cig_jax.config_io`, `ConfigError` and the `Section`
+base in `cig_jax.config_base`: callers import each name from the module that defines it).
 
 Owns: the run sections (mesh, optimizer, data, train, sample, diffusion), the whole `Config` and checking a
 tree (`check`). Enumerated strings are `Literal[...]` types
@@ -27,12 +27,9 @@ import dataclasses
 import typing
 from typing import Literal, Optional
 
-from cig_jax.config_io import (ConfigError, apply_override, dump_yaml, from_dict, frozen_value,  # noqa: F401
-                               load_config, load_yaml_tree, parse_cli, to_dict)
-from cig_jax.config_model import (KINDS, AttentionImpl, DiTConfig, DType, IDEncoderConfig,  # noqa: F401
-                                  Interpolation, LLMConfig, MLLMConfig, ModelConfig, RematPolicy, ResamplerConfig,
-                                  RopeScalingConfig, Section, VAEConfig, ViTConfig, adapter_field, execution_field,
-                                  kind_field, need, objective_field, sampling_field, vit_feature_shape)
+from cig_jax.config_base import (KINDS, ConfigError, Section, apply_override, execution_field, from_dict, kind_field, need,
+                                 objective_field, sampling_field, shallow_dict, to_dict)
+from cig_jax.config_model import ModelConfig
 
 # Record kinds (= cig_jax.data.schema.KNOWN_KINDS; tests/test_config.py checks they agree).
 RecordKind = Literal["chat", "name_based", "single_turn", "rollback", "markov_edit", "video", "recall", "recall_describe", "recall_text"]
@@ -326,9 +323,7 @@ def check(cfg, source: str = "<config>", key: str = "") -> None:
     """Checks a section tree (a whole `Config`, or one section at dotted `key`): every field against its type
     (enumerations included, also for sections built in code), then each section's own `check`, innermost
     first, then the cross-section fits. Raises `ConfigError` naming `source` and the key."""
-    from cig_jax.config_io import _shallow_dict
-
-    from_dict(type(cfg), _shallow_dict(cfg), source=source, prefix=key)  # types and Literal choices
+    from_dict(type(cfg), shallow_dict(cfg), source=source, prefix=key)  # types and Literal choices
     try:
         _check_tree(cfg, key)
     except ConfigError as e:

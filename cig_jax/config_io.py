@@ -1,12 +1,10 @@
-"""Reading and writing configs: YAML `base:` chains, `--set a.b=c` overrides, mapping -> dataclass coercion,
-`dump_yaml`, and the command-line split of `--config` / `--set`.
+"""Reading and writing config files: YAML `base:` chains, `--set a.b=c` overrides, `load_config` (the one config
+loader), `dump_yaml`, and the command-line split of `--config` / `--set`.
 
-Owns: turning text into a checked dataclass tree and back. Coercion is generic: every field is checked
-against its type hint (bool, int, float, str, `Literal[...]` choices, optional, tuples, nested sections),
-unknown keys are refused, and errors name the file and the dotted key.
+Owns: turning YAML text into a checked `cig_jax.config.Config` tree and back.
 
-Does not own: the sections themselves, their defaults and their checks (`cig_jax.config`, which re-exports
-what callers import from here: `load_config`, `ConfigError`, `parse_cli`, `dump_yaml`, ...).
+Does not own: the sections, their defaults and their checks (`cig_jax.config`, `cig_jax.config_model`); the
+generic mapping -> dataclass coercion and `ConfigError` (`cig_jax.config_base`).
 
 YAML files may name a `base:` file or a list of them (relative to themselves); the bases are loaded first, in
 order, and the file's keys are merged over them, recursively for mappings. Lists are replaced, not merged.
@@ -15,137 +13,13 @@ order, and the file's keys are merged over them, recursively for mappings. Lists
 """
 from __future__ import annotations
 
-import dataclasses
-import sys
-import types
-import typing
 from pathlib import Path
-from typing import Any, Literal, Union
 
 import yaml
 
 from cig_jax import cli
-from cig_jax.cli import UserError
-
-
-class ConfigError(UserError, ValueError):
-    """A configuration problem a user can fix: the message names the file and the key."""
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Dict -> dataclass with type checks
-# ----------------------------------------------------------------------------------------------------------
-def _is_optional(tp) -> tuple[bool, Any]:
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1 and len(typing.get_args(tp)) == 2:
-            return True, args[0]
-    return False, tp
-
-
-def frozen_value(v: Any) -> Any:
-    """Lists (nested too) as tuples, so a value may sit in a frozen, hashable section."""
-    if isinstance(v, (list, tuple)):
-        return tuple(frozen_value(x) for x in v)
-    return v
-
-
-def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
-    optional, inner = _is_optional(tp)
-    if value is None:
-        if optional:
-            return None
-        raise ConfigError(f"{source}: '{key}' may not be null")
-    tp = inner
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            raise ConfigError(f"{source}: '{key}' must be a mapping, got {type(value).__name__} {value!r}")
-        return from_dict(tp, value, source=source, prefix=key)
-    origin = typing.get_origin(tp) or tp
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value not in choices or isinstance(value, bool) != any(isinstance(c, bool) for c in choices):
-            raise ConfigError(f"{source}: '{key}' must be one of {list(choices)}, got {value!r}")
-        return value
-    if origin is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{source}: '{key}' must be true or false, got {value!r}")
-        return value
-    if origin is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{source}: '{key}' must be an integer, got {value!r}")
-        return value
-    if origin is float:
-        if isinstance(value, str):  # YAML 1.1 reads exponents without a dot ('5e-4', '1e5') as strings
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{source}: '{key}' must be a number, got {value!r}")
-        return float(value)
-    if origin is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{source}: '{key}' must be a string, got {value!r}")
-        return value
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{source}: '{key}' must be a list, got {value!r}")
-        args = typing.get_args(tp)
-        if args and (len(args) == 1 or args[-1] is Ellipsis):  # list[X] / tuple[X, ...]
-            value = [_coerce(v, args[0], f"{key}[{i}]", source) for i, v in enumerate(value)]
-        elif args:  # tuple[A, B]: positional
-            if len(value) != len(args):
-                raise ConfigError(f"{source}: '{key}' must hold {len(args)} items, got {value!r}")
-            value = [_coerce(v, a, f"{key}[{i}]", source) for i, (v, a) in enumerate(zip(value, args))]
-        return frozen_value(value)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{source}: '{key}' must be a mapping, got {value!r}")
-        return dict(value)
-    return frozen_value(value)  # Any
-
-
-def from_dict(cls, data: dict, *, source: str = "<dict>", prefix: str = ""):
-    """Builds dataclass `cls` from a mapping, rejecting unknown keys and wrong types."""
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        where = f"{prefix}." if prefix else ""
-        raise ConfigError(
-            f"{source}: unknown key '{where}{unknown[0]}' (known keys under '{prefix or '<top>'}': {sorted(names)})"
-        )
-    kwargs = {}
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for name, value in data.items():
-        key = f"{prefix}.{name}" if prefix else name
-        # A partial mapping for a nested section is merged over that field's own default (its
-        # default_factory may differ from the section class's defaults), so nothing is silently reset.
-        default = _field_default(fields[name])
-        if isinstance(value, dict) and dataclasses.is_dataclass(default):
-            value = _merge(_shallow_dict(default), value)
-        kwargs[name] = _coerce(value, hints[name], key, source)
-    return cls(**kwargs)
-
-
-def _field_default(field: dataclasses.Field):
-    if field.default_factory is not dataclasses.MISSING:
-        return field.default_factory()
-    return None if field.default is dataclasses.MISSING else field.default
-
-
-def _shallow_dict(obj) -> dict:
-    """Dataclass -> dict whose nested dataclasses are dicts too (without deep-copying leaves)."""
-    return {f.name: (_shallow_dict(v) if dataclasses.is_dataclass(v := getattr(obj, f.name)) else v)
-            for f in dataclasses.fields(obj)}
-
-
-def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
+from cig_jax import config as sections
+from cig_jax.config_base import ConfigError, apply_override, from_dict, merge, to_dict
 
 
 def dump_yaml(cfg) -> str:
@@ -164,16 +38,6 @@ def dump_yaml(cfg) -> str:
 # ----------------------------------------------------------------------------------------------------------
 # YAML with `base:` and dotted overrides
 # ----------------------------------------------------------------------------------------------------------
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
-        else:
-            out[k] = v
-    return out
-
-
 def load_yaml_tree(path: str | Path, _seen: tuple = ()) -> dict:
     """Reads a YAML config and the chain of `base:` files under it into one merged mapping."""
     path = Path(path)
@@ -193,36 +57,13 @@ def load_yaml_tree(path: str | Path, _seen: tuple = ()) -> dict:
     bases = base if isinstance(base, list) else [base]
     merged: dict = {}
     for b in bases:
-        merged = _merge(merged, load_yaml_tree(path.parent / b, _seen + (path.resolve(),)))
-    return _merge(merged, data)
-
-
-def apply_override(tree: dict, dotted: str, source: str = "command line") -> dict:
-    """`a.b.c=value` (value parsed as YAML) set into a nested mapping; returns the new mapping."""
-    if "=" not in dotted:
-        raise ConfigError(f"{source}: override '{dotted}' must look like key.path=value")
-    key, raw = dotted.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        value = raw
-    parts = key.strip().split(".")
-    out = dict(tree)
-    node = out
-    for p in parts[:-1]:
-        child = node.get(p)
-        child = dict(child) if isinstance(child, dict) else {}
-        node[p] = child
-        node = child
-    node[parts[-1]] = value
-    return out
+        merged = merge(merged, load_yaml_tree(path.parent / b, _seen + (path.resolve(),)))
+    return merge(merged, data)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = (), cls=None):
     """The one config loader: YAML (with bases) + dotted overrides -> a dataclass tree, coerced and then
     checked as a whole (`cig_jax.config.check`: each section, then how the sections fit together)."""
-    from cig_jax import config as sections
-
     cls = sections.Config if cls is None else cls
     tree = load_yaml_tree(path) if path else {}
     source = str(path) if path else "<defaults>"

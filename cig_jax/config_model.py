@@ -1,10 +1,9 @@
 """Model sections of the configuration: the frozen dataclasses of the LLM, ViT, resamplers, VAE, DiT (+ identity
-encoder) and how the MLLM wires them, with their checks; and the pieces every section shares (`Section`, the
-field kinds, the `Literal` types of common choices).
+encoder) and how the MLLM wires them, with their checks; and the `Literal` types of common choices.
 
 Owns: what a model is made of and how its parts must fit (`ModelConfig.check`: ViT -> input resampler -> LLM
 -> output resampler -> DiT widths). Does not own: run sections, the whole `Config`, checking a tree, reading
-YAML (`cig_jax.config`, which re-exports everything here, and `cig_jax.config_io`).
+YAML (`cig_jax.config`, `cig_jax.config_io`); `Section`, the field kinds and `ConfigError` (`cig_jax.config_base`).
 """
 from __future__ import annotations
 
@@ -12,54 +11,13 @@ import dataclasses
 import math
 from typing import Literal, Optional
 
-from cig_jax.config_io import ConfigError, frozen_value
+from cig_jax.config_base import Section, adapter_field, execution_field, need, objective_field
+from cig_jax.faces import backends
 
 DType = Literal["float32", "bfloat16", "float16"]
 RematPolicy = Literal["none", "full", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable"]
 AttentionImpl = Literal["xla", "einsum", "cudnn", "splash"]
 Interpolation = Literal["bicubic", "bilinear"]
-KINDS = ("architecture", "adapter", "objective", "execution", "sampling")
-
-
-def kind_field(kind: str, default=dataclasses.MISSING, factory=dataclasses.MISSING):
-    return dataclasses.field(default=default, default_factory=factory, metadata={"kind": kind})
-
-
-def execution_field(default):
-    return kind_field("execution", default)
-
-
-def objective_field(default):
-    return kind_field("objective", default)
-
-
-def sampling_field(default):
-    return kind_field("sampling", default)
-
-
-def adapter_field(default):
-    return kind_field("adapter", default)
-
-
-class Section:
-    """Base of every section: lists given by code (not YAML) become tuples; `check` tests the section's own
-    fields together and raises `ConfigError` naming `key.field`."""
-
-    def __post_init__(self):
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, list):
-                object.__setattr__(self, f.name, frozen_value(v))
-
-    def check(self, key: str) -> None:
-        pass
-
-
-def need(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ConfigError(msg)
-
-
 def _is_square(n: int) -> bool:
     return n > 0 and math.isqrt(n) ** 2 == n
 
@@ -249,7 +207,10 @@ class IDEncoderConfig(Section):
     """Perceiver that turns one face embedding (512-d ArcFace or 128-d dlib), optionally with face-crop
     features, into `num_tokens` identity tokens for the DiT."""
 
-    embedding_dim: int = 128  # 512 for insightface ArcFace, 128 for dlib
+    embedding_dim: int = 128  # the backend's width (faces/backends.py): 512 for insightface ArcFace, 128 for dlib
+    # The face backend whose embeddings it takes (a name in faces.backends.BACKENDS, checked against embedding_dim
+    # here rather than by a Literal: the registry is the one list); None: not recorded.
+    backend: Optional[str] = None
     feature_dim: Optional[int] = None  # face-crop feature width (e.g. ViT patch features); None: unused
     num_tokens: int = 16  # K identity tokens out
     num_embedding_tokens: int = 4  # the face embedding is expanded into this many context tokens
@@ -263,6 +224,13 @@ class IDEncoderConfig(Section):
     def check(self, key: str) -> None:
         need(self.width % self.num_heads == 0, f"'{key}.width' must be divisible by '{key}.num_heads'")
         need(self.max_identities >= 1, f"'{key}.max_identities' must be >= 1, got {self.max_identities}")
+        if self.backend is not None:
+            known = backends.BACKENDS.get(self.backend)
+            need(known is not None, f"'{key}.backend' must be one of {', '.join(backends.BACKENDS)} (or null), "
+                                    f"got {self.backend!r}")
+            need(known.dim is None or known.dim == self.embedding_dim,
+                 f"'{key}.backend' {self.backend} gives {known.dim}-d embeddings but '{key}.embedding_dim' is "
+                 f"{self.embedding_dim}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -103,7 +103,7 @@ def logical_to_spec(names: Sequence[Optional[str]], rules: Sequence, mesh: Mesh,
     return P(*out)
 
 
-def _names_of(var) -> tuple:
+def names_of(var) -> tuple:
     meta = var.get_metadata() if hasattr(var, "get_metadata") else {}
     names = meta.get("sharding_names") or meta.get("out_sharding") or ()
     return tuple(names)
@@ -114,7 +114,7 @@ def state_shardings(state: Any, mesh: Mesh, rules: Sequence) -> Any:
 
     def one(var):
         shape = var.shape if hasattr(var, "shape") else np.shape(var.value)
-        names = _names_of(var)
+        names = names_of(var)
         names = names + (None,) * (len(shape) - len(names))
         return var.replace(NamedSharding(mesh, logical_to_spec(names, rules, mesh, shape)))
 

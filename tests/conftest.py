@@ -44,9 +44,11 @@ def save_tiny_checkpoint(workdir, extra=()):
     import numpy as np
     from flax import nnx
 
-    from cig_jax.config import load_config
+    from cig_jax.config_io import load_config
     from cig_jax.sample.session import default_mesh
-    from cig_jax.train import stages, trainer
+    from cig_jax.train import stages
+    from cig_jax.train import checkpoint as train_checkpoint
+    from cig_jax.train import state as train_state
     from cig_jax.train.checkpoint import Checkpointer
 
     root = Path(__file__).resolve().parents[1]
@@ -63,12 +65,12 @@ def save_tiny_checkpoint(workdir, extra=()):
 
     flat = [(path, var.replace(draw(str(path[-1]), var.value))) for path, var in nnx.to_flat_state(abstract)]
     _, params, frozen = nnx.split(nnx.merge(graphdef, nnx.from_flat_state(flat)), task.trainable, ...)
-    state, _ = trainer.init_state(params, trainer.make_optimizer(cfg.optimizer, cfg.train.steps), default_mesh(),
+    state, _ = train_state.init_state(params, train_state.make_optimizer(cfg.optimizer, cfg.train.steps), default_mesh(),
                                   cfg.mesh.axis_rules, frozen)
     ckpt = Checkpointer(workdir / "checkpoints", save_every=1, keep=1, async_save=False)
     ckpt.save(1, state, None, cfg, force=True)
     ckpt.close()
-    trainer.write_artifacts(cfg, workdir)
+    train_checkpoint.write_artifacts(cfg, workdir)
     return workdir
 
 

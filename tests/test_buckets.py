@@ -8,7 +8,8 @@ import pytest
 
 from cig_jax.data import schema, synthetic
 from cig_jax.data.chat_template import ChatTemplate, build_tiny_tokenizer
-from cig_jax.data.pipeline import PipelineOptions, SkipCounter, make_dataset
+from cig_jax.data.buckets import make_dataset
+from cig_jax.data.pipeline import PipelineOptions, SkipCounter
 
 from batch_checks import assert_same, take
 
@@ -138,7 +139,7 @@ def test_a_bucketed_stage3_run_trains_and_compiles_one_step_per_bucket(tmp_path,
     import json
     from pathlib import Path
 
-    from cig_jax.config import load_config
+    from cig_jax.config_io import load_config
     from cig_jax.train import trainer
     from cig_jax.train.stages import build_task
 
@@ -166,7 +167,8 @@ def test_a_bucketed_stage3_run_trains_and_compiles_one_step_per_bucket(tmp_path,
 def test_length_buckets_are_checked_at_load_and_follow_seq_len():
     from pathlib import Path
 
-    from cig_jax.config import ConfigError, load_config
+    from cig_jax.config_base import ConfigError
+    from cig_jax.config_io import load_config
 
     stage3 = Path(__file__).resolve().parents[1] / "configs" / "stage3_multiround.yaml"
     cfg = load_config(stage3)

@@ -139,7 +139,7 @@ def test_chatml_session_cache_holds_the_training_encoding_and_rounds_equal_recom
         before = session.history
         session._banned = usual if banned is None else np.asarray(banned)
         ref.banned = banned_ids(t, session.cfg.model.llm.vocab_size) if banned is None else banned
-        res = session.round(text, images, seed=r, force_image=force, max_new_tokens=5)
+        res = session.round(text, images, seed=r, options=session.options(force_image=force, max_new_tokens=5))
         ref.check(res, before, text, images, 5, force, f"round {r}")
         stops.append(res.stop)
         if r >= 1:  # the previous round's <|im_end|> "\n" went in with this round's user turn

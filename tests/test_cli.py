@@ -7,7 +7,7 @@ from pathlib import Path
 import yaml
 import pytest
 
-from cig_jax.config import load_config
+from cig_jax.config_io import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -91,7 +91,7 @@ def test_a_run_leaves_config_yaml_that_reloads_to_the_same_config(tmp_path):
 
 MODULE_COMMANDS = ["cig_jax.bench.aot", "cig_jax.bench.decode", "cig_jax.bench.dit_step", "cig_jax.bench.gpu_step",
                    "cig_jax.bench.history_cache", "cig_jax.bench.init_memory", "cig_jax.bench.input_pipeline",
-                   "cig_jax.bench.llm_step", "cig_jax.bench.lora_step", "cig_jax.bench.nonmarkov", "cig_jax.convert.export", "cig_jax.convert.init",
+                   "cig_jax.bench.llm_step", "cig_jax.bench.lora_step", "cig_jax.bench.nonmarkov", "cig_jax.train.export", "cig_jax.train.stage0",
                    "cig_jax.data.synthetic", "cig_jax.data.tfds_builder", "cig_jax.data.video", "cig_jax.eval.metrics",
                    "cig_jax.eval.nonmarkov", "cig_jax.eval.run", "cig_jax.sample.cli"]
 

@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cig_jax import config
-from cig_jax.config import ConfigError, dump_yaml, field_paths, load_config
+from cig_jax import config, config_base, config_model
+from cig_jax.config import field_paths
+from cig_jax.config_base import ConfigError
+from cig_jax.config_io import dump_yaml, load_config
 from cig_jax.train import recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +35,7 @@ def test_every_config_and_recipe_stage_loads_and_dumps_back_equal():
     for path in CONFIGS:
         assert path.read_text().startswith("# COMMAND"), f"{path}: the first line names the command that runs it"
         for stage_path, cfg in _loaded(path):
-            again = config.from_dict(config.Config, yaml.safe_load(dump_yaml(cfg)), source=str(stage_path))
+            again = config_base.from_dict(config.Config, yaml.safe_load(dump_yaml(cfg)), source=str(stage_path))
             assert again == cfg, stage_path
             n += 1
     assert n >= len(CONFIGS) + 2  # the demo recipe holds three stages
@@ -106,7 +108,8 @@ def test_bad_overrides_are_refused_at_load_naming_the_key_before_any_model_exist
     neither the models nor flax were ever imported."""
     code = f"""
 import json, sys
-from cig_jax.config import ConfigError, load_config
+from cig_jax.config_base import ConfigError
+from cig_jax.config_io import load_config
 out = []
 for ov, key in {BAD!r}:
     try:
@@ -134,7 +137,7 @@ def test_sections_built_in_code_are_checked_too():
     with pytest.raises(ConfigError, match="'diffusion.objective' must be one of"):
         config.check(dataclasses.replace(good, objective="sde"), key="diffusion")
     with pytest.raises(ConfigError, match="'model.vit.pool: cls' needs"):
-        config.check(config.ModelConfig(vit=config.ViTConfig(pool="cls")), key="model")
+        config.check(config_model.ModelConfig(vit=config_model.ViTConfig(pool="cls")), key="model")
     # every section is frozen and hashable (models keep them as static graph attributes)
     cfg = load_config(ROOT / "configs" / "stage3_multiround.yaml")
     assert hash(cfg) == hash(load_config(ROOT / "configs" / "stage3_multiround.yaml"))
@@ -150,7 +153,7 @@ def test_field_kinds_name_what_may_differ_between_stages():
     assert "model.llm.param_dtype" not in execution and "model.llm.hidden_size" in field_paths("architecture")
     assert field_paths("adapter") == {f"model.llm.lora_{k}" for k in ("rank", "alpha", "dropout", "targets")}
     assert {"model.mllm.reg_loss", "model.mllm.reg_weight", "model.mllm.lm_weight"} <= field_paths("objective")
-    kinds = [field_paths(k) for k in config.KINDS]
+    kinds = [field_paths(k) for k in config_base.KINDS]
     assert sum(map(len, kinds)) == len(frozenset().union(*kinds))  # each field has one kind
 
 
@@ -162,9 +165,9 @@ def test_enumerations_agree_with_the_code_that_reads_them():
     assert set(typing.get_args(config.RecordKind)) == set(schema.KNOWN_KINDS)
     assert set(typing.get_args(config.Part)) == set(cig.PARTS)
     assert set(typing.get_args(config.Stage)) == set(stages.STAGES)
-    assert set(typing.get_args(config.RematPolicy)) == set(layers.REMAT_POLICIES) | {"none"}
-    assert set(typing.get_args(typing.get_type_hints(config.ViTConfig)["hidden_act"])) == set(vit.ACTIVATIONS)
-    assert set(typing.get_args(typing.get_type_hints(config.VAEConfig)["act_fn"])) == set(vae.ACTIVATIONS)
+    assert set(typing.get_args(config_model.RematPolicy)) == set(layers.REMAT_POLICIES) | {"none"}
+    assert set(typing.get_args(typing.get_type_hints(config_model.ViTConfig)["hidden_act"])) == set(vit.ACTIVATIONS)
+    assert set(typing.get_args(typing.get_type_hints(config_model.VAEConfig)["act_fn"])) == set(vae.ACTIVATIONS)
 
 
 def test_recipe_with_a_bad_stage3_key_exits_2_before_stage_1(tmp_path):
@@ -225,7 +228,7 @@ def test_models_import_neither_sampling_nor_training():
             assert not bad, f"{name} imports {bad}"
 
 
-# The product modules that may open the synthetic renderer: as a data source (a draw in memory, the synthetic
+# The product modules that may open the synthetic renderer (`synthetic.py` and its drawing, `render.py`): as a data source (a draw in memory, the synthetic
 # split of the array_record build, the recipe's dataset) and as the attribute classifier's training data.
 # Identity codes and the vocabulary live in `cig_jax.data.world`, which anything may use.
 SYNTHETIC_IMPORT_ALLOWED = {
@@ -240,9 +243,10 @@ SYNTHETIC_IMPORT_ALLOWED = {
 def test_no_product_module_imports_the_synthetic_renderer_beyond_the_allow_list():
     users = set()
     for name, imports in _product_modules().items():
-        if name.startswith(("cig_jax/data/synthetic", "cig_jax/bench/")):
+        if name.startswith(("cig_jax/data/synthetic", "cig_jax/data/render", "cig_jax/bench/")):
             continue
-        if any(m == "cig_jax.data.synthetic" or m.startswith("cig_jax.data.synthetic.") for m in imports):
+        if any(m in ("cig_jax.data.synthetic", "cig_jax.data.render") or m.startswith("cig_jax.data.synthetic.")
+               for m in imports):
             users.add(name)
     new = sorted(users - SYNTHETIC_IMPORT_ALLOWED)
     assert not new, f"new importers of cig_jax.data.synthetic: {new}"

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from cig_jax.data import schema, synthetic
+from cig_jax.data import schema_io
 from cig_jax.data.chat_template import ChatTemplate, build_tiny_tokenizer
 from cig_jax.data.pipeline import PipelineOptions, SkipCounter, make_dataset, markov_view
 from cig_jax.data.tfds_builder import build_dataset, load_records
@@ -140,7 +141,7 @@ def test_one_opener_for_every_source(data_dir, tmp_path):
     assert [c.id for c in drawn] == [c.id for c in synthetic.generate(6, seed=4, kinds=["name_based"], size=32)]
     folder = tmp_path / "json"
     for c in drawn:
-        schema.save_conversation(c, folder / f"{c.id}.json")
+        schema_io.save_conversation(c, folder / f"{c.id}.json")
     lines = [json.dumps(json.loads((folder / f"{c.id}.json").read_text())) for c in drawn]  # paths relative to folder
     (folder / "all.jsonl").write_text("\n".join(lines) + "\n")
     from_folder = sources.open_records(str(folder))

@@ -22,7 +22,8 @@ import pytest
 import optax
 from flax import nnx
 
-from cig_jax.config import DiffusionConfig, DiTConfig, IDEncoderConfig
+from cig_jax.config import DiffusionConfig
+from cig_jax.config_model import DiTConfig, IDEncoderConfig
 from cig_jax.models.detokenizer import Detokenizer
 
 pytestmark = pytest.mark.long  # minutes each: `python -m pytest -m long` (.ci/run), not the default suite
@@ -161,7 +162,7 @@ if __name__ == "__main__":
 def test_latent_detokenizer_ddpm_loss_and_ddim_generate():
     """With a (tiny, random) VAE: the epsilon loss with condition dropout is finite and has gradients for the
     DiT and its identity encoder only; DDIM generation returns images, deterministically per seed."""
-    from cig_jax.config import VAEConfig
+    from cig_jax.config_model import VAEConfig
 
     vae = VAEConfig(block_out_channels=[32, 32], layers_per_block=1, latent_channels=4, norm_num_groups=32)
     dit = DiTConfig(num_layers=2, num_heads=2, head_dim=16, in_channels=4, out_channels=8, patch_size=2, sample_size=8,

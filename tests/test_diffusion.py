@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cig_jax.config import ConfigError, DiffusionConfig, validate_diffusion
+from cig_jax.config import DiffusionConfig, validate_diffusion
+from cig_jax.config_base import ConfigError
 from cig_jax import diffusion as D
 
 torch = pytest.importorskip("torch")

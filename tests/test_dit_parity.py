@@ -10,7 +10,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from cig_jax.config import IDEncoderConfig  # noqa: E402
+from cig_jax.config_model import IDEncoderConfig
 from cig_jax.convert.diffusers import load_pixart  # noqa: E402
 
 BASE = dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,

@@ -43,7 +43,7 @@ def classifier(eval_cache):
 
 @pytest.fixture(scope="module")
 def dlib_embedder():
-    from cig_jax.faces.identity import make_identity_embedder
+    from cig_jax.faces.backends import make_identity_embedder
 
     return make_identity_embedder("dlib")
 
@@ -352,21 +352,36 @@ class RecordingSession:
         self.history = [[] for _ in range(self.batch_size)]
         self.calls.append(("reset",))
 
-    def replay_batch(self, convs):
-        self.history = [list(c.rounds) for c in convs]
-        self.calls.append(("replay", [len(c.rounds) for c in convs]))
+    def options(self, **given):
+        from cig_jax.sample.options import RoundOptions
 
-    def round_batch(self, texts, images, seeds, force_image=False, **kw):
+        return RoundOptions(**dict(dict(max_new_tokens=4, temperature=0.0, top_p=1.0, num_steps=2, visual_scale=1.0,
+                                        identity_scale=1.0), **given))
+
+    def loaded(self, image, conv, where):
+        return image
+
+    @property
+    def rows(self):
+        import types
+
+        return [types.SimpleNamespace(conv=types.SimpleNamespace(rounds=h)) for h in self.history]
+
+    def replay_batch(self, convs):  # as ChatSession.replay_batch: the answered rounds become the history
+        self.history = [[r for r in c.rounds if not r.pending] for c in convs]
+        self.calls.append(("replay", [len(h) for h in self.history]))
+
+    def round_batch(self, texts, images, seeds, options):
         from cig_jax.sample.session import RoundResult
 
-        assert force_image
+        assert options.force_image
         self.calls.append(("round", list(texts), [[im.pixels for im in ims] for ims in images], list(seeds),
                            [len(h) for h in self.history]))
         level = len([c for c in self.calls if c[0] == "round"])
         out = []
         for i, t in enumerate(texts):
             px = np.full((16, 16, 3), (10 * level + i) % 256, np.uint8)
-            self.history[i].append(Round(user_text=t, assistant_image=Image(pixels=px)))
+            self.history[i].append(Round(user_text=t, assistant_image=Image(pixels=px), metadata={"sample": {}}))
             out.append(RoundResult("", px, None, False, []))
         return out
 
@@ -402,8 +417,8 @@ def test_markov_view_sees_only_the_previous_image_without_its_people():
                 from cig_jax.data.pipeline import markov_view
 
                 assert rounds[r][1][i] == markov_view(schema_cut(c, r)).rounds[0].user_text
-    text, images = eval_run._round_inputs(convs[0], 2, "markov", convs[0].rounds[1].assistant_image.pixels)
-    assert images[0].people == []  # no drawn-person metadata: no identity read off the previous image
+    ask = eval_run._ask(convs[0], 2, "markov", convs[0].rounds[1].assistant_image.pixels)
+    assert len(ask.rounds) == 1 and ask.rounds[0].user_images[0].people == []  # no drawn-person metadata: no identity read off the previous image
 
 
 def test_mixed_lengths_are_batched_by_length_and_returned_in_order():
@@ -455,7 +470,7 @@ def test_grid_puts_generated_beside_ground_truth():
 def test_eval_cli_writes_metrics_and_grid(tiny_run, classifier, eval_cache, tmp_path, capsys):
     out = tmp_path / "eval"
     folder = tmp_path / "held_out"
-    from cig_jax.data.schema import save_conversation
+    from cig_jax.data.schema_io import save_conversation
 
     convs = name_based(3, seed=EVAL_SEED + 7)
     for c in convs:
@@ -627,7 +642,7 @@ def test_nonmarkov_bench_quick_trains_both_models_and_writes_the_table(classifie
 def test_the_eval_context_holds_the_longest_conversation_whole(tiny_run):
     """Unless told, an evaluation sizes its KV cache to its longest conversation plus the answer's room (the full
     non-Markov benchmark's 8-round chats overflowed a fixed 1024 slots)."""
-    from cig_jax.sample.complete import checkpoint_parts
+    from cig_jax.train.checkpoint import checkpoint_parts
     from cig_jax.sample.session import answer_slots
 
     convs = list(synthetic.generate(12, seed=EVAL_SEED + 11, kinds=("recall",), size=32))

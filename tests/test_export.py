@@ -1,5 +1,5 @@
-"""Export round trip: a run converted once from released weights (`python -m cig_jax.convert.init`, a stage-0
-checkpoint) is exported (`python -m cig_jax.convert.export`); transformers / peft / diffusers reload every
+"""Export round trip: a run converted once from released weights (`python -m cig_jax.train.stage0`, a stage-0
+checkpoint) is exported (`python -m cig_jax.train.export`); transformers / peft / diffusers reload every
 folder and reproduce our outputs (fp32, 1e-4); importing the export again gives bitwise-equal parameters;
 the exported Jinja chat template renders text-only conversations as data/chat_template.py lays them out."""
 import dataclasses
@@ -10,9 +10,9 @@ import pytest
 import torch
 from flax import nnx
 
-from cig_jax.config import load_config
-from cig_jax.convert import export as export_lib
-from cig_jax.convert import init as init_lib
+from cig_jax.config_io import load_config
+from cig_jax.train import export as export_lib
+from cig_jax.train import stage0 as stage0_lib
 from cig_jax.models.llm import merge_lora
 from cig_jax.sample.session import default_mesh
 from cig_jax.train.checkpoint import load_trained
@@ -39,7 +39,7 @@ def exported(tmp_path_factory):
     w = released_weights(root / "released")
     overrides = stage2_overrides(w, root / "unused")
     stage0 = root / "stage0"
-    init_lib.main(["--config", str(STAGE2), "--out", str(stage0)] + [a for o in overrides for a in ("--set", o)])
+    stage0_lib.main(["--config", str(STAGE2), "--out", str(stage0)] + [a for o in overrides for a in ("--set", o)])
     written = export_lib.main(["--checkpoint", str(stage0), "--out", str(root / "out")])
     cfg = load_config(STAGE2, overrides + [f"train.workdir={stage0}"])
     return dict(root=root, out=root / "out", written=written, cfg=cfg, model=load_trained(cfg, mesh=default_mesh()),

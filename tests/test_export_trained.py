@@ -1,5 +1,5 @@
 """Export of a *trained* checkpoint round-trips: a stage-2 run started from released weights trains 3 steps (the
-LLM's LoRA adapters and the other trained parts move off their released values), `convert.export` writes it, and
+LLM's LoRA adapters and the other trained parts move off their released values), `train.export` writes it, and
 importing the export again gives the trained parameters bit for bit (not the released ones)."""
 import dataclasses
 
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cig_jax.config import load_config
-from cig_jax.convert import export as export_lib
+from cig_jax.config_io import load_config
+from cig_jax.train import export as export_lib
 from cig_jax.models import layers
 from cig_jax.sample.session import default_mesh
 from cig_jax.train import trainer

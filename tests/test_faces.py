@@ -51,7 +51,7 @@ SCENES = [  # (top colour, bottom colour, band colour)
 @lru_cache(maxsize=1)
 def dlib_parts():
     pytest.importorskip("dlib")
-    from cig_jax.faces.identity import make_identity_embedder
+    from cig_jax.faces.backends import make_identity_embedder
 
     return make_identity_embedder("dlib")
 
@@ -181,7 +181,8 @@ def splits(seed: int = 0):
 # Training and sampling
 # ----------------------------------------------------------------------------------------------------------
 def make_config():
-    from cig_jax.config import DiffusionConfig, DiTConfig, IDEncoderConfig
+    from cig_jax.config import DiffusionConfig
+    from cig_jax.config_model import DiTConfig, IDEncoderConfig
 
     dit = DiTConfig(num_layers=4, num_heads=4, head_dim=32, in_channels=3, patch_size=SIZE // GRID, sample_size=SIZE,
                     caption_channels=3 + SUB * SUB, cross_attention_dim=128, visual_grid_injection=True,

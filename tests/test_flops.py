@@ -8,7 +8,7 @@ import pytest
 
 from cig_jax import sharding
 from cig_jax.train.compile import compile_train_step
-from cig_jax.config import load_config
+from cig_jax.config_io import load_config
 from cig_jax.train.flops import count_loss_flops
 from cig_jax.train.stages import build_task
 

@@ -80,11 +80,11 @@ def _error_cases(ckpt: Path, tmp: Path) -> dict:
         ("app.py", "bad --set"): (["--checkpoint", str(ckpt), *bad], "nosuch"),
         ("cig_jax.eval.run", "missing checkpoint"): (["--checkpoint", gone, "--out", str(tmp / "e")], "no_such_run"),
         ("cig_jax.eval.run", "bad --set"): (["--checkpoint", str(ckpt), "--out", str(tmp / "e"), *bad], "nosuch"),
-        ("cig_jax.convert.export", "missing checkpoint"): (["--checkpoint", gone, "--out", str(tmp / "x")],
+        ("cig_jax.train.export", "missing checkpoint"): (["--checkpoint", gone, "--out", str(tmp / "x")],
                                                            "no_such_run"),
-        ("cig_jax.convert.init", "missing file"): (["--config", str(tmp / "nowhere.yaml"), "--out", str(tmp / "i")],
+        ("cig_jax.train.stage0", "missing file"): (["--config", str(tmp / "nowhere.yaml"), "--out", str(tmp / "i")],
                                                    "nowhere.yaml"),
-        ("cig_jax.convert.init", "bad --set"): (["--config", small, "--out", str(tmp / "i"), *bad], "nosuch"),
+        ("cig_jax.train.stage0", "bad --set"): (["--config", small, "--out", str(tmp / "i"), *bad], "nosuch"),
         ("cig_jax.config_io", "missing file"): ([str(tmp / "nowhere.yaml")], "nowhere.yaml"),
         ("cig_jax.config_io", "bad --set"): ([small, *bad], "nosuch"),
         ("cig_jax.data.tfds_builder", "missing file"): (["--data-dir", str(tmp / "t"), "--source",
@@ -131,7 +131,7 @@ def runs(tmp_path_factory):
 
 def test_every_command_is_covered():
     assert set(SCRIPTS) <= {p.name for p in REPO.glob("*.py")}
-    assert "cig_jax.eval.run" in MODULES and "cig_jax.convert.export" in MODULES and len(MODULES) >= 15
+    assert "cig_jax.eval.run" in MODULES and "cig_jax.train.export" in MODULES and len(MODULES) >= 15
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -181,11 +181,11 @@ def test_export_on_the_base_install_names_the_extra_before_writing_then_exports_
 
     from cig_jax.sample.session import default_mesh
     from cig_jax.train.checkpoint import load_trained
-    from cig_jax.train.trainer import saved_config
+    from cig_jax.train.checkpoint import saved_config
 
     ckpt = save_tiny_checkpoint(tmp_path / "run", ["model.vit.pool=none", "model.vit.attn_pool=null"])
     out = tmp_path / "export"
-    argv = [sys.executable, "-c", BASE_INSTALL, "cig_jax.convert.export", "--checkpoint", str(ckpt), "--out", str(out)]
+    argv = [sys.executable, "-c", BASE_INSTALL, "cig_jax.train.export", "--checkpoint", str(ckpt), "--out", str(out)]
     r = subprocess.run(argv, env=_env(), capture_output=True, text=True, timeout=600)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and "pip install -e '.[export]'" in lines[0], r.stderr[-3000:]

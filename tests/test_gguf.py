@@ -212,7 +212,7 @@ def test_a_stage_starts_from_a_gguf_file(tmp_path, layers):
     """init_weights.llm / tokenizer naming a .gguf: the stage's LLM gives transformers' logits on the file's
     vocabulary (its first layers only with llm_layers), the MLLM tokens are added to the file's vocabulary, and
     the grown rows are drawn from the released rows' statistics."""
-    from cig_jax.config import load_config
+    from cig_jax.config_io import load_config
     from cig_jax.sample.session import default_mesh
     from cig_jax.train.stages import stage_tokenizer
     from cig_jax.train.state import setup_state

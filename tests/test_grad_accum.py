@@ -5,11 +5,12 @@ import numpy as np
 import optax
 from flax import nnx
 
-from cig_jax.config import LLMConfig
+from cig_jax.config_model import LLMConfig
 from cig_jax.data.lm_smoke import permutation_walk
 from cig_jax.models.llm import LLM
 from cig_jax.train.stages import lm_loss
-from cig_jax.train.trainer import TrainState, make_train_step
+from cig_jax.train.state import TrainState
+from cig_jax.train.trainer import make_train_step
 
 CFG = LLMConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                 remat_policy="none")

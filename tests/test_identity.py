@@ -14,11 +14,8 @@ onnx = pytest.importorskip("onnx")
 
 from cig_jax.faces import identity  # noqa: E402
 from cig_jax.faces.align import align_face, arcface_template, umeyama_similarity  # noqa: E402
-from cig_jax.faces.identity import (  # noqa: E402
-    IdentityEmbedder,
-    IdentityModelNotFoundError,
-    make_identity_embedder,
-)
+from cig_jax.faces.backends import make_identity_embedder  # noqa: E402
+from cig_jax.faces.identity import IdentityEmbedder, IdentityModelNotFoundError  # noqa: E402
 
 # insightface.utils.face_align calls skimage's deprecated SimilarityTransform.estimate.
 pytestmark = pytest.mark.filterwarnings("ignore:`estimate` is deprecated:FutureWarning")

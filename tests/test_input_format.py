@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from cig_jax.data import messages, schema
+from cig_jax.data import schema_io
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = json.loads((ROOT / "cig_jax" / "data" / "conversation.schema.json").read_text())
@@ -18,7 +19,7 @@ EXAMPLE = json.loads((ROOT / "examples" / "two_friends.json").read_text())
 
 def _ours_accepts(d) -> bool:
     try:
-        schema.validate(schema.conversation_from_dict(d), check_images=False)
+        schema.validate(schema_io.conversation_from_dict(d), check_images=False)
         return True
     except schema.SchemaError:
         return False
@@ -120,7 +121,7 @@ def test_messages_form_reads_as_the_same_conversation(tmp_path):
         {"user_text": "Compare <image> with her.", "user_images": ["x.png"], "assistant_text": "Here.",
          "assistant_image": "ann.png"},
         {"user_text": "Now at the beach."}]}
-    expected = schema.conversation_from_dict(ours, base_dir=tmp_path)
+    expected = schema_io.conversation_from_dict(ours, base_dir=tmp_path)
     assert [(r.user_text, r.assistant_text, len(r.user_images), r.pending) for r in conv.rounds] == \
         [(r.user_text, r.assistant_text, len(r.user_images), r.pending) for r in expected.rounds]
     assert schema.pending_rounds(conv) == [2]

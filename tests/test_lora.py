@@ -9,7 +9,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from cig_jax.config import LLMConfig
+from cig_jax.config_model import LLMConfig
 from cig_jax.convert.hf_llm import config_to_hf, hf_to_ours, llm_from_params
 from cig_jax.convert.peft import peft_to_ours
 from cig_jax.data.lm_smoke import permutation_walk

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cig_jax.config import ConfigError, check, load_config
+from cig_jax.config import check
+from cig_jax.config_base import ConfigError
+from cig_jax.config_io import load_config
 from cig_jax.data.chat_template import IMAGE_QUERY, INPUT_IMAGE, ChatTemplate, build_tiny_tokenizer, pad_to
 from cig_jax.data.schema import Conversation, Image, Round
 from cig_jax.models.llm import KVCache

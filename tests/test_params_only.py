@@ -10,7 +10,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from cig_jax.config import from_dict, Config
+from cig_jax.config import Config
+from cig_jax.config_base import from_dict
 from cig_jax.sample.session import ChatSession, default_mesh
 from cig_jax.train import trainer
 from cig_jax.train.checkpoint import Checkpointer, load_trained, read_config
@@ -52,8 +53,8 @@ def test_checkpoint_without_optimizer_state_samples_and_chains(tiny_run, tmp_pat
     assert all(np.array_equal(got[p], full_model[p]) for p in got)
     a = ChatSession.from_checkpoint(tiny_run, identity_embedder=False)
     b = ChatSession.from_checkpoint(stripped, identity_embedder=False)
-    ra = a.round("Draw Maya at the beach.", seed=3, max_new_tokens=3, num_steps=2, force_image=True)
-    rb = b.round("Draw Maya at the beach.", seed=3, max_new_tokens=3, num_steps=2, force_image=True)
+    ra = a.round("Draw Maya at the beach.", seed=3, options=a.options(max_new_tokens=3, num_steps=2, force_image=True))
+    rb = b.round("Draw Maya at the beach.", seed=3, options=b.options(max_new_tokens=3, num_steps=2, force_image=True))
     assert ra.text == rb.text
     np.testing.assert_array_equal(np.asarray(ra.image), np.asarray(rb.image))
 

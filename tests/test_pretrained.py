@@ -21,7 +21,9 @@ import torch
 from flax import nnx
 
 from cig_jax import sharding
-from cig_jax.config import ConfigError, MeshConfig, load_config
+from cig_jax.config import MeshConfig
+from cig_jax.config_base import ConfigError
+from cig_jax.config_io import load_config
 from cig_jax.convert import diffusers as dc
 from cig_jax.convert import hf_llm, hf_vit
 from cig_jax.convert.checkpoint_io import CheckpointError

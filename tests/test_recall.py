@@ -10,6 +10,7 @@ import pytest
 
 from cig_jax.data import names as name_pool
 from cig_jax.data import schema, synthetic
+from cig_jax.data import schema_io
 from cig_jax.data.recall import DESCRIBE_P, MAX_DISTANCE, MAX_ROUNDS, MIN_ROUNDS, plan_conversation, restored_look
 from cig_jax.data.world import ATTRIBUTES
 
@@ -221,7 +222,7 @@ def test_rendered_records_validate_and_keep_ground_truth_through_json_and_record
             if "restores_round" in rnd.metadata:
                 x = rnd.metadata["rollback"]["name"]
                 assert restored_look(c, r) == next(p.attributes for p in rnd.assistant_image.people if p.name == x)
-        back = schema.save_conversation(c, tmp_path / f"{c.id}.json")
+        back = schema_io.save_conversation(c, tmp_path / f"{c.id}.json")
         assert json.loads(json.dumps([r.metadata for r in back.rounds])) == [r.metadata for r in c.rounds]
         assert back.metadata == c.metadata
         example = tfds_builder.conversation_to_example(c)  # images as stored (PNG), decoded as tfds reads them

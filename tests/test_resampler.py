@@ -8,7 +8,7 @@ import pytest
 import torch
 from flax import nnx
 
-from cig_jax.config import ResamplerConfig
+from cig_jax.config_model import ResamplerConfig
 from cig_jax.models.resampler import Resampler, resize_grid, sincos_2d
 
 

@@ -16,6 +16,7 @@ import pytest
 from PIL import Image as PILImage
 
 from cig_jax.data import schema
+from cig_jax.data import schema_io
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "two_friends.json"
@@ -67,7 +68,7 @@ def test_sigkill_mid_batch_then_skip_existing_matches_a_straight_run(tiny_run, t
     finished = sorted(p.name for p in killed.glob("conv*.json"))
     assert 1 <= len(finished) < 4, finished  # killed mid-batch
     for name in finished:  # every JSON on disk is a complete, readable conversation with its images
-        conv = schema.load_conversation(killed / name)
+        conv = schema_io.load_conversation(killed / name)
         assert not schema.pending_rounds(conv) and all(r.assistant_image is not None for r in conv.rounds)
 
     main = _sample_main()
@@ -86,7 +87,7 @@ def test_num_images_draws_candidates_with_their_parameters_in_the_pngs(tiny_run,
     rc = _sample_main()(["--checkpoint", str(tiny_run), "--chat", str(tmp_path / "in" / EXAMPLE.name), "--out",
                          str(out), "--num-images", "3", "--seed", "5"] + ARGS)
     assert rc == 0
-    conv = schema.load_conversation(out / EXAMPLE.name)
+    conv = schema_io.load_conversation(out / EXAMPLE.name)
     for r, rnd in enumerate(conv.rounds):
         sample = rnd.metadata["sample"]
         cands = sample["candidates"]

@@ -7,9 +7,9 @@ import pytest
 import torch
 from flax import nnx
 
-from cig_jax.config import LLMConfig, MLLMConfig, ModelConfig, ResamplerConfig, ViTConfig
+from cig_jax.config_model import LLMConfig, MLLMConfig, ModelConfig, ResamplerConfig, ViTConfig
 from cig_jax.convert.checkpoint_io import CheckpointError
-from cig_jax.convert.seedx import (_vit_names, model_params, mllm_from_seedx, ours_to_seedx, seedx_shapes,
+from cig_jax.convert.seedx import (vit_names, model_params, mllm_from_seedx, ours_to_seedx, seedx_shapes,
                                    seedx_to_ours)
 from cig_jax.models.mllm import MLLM
 from cig_jax.models.resampler import sincos_2d
@@ -84,7 +84,7 @@ def test_qwen_per_head_in_proj_and_conv_layouts_match_torch_math():
 
 
 def test_vit_file_prefixes_are_normalised():
-    assert set(_vit_names({"conv1.weight": 0, "transformer.visual.proj": 1, "visual.ln_pre.bias": 2})) == {
+    assert set(vit_names({"conv1.weight": 0, "transformer.visual.proj": 1, "visual.ln_pre.bias": 2})) == {
         "visual.conv1.weight", "visual.proj", "visual.ln_pre.bias"}
 
 

@@ -17,6 +17,7 @@ from flax import nnx
 from PIL import Image as PILImage
 
 from cig_jax.data import schema
+from cig_jax.data import schema_io
 from cig_jax.data.chat_template import BOI, IMAGE_QUERY, mllm_special_tokens
 from cig_jax.data.pipeline import preprocess_image
 from cig_jax.sample.session import ChatSession, ContextOverflowError
@@ -138,7 +139,7 @@ def test_cached_round_equals_full_recompute(session):
     drawn = 0
     for r, (text, images, force) in enumerate(spec):
         before = session.history
-        res = session.round(text, images, seed=r, force_image=force, max_new_tokens=5)
+        res = session.round(text, images, seed=r, options=session.options(force_image=force, max_new_tokens=5))
         if ref.check(res, before, text, images, 5, force, f"round {r}") is not None:
             assert res.image.dtype == np.uint8 and res.image.shape == (32, 32, 3)
             drawn += 1
@@ -195,7 +196,7 @@ def test_a_round_encodes_only_its_new_tokens(session, monkeypatch):
     for r, (text, images, force, max_new) in enumerate(spec):
         before, history = list(session.cache.tokens[0]), session.history
         seen.update(text=[], fed=0, vit=0, decoded=[])
-        res = session.round(text, images, seed=r, force_image=force, max_new_tokens=max_new)
+        res = session.round(text, images, seed=r, options=session.options(force_image=force, max_new_tokens=max_new))
         after = session.cache.tokens[0]
         # the rounds up to the last one answered with an image (its image block is special tokens, which split
         # the text: later text is tokenized on its own); a text-only answer's end may still merge with the next
@@ -224,21 +225,21 @@ def test_drawn_image_is_seen_by_later_rounds(session):
     """Round 1's drawing goes back into the cache: replaying the same history gives the same round 3, and
     changing only round 1's image changes round 3, which names the person drawn there."""
     session.reset()
-    session.round("Draw Julian in the park.", seed=1, force_image=True)
+    session.round("Draw Julian in the park.", seed=1, options=session.options(force_image=True))
     session.round("Who wears a hat?", seed=2)
-    third = session.round("Now show Julian from the first picture at the beach.", seed=3, force_image=True)
+    third = session.round("Now show Julian from the first picture at the beach.", seed=3, options=session.options(force_image=True))
     history = session.history
 
     other = session.with_batch_size(1)
     other.replay(dataclasses.replace(history, rounds=history.rounds[:2]))
-    again = other.round("Now show Julian from the first picture at the beach.", seed=3, force_image=True)
+    again = other.round("Now show Julian from the first picture at the beach.", seed=3, options=other.options(force_image=True))
     np.testing.assert_allclose(again.visual_embeddings, third.visual_embeddings, atol=1e-5)
     assert again.tokens == third.tokens
 
     changed = copy.deepcopy(history)
     changed.rounds[0].assistant_image = schema.Image(pixels=255 - history.rounds[0].assistant_image.pixels)
     other.replay(dataclasses.replace(changed, rounds=changed.rounds[:2]))
-    moved = other.round("Now show Julian from the first picture at the beach.", seed=3, force_image=True)
+    moved = other.round("Now show Julian from the first picture at the beach.", seed=3, options=other.options(force_image=True))
     assert np.abs(moved.visual_embeddings - third.visual_embeddings).max() > 1e-3
     other.flush()
     enc = other.template.encode(other.history, add_generation_prompt=False)
@@ -271,13 +272,13 @@ def test_overflow_is_an_error_or_drops_oldest_text_rounds_explicitly(session, ca
     strict = _sibling(session)
     strict.replay(history)
     with pytest.raises(ContextOverflowError, match=r"long.*rounds\[3\].*KV-cache slots.*drop_oldest"):
-        strict.round(prompt.user_text, seed=3, max_new_tokens=max_new)
+        strict.round(prompt.user_text, seed=3, options=strict.options(max_new_tokens=max_new))
     assert len(strict.history.rounds) == 3  # a failed round leaves the history as it was
 
     dropping = _sibling(session, overflow="drop_oldest")
     dropping.replay(history)
     with caplog.at_level("WARNING"):
-        res = dropping.round(prompt.user_text, seed=3, max_new_tokens=max_new)
+        res = dropping.round(prompt.user_text, seed=3, options=dropping.options(max_new_tokens=max_new))
     assert res.dropped_rounds == [0] and "rounds[0] (text only) left out of the cache" in caplog.text
     assert dropping.history.rounds[-1].metadata["sample"]["dropped_rounds"] == [0]
     assert len(dropping.history.rounds) == 4  # the history itself keeps every round
@@ -309,8 +310,8 @@ def single_run(ckpt, tmp_path_factory):
 def test_sample_cli_writes_images_history_and_transcript(single_run):
     chat, before, out = single_run
     assert chat.read_bytes() == before  # the input is never modified
-    done = schema.load_conversation(out / chat.name)  # validates; every image file is readable
-    original = schema.load_conversation(chat)
+    done = schema_io.load_conversation(out / chat.name)  # validates; every image file is readable
+    original = schema_io.load_conversation(chat)
     assert len(done.rounds) == 3 and not schema.pending_rounds(done)
     assert [r.user_text for r in done.rounds] == [r.user_text for r in original.rounds]
     assert [p.name for p in done.people] == [p.name for p in original.people]
@@ -343,9 +344,9 @@ def test_sample_cli_batches_jsonl_over_the_mesh_like_single_runs(ckpt, single_ru
                          "--devices", "2", "--batch-size", "2", "--no-progress", "--max-new-tokens", "4",
                          "--force-image"])
     assert rc == 0
-    alone = schema.with_pixels(schema.load_conversation(single_out / "two_friends.json"))
-    batched = schema.with_pixels(schema.load_conversation(out / f"{first['id']}.json"))
-    assert schema.load_conversation(out / "two_friends_b.json").rounds[1].user_text == "Show Maya in the snow."
+    alone = schema.with_pixels(schema_io.load_conversation(single_out / "two_friends.json"))
+    batched = schema.with_pixels(schema_io.load_conversation(out / f"{first['id']}.json"))
+    assert schema_io.load_conversation(out / "two_friends_b.json").rounds[1].user_text == "Show Maya in the snow."
     for a, b in zip(alone.rounds, batched.rounds):
         assert a.assistant_text == b.assistant_text
         assert (a.assistant_image is None) == (b.assistant_image is None)
@@ -363,7 +364,7 @@ def test_sample_cli_interactive_saves_after_every_round(ckpt, tmp_path, monkeypa
     printed = capsys.readouterr().out
     assert rc == 0 and printed.count("assistant> ") == 2
     assert printed.count("'/help' shows this") == 2 and "unknown command /bogus" in printed  # answered here
-    chat = schema.load_conversation(out / "chat.json")
+    chat = schema_io.load_conversation(out / "chat.json")
     assert [r.user_text for r in chat.rounds] == ["Draw Maya at the beach.", "This is Maya. Show her in the snow."]
     assert len(chat.rounds[1].user_images) == 1 and all(r.assistant_image is not None for r in chat.rounds)
     assert (out / "transcript.html").is_file()

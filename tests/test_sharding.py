@@ -6,7 +6,8 @@ import pytest
 from flax import nnx
 
 from cig_jax import sharding
-from cig_jax.config import LLMConfig, MeshConfig
+from cig_jax.config import MeshConfig
+from cig_jax.config_model import LLMConfig
 from cig_jax.models.llm import LLM, next_token_loss
 
 CFG = LLMConfig(vocab_size=512, hidden_size=128, intermediate_size=512, num_layers=2, num_heads=4,
@@ -115,12 +116,12 @@ def test_host_to_global_assembles_the_batch():
 def test_optimizer_state_is_sharded_like_its_parameters():
     import optax
 
-    from cig_jax.train import trainer
+    from cig_jax.train import state as train_state
 
     mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
     model = LLM(CFG, rngs=nnx.Rngs(0))
     _, params, _ = nnx.split(model, nnx.Param, ...)
-    state, _ = trainer.init_state(params, optax.adamw(1e-3), mesh, RULES)
+    state, _ = train_state.init_state(params, optax.adamw(1e-3), mesh, RULES)
     mu = state.opt_state[0].mu
     assert sharding.unsharded_large_params(mu) == []
     assert mu.layers.mlp.up_proj.kernel.value.sharding.spec == state.params.layers.mlp.up_proj.kernel.value.sharding.spec

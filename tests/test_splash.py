@@ -10,7 +10,8 @@ import pytest
 from flax import nnx
 
 from cig_jax import sharding
-from cig_jax.config import LLMConfig, MeshConfig
+from cig_jax.config import MeshConfig
+from cig_jax.config_model import LLMConfig
 from cig_jax.models import dit, layers
 from cig_jax.models.llm import LLM
 

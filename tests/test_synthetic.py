@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from cig_jax.data import schema, synthetic
+from cig_jax.data import schema_io
 from cig_jax.data.synthetic import ALL_KINDS, ATTRIBUTES, KINDS, describe, make_conversation
 
 
@@ -100,7 +101,7 @@ def test_cli_writes_loadable_conversations_and_contact_sheet(tmp_path):
     synthetic.main(["--out", str(tmp_path), "--num", "8", "--seed", "2"])
     files = sorted((tmp_path / "conversations").glob("*.json"))
     assert len(files) == 8 and (tmp_path / "contact_sheet.png").is_file()
-    loaded = schema.with_pixels(schema.load_conversation(files[5]))
+    loaded = schema.with_pixels(schema_io.load_conversation(files[5]))
     ref = make_conversation(synthetic.kind_of(5), 2, 5)
     assert [np.array_equal(a.pixels, b.pixels) for a, b in zip(_images(loaded), _images(ref))] == [True] * len(_images(ref))
 

@@ -14,8 +14,11 @@ import pytest
 from flax import nnx
 
 from cig_jax import sharding
-from cig_jax.config import MeshConfig, load_config
+from cig_jax.config import MeshConfig
+from cig_jax.config_io import load_config
 from cig_jax.train import trainer
+from cig_jax.train import checkpoint as train_checkpoint
+from cig_jax.train import state as train_state
 from cig_jax.train.checkpoint import CheckpointMismatchError
 from cig_jax.train.stages import build_task
 
@@ -46,7 +49,7 @@ def _fingerprints(workdir):
 def _params(workdir):
     cfg = load_config(SMOKE, [f"train.workdir={workdir}", f"train.steps={STEPS}"])
     mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
-    model = trainer.load_trained(cfg, mesh=mesh)
+    model = train_checkpoint.load_trained(cfg, mesh=mesh)
     return {p: np.asarray(v.value) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
@@ -215,14 +218,14 @@ def test_checkpoint_restores_on_other_meshes(tmp_path):
     cfg = load_config(SMOKE, overrides)
     trainer.run(cfg)
     saved_mesh = sharding.make_mesh(cfg.mesh)
-    ref = trainer.load_trained(cfg, mesh=saved_mesh)
+    ref = train_checkpoint.load_trained(cfg, mesh=saved_mesh)
     ref_params = {p: np.asarray(v.value) for p, v in nnx.to_flat_state(nnx.state(ref, nnx.Param))}
     kernel = ref.layers.mlp.up_proj.kernel.value
     assert not kernel.sharding.is_fully_replicated
 
     for mesh in (sharding.make_mesh(MeshConfig(data=1, fsdp=2, tensor=2), jax.devices()[:4]),
                  sharding.make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])):
-        model = trainer.load_trained(cfg, mesh=mesh)
+        model = train_checkpoint.load_trained(cfg, mesh=mesh)
         got = {p: v.value for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
         for p, v in got.items():
             assert set(v.sharding.device_set) <= set(mesh.devices.flat)
@@ -230,7 +233,7 @@ def test_checkpoint_restores_on_other_meshes(tmp_path):
 
 
 def test_overrides_read_numbers_as_yaml_1_1_does_not():
-    from cig_jax.config import ConfigError
+    from cig_jax.config_base import ConfigError
 
     # PyYAML reads '5e-4' (an exponent without a dot) as a string; a float field takes it as the number
     cfg = load_config(SMOKE, ["optimizer.learning_rate=5e-4", "optimizer.b2=0.95"])
@@ -303,8 +306,8 @@ def overfit_runs(tmp_path_factory):
         task = build_task(cfg)
         batch = sharding.host_to_global(next(iter(task.make_dataset(0, 1))), mesh, rules)
         _, params, frozen = nnx.split(nnx.merge(graphdef, initial), task.trainable, ...)
-        tx = trainer.make_optimizer(cfg.optimizer, cfg.train.steps)
-        state, shardings = trainer.init_state(params, tx, mesh, rules, frozen)
+        tx = train_state.make_optimizer(cfg.optimizer, cfg.train.steps)
+        state, shardings = train_state.init_state(params, tx, mesh, rules, frozen)
         step_fn = trainer.make_train_step(graphdef, tx, task.loss_fn, 1, cfg.train.seed)
         with sharding.activation_sharding(mesh, rules):
             step = trainer.compile_step(step_fn, state, batch, shardings, jax.tree.map(lambda x: x.sharding, batch),
@@ -317,7 +320,7 @@ def overfit_runs(tmp_path_factory):
         final_params, final_frozen = _flat(state.params), _flat(state.frozen)
         # the loss at the trained parameters under step 0's key (the same draws as the first step's loss)
         step0 = jax.device_put(np.zeros((), np.int32), shardings.step)
-        _, metrics = step(trainer.TrainState(state.params, state.opt_state, step0, state.frozen), batch)
+        _, metrics = step(train_state.TrainState(state.params, state.opt_state, step0, state.frozen), batch)
         runs[stage] = dict(initial=initial_flat, params=_flat(params), frozen=_flat(frozen),
                            final_params=final_params, final_frozen=final_frozen, losses=losses,
                            before=losses[0], after=float(metrics["loss"]))
@@ -385,8 +388,8 @@ def test_stages_chain_through_init_from(tmp_path, monkeypatch):
     assert "[init] whole model from the latest checkpoint" in out.stdout
 
     mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
-    model1 = trainer.load_trained(_stage_cfg("detokenizer", f"train.workdir={s1}", *CHAIN), mesh=mesh)
-    model2 = trainer.load_trained(_stage_cfg("personalize", f"train.workdir={s2}", *CHAIN), mesh=mesh)
+    model1 = train_checkpoint.load_trained(_stage_cfg("detokenizer", f"train.workdir={s1}", *CHAIN), mesh=mesh)
+    model2 = train_checkpoint.load_trained(_stage_cfg("personalize", f"train.workdir={s2}", *CHAIN), mesh=mesh)
     part = lambda model, module: _flat(nnx.state(module(model), nnx.Param))  # noqa: E731
     for module, carried in [(lambda m: m.detokenizer, True),  # trained by stage 1, frozen by stage 2
                             (lambda m: m.mllm.vit, True),  # frozen in both

@@ -11,7 +11,9 @@ from PIL import Image as PILImage
 from PIL import ImageDraw, ImageFilter
 
 from cig_jax.data import schema, video
+from cig_jax.data import schema_io
 from cig_jax.data.video import Frame, build_from_videos, process_clip
+from cig_jax.faces.backends import BACKENDS
 from cig_jax.faces.identity import Face
 
 FPS = 10  # rendered clip
@@ -115,7 +117,7 @@ def render_clip(path: Path, schedule, frames: int) -> list:
 @pytest.fixture(scope="module")
 def dlib_embedder():
     pytest.importorskip("dlib")
-    from cig_jax.faces.identity import make_identity_embedder
+    from cig_jax.faces.backends import make_identity_embedder
 
     return make_identity_embedder("dlib")
 
@@ -137,7 +139,7 @@ def test_two_person_clip_becomes_three_rounds_with_the_right_people(built):
     report, visible, out = built
     (res,) = [r for r in report.results if r.clip == "pair.mp4"]
     assert res.kept, res.detail
-    conv = schema.load_conversation(res.path)
+    conv = schema_io.load_conversation(res.path)
     assert (conv.kind, conv.source, len(conv.rounds)) == ("name_based", "video:pair.mp4", 3)
     a_name, b_name = [p.name for p in conv.people]
     assert conv.rounds[0].introduces == [a_name, b_name]
@@ -161,8 +163,8 @@ def test_two_person_clip_becomes_three_rounds_with_the_right_people(built):
         assert on[0] / FPS - 0.3 <= stats["first_s"] <= on[0] / FPS + 0.3
         assert on[-1] / FPS - 0.3 <= stats["last_s"] <= on[-1] / FPS + 0.3
         assert stats["detections"] >= 0.8 * len(on) * SAMPLE_FPS / FPS
-        assert stats["min_similarity_to_mean"] > video.IDENTITY_THRESHOLDS["dlib"]
-    assert conv.metadata["identity_similarity"] < video.IDENTITY_THRESHOLDS["dlib"]
+        assert stats["min_similarity_to_mean"] > BACKENDS["dlib"].same_person
+    assert conv.metadata["identity_similarity"] < BACKENDS["dlib"].same_person
 
 
 def test_single_person_and_broken_clips_are_dropped_with_reasons(built):
@@ -347,7 +349,7 @@ def test_video_record_carries_each_persons_embedding_close_to_their_photo(built,
     to the other person's."""
     report, _, _ = built
     (res,) = [r for r in report.results if r.clip == "pair.mp4"]
-    conv = schema.load_conversation(res.path)
+    conv = schema_io.load_conversation(res.path)
     photo = np.asarray(_t1())
     faces = dlib_embedder.detect(photo)
 

@@ -23,8 +23,9 @@ import zipfile
 from pathlib import Path
 from typing import Optional
 
-from cig_jax.data import messages, schema
+from cig_jax.data import messages, schema, schema_io
 from cig_jax.sample.session import ChatSession, ContextOverflowError
+from cig_jax.sample.transcript import write_transcript
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +127,9 @@ class AppChat:
                 return self._notice("Type a message or attach an image.")
             params = dict(seed=int(seed), visual_scale=visual_scale, identity_scale=identity_scale,
                           num_steps=None if not num_steps else int(num_steps), force_image=bool(force_image))
-            result = self.session.round(text, images, **params)
+            options = self.session.options(visual_scale=visual_scale, identity_scale=identity_scale,
+                                           num_steps=params["num_steps"], force_image=bool(force_image))
+            result = self.session.round(text, images, seed=int(seed), options=options)
         except (schema.SchemaError, ContextOverflowError) as e:
             return self._notice(str(e))
         except Exception as e:  # noqa: BLE001 - the page shows a message; the session stays usable
@@ -230,13 +233,11 @@ class AppChat:
     def export(self) -> list:
         """Writes the history (chat.json + images/), transcript.html and chat.zip (all of them); returns the
         paths [chat.json, transcript.html, chat.zip]."""
-        from cig_jax.sample.transcript import write_transcript
-
         self._n += 1
         out = self.folder / f"export_{self._n}"
         conv = self.session.history
         conv.kind, conv.source = "chat", "app.py"
-        saved = schema.save_conversation(conv, out / "chat.json")
+        saved = schema_io.save_conversation(conv, out / "chat.json")
         page = write_transcript(out / "transcript.html", [saved], title="Chat")
         archive = out / "chat.zip"
         with zipfile.ZipFile(archive, "w") as z:

@@ -17,6 +17,9 @@ import tempfile
 from pathlib import Path
 
 from cig_jax import cli
+from cig_jax.config import override_config
+from cig_jax.sample.session import ChatSession
+from cig_jax.train.checkpoint import saved_config
 
 
 def main(argv=None) -> int:
@@ -32,13 +35,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if not Path(args.checkpoint).is_dir():
         return cli.fail(prog, f"--checkpoint {args.checkpoint}: checkpoint directory not found")
-    from cig_jax.config import override_config
-    from cig_jax.train.trainer import saved_config
 
     cfg = override_config(saved_config(args.checkpoint, source="checkpoint"), args.overrides, "--set")
     cli.require("gradio", "app", "the web app")
     from cig_jax.app.ui import launch  # gradio: the 'app' extra, checked above
-    from cig_jax.sample.session import ChatSession
 
     base = ChatSession.from_checkpoint(args.checkpoint, config=cfg, step=args.step, max_len=args.max_len)
     root = args.files or tempfile.mkdtemp(prefix="cig_app_")

@@ -70,7 +70,7 @@ def main(argv=None) -> dict:
 
     # jax (and all that imports it) only now: the simulated device count above must be set first
     from cig_jax import sharding
-    from cig_jax.config import load_config, load_yaml_tree
+    from cig_jax.config_io import load_config, load_yaml_tree
     from cig_jax.train.compile import compile_train_step
 
     execution = [f"model.{part}.{field}={value}" for field, value in (("attention_impl", args.attention),

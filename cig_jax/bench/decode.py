@@ -4,7 +4,7 @@ COMMAND: python -m cig_jax.bench.decode                 # demo LLM + a 6x512 LLa
          python -m cig_jax.bench.decode --new-tokens 128 --prompt 64 --repeats 5
 Both sides decode greedily from the same random prompt for the same number of tokens (no stop token) with the
 same weights (ours exported as a Hugging Face checkpoint and loaded by transformers, fp32): ours is a prefill
-plus `decode._decode_loop` (the loop `ChatSession.round` runs: one jitted `lax.while_loop` over a KV cache view
+plus `decode.decode_loop` (the loop `ChatSession.round` runs: one jitted `lax.while_loop` over a KV cache view
 cut to the filled part), theirs `model.generate(..., do_sample=False, use_cache=True)` on CPU (the header says
 where ours runs). The generated tokens must be equal or the command exits 1 (`CIG_BENCH_PERTURB=0.1` perturbs
 our first layers' norm: it must exit 1). Prints one row per (model, batch): tokens/s of each (new tokens x batch
@@ -24,6 +24,12 @@ import numpy as np
 
 from cig_jax import cli
 from cig_jax.bench.common import NotEqualWork, perturbation, ratio_stats, time_interleaved
+from cig_jax.config_io import load_config
+from cig_jax.config_model import LLMConfig
+from cig_jax.convert.hf_llm import save_hf_llm
+from cig_jax.models.llm import KVCache, LLM
+from cig_jax.sample.cache import unview, view, view_len
+from cig_jax.sample.decode import decode_loop
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -41,8 +47,6 @@ def parse(argv=None):
 
 
 def _configs(names):
-    from cig_jax.config import LLMConfig, load_config
-
     out = {}
     for name in names:
         if name == "demo":
@@ -60,10 +64,6 @@ def _ours(model, prompt: np.ndarray, new: int):
     import jax
     import jax.numpy as jnp
     from flax import nnx
-
-    from cig_jax.models.llm import KVCache
-    from cig_jax.sample.cache import unview, view, view_len
-    from cig_jax.sample.decode import _decode_loop
 
     graph, state = nnx.split(model)  # the GraphDef is hashable (frozen configs): a jit static argument
     b, p = prompt.shape
@@ -84,7 +84,7 @@ def _ours(model, prompt: np.ndarray, new: int):
     def run():
         kv = KVCache.init(model.cfg, b, capacity)
         logits, kv = prefill(graph, state, ids, kv)
-        out, *_ = _decode_loop(graph, "llm", n_view, new, 0.0, 1.0, (), state, kv, logits, seeds, banned,
+        out, *_ = decode_loop(graph, "llm", n_view, new, 0.0, 1.0, (), state, kv, logits, seeds, banned,
                                jnp.int32(-1), jnp.int32(-1))
         return np.asarray(jax.device_get(out))
 
@@ -114,9 +114,6 @@ def main(argv=None) -> list:
     a = parse(argv)
     import jax
     from flax import nnx
-
-    from cig_jax.convert.hf_llm import save_hf_llm
-    from cig_jax.models.llm import LLM
 
     threads = a.threads or os.cpu_count()
     batches = [int(x) for x in a.batches.split(",")]

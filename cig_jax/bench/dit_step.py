@@ -29,6 +29,10 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from cig_jax.convert.diffusers import load_pixart  # noqa: E402
+from cig_jax.train import trainer  # noqa: E402
+from cig_jax.train.flops import FORMULA, module_flops  # noqa: E402
+
 
 def parse(argv=None):
     p = cli.parser(cli.prog(module="cig_jax.bench.dit_step"), __doc__)
@@ -78,8 +82,6 @@ def torch_model(a):
 
 
 def bench_ours(a, path, batch):
-    from cig_jax.convert.diffusers import load_pixart
-
     model = load_pixart(path, scan_layers=a.scan, remat_policy=a.remat, dtype=a.dtype,
                         attention_impl=a.attention)
     graphdef, params = nnx.split(model, nnx.Param)
@@ -109,7 +111,6 @@ def bench_ours(a, path, batch):
 
     loss0 = run()  # the warm-up
     n = sum(x.size for x in jax.tree.leaves(params))
-    from cig_jax.train.flops import module_flops
 
     def flops_loss(m, bb):
         pred = m(bb["latents"], bb["timesteps"], bb["cond"])
@@ -166,8 +167,6 @@ def main(argv=None):
     print(f"ours : {ours['steps_per_s']:.3f} steps/s (median of {a.steps}; compile {ours['compile_s']:.1f}s, first "
           f"loss {ours['first_loss']:.6f}, {ours['params'] / 1e6:.1f}M params, dtype {a.dtype}, remat {a.remat}, "
           f"attention {a.attention or 'default'}, blocks {'scanned' if a.scan else 'unrolled'})")
-    from cig_jax.train import trainer
-    from cig_jax.train.flops import FORMULA
 
     fl = ours["flops"]
     achieved = fl.total * ours["steps_per_s"] / 1e12

@@ -31,7 +31,13 @@ import numpy as np
 import optax
 from flax import nnx
 
-from cig_jax import cli
+from cig_jax import cli, sharding
+from cig_jax.config_io import load_config
+from cig_jax.config_model import DiTConfig
+from cig_jax.models.dit import DiT
+from cig_jax.train import state as train_state, trainer
+from cig_jax.train.flops import module_flops, task_flops
+from cig_jax.train.stages import build_task
 
 STAGE2_VARIANTS = [  # (name, config overrides, optimizer first-moment dtype)
     ("baseline", [], None),
@@ -82,12 +88,6 @@ def make_tx(lr: float, mu_dtype):
 # Stage 2
 # ----------------------------------------------------------------------------------------------------------
 def run_stage2(name: str, overrides: list, mu_dtype, args, peak, host_batches: dict) -> dict:
-    from cig_jax import sharding
-    from cig_jax.config import load_config
-    from cig_jax.train import trainer
-    from cig_jax.train.flops import task_flops
-    from cig_jax.train.stages import build_task
-
     sets = ["data.source=synthetic", "data.num_records=64", f"train.workdir={args.workdir}"] + overrides + (
         TINY_STAGE2 if args.tiny else [])
     cfg = load_config(args.stage2_config if not args.tiny else "configs/stage2_personalize.yaml", sets)
@@ -100,7 +100,7 @@ def run_stage2(name: str, overrides: list, mu_dtype, args, peak, host_batches: d
     model = sharding.create_sharded(task.make_model, mesh, rules)
     graphdef, params, frozen = nnx.split(model, task.trainable, ...)
     tx = make_tx(1e-5, mu_dtype and jnp.dtype(mu_dtype))
-    state, state_sh = trainer.init_state(params, tx, mesh, rules, frozen if jax.tree.leaves(frozen) else None)
+    state, state_sh = train_state.init_state(params, tx, mesh, rules, frozen if jax.tree.leaves(frozen) else None)
     batch = sharding.host_to_global(host_batches[gb], mesh, rules)
     step = trainer.make_train_step(graphdef, tx, task.loss_fn, cfg.train.grad_accum_steps, cfg.train.seed,
                                    weight_by=task.accum_weight)
@@ -121,8 +121,6 @@ def run_stage2(name: str, overrides: list, mu_dtype, args, peak, host_batches: d
 # DiT
 # ----------------------------------------------------------------------------------------------------------
 def dit_config(args, **fields):
-    from cig_jax.config import DiTConfig
-
     if args.tiny:
         size = dict(num_layers=2, num_heads=4, head_dim=16, sample_size=16, caption_channels=32)
         cond = (8, 32)
@@ -141,9 +139,6 @@ def dit_loss(model, batch):
 
 
 def run_dit(name: str, fields: dict, batch_size: int, args, peak) -> dict:
-    from cig_jax.models.dit import DiT
-    from cig_jax.train.flops import module_flops
-
     cfg, (nc, dc) = dit_config(args, **fields)
     b = 2 if args.tiny else batch_size
     side = cfg.sample_size
@@ -183,8 +178,6 @@ def run_dit(name: str, fields: dict, batch_size: int, args, peak) -> dict:
 
 
 def main(argv=None) -> list:
-    from cig_jax.train import trainer
-
     ap = cli.parser(cli.prog(module="cig_jax.bench.gpu_step"), __doc__.split("\n\n")[0])
     ap.add_argument("--suite", action="append", choices=["stage2", "dit"], help="repeatable (default: both)")
     ap.add_argument("--only", default=None, help="run only the variants whose name contains this text")

@@ -28,8 +28,13 @@ from pathlib import Path
 import numpy as np
 from flax import nnx
 
-from cig_jax import cli
+from cig_jax import cli, sharding
 from cig_jax.bench.common import NotEqualWork, perturbation, ratio_stats
+from cig_jax.config_io import load_config
+from cig_jax.data import synthetic
+from cig_jax.data.chat_template import ChatTemplate, build_tiny_tokenizer
+from cig_jax.models.cig import CIGModel
+from cig_jax.sample.session import ChatSession, default_mesh
 
 VISUAL_ATOL = 1e-4  # the same computation in a different order: ~1e-6 in fp32
 
@@ -54,8 +59,6 @@ def parse(argv=None):
 
 def conversation(rounds: int, size: int, seed: int = 0) -> list:
     """(user text, face reference) per round: a new drawn person each time, drawn somewhere."""
-    from cig_jax.data import synthetic
-
     rng = np.random.default_rng(seed)
     out = []
     for r in range(rounds):
@@ -71,12 +74,6 @@ def main(argv=None) -> None:
     a = parse(argv)
     import jax
 
-    from cig_jax import sharding
-    from cig_jax.config import load_config
-    from cig_jax.data.chat_template import ChatTemplate, build_tiny_tokenizer
-    from cig_jax.models.cig import CIGModel
-    from cig_jax.sample.session import ChatSession, default_mesh
-
     h = a.llm_hidden
     cfg = load_config(ROOT / "configs" / "model" / "demo.yaml", [
         f"model.llm.hidden_size={h}", f"model.llm.num_layers={a.llm_layers}", f"model.llm.num_heads={a.llm_heads}",
@@ -91,7 +88,7 @@ def main(argv=None) -> None:
     session = ChatSession(model, template, cfg, max_len=a.max_len, mesh=mesh, identity_embedder=False)
     del model
     turns = conversation(a.rounds, cfg.model.vit.image_size)
-    opts = dict(max_new_tokens=a.new_tokens, force_image=True, num_steps=a.num_steps)
+    opts = session.options(max_new_tokens=a.new_tokens, force_image=True, num_steps=a.num_steps)
     steps = a.num_steps or cfg.diffusion.num_steps
     print(f"[model] LLM {llm_params / 1e6:.1f}M params ({a.llm_layers} layers x {h}), ViT + DiT of "
           f"configs/model/demo.yaml, {cfg.model.mllm.num_image_tokens} image tokens, {steps} diffusion steps, "
@@ -115,12 +112,12 @@ def main(argv=None) -> None:
         rows = []
         for r, (text, ref) in enumerate(turns):
             history, length = session.history, len(session.cache.tokens[0])
-            res, wall_c, cpu_c = timed(lambda: session.round(text, [ref], seed=r, **opts))
+            res, wall_c, cpu_c = timed(lambda: session.round(text, [ref], seed=r, options=opts))
 
             def recompute():
                 fresh.reset()
                 fresh.replay(history)
-                return fresh.round(text, [ref], seed=r, **opts)
+                return fresh.round(text, [ref], seed=r, options=opts)
 
             again, wall_u, cpu_u = timed(recompute)
             rows.append((length, (wall_c, cpu_c), (wall_u, cpu_u),
@@ -184,7 +181,7 @@ def capacity_check(session, turn, opts, a) -> float:
         for k in range(a.repeats + 1):  # the first compiles
             s.reset()
             t0 = time.perf_counter()
-            s.round(text, [ref], seed=0, **opts)
+            s.round(text, [ref], seed=0, options=opts)
             times.append(time.perf_counter() - t0)
         best[slots] = statistics.median(times[1:])
     ratio = best[a.big_cache] / best[a.small_cache]

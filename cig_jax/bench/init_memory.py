@@ -38,7 +38,7 @@ def write_checkpoint(out: str, sizes: dict, layers_per_shard: int = 2) -> None:
     import numpy as np
     from safetensors.numpy import save_file
 
-    from cig_jax.config import LLMConfig
+    from cig_jax.config_model import LLMConfig
     from cig_jax.convert.hf_llm import config_to_hf
 
     cfg = LLMConfig(**sizes)
@@ -81,13 +81,14 @@ def measure(checkpoint: str) -> dict:
     import numpy as np
     from flax import nnx
 
-    from cig_jax.config import Config, InitWeightsConfig, MeshConfig, ModelConfig
+    from cig_jax.config import Config, InitWeightsConfig, MeshConfig
+    from cig_jax.config_model import ModelConfig
     from cig_jax.convert.checkpoint_io import lazy_tensors, read_json
     from cig_jax.convert.hf_llm import config_from_hf
     from cig_jax.convert.init import load_abstract
     from cig_jax.models.llm import LLM
     from cig_jax.sharding import make_mesh
-    from cig_jax.train.trainer import sharded_abstract
+    from cig_jax.train.state import sharded_abstract
 
     llm = config_from_hf(read_json(Path(checkpoint) / "config.json"))
     mesh_cfg = MeshConfig(data=1, fsdp=-1, tensor=1)

@@ -17,13 +17,14 @@ from __future__ import annotations
 import time
 
 from cig_jax import cli
+from cig_jax.config_base import ConfigError
+from cig_jax.config_io import load_config
+from cig_jax.train.stages import build_task
 
 
 def read_rate(cfg, workers: int, batches: int, warmup: int) -> dict:
     """examples/s of the task's dataset at `workers` grain worker processes (the first `warmup` batches untimed)."""
     import dataclasses
-
-    from cig_jax.train.stages import build_task
 
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, worker_count=workers))
     task = build_task(cfg)
@@ -47,7 +48,6 @@ def main(argv=None) -> list:
     ap.add_argument("--batches", type=int, default=30, help="timed batches per worker count")
     ap.add_argument("--warmup", type=int, default=3, help="untimed batches first")
     args = ap.parse_args(argv)
-    from cig_jax.config import ConfigError, load_config
 
     try:
         cfg = load_config(args.config, args.overrides)

@@ -26,12 +26,14 @@ from flax import nnx
 from cig_jax import cli, sharding
 from cig_jax.bench import common
 from cig_jax.bench.common import check_close, perturbation, ratio_line, ratio_stats, time_interleaved
-from cig_jax.config import LLMConfig, MeshConfig, OptimizerConfig
+from cig_jax.config import MeshConfig, OptimizerConfig
+from cig_jax.config_model import LLMConfig
 from cig_jax.convert.hf_llm import config_to_hf, ours_to_hf
 from cig_jax.models.llm import LLM, num_params
 from cig_jax.train.flops import FORMULA, module_flops
 from cig_jax.data.lm_smoke import lm_smoke_dataset
 from cig_jax.train import trainer
+from cig_jax.train import state as train_state
 from cig_jax.train.stages import lm_loss
 
 OPTIMIZER = OptimizerConfig(learning_rate=1e-4, warmup_steps=0, grad_clip_norm=0.0, weight_decay=0.0)
@@ -50,8 +52,8 @@ def bench_ours(model: LLM, data: dict):
     mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1))
     rules = MeshConfig().axis_rules
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    tx = trainer.make_optimizer(OPTIMIZER, 1000)
-    state, state_sh = trainer.init_state(params, tx, mesh, rules, rest if jax.tree.leaves(rest) else None)
+    tx = train_state.make_optimizer(OPTIMIZER, 1000)
+    state, state_sh = train_state.init_state(params, tx, mesh, rules, rest if jax.tree.leaves(rest) else None)
     b = sharding.host_to_global(data, mesh, rules)
     step = trainer.compile_step(trainer.make_train_step(graphdef, tx, lm_loss), state, b, state_sh,
                                 jax.tree.map(lambda x: x.sharding, b), mesh)

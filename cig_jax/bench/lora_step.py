@@ -34,12 +34,14 @@ from flax import nnx
 from cig_jax import cli, sharding
 from cig_jax.bench import common
 from cig_jax.bench.common import check_close, perturbation, ratio_line, time_interleaved
-from cig_jax.config import LLMConfig, MeshConfig, OptimizerConfig
+from cig_jax.config import MeshConfig, OptimizerConfig
+from cig_jax.config_model import LLMConfig
 from cig_jax.convert.hf_llm import config_to_hf, hf_to_ours, llm_from_params
 from cig_jax.convert.peft import peft_to_ours
 from cig_jax.models import layers
 from cig_jax.models.llm import num_params, selected_token_loss, shifted_token_loss
 from cig_jax.train import trainer
+from cig_jax.train import state as train_state
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # first-step loss and LoRA gradient norm: relative tolerances per compute dtype (fp32 sides agree to ~1e-6)
@@ -164,9 +166,9 @@ def ours_step_fn(a, cfg: LLMConfig, values: dict, batch: dict):
 
     mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1))
     rules = MeshConfig().axis_rules
-    tx = trainer.make_optimizer(OptimizerConfig(learning_rate=1e-4, warmup_steps=0, grad_clip_norm=0.0,
+    tx = train_state.make_optimizer(OptimizerConfig(learning_rate=1e-4, warmup_steps=0, grad_clip_norm=0.0,
                                                 weight_decay=0.0), 1000)
-    state, state_sh = trainer.init_state(lora, tx, mesh, rules, frozen)
+    state, state_sh = train_state.init_state(lora, tx, mesh, rules, frozen)
     b = sharding.host_to_global(batch, mesh, rules)
     step = trainer.compile_step(trainer.make_train_step(graphdef, tx, loss_fn), state, b, state_sh,
                                 jax.tree.map(lambda x: x.sharding, b), mesh, verbose=False)

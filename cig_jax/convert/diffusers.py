@@ -22,7 +22,9 @@ import numpy as np
 from flax import nnx
 
 from cig_jax.cli import UserError
-from cig_jax.config import DiTConfig, VAEConfig
+from cig_jax.config_model import DiTConfig, VAEConfig
+from cig_jax.models.dit import DiT
+from cig_jax.models.vae import AutoencoderKL
 
 
 class ConversionError(UserError, ValueError):
@@ -184,7 +186,7 @@ def vae_config_from_diffusers(d: dict, **overrides) -> VAEConfig:
 _OLD_VAE_ATTN = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
 
 
-def _modernise_vae_keys(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def modernise_vae_keys(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Old diffusers VAE files name the mid-block attention query/key/value/proj_attn (sometimes as 1x1 convs)."""
     out = {}
     for k, v in tensors.items():
@@ -199,11 +201,9 @@ def _modernise_vae_keys(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]
 
 def load_vae(path: str | Path, *, seed: int = 0, **overrides):
     """A diffusers AutoencoderKL directory -> `models.vae.AutoencoderKL` with its weights."""
-    from cig_jax.models.vae import AutoencoderKL
-
     cfg = vae_config_from_diffusers(read_config(path), **overrides)
     model = AutoencoderKL(cfg, rngs=nnx.Rngs(seed))
-    tensors = _modernise_vae_keys(read_tensors(path))
+    tensors = modernise_vae_keys(read_tensors(path))
     load_params(model, tensors, renames=[(".to_out.", ".to_out.0.")], what=f"VAE checkpoint {path}")
     return model
 
@@ -246,10 +246,12 @@ def dit_config_from_diffusers(d: dict, **overrides) -> DiTConfig:
 def load_pixart(path: str | Path, *, seed: int = 0, **overrides):
     """A diffusers PixArtTransformer2DModel directory -> `models.dit.DiT` with its weights (identity branch at
     init). `overrides` set DiTConfig fields, e.g. identity_injection='parallel', dtype='bfloat16'."""
-    from cig_jax.models.dit import DiT
-
     cfg = dit_config_from_diffusers(read_config(path), **overrides)
     model = DiT(cfg, rngs=nnx.Rngs(seed))
     load_params(model, read_tensors(path), renames=RENAMES_PIXART, stacked=["transformer_blocks"],
                 new=["id_encoder", "id_attn", "visual_grid_proj"], what=f"PixArt checkpoint {path}")
     return model
+
+
+# DiT branches PixArt has no weights for: they keep their initialisation
+DIT_NEW = ("id_encoder", "id_attn", "visual_grid_proj")

@@ -1,6 +1,7 @@
-"""A trained run -> released-format folders, for what its checkpoint holds.
+"""A trained model -> released-format folders, for what it holds (the command that reads a run's checkpoint
+and calls `write_parts` is `python -m cig_jax.train.export`).
 
-    python -m cig_jax.convert.export --checkpoint workdir/demo/stage3 --out exported/
+    python -m cig_jax.train.export --checkpoint workdir/demo/stage3 --out exported/
 
 Writes under --out (each loads with its own library, and back into a run through `init_weights`):
   llm/           Hugging Face LLaMA / Qwen2 folder, LoRA merged: config.json, safetensors (+ index when sharded),
@@ -24,7 +25,8 @@ Owns: the export layout above and the inverse layouts of the ViT and diffusers m
 the forward converters themselves (`invert`: run the forward mapping on tensors holding their own element
 indices, then scatter), so import and export cannot drift apart.
 
-Does not own: the name mappings (`hf_llm`, `hf_vit`, `seedx`, `diffusers`, `peft`).
+Does not own: the name mappings (`hf_llm`, `hf_vit`, `seedx`, `diffusers`, `peft`); reading a checkpoint and
+the command line (`cig_jax/train/export.py`: convert/ imports nothing of train/).
 """
 from __future__ import annotations
 
@@ -38,8 +40,16 @@ import numpy as np
 from flax import nnx
 
 from cig_jax import cli
+from cig_jax.convert import diffusers as dc, hf_llm, seedx
 from cig_jax.convert.checkpoint_io import save_tensors, write_json_atomic
+from cig_jax.convert.diffusers import DIT_NEW
+from cig_jax.convert.hf_vit import ACTS, hf_vit_tensors
+from cig_jax.convert.peft import save_peft
+from cig_jax.convert.seedx import model_params
 from cig_jax.data.chat_formats import LLAMA2, chat_format
+from cig_jax.data.chat_template import load_tokenizer
+from cig_jax.models.llm import merge_lora
+from cig_jax.models.resampler import sincos_2d
 
 CHAT_TEMPLATE = LLAMA2.jinja  # the default format's Jinja template (each format's: `chat_formats.FORMATS`)
 EXTRA = "cig_extra.safetensors"
@@ -82,10 +92,6 @@ def _meta_shapes(build: Callable) -> dict[str, tuple]:
 # Parts
 # ----------------------------------------------------------------------------------------------------------
 def export_llm(model, cfg, tokenizer_dir: Path, out: Path, stages: list[dict]) -> list[str]:
-    from cig_jax.convert import hf_llm
-    from cig_jax.convert.peft import save_peft
-    from cig_jax.data.chat_template import load_tokenizer
-
     llm = model.mllm.llm
     hf_llm.save_hf_llm(llm, out / "llm")  # LoRA merged
     written = ["llm"]
@@ -136,10 +142,8 @@ def model_card(cfg, stages: list[dict]) -> str:
 
 def vit_config_to_hf(v) -> dict:
     """CLIP / SigLIP config.json for our ViT (raises for a ViT that neither family describes)."""
-    from cig_jax.convert.hf_vit import _ACTS
-
     act = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}[v.hidden_act]
-    assert _ACTS[act] == v.hidden_act
+    assert ACTS[act] == v.hidden_act
     common = dict(hidden_size=v.hidden_size, intermediate_size=v.intermediate_size, num_hidden_layers=v.num_layers,
                   num_attention_heads=v.num_heads, num_channels=v.num_channels, image_size=v.image_size,
                   patch_size=v.patch_size, hidden_act=act, layer_norm_eps=v.layer_norm_eps)
@@ -192,9 +196,6 @@ def export_vit(model, cfg, out: Path) -> str:
             "a run with `cig_jax.convert.export.load_vit`.\n")
         return "vit"
     if v.pool == "resampler":  # Qwen-VL style: its own file, Qwen-VL's names
-        from cig_jax.convert import seedx
-        from cig_jax.models.resampler import sincos_2d
-
         ap = v.attn_pool
         table = np.array(sincos_2d(ap.embed_dim, int(round(ap.num_queries ** 0.5))), np.float32)  # computed, not learned
         pos = "attn_pool.pos_embed"
@@ -210,8 +211,6 @@ def export_vit(model, cfg, out: Path) -> str:
         save_tensors(tensors, out / "vit", file_prefix="qwen_vit")
         return "vit"
     import transformers
-
-    from cig_jax.convert.hf_vit import hf_vit_tensors
 
     hf = vit_config_to_hf(v)
     config = (transformers.CLIPVisionConfig if hf["model_type"].startswith("clip") else
@@ -255,16 +254,12 @@ def _save_diffusers(cls_name: str, config: dict, forward, ours: dict, directory:
 
 
 def export_detokenizer(model, cfg, out: Path, *, vae: bool = True, dit: bool = True) -> list[str]:
-    from cig_jax.convert import diffusers as dc
-    from cig_jax.convert.init import DIT_NEW
-    from cig_jax.convert.seedx import model_params
-
     written = []
     if cfg.model.use_vae and vae:
         vae = model.detokenizer.vae
         abstract = nnx.state(vae, nnx.Param)
         _save_diffusers("AutoencoderKL", vae_config_to_diffusers(cfg.model.vae),
-                        lambda t: dc.map_params(abstract, dc._modernise_vae_keys(t), renames=[(".to_out.", ".to_out.0.")]),
+                        lambda t: dc.map_params(abstract, dc.modernise_vae_keys(t), renames=[(".to_out.", ".to_out.0.")]),
                         _params(vae), out / "vae")
         written.append("vae")
     if not dit:
@@ -316,16 +311,13 @@ def load_extra(directory: str | Path) -> dict[tuple, np.ndarray]:
 
 
 def export_agent(model, cfg, out: Path) -> str:
-    from cig_jax.convert import hf_llm, seedx
-    from cig_jax.models.llm import merge_lora
-
     llm = model.mllm.llm
     llm = merge_lora(llm) if llm.cfg.lora_rank else llm
     t = {"llm." + k: a for k, a in hf_llm.ours_to_hf(_params(llm), llm.cfg).items()}
     ours = _params(model.mllm)
     for name in seedx.RESAMPLERS:
         sub = {p[1:]: a for p, a in ours.items() if p[0] == name}
-        t.update(seedx._resampler_out(sub, f"{name}.", getattr(cfg.model, name)))
+        t.update(seedx.resampler_out(sub, f"{name}.", getattr(cfg.model, name)))
     if cfg.model.mllm.add_patch_pos:
         t["patch_pos_embed"] = ours[("patch_pos_embed",)]
     save_tensors({k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in t.items()}, out / "seedx_agent",
@@ -334,30 +326,11 @@ def export_agent(model, cfg, out: Path) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The command
+# A loaded model -> the folders
 # ----------------------------------------------------------------------------------------------------------
-def stage_history(workdir: str | Path, limit: int = 10) -> list[dict]:
-    """The saved configs of this run and of the runs it started from (train.init_from), oldest first."""
-    from cig_jax.train.checkpoint import read_config
-
-    out, seen = [], set()
-    w = Path(workdir)
-    while w and str(w) not in seen and len(out) < limit and (w / "checkpoints").is_dir():
-        seen.add(str(w))
-        c = read_config(w / "checkpoints")
-        out.append(c)
-        w = Path(c.get("train", {}).get("init_from") or "") if c.get("train", {}).get("init_from") else None
-    return out[::-1]
-
-
-def export(checkpoint: str | Path, out: str | Path, *, step: int | None = None, mesh=None,
-           skip: tuple = ()) -> list[str]:
-    """Writes every exportable part of the run under `checkpoint` into `out` (but those in `skip`); returns the
-    folders written. A part whose layout needs a missing extra is a `MissingExtra` before anything is written."""
-    from cig_jax.train.trainer import saved_config
-
-    checkpoint, out = Path(checkpoint), Path(out)
-    cfg = saved_config(checkpoint, source="--checkpoint")
+def missing_extras(cfg, skip: tuple = ()) -> None:
+    """Raises `MissingExtra` (one line, before anything is written) when a part of `cfg`'s model not in `skip`
+    needs a module that is not installed."""
     parts = {k: need for k, need in parts_of(cfg).items() if k not in skip}
     missing = sorted({need for need in parts.values() if need and importlib.util.find_spec(need[0]) is None})
     if missing:
@@ -365,16 +338,18 @@ def export(checkpoint: str | Path, out: str | Path, *, step: int | None = None, 
         modules = ", ".join(m for m, _ in missing)
         raise cli.MissingExtra(f"exporting {names} needs the 'export' extra: pip install -e '.[export]' (module "
                                f"{modules} is missing); --skip {names.replace(', ', ',')} exports the other parts")
-    import jax
 
-    from cig_jax import sharding
-    from cig_jax.config import MeshConfig
-    from cig_jax.train.checkpoint import load_trained
 
-    mesh = mesh or sharding.make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
-    model = load_trained(cfg, step=step, mesh=mesh, workdir=checkpoint)
+def write_parts(model, cfg, tokenizer_dir: str | Path, out: str | Path, stages: list[dict],
+                skip: tuple = ()) -> list[str]:
+    """Writes every exportable part of `model` (a loaded `CIGModel` of config `cfg`) into `out`, but those in
+    `skip`; `stages`: the saved configs of the run and the runs it started from, oldest first (the LLM's model
+    card). Returns the folders written."""
+    missing_extras(cfg, skip)
+    parts = {k for k in parts_of(cfg) if k not in skip}
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    written = export_llm(model, cfg, checkpoint / "tokenizer", out, stage_history(checkpoint)) if "llm" in parts else []
+    written = export_llm(model, cfg, Path(tokenizer_dir), out, stages) if "llm" in parts else []
     if "vit" in parts:
         written.append(export_vit(model, cfg, out))
     if "seedx_agent" in parts:
@@ -384,24 +359,4 @@ def export(checkpoint: str | Path, out: str | Path, *, step: int | None = None, 
     return written
 
 
-def main(argv=None) -> list[str]:
-    ap = cli.parser(cli.prog(module="cig_jax.convert.export"), __doc__.split("\n\n")[0] + "\n\n"
-                    + __doc__.split("\n\n")[3])
-    ap.add_argument("--checkpoint", required=True, help="the run's workdir (holds checkpoints/ and tokenizer/)")
-    ap.add_argument("--out", required=True, help="folder to write the parts into (llm/, vit/, vae/, dit/, ...)")
-    ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-    ap.add_argument("--skip", default="", metavar="PARTS",
-                    help="comma-separated parts not to export, from llm, vit, seedx_agent, vae, dit (e.g. vae,dit "
-                         "where the 'export' extra is not installed)")
-    args = ap.parse_args(argv)
-    skip = tuple(p.strip() for p in args.skip.split(",") if p.strip())
-    unknown = [p for p in skip if p not in ("llm", "vit", "seedx_agent", "vae", "dit")]
-    if unknown:
-        raise cli.UserError(f"--skip {args.skip}: unknown part(s) {', '.join(unknown)}")
-    written = export(args.checkpoint, args.out, step=args.step, skip=skip)
-    print(f"[export] {', '.join(written)} -> {args.out}")
-    return written
-
-
-if __name__ == "__main__":
-    cli.run_main(main)
+PARTS = ("llm", "vit", "seedx_agent", "vae", "dit")

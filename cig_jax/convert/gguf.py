@@ -28,7 +28,7 @@ import tokenizers
 import transformers
 from tokenizers import decoders, models, pre_tokenizers
 
-from cig_jax.config import LLMConfig, RopeScalingConfig
+from cig_jax.config_model import LLMConfig, RopeScalingConfig
 from cig_jax.convert.checkpoint_io import CheckpointError, TensorIndex
 
 ARCHITECTURES = ("llama", "qwen2")  # decoders whose GGUF tensors map onto `LLM`

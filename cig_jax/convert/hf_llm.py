@@ -18,13 +18,13 @@ from typing import Callable
 import numpy as np
 from flax import nnx
 
-from cig_jax.config import LLMConfig, RopeScalingConfig
+from cig_jax.config_model import LLMConfig, RopeScalingConfig
 from cig_jax.convert.checkpoint_io import (CheckpointError, fill_state, load_tensors, raise_if_mismatched, read_json,
                                            save_tensors, write_json_atomic)
 from cig_jax.models.llm import LLM, merge_lora
 
 SUPPORTED = ("llama", "qwen2", "mistral")
-_LAYER_LINEARS = [
+LAYER_LINEARS = [
     ("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "o_proj"),
     ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"),
 ]
@@ -143,7 +143,7 @@ def hf_to_ours_lazy(tensors, cfg: LLMConfig, *, source: str,
     elif "lm_head.weight" in tensors:  # some tied checkpoints still store it; it must equal the embedding
         used.add("lm_head.weight")
     L = cfg.num_layers
-    for group, name in _LAYER_LINEARS:
+    for group, name in LAYER_LINEARS:
         stacked(("layers", group, name, "kernel"), [f"model.layers.{i}.{group}.{name}.weight" for i in range(L)],
                 transpose=True)
         if cfg.qkv_bias and name in ("q_proj", "k_proj", "v_proj"):
@@ -172,7 +172,7 @@ def ours_to_hf(params: dict[tuple, np.ndarray], cfg: LLMConfig) -> dict[str, np.
     if not cfg.tie_word_embeddings:
         t["lm_head.weight"] = params[("lm_head", "kernel")].T
     for i in range(cfg.num_layers):
-        for group, name in _LAYER_LINEARS:
+        for group, name in LAYER_LINEARS:
             t[f"model.layers.{i}.{group}.{name}.weight"] = params[("layers", group, name, "kernel")][i].T
             if cfg.qkv_bias and name in ("q_proj", "k_proj", "v_proj"):
                 t[f"model.layers.{i}.{group}.{name}.bias"] = params[("layers", group, name, "bias")][i]

@@ -17,7 +17,7 @@ from typing import Optional
 import numpy as np
 from flax import nnx
 
-from cig_jax.config import ViTConfig
+from cig_jax.config_model import ViTConfig
 from cig_jax.convert.checkpoint_io import CheckpointError, fill_state, load_tensors, read_json
 from cig_jax.models.vit import VisionTransformer
 
@@ -29,7 +29,7 @@ _DEFAULTS = {
                    num_channels=3, image_size=224, patch_size=16, hidden_act="gelu_pytorch_tanh",
                    layer_norm_eps=1e-6, vision_use_head=True),
 }
-_ACTS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
+ACTS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
 _MODEL_TYPES = {"clip": "clip", "clip_vision_model": "clip", "siglip": "siglip", "siglip_vision_model": "siglip"}
 
 
@@ -43,9 +43,9 @@ def vit_config_from_hf(hf: dict, **overrides) -> tuple[str, ViTConfig]:
     if model_type in ("clip", "siglip"):
         hf = hf.get("vision_config") or {}
     v = {**_DEFAULTS[family], **hf}
-    act = _ACTS.get(v["hidden_act"])
+    act = ACTS.get(v["hidden_act"])
     if act is None:
-        raise CheckpointError(f"hidden_act {v['hidden_act']!r} is not supported (known: {sorted(_ACTS)})")
+        raise CheckpointError(f"hidden_act {v['hidden_act']!r} is not supported (known: {sorted(ACTS)})")
     common = dict(
         image_size=v["image_size"], patch_size=v["patch_size"], num_channels=v["num_channels"],
         hidden_size=v["hidden_size"], intermediate_size=v["intermediate_size"],

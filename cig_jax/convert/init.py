@@ -1,7 +1,4 @@
-"""Released weights -> a run: the `init_weights` config section, applied to a model on the mesh, and a
-"stage 0" checkpoint that `train.init_from` accepts.
-
-    python -m cig_jax.convert.init --config configs/stage1_detokenizer_13b.yaml --out workdir/seedx13b/stage0
+"""Released weights -> a run: the `init_weights` config section, applied to a model on the mesh.
 
 Owns: where each `init_weights` part lands in the model tree (`PARTS`), checking that every named path exists
 (`check_paths`, run before any model is built), and placing each converted tensor directly into its shard
@@ -12,7 +9,8 @@ and the path. The LLM's vocabulary may grow: rows (embedding) / columns (lm_head
 vocabulary keep their initialisation (the SEED-X image and box tokens added to a LLaMA-2 tokenizer).
 
 Does not own: the name mappings (`hf_llm`, `hf_vit`, `seedx`, `diffusers`), the model, the train state
-(`cig_jax/train/state.py` calls `load_into`).
+(`cig_jax/train/state.py` calls `load_into`), writing a stage-0 checkpoint (`cig_jax/train/stage0.py`).
+A leaf of the training corridor: nothing here imports `cig_jax.train`.
 """
 from __future__ import annotations
 
@@ -20,20 +18,23 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cig_jax import cli
-from cig_jax.config import Config, ConfigError
-from cig_jax.convert import gguf as gguf_io
-from cig_jax.convert.checkpoint_io import CheckpointError, raise_if_mismatched, resolve_path
+from cig_jax.config import Config
+from cig_jax.config_base import ConfigError
+from cig_jax.convert import diffusers as dc, gguf as gguf_io, hf_llm, seedx
+from cig_jax.convert.checkpoint_io import (CheckpointError, lazy_tensors, load_tensors, raise_if_mismatched, read_json,
+                                           resolve_path)
+from cig_jax.convert.export import load_extra
+from cig_jax.convert.hf_vit import hf_vit_tensors
+from cig_jax.convert.peft import peft_to_ours
+from cig_jax.models.layers import LoRAParam
+from cig_jax.sharding import names_of
 
 # init_weights field -> where it lands in CIGModel
 PARTS = {"seedx_agent": ("mllm",), "llm": ("mllm", "llm"), "llm_adapters": ("mllm", "llm"), "vit": ("mllm", "vit"),
          "vae": ("detokenizer", "vae"), "dit": ("detokenizer", "dit")}
-# DiT branches PixArt has no weights for: they keep their initialisation
-DIT_NEW = ("id_encoder", "id_attn", "visual_grid_proj")
 _PIPELINE_SUBFOLDER = {"vae": "vae", "dit": "transformer"}
 
 
@@ -110,9 +111,6 @@ def _eager(values: dict) -> Plan:
 
 
 def _llm_plan(path: str, cfg: Config) -> Plan:
-    from cig_jax.convert import hf_llm
-    from cig_jax.convert.checkpoint_io import lazy_tensors, read_json
-
     source = f"init_weights.llm {path}"
     local = resolve_path(path)
     if gguf_io.is_gguf(local):
@@ -146,8 +144,6 @@ def _check_llm_config(theirs, cfg: Config, source: str) -> None:
 
 
 def _agent_plan(path: str, cfg: Config) -> Plan:
-    from cig_jax.convert import hf_llm, seedx
-
     source = f"init_weights.seedx_agent {path}"
     t = seedx.read_state_dict(path)
     want = seedx.seedx_shapes(cfg.model, vit=False)
@@ -166,9 +162,7 @@ def _agent_plan(path: str, cfg: Config) -> Plan:
 def _vit_plan(path: str, cfg: Config) -> Plan:
     p = Path(path)
     if p.is_file():  # the SEED-X Qwen-VL ViT-G
-        from cig_jax.convert import seedx
-
-        t = seedx._vit_names(seedx.read_state_dict(p))
+        t = seedx.vit_names(seedx.read_state_dict(p))
         source = f"init_weights.vit {path}"
         want = {k: s for k, s in seedx.seedx_shapes(cfg.model).items() if k.startswith(seedx.VIT_PREFIX)}
         raise_if_mismatched(f"{source}: not the Qwen-VL ViT of this model config",
@@ -177,8 +171,6 @@ def _vit_plan(path: str, cfg: Config) -> Plan:
                                    for k in want if k in t and tuple(np.shape(t[k])) != tuple(want[k])),
                             sorted(k for k in t if k not in want))
         return _eager({k[1:]: v for k, v in seedx.vit_to_ours(t, cfg.model, source=source).items()})
-    from cig_jax.convert.checkpoint_io import load_tensors
-    from cig_jax.convert.hf_vit import hf_vit_tensors
 
     mapped = hf_vit_tensors(load_tensors(p), cfg.model.vit, f"init_weights.vit {path}")
     if cfg.model.vit.pool != "map":  # a SigLIP head this config does not build
@@ -187,18 +179,16 @@ def _vit_plan(path: str, cfg: Config) -> Plan:
 
 
 def _diffusers_plan(part: str, path: str, model) -> Plan:
-    from cig_jax.convert import diffusers as dc
 
     d = part_dir(part, path)
     what = f"init_weights.{part} {d}"
     if part == "vae":
-        tensors = dc._modernise_vae_keys(dc.read_tensors(d))
+        tensors = dc.modernise_vae_keys(dc.read_tensors(d))
         return _eager(dc.map_params(nnx.state(model.detokenizer.vae, nnx.Param), tensors,
                                     renames=[(".to_out.", ".to_out.0.")], what=what))
-    from cig_jax.convert.export import load_extra
 
     values = dc.map_params(nnx.state(model.detokenizer.dit, nnx.Param), dc.read_tensors(d),
-                           renames=dc.RENAMES_PIXART, stacked=["transformer_blocks"], new=DIT_NEW, what=what)
+                           renames=dc.RENAMES_PIXART, stacked=["transformer_blocks"], new=dc.DIT_NEW, what=what)
     values.update(load_extra(d))  # a cig_jax export's identity branch, when the folder has one
     return _eager(values)
 
@@ -208,13 +198,11 @@ def _diffusers_plan(part: str, path: str, model) -> Plan:
 # ----------------------------------------------------------------------------------------------------------
 def _keeps(part: str, rel: tuple, var) -> bool:
     """Parameters a part's checkpoint is not expected to hold (they keep their initialisation)."""
-    from cig_jax.models.layers import LoRAParam
-
     if part == "llm_adapters":
         return not isinstance(var, LoRAParam)  # the adapters only
     if isinstance(var, LoRAParam):
         return True
-    if part == "dit" and rel and rel[0] in DIT_NEW:
+    if part == "dit" and rel and rel[0] in dc.DIT_NEW:
         return True
     if part == "seedx_agent" and rel and rel[0] in ("vit",):
         return True  # the agent file has no ViT: init_weights.vit names it
@@ -246,8 +234,6 @@ def place(targets: dict, plan: Plan, *, part: str, source: str, put: Callable[[t
     """Checks `plan` against `targets` ({path: nnx Variable whose value carries `.sharding`: real or abstract})
     and then places each tensor into its shards, one at a time, handing it to `put(path, array)`. Returns the
     number of values placed. A tensor shorter than the model's along the vocabulary grows (`grow_rows`)."""
-    from cig_jax.sharding import _names_of
-
     missing = sorted(".".join(map(str, p)) for p, v in targets.items() if p not in plan and not _keeps(part, p, v))
     unexpected = sorted(".".join(map(str, p)) for p in plan if p not in targets)
     mismatched, grow = [], {}
@@ -255,7 +241,7 @@ def place(targets: dict, plan: Plan, *, part: str, source: str, put: Callable[[t
         if p in targets:
             want = tuple(targets[p].value.shape)
             if tuple(shape) != want:
-                axis = _grow_axis(tuple(shape), want, tuple(_names_of(targets[p]) or ()))
+                axis = _grow_axis(tuple(shape), want, tuple(names_of(targets[p]) or ()))
                 if axis is None:
                     mismatched.append(f"{'.'.join(map(str, p))}: checkpoint {tuple(shape)} vs model {want}")
                 else:
@@ -287,8 +273,6 @@ def _plan(part: str, path: str, cfg: Config, model) -> Plan:
     if part == "vit":
         return _vit_plan(path, cfg)
     if part == "llm_adapters":
-        from cig_jax.convert.peft import peft_to_ours
-
         return _eager(peft_to_ours(path, cfg.model.llm))
     return _diffusers_plan(part, path, model)
 
@@ -332,49 +316,3 @@ def load_abstract(abstract: nnx.State, part: str, path: str, cfg: Config, *, say
           say=say, put=lambda p, arr: out.__setitem__(p, targets[p].replace(arr)))
     rest = [(p, v) for p, v in targets.items() if p not in out]
     return nnx.from_flat_state(list(out.items()) + rest)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Stage 0: convert once, start many times
-# ----------------------------------------------------------------------------------------------------------
-def write_stage0(cfg: Config, out: str | Path, mesh=None, *, say: Callable = print) -> Path:
-    """The model of `cfg` with its `init_weights` loaded, saved as a checkpoint under `out` (step 0, parameters
-    only, the config and the tokenizer beside it) that `train.init_from: <out>` accepts and sampling loads."""
-    import dataclasses
-
-    from cig_jax import sharding
-    from cig_jax.train.checkpoint import Checkpointer
-    from cig_jax.train.stages import build_task
-    from cig_jax.train.trainer import write_artifacts
-
-    out = Path(out)
-    check_paths(cfg)
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, workdir=str(out), init_from=""))
-    mesh = mesh or sharding.make_mesh(cfg.mesh)
-    task = build_task(cfg)
-    model = sharding.create_sharded(task.make_model, mesh, cfg.mesh.axis_rules)
-    load_into(model, cfg, mesh, cfg.mesh.axis_rules, say=say)
-    ckpt = Checkpointer(out / "checkpoints", save_every=1, keep=1, async_save=False)
-    ckpt.save(0, {"params": nnx.state(model), "step": jnp.zeros((), jnp.int32)}, None, cfg, force=True)
-    ckpt.close()
-    write_artifacts(cfg, out)
-    say(f"[init] stage 0 checkpoint in {out / 'checkpoints' / '0'}")
-    return out
-
-
-def main(argv=None) -> Path:
-    from cig_jax.config import load_config
-
-    ap = cli.parser(cli.prog(module="cig_jax.convert.init"), "Write a stage-0 checkpoint from a config's init_weights.")
-    ap.add_argument("--config", required=True, help="a config whose init_weights section names the released weights")
-    cli.add_overrides(ap)
-    ap.add_argument("--out", required=True, help="workdir to write (give it to train.init_from)")
-    args = ap.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    if not cfg.init_weights.named():
-        raise SystemExit(f"{args.config}: init_weights names no part: nothing to convert")
-    return write_stage0(cfg, args.out)
-
-
-if __name__ == "__main__":
-    cli.run_main(main)

@@ -16,16 +16,16 @@ from pathlib import Path
 
 import numpy as np
 
-from cig_jax.config import LLMConfig
+from cig_jax.config_model import LLMConfig
 from cig_jax.convert.checkpoint_io import CheckpointError, raise_if_mismatched, read_json, write_json_atomic
-from cig_jax.convert.hf_llm import _LAYER_LINEARS
+from cig_jax.convert.hf_llm import LAYER_LINEARS
 
 PREFIX = "base_model.model.model.layers."
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
 
 def _targets(cfg: LLMConfig) -> list[tuple[str, str]]:
-    return [(g, n) for g, n in _LAYER_LINEARS if n in cfg.lora_targets]
+    return [(g, n) for g, n in LAYER_LINEARS if n in cfg.lora_targets]
 
 
 def check_adapter_config(ac: dict, cfg: LLMConfig, source: str) -> None:

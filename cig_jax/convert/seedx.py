@@ -51,9 +51,10 @@ from typing import Optional
 import numpy as np
 from flax import nnx
 
-from cig_jax.config import ModelConfig, ResamplerConfig, ViTConfig
+from cig_jax.config_model import ModelConfig, ResamplerConfig, ViTConfig
 from cig_jax.convert import hf_llm
 from cig_jax.convert.checkpoint_io import CheckpointError, fill_state, load_tensors, raise_if_mismatched
+from cig_jax.models.mllm import MLLM
 from cig_jax.models.resampler import sincos_2d
 
 VIT_PREFIX = "visual."
@@ -235,7 +236,7 @@ def vit_to_ours(t: dict[str, np.ndarray], cfg: ModelConfig, *, source: str = "<t
 # ----------------------------------------------------------------------------------------------------------
 # ours -> SEED-X
 # ----------------------------------------------------------------------------------------------------------
-def _resampler_out(p: dict, prefix: str, rc: ResamplerConfig, post_prefix: Optional[str] = None) -> dict:
+def resampler_out(p: dict, prefix: str, rc: ResamplerConfig, post_prefix: Optional[str] = None) -> dict:
     e = rc.embed_dim
     t = {prefix + "query": p[("query",)], prefix + "pos_embed": np.array(sincos_2d(e, int(round(rc.num_queries ** 0.5)))),
          prefix + "attn.in_proj_weight": np.concatenate([p[("attn", n, "kernel")].T for n in "qkv"]),
@@ -264,7 +265,7 @@ def ours_to_seedx(params: dict[tuple, np.ndarray], cfg: ModelConfig) -> dict[str
 
     t = {"llm." + k: a for k, a in hf_llm.ours_to_hf(sub(("llm",)), cfg.llm).items()}
     for name in RESAMPLERS:
-        t.update(_resampler_out(sub((name,)), f"{name}.", getattr(cfg, name)))
+        t.update(resampler_out(sub((name,)), f"{name}.", getattr(cfg, name)))
     if cfg.mllm.add_patch_pos:
         t["patch_pos_embed"] = np.asarray(params[("patch_pos_embed",)])
     v, vp, vit = cfg.vit, VIT_PREFIX, sub(("vit",))
@@ -282,7 +283,7 @@ def ours_to_seedx(params: dict[tuple, np.ndarray], cfg: ModelConfig) -> dict[str
         t[p + "attn.out_proj.weight"], t[p + "attn.out_proj.bias"] = b("attn", "o", "kernel").T, b("attn", "o", "bias")
         for ours, theirs in (("fc1", "c_fc"), ("fc2", "c_proj")):
             t[f"{p}mlp.{theirs}.weight"], t[f"{p}mlp.{theirs}.bias"] = b("mlp", ours, "kernel").T, b("mlp", ours, "bias")
-    t.update(_resampler_out(sub(("vit", "attn_pool")), vp + "attn_pool.", v.attn_pool, post_prefix=vp))
+    t.update(resampler_out(sub(("vit", "attn_pool")), vp + "attn_pool.", v.attn_pool, post_prefix=vp))
     return {k: np.ascontiguousarray(np.asarray(a, np.float32)) for k, a in t.items()}
 
 
@@ -313,7 +314,7 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     return {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy() for k, v in sd.items()}
 
 
-def _vit_names(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def vit_names(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The ViT's own state dict (no prefix, `transformer.visual.` or `visual.`) under `visual.`."""
     out = {}
     for k, v in tensors.items():
@@ -326,8 +327,6 @@ def _vit_names(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def mllm_from_seedx(tensors: dict[str, np.ndarray], cfg: ModelConfig, *, source: str = "<tensors>"):
     """Our MLLM filled from SEED-X tensors (agent + `visual.` ViT); built abstractly, no random init."""
-    from cig_jax.models.mllm import MLLM
-
     if cfg.llm.lora_rank:
         raise CheckpointError(f"{source}: load SEED-X weights with model.llm.lora_rank: 0, then add adapters")
     values = seedx_to_ours(tensors, cfg, source=source)
@@ -339,5 +338,5 @@ def mllm_from_seedx(tensors: dict[str, np.ndarray], cfg: ModelConfig, *, source:
 def load_seedx(agent_path: str | Path, vit_path: str | Path, cfg: ModelConfig):
     """Builds our MLLM from the SEED-X agent file and the Qwen-VL ViT file (local paths)."""
     tensors = dict(read_state_dict(agent_path))
-    tensors.update(_vit_names(read_state_dict(vit_path)))
+    tensors.update(vit_names(read_state_dict(vit_path)))
     return mllm_from_seedx(tensors, cfg, source=f"{agent_path} + {vit_path}")

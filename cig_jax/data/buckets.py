@@ -26,14 +26,17 @@ step per bucket (`cig_jax.train.trainer`).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
-from typing import Sequence
+from typing import Optional, Sequence
 
 import grain
 import numpy as np
 
 from cig_jax.data import pipeline, schema
 from cig_jax.data.chat_template import ChatTemplate
+
+log = logging.getLogger(__name__)
 
 
 class _Uncounted:
@@ -104,7 +107,7 @@ class Windows:
         windows, records, seen = self._tally.get(epoch, (0, 0, 0))
         self._tally[epoch] = windows, records, seen = (windows + (left > 0), records + left, seen + 1)
         if seen == self._windows_in(epoch) and records:
-            pipeline.log.warning(
+            log.warning(
                 "epoch %d: %d records in %d bucket windows wait for the next epoch (not a whole number of global "
                 "batches of %d in their window)", epoch, records, windows, self.global_batch)
 
@@ -157,6 +160,16 @@ def local_batch(windows: Windows, j: int, records, template: ChatTemplate, opts:
         if rows[r] is None:
             rows[r] = rows[min(good, key=lambda k: (k - r) % b)]
     return {k: np.stack([ex[k] for ex in rows]) for k in rows[0]}
+
+
+def make_dataset(records: Sequence[schema.Conversation], template: ChatTemplate, opts: pipeline.PipelineOptions,
+                 skips: Optional[pipeline.SkipCounter] = None) -> grain.IterDataset:
+    """Host-local batches for this process: with `opts.length_buckets` each padded to its global batch's bucket
+    (`make_bucketed_dataset`), else to seq_len (`pipeline.make_dataset`)."""
+    skips = skips if skips is not None else pipeline.SkipCounter()
+    if opts.length_buckets:
+        return make_bucketed_dataset(records, template, opts, skips)
+    return pipeline.make_dataset(records, template, opts, skips)
 
 
 def make_bucketed_dataset(records: Sequence[schema.Conversation], template: ChatTemplate,

@@ -58,7 +58,7 @@ from typing import Optional
 
 import numpy as np
 
-from cig_jax.data import chat_formats, schema
+from cig_jax.data import chat_formats, schema, world
 from cig_jax.data.chat_formats import LLAMA2
 from cig_jax.data.schema import user_segments
 
@@ -138,8 +138,6 @@ _SCENE_PHRASES = ["at the beach", "in the park", "in an office", "outside at nig
 
 def _vocabulary() -> dict:
     """Names, attributes and scenes of the synthetic dataset."""
-    from cig_jax.data import world
-
     return dict(names=list(world.NAMES), attributes={k: list(v) for k, v in world.ATTRIBUTES.items()},
                 scenes=list(world.SCENES))
 
@@ -450,7 +448,7 @@ class ChatTemplate:
         'conversation'); 'answer': after the last answer (its image blocks included), before any end. Raises
         schema.SchemaError when a text holds one of the layout's token strings."""
         parts, images = self._parts(conv, add_generation_prompt, end)
-        out = self._tokenize(parts, schema._label(conv) if isinstance(conv, schema.Conversation) else "conversation")
+        out = self._tokenize(parts, schema.conversation_label(conv) if isinstance(conv, schema.Conversation) else "conversation")
         out.images = images
         return out
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from cig_jax.data import schema
+from cig_jax.data import schema_io
 
 
 def is_messages(d: Any) -> bool:
@@ -153,6 +154,6 @@ def load_any(path) -> schema.Conversation:
     if is_messages(d):
         conv = conversation_from_messages(d, source=str(path), base_dir=path.parent)
     else:
-        conv = schema.conversation_from_dict(d, source=str(path), base_dir=path.parent)
+        conv = schema_io.conversation_from_dict(d, source=str(path), base_dir=path.parent)
     schema.validate(conv)
     return conv

@@ -174,13 +174,11 @@ def shown_identities(images: Sequence[schema.Image], dim: int, max_images: int, 
 
 def make_dataset(records: Sequence[schema.Conversation], template: ChatTemplate, opts: PipelineOptions,
                  skips: Optional[SkipCounter] = None) -> grain.IterDataset:
-    """Host-local batches for this process (see the module docstring for the batch layout). With
-    `opts.length_buckets` each batch is padded to its bucket instead of seq_len (`cig_jax.data.buckets`)."""
+    """Host-local batches for this process (see the module docstring for the batch layout), each padded to
+    seq_len. `cig_jax.data.buckets.make_dataset` is the one callers use: it comes here without
+    `opts.length_buckets`, and pads each batch to its bucket with them."""
+    assert not opts.length_buckets, "length buckets: cig_jax.data.buckets.make_dataset"
     skips = skips if skips is not None else SkipCounter()
-    if opts.length_buckets:
-        from cig_jax.data import buckets
-
-        return buckets.make_bucketed_dataset(records, template, opts, skips)
     ds = grain.MapDataset.range(len(records))
     if opts.shuffle:
         ds = ds.shuffle(seed=opts.seed)

@@ -6,7 +6,7 @@ called by `synthetic.make_conversation('recall', ...)`), and the counterfactual 
 (`probe_pairs`: a recall conversation cut short, then a last round naming A or B; scored by
 `cig_jax.eval.recall`).
 
-Does not own: drawing (`synthetic.render_scene`), names (`names.py`), the vocabulary (`world.py`), scoring
+Does not own: drawing (`render.render_scene`), names (`names.py`), the vocabulary (`world.py`), scoring
 (`cig_jax/eval/recall.py`).
 
 A conversation has 3 to 8 rounds and 2 or 3 people with names from a large procedural pool (`names.py`;
@@ -52,7 +52,9 @@ import numpy as np
 
 from cig_jax.data import names as name_pool
 from cig_jax.data.schema import Conversation, Person, Round
-from cig_jax.data.world import ATTRIBUTES, SCENES
+from cig_jax.data.render import PAIR, SOLO, jitter, render_scene
+from cig_jax.data.world import (ATTRIBUTES, SCENE_PHRASE, SCENES, TEXT_WEIGHTS, describe, distinct_pair, edit_text,
+                                sample_attributes)
 
 ACTIONS = ("introduce", "recall", "pair", "edit", "rollback", "describe")
 MIN_ROUNDS, MAX_ROUNDS = 3, 8
@@ -70,9 +72,7 @@ KIND_OPTIONS = {"recall": {}, "recall_describe": {"describe_p": DESCRIBE_P}, "re
 
 
 def _phrases():
-    from cig_jax.data.synthetic import _SCENE_PHRASE
-
-    return _SCENE_PHRASE
+    return SCENE_PHRASE
 
 
 def _undo_text(name: str, attr: str, old: str, new: str) -> str:
@@ -88,15 +88,13 @@ class _Planner:
     """Builds the rounds of one plan; each round is a dict (see `plan_conversation`)."""
 
     def __init__(self, rng: np.random.Generator, pool: str, describe_p: float = 0.0):
-        from cig_jax.data.synthetic import _TEXT_WEIGHTS, _distinct_pair, _sample_attributes
-
         self.rng, self.describe_p = rng, describe_p
         self.num_rounds = int(rng.integers(MIN_ROUNDS, MAX_ROUNDS + 1))
         n = 3 if self.num_rounds >= 5 and rng.random() < 0.5 else 2
-        a, b = _distinct_pair(rng)
+        a, b = distinct_pair(rng)
         looks = [a, b]
         while len(looks) < n:
-            c = _sample_attributes(rng)
+            c = sample_attributes(rng)
             if all(sum(c[k] != o[k] for k in ATTRIBUTES) >= 3 for o in looks):
                 looks.append(c)
         self.names = name_pool.draw_names(rng, n, pool)
@@ -110,7 +108,7 @@ class _Planner:
         self.last_edit: dict = {}  # name -> (round, attr, old, new, state before, sources before, round before)
         self.said_old: dict = {x: {} for x in self.names}  # name -> {(attr, value): edit round whose text named it}
         keys = list(ATTRIBUTES)
-        self.text_p = np.array([_TEXT_WEIGHTS[k] for k in keys]) / sum(_TEXT_WEIGHTS[k] for k in keys)
+        self.text_p = np.array([TEXT_WEIGHTS[k] for k in keys]) / sum(TEXT_WEIGHTS[k] for k in keys)
         self.rounds: list = []
 
     # -- helpers ---------------------------------------------------------------------------------------------
@@ -139,8 +137,6 @@ class _Planner:
                                 sources={x: copy.deepcopy(self.sources[x]) for x in who}, **extra))
 
     def _introduce(self, r: int, who: list) -> None:
-        from cig_jax.data.synthetic import describe
-
         p = _phrases()
         scene = self._scene()
         said = []
@@ -164,8 +160,6 @@ class _Planner:
 
     def _describe(self, r: int, x: str) -> None:
         """A text-only round: the answer says every attribute of x's current look (x is not shown, so stays due)."""
-        from cig_jax.data.synthetic import describe
-
         text = _DESCRIBE_TEXT[int(self.rng.integers(len(_DESCRIBE_TEXT)))].format(x=x)
         self.rounds.append(dict(action="describe", shown=[], scene=None, text=text,
                                 answer=describe(x, self.state[x], list(ATTRIBUTES)), looks={x: dict(self.state[x])},
@@ -181,8 +175,6 @@ class _Planner:
                    f"Here are {x} and {y} {p[scene]}.")
 
     def _edit(self, r: int, x: str) -> None:
-        from cig_jax.data.synthetic import _edit_text
-
         attr = EDIT_ATTRIBUTES[int(self.rng.integers(len(EDIT_ATTRIBUTES)))]
         old = self.state[x][attr]
         new = str(self.rng.choice([v for v in ATTRIBUTES[attr] if v != old]))
@@ -192,7 +184,7 @@ class _Planner:
         self.state[x][attr] = new
         self.sources[x][attr] = {"round": r, "via": "text"}
         scene = self.history[x][-1][1]
-        self._show(r, [x], scene, "edit", _edit_text(x, attr, old, new), "Done.",
+        self._show(r, [x], scene, "edit", edit_text(x, attr, old, new), "Done.",
                    edit={"name": x, "attribute": attr, "from": old, "to": new})
 
     def _rollback_options(self, r: int, x: str) -> list:
@@ -303,8 +295,6 @@ _META_KEYS = ("action", "shown", "distance", "sources", "restores_round", "rollb
 def make_recall(rng: np.random.Generator, size: int, base: dict, pool: str = "train", describe_p: float = 0.0,
                 text_only: bool = False):
     """(rounds, people, metadata) of one rendered recall conversation (see `synthetic.make_conversation`)."""
-    from cig_jax.data.synthetic import _PAIR, _SOLO, _jitter, describe, render_scene
-
     plan = plan_conversation(rng, pool, describe_p)
     rounds = []
     for rd in plan["rounds"]:
@@ -318,8 +308,8 @@ def make_recall(rng: np.random.Generator, size: int, base: dict, pool: str = "tr
             rounds.append(Round(rd["text"], [], f"{rd['answer']} {said}", None, introduces=list(rd.get("introduces", [])),
                                 metadata=meta))
             continue
-        slots = [_SOLO] if len(who) == 1 else list(_PAIR)
-        image = render_scene([(Person(x, rd["looks"][x]), _jitter(rng, f)) for x, f in zip(who, slots)], rd["scene"], size)
+        slots = [SOLO] if len(who) == 1 else list(PAIR)
+        image = render_scene([(Person(x, rd["looks"][x]), jitter(rng, f)) for x, f in zip(who, slots)], rd["scene"], size)
         rounds.append(Round(rd["text"], [], rd["answer"], image, introduces=list(rd.get("introduces", [])),
                             metadata=meta))
     people = [Person(x, dict(a)) for x, a in plan["people"]]
@@ -372,8 +362,6 @@ def probe_pairs(convs: Sequence[Conversation], seed: int = PROBE_SEED, size: Opt
     holds both people of round 1 and often more, and the probe is no longer than the conversation, so within
     the lengths and positions training covers) and a last round 'Show X <scene>.' for X = A or B, in a scene
     neither was last shown in; ground truth: X as last shown there, alone."""
-    from cig_jax.data.synthetic import _SCENE_PHRASE, _SOLO, render_scene
-
     out = []
     for i, conv in enumerate(c for c in convs if is_recall(c)):
         rng = np.random.default_rng([seed, i])
@@ -386,10 +374,10 @@ def probe_pairs(convs: Sequence[Conversation], seed: int = PROBE_SEED, size: Opt
         pair = []
         for x in (a, b):
             r, person, _ = last[x]
-            image = render_scene([(Person(x, dict(person.attributes)), _SOLO)], scene, px)
+            image = render_scene([(Person(x, dict(person.attributes)), SOLO)], scene, px)
             meta = {"action": "recall", "shown": [x], "distance": {x: cut - r},
                     "sources": {x: conv.rounds[r].metadata["sources"][x]}, "probe": True}
-            probe = Round(f"Show {x} {_SCENE_PHRASE[scene]}.", [], f"Here is {x} {_SCENE_PHRASE[scene]}.", image,
+            probe = Round(f"Show {x} {SCENE_PHRASE[scene]}.", [], f"Here is {x} {SCENE_PHRASE[scene]}.", image,
                           metadata=meta)
             pair.append(dataclasses.replace(conv, id=f"{conv.id}-probe-{'ab'[len(pair)]}",
                                             rounds=list(conv.rounds[:cut]) + [probe]))

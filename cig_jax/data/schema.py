@@ -4,8 +4,9 @@ Owns: the dataclasses `Person`, `Image`, `Round`, `Conversation`;
 validation (`validate`) with errors that name the file, the round and the field; and small queries over
 a conversation (`iter_images`, `user_segments`, `pending_rounds`).
 
-JSON in/out (`load_conversation`, `save_conversation`, `conversation_from_dict`, `to_dict`) and reading image
-files into uint8 RGB pixels live in `schema_io.py` and are reachable as `schema.<name>`; the JSON Schema of the
+Also reading image files into uint8 RGB pixels (`read_image`, `pil_to_rgb`, PNG bytes): images load themselves
+(`Image.load`) and `validate` checks them. JSON in/out (`load_conversation`, `save_conversation`,
+`conversation_from_dict`, `to_dict`) lives in `schema_io.py`, which imports this module; the JSON Schema of the
 file is `cig_jax/data/conversation.schema.json`; the Hugging Face / OpenAI `messages` form is read by
 `messages.py`.
 
@@ -32,13 +33,16 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import io
 import re
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
 import numpy as np
+from PIL import Image as PILImage
 
 from cig_jax.cli import UserError
+from cig_jax.faces import backends
 
 SCHEMA_VERSION = 1
 # Kinds in use (`kind` is free text; these are the ones this codebase makes). "chat": a user-written history.
@@ -46,10 +50,6 @@ KNOWN_KINDS = ("chat", "name_based", "single_turn", "rollback", "markov_edit", "
 IMAGE_PLACEHOLDER = "<image>"
 # PIL modes we read (converted to 8-bit RGB). Anything else (CMYK, 16-bit, float) is refused.
 SUPPORTED_MODES = ("RGB", "RGBA", "L", "LA", "P", "1")
-# Who may have made a person's identity embedding, with the length it must have (None: any length).
-# insightface: ArcFace (buffalo_l w600k_r50, antelopev2 glintr100); dlib: its ResNet; synthetic: the drawn
-# people's attribute code (`cig_jax.data.world.identity_code`), zero-padded to the model's width when read.
-IDENTITY_BACKENDS = {"insightface": 512, "dlib": 128, "synthetic": None}
 
 
 class SchemaError(UserError, ValueError):
@@ -61,7 +61,7 @@ class SchemaError(UserError, ValueError):
 # ----------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class PersonIdentity:
-    """A face-identity embedding and the backend that made it (a key of IDENTITY_BACKENDS). The values are
+    """A face-identity embedding and the backend that made it (a name in `faces.backends.BACKENDS`). The values are
     a tuple of floats (so people compare by value); `vector()` gives them as float32 [D]."""
 
     backend: str
@@ -91,12 +91,12 @@ class PersonIdentity:
 def identity_problem(backend, embedding, where: str) -> Optional[str]:
     """What is wrong with an identity (backend, embedding values), or None: the one check behind JSON reading
     and `validate`."""
-    if backend not in IDENTITY_BACKENDS:
-        return f"{where}.backend: expected one of {', '.join(IDENTITY_BACKENDS)}, got {backend!r}"
+    if backend not in backends.BACKENDS:
+        return f"{where}.backend: expected one of {', '.join(backends.BACKENDS)}, got {backend!r}"
     emb = list(embedding) if isinstance(embedding, (list, tuple)) else None
     if not emb or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in emb):
         return f"{where}.embedding: expected a non-empty list of finite numbers"
-    want = IDENTITY_BACKENDS[backend]
+    want = backends.BACKENDS[backend].dim
     if want is not None and len(emb) != want:
         return f"{where}.embedding: a {backend} embedding has {want} values, got {len(emb)}"
     return None
@@ -138,8 +138,6 @@ class Image:
             return self.pixels
         if not self.path:
             raise SchemaError(f"{where}: has neither 'path' nor pixels")
-        from cig_jax.data.schema_io import read_image, resolve_path
-
         return read_image(resolve_path(self.path, base_dir), where=f"{where}.path", shown=self.path)
 
 
@@ -221,18 +219,83 @@ def with_pixels(conv: Conversation) -> Conversation:
     """A copy whose every image carries its pixels (files read and converted to RGB)."""
     out = copy.deepcopy(conv)
     for where, img in iter_images(out):
-        img.pixels = img.load(out.base_dir, where=f"{_label(out)}: {where}")
+        img.pixels = img.load(out.base_dir, where=f"{conversation_label(out)}: {where}")
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Images on disk
+# ----------------------------------------------------------------------------------------------------------
+def resolve_path(path: str, base_dir: Union[str, Path, None]) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() or base_dir is None else Path(base_dir) / p
+
+
+def read_image(path: Union[str, Path], where: str = "image", shown: Optional[str] = None) -> np.ndarray:
+    """Reads an image file as [H, W, 3] uint8 RGB. RGBA/LA/palette are composited over white; L is
+    replicated to RGB. Other modes (CMYK, 16-bit, float) raise SchemaError."""
+    shown = shown or str(path)
+    path = Path(path)
+    if not path.is_file():
+        raise SchemaError(f"{where}: file not found: {shown}")
+    try:
+        with PILImage.open(path) as im:
+            im.load()
+            return pil_to_rgb(im, where=where, shown=shown)
+    except SchemaError:
+        raise
+    except Exception as e:  # PIL raises several types for bad data
+        raise SchemaError(f"{where}: cannot decode image {shown}: {e}") from None
+
+
+def pil_to_rgb(im: PILImage.Image, where: str = "image", shown: str = "image") -> np.ndarray:
+    if im.mode not in SUPPORTED_MODES:
+        raise SchemaError(
+            f"{where}: unsupported image mode {im.mode!r} in {shown} (supported: {', '.join(SUPPORTED_MODES)}); "
+            "convert it to 8-bit RGB, e.g. PIL's Image.convert('RGB')"
+        )
+    if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        white = PILImage.new("RGBA", rgba.size, (255, 255, 255, 255))
+        im = PILImage.alpha_composite(white, rgba)
+    return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+
+
+def encode_png(pixels: np.ndarray, text: Optional[dict] = None) -> bytes:
+    """[H, W, 3] uint8 -> PNG bytes (deterministic for the same pixels and text). `text`: {key: str} written as
+    the PNG's tEXt chunks (e.g. how the image was generated)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = None
+    if text:
+        info = PngInfo()
+        for k, v in text.items():
+            info.add_text(str(k), str(v))
+    buf = io.BytesIO()
+    PILImage.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8), "RGB").save(buf, format="PNG", compress_level=1,
+                                                                                pnginfo=info)
+    return buf.getvalue()
+
+
+def decode_png(data: bytes, where: str = "image") -> np.ndarray:
+    try:
+        with PILImage.open(io.BytesIO(data)) as im:
+            im.load()
+            return pil_to_rgb(im, where=where, shown="encoded image")
+    except SchemaError:
+        raise
+    except Exception as e:
+        raise SchemaError(f"{where}: cannot decode image bytes: {e}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Semantic validation
 # ----------------------------------------------------------------------------------------------------------
-def _label(conv: Conversation) -> str:
+def conversation_label(conv: Conversation) -> str:
     return conv.file or (f"conversation {conv.id!r}" if conv.id else "<conversation>")
 
 
-def _check_pixels(px, where: str) -> None:
+def check_pixels(px, where: str) -> None:
     if not isinstance(px, np.ndarray):
         raise SchemaError(f"{where}: expected a numpy array, got {type(px).__name__}")
     if px.dtype != np.uint8:
@@ -246,7 +309,7 @@ def validate(conv: Conversation, check_images: bool = True) -> None:
     unsupported image file (when `check_images`), a box outside its image, `<image>` markers that do not
     match the user images, a pending round before an answered one, and, for kinds 'name_based' and 'recall', a
     name used before the round that introduces it."""
-    label = _label(conv)
+    label = conversation_label(conv)
 
     def fail(msg):
         raise SchemaError(f"{label}: {msg}")
@@ -270,7 +333,7 @@ def validate(conv: Conversation, check_images: bool = True) -> None:
     for where, im in iter_images(conv):
         size = None
         if im.pixels is not None:
-            _check_pixels(im.pixels, f"{label}: {where}.pixels")
+            check_pixels(im.pixels, f"{label}: {where}.pixels")
             size = im.pixels.shape[:2]
         elif not im.path:
             fail(f"{where}: has neither 'path' nor pixels")
@@ -326,18 +389,3 @@ def _validate_names(conv: Conversation, fail) -> None:
                 at = introduced_at.get(p.name)
                 if at is None or at > r:
                     fail(f"rounds[{r}].assistant_image.people[{i}].name: {p.name!r} appears before it is introduced")
-
-
-
-# Files and JSON live in schema_io.py; reachable here too, so `schema.<name>` stays the one way to reach them
-# (resolved on first use: schema_io imports this module).
-_IO_NAMES = ("conversation_from_dict", "decode_png", "dumps", "encode_png", "load_conversation", "pil_to_rgb",
-             "read_image", "resolve_path", "save_conversation", "to_dict", "_atomic_write", "_safe")
-
-
-def __getattr__(name: str):
-    if name in _IO_NAMES:
-        from cig_jax.data import schema_io
-
-        return getattr(schema_io, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

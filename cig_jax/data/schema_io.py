@@ -1,16 +1,15 @@
-"""Conversation files: JSON in/out and image files, for the dataclasses of `schema.py`.
+"""Conversation files: JSON in/out for the dataclasses of `schema.py`.
 
-Owns: reading image files into uint8 RGB pixels (`read_image`, `pil_to_rgb`, PNG bytes), the structural checks
-of parsed JSON (`conversation_from_dict`: fields, types, unknown keys), `to_dict` / `dumps`, and the files
-(`load_conversation`, `save_conversation`, written atomically).
+Owns: the structural checks of parsed JSON (`conversation_from_dict`: fields, types, unknown keys), `to_dict` /
+`dumps`, and the files (`load_conversation`, `save_conversation`; every file written atomically by
+`atomic_write`, named by `safe_name`).
 
-Does not own: the dataclasses and the semantic validation (`schema.py`, which re-exports every public name
-here, so callers keep writing `schema.load_conversation`), other input forms (`messages.py`).
+Does not own: the dataclasses, reading image files and the semantic validation (`schema.py`; this module imports
+it, never the reverse), other input forms (`messages.py`).
 """
 from __future__ import annotations
 
 import copy
-import io
 import json
 import os
 import re
@@ -20,75 +19,10 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import numpy as np
-from PIL import Image as PILImage
 
-from cig_jax.data.schema import (SCHEMA_VERSION, SUPPORTED_MODES, Conversation, Image, Person, PersonIdentity, Round,
-                                 SchemaError, _check_pixels, _label, identity_problem, iter_images, validate)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Images on disk
-# ----------------------------------------------------------------------------------------------------------
-def resolve_path(path: str, base_dir: Union[str, Path, None]) -> Path:
-    p = Path(path)
-    return p if p.is_absolute() or base_dir is None else Path(base_dir) / p
-
-
-def read_image(path: Union[str, Path], where: str = "image", shown: Optional[str] = None) -> np.ndarray:
-    """Reads an image file as [H, W, 3] uint8 RGB. RGBA/LA/palette are composited over white; L is
-    replicated to RGB. Other modes (CMYK, 16-bit, float) raise SchemaError."""
-    shown = shown or str(path)
-    path = Path(path)
-    if not path.is_file():
-        raise SchemaError(f"{where}: file not found: {shown}")
-    try:
-        with PILImage.open(path) as im:
-            im.load()
-            return pil_to_rgb(im, where=where, shown=shown)
-    except SchemaError:
-        raise
-    except Exception as e:  # PIL raises several types for bad data
-        raise SchemaError(f"{where}: cannot decode image {shown}: {e}") from None
-
-
-def pil_to_rgb(im: PILImage.Image, where: str = "image", shown: str = "image") -> np.ndarray:
-    if im.mode not in SUPPORTED_MODES:
-        raise SchemaError(
-            f"{where}: unsupported image mode {im.mode!r} in {shown} (supported: {', '.join(SUPPORTED_MODES)}); "
-            "convert it to 8-bit RGB, e.g. PIL's Image.convert('RGB')"
-        )
-    if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
-        rgba = im.convert("RGBA")
-        white = PILImage.new("RGBA", rgba.size, (255, 255, 255, 255))
-        im = PILImage.alpha_composite(white, rgba)
-    return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
-
-
-def encode_png(pixels: np.ndarray, text: Optional[dict] = None) -> bytes:
-    """[H, W, 3] uint8 -> PNG bytes (deterministic for the same pixels and text). `text`: {key: str} written as
-    the PNG's tEXt chunks (e.g. how the image was generated)."""
-    from PIL.PngImagePlugin import PngInfo
-
-    info = None
-    if text:
-        info = PngInfo()
-        for k, v in text.items():
-            info.add_text(str(k), str(v))
-    buf = io.BytesIO()
-    PILImage.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8), "RGB").save(buf, format="PNG", compress_level=1,
-                                                                                pnginfo=info)
-    return buf.getvalue()
-
-
-def decode_png(data: bytes, where: str = "image") -> np.ndarray:
-    try:
-        with PILImage.open(io.BytesIO(data)) as im:
-            im.load()
-            return pil_to_rgb(im, where=where, shown="encoded image")
-    except SchemaError:
-        raise
-    except Exception as e:
-        raise SchemaError(f"{where}: cannot decode image bytes: {e}") from None
+from cig_jax.data.schema import (SCHEMA_VERSION, Conversation, Image, Person, PersonIdentity, Round, SchemaError,
+                                 check_pixels, conversation_label, encode_png, identity_problem, iter_images,
+                                 resolve_path, validate)
 
 
 def _current_umask() -> int:
@@ -100,7 +34,7 @@ def _current_umask() -> int:
 _UMASK = _current_umask()  # read once at import: os.umask can only be read by setting it
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -321,7 +255,7 @@ def load_conversation(path: Union[str, Path], check_images: bool = True) -> Conv
     return conv
 
 
-def _safe(s: str) -> str:
+def safe_name(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", s) or "conversation"
 
 
@@ -335,15 +269,15 @@ def save_conversation(conv: Conversation, path: Union[str, Path], image_dir: Uni
     path = Path(path)
     folder = path.parent
     img_dir = Path(image_dir) if Path(image_dir).is_absolute() else folder / image_dir
-    label = _label(conv)
-    stem = _safe(conv.id)
+    label = conversation_label(conv)
+    stem = safe_name(conv.id)
     new_paths: dict = {}
     for where, im in iter_images(conv):
         slot = where.replace("rounds[", "r").replace("].user_images[", "_u").replace("].assistant_image", "_a").rstrip("]")
         if im.pixels is not None:
-            _check_pixels(im.pixels, f"{label}: {where}.pixels")
+            check_pixels(im.pixels, f"{label}: {where}.pixels")
             target = img_dir / f"{stem}_{slot}.png"
-            _atomic_write(target, encode_png(im.pixels, (png_text or {}).get(where)))
+            atomic_write(target, encode_png(im.pixels, (png_text or {}).get(where)))
         elif im.path:
             src = resolve_path(im.path, conv.base_dir)
             if not src.is_file():
@@ -361,5 +295,5 @@ def save_conversation(conv: Conversation, path: Union[str, Path], image_dir: Uni
             raise SchemaError(f"{label}: {where}: has neither 'path' nor pixels; nothing to save")
         new_paths[where] = Path(os.path.relpath(target.resolve(), folder.resolve())).as_posix()
     d = to_dict(conv, image_paths=new_paths)
-    _atomic_write(path, dumps(d).encode("utf-8"))
+    atomic_write(path, dumps(d).encode("utf-8"))
     return conversation_from_dict(d, source=str(path), base_dir=folder)

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
-from cig_jax.data import schema
+from cig_jax.data import messages, schema, schema_io, synthetic
 
 
 def open_records(source: str, *, data_dir: str = "", split: str = "train", num: Optional[int] = None,
@@ -33,8 +33,6 @@ def open_records(source: str, *, data_dir: str = "", split: str = "train", num: 
     or one `.json` file."""
     kinds = tuple(kinds)
     if source == "synthetic":
-        from cig_jax.data import synthetic
-
         return list(synthetic.generate(16 if num is None else num, seed=seed, kinds=kinds or synthetic.KINDS,
                                        size=size, names=names))
     if source == "tfds":
@@ -63,8 +61,6 @@ def stage_records(data, default_kinds: Sequence[str] = ()) -> Sequence:
 def open_files(path: Path) -> list:
     """(conversation, output file name) pairs from a JSON file, a folder of JSON files, or a JSONL file; each
     conversation in our history format or the Hugging Face / OpenAI `messages` form (`data/messages.py`)."""
-    from cig_jax.data import messages
-
     if path.is_dir():
         files = sorted(path.glob("*.json"))
         if not files:
@@ -85,9 +81,9 @@ def open_files(path: Path) -> list:
             if messages.is_messages(d):
                 conv = messages.conversation_from_messages(d, source=where, base_dir=path.parent, conv_id=f"line{n}")
             else:
-                conv = schema.conversation_from_dict(d, source=where, base_dir=path.parent)
+                conv = schema_io.conversation_from_dict(d, source=where, base_dir=path.parent)
             schema.validate(conv)
-            out.append((conv, schema._safe(conv.id or f"line{n}") + ".json"))
+            out.append((conv, schema_io.safe_name(conv.id or f"line{n}") + ".json"))
         if not out:
             raise schema.SchemaError(f"{path}: no conversations in this file")
         return out

@@ -42,8 +42,8 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from cig_jax.data import synthetic
-from cig_jax.data.schema import (Conversation, SchemaError, conversation_from_dict, encode_png, iter_images,
-                                 load_conversation, to_dict, validate, with_pixels)
+from cig_jax.data.schema import Conversation, encode_png, iter_images, SchemaError, validate, with_pixels
+from cig_jax.data.schema_io import conversation_from_dict, load_conversation, to_dict
 
 NAME = "cig_conversations"
 VERSION = "1.3.0"  # 1.1.0: per-record kind and image count in the metadata; 1.2.0: people carry their identity embeddings (`Person.identity`); 1.3.0: the recall kind joins the default kinds

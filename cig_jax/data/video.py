@@ -46,14 +46,13 @@ from PIL import Image as PILImage
 from cig_jax import cli
 from cig_jax.data.captions import (CaptionModelNotFoundError, Captioner, HFCaptioner, Shot,  # noqa: F401
                                    TemplateCaptioner)
-from cig_jax.data.schema import (IDENTITY_BACKENDS, Conversation, Image, Person, PersonIdentity, Round,
-                                 save_conversation, validate)
+from cig_jax.data.schema import Conversation, Image, Person, PersonIdentity, Round, validate
+from cig_jax.data.schema_io import save_conversation
 from cig_jax.data.video_decode import Frame, VideoReadError, read_frames  # noqa: F401
 from cig_jax.data.world import NAMES as DEFAULT_NAMES
+from cig_jax.faces import backends
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv")
-IDENTITY_THRESHOLDS = {"dlib": 0.92, "insightface": 0.35}
-LINK_THRESHOLDS = {"dlib": 0.85, "insightface": 0.20}
 _COUNT_WORDS = {0: "no faces", 1: "one identity", 3: "three identities", 4: "four identities"}
 
 
@@ -261,9 +260,10 @@ def person_embedding(detections: Sequence[Detection], shapes: dict, best: int = 
 def _identity_field(embedder, vector: np.ndarray) -> Optional[PersonIdentity]:
     """The `Person.identity` of an embedder's vector, or None for an embedder that is no known backend."""
     name = getattr(embedder, "name", None)
-    if name not in IDENTITY_BACKENDS or name == "synthetic":
+    backend = backends.BACKENDS.get(name)
+    if backend is None or backend.load is None:
         return None
-    if IDENTITY_BACKENDS[name] is not None and vector.size != IDENTITY_BACKENDS[name]:
+    if backend.dim is not None and vector.size != backend.dim:
         return None
     return PersonIdentity.of(name, vector)
 
@@ -412,12 +412,14 @@ class Report:
 def default_thresholds(embedder, threshold: Optional[float], link_threshold: Optional[float]) -> tuple:
     name = getattr(embedder, "name", None)
     if threshold is None:
-        if name not in IDENTITY_THRESHOLDS:
+        known = [b for b, v in backends.BACKENDS.items() if v.same_person is not None]
+        if name not in known:
             raise ValueError(f"no default identity threshold for embedder {name!r} (known: "
-                             f"{', '.join(IDENTITY_THRESHOLDS)}); pass threshold=<cosine>")
-        threshold = IDENTITY_THRESHOLDS[name]
+                             f"{', '.join(known)}); pass threshold=<cosine>")
+        threshold = backends.BACKENDS[name].same_person
     if link_threshold is None:
-        link_threshold = min(LINK_THRESHOLDS.get(name, threshold), threshold)
+        link = backends.BACKENDS[name].track_link if name in backends.BACKENDS else None
+        link_threshold = min(threshold if link is None else link, threshold)
     return threshold, link_threshold
 
 
@@ -435,9 +437,7 @@ def build_from_videos(video_dir: Union[str, Path], out_dir: Union[str, Path], *,
     OUT/report.json. `embedder`: any IdentityEmbedder (default `make_identity_embedder(backend)`);
     `clip_kwargs` go to `process_clip` (fps, decoder, seed, image_size, captioner, min_face, ...)."""
     if embedder is None:
-        from cig_jax.faces.identity import make_identity_embedder
-
-        embedder = make_identity_embedder(backend)
+        embedder = backends.make_identity_embedder(backend)
     threshold, link_threshold = default_thresholds(embedder, threshold, link_threshold)
     names = DEFAULT_NAMES if names is None else names
     video_dir, out_dir = Path(video_dir), Path(out_dir)
@@ -470,7 +470,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap = cli.parser(cli.prog(module="cig_jax.data.video"), "Build name-based conversations from two-person video clips.")
     ap.add_argument("--videos", required=True, help="folder of clips (searched recursively)")
     ap.add_argument("--out", required=True, help="output folder")
-    ap.add_argument("--backend", default="auto", choices=["auto", "dlib", "insightface"],
+    ap.add_argument("--backend", default="auto", choices=backends.choices(),
                     help="face embedder (the 'face' extra; auto: insightface if its pack is found, else dlib)")
     ap.add_argument("--fps", type=float, default=2.0, help="frames sampled per second")
     ap.add_argument("--size", type=int, default=512, help="side of the square output images")

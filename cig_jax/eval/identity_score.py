@@ -4,7 +4,7 @@ drawn-person equivalent through identity codes.
 Owns: picking a face in a (boxed) image and embedding it (`face_embedding`, cached per image by
 `EmbeddingCache`), `identity_similarity` (aligned image lists), `round_identity_similarity` (per round of
 generated conversations), `drawn_identity_similarity` (identity codes of the attributes a classifier read),
-and the per-backend notes on how to read the numbers (`BACKEND_NOTES`).
+with each backend's note on how to read the numbers (from `faces.backends`).
 
 Does not own: face detection and embedding (`cig_jax/faces/identity.py`), aligning generated rounds
 (`rounds.py`), the report (`metrics.py`).
@@ -18,13 +18,8 @@ import numpy as np
 from cig_jax.data import world
 from cig_jax.data.schema import Conversation
 from cig_jax.eval.rounds import aligned, appearances, pixels_of
+from cig_jax.faces import backends
 
-BACKEND_NOTES = {
-    "dlib": "dlib 128-d cosine: different people often score 0.8-0.9, the same person above ~0.93; "
-            "not comparable with ArcFace (insightface) numbers",
-    "insightface": "ArcFace cosine: different people near 0-0.3, the same person ~0.4-0.8; "
-                   "not comparable with dlib numbers",
-}
 
 
 def _pick_face(faces, box):
@@ -67,7 +62,7 @@ def _similarity_summary(values: list, ref_fail: int, gen_fail: int, backend: str
     ok = [v for v in values if v is not None]
     return {"mean": float(np.mean(ok)) if ok else None, "n": len(ok), "pairs": len(values),
             "detect_failures": ref_fail + gen_fail, "reference_failures": ref_fail, "generated_failures": gen_fail,
-            "backend": backend, "note": BACKEND_NOTES.get(backend, ""), "values": values}
+            "backend": backend, "note": backends.note(backend), "values": values}
 
 
 def identity_similarity(references: Sequence, generated: Sequence, embedder=None,
@@ -84,9 +79,7 @@ def identity_similarity(references: Sequence, generated: Sequence, embedder=None
     if len(references) != len(generated):
         raise ValueError(f"got {len(references)} references but {len(generated)} generated images")
     if embedder is None:
-        from cig_jax.faces.identity import make_identity_embedder
-
-        embedder = make_identity_embedder("auto")
+        embedder = backends.make_identity_embedder("auto")
     embed = _embed or EmbeddingCache(embedder)
     ref_boxes = ref_boxes if ref_boxes is not None else [None] * len(references)
     gen_boxes = gen_boxes if gen_boxes is not None else [None] * len(generated)

@@ -51,12 +51,16 @@ import numpy as np
 
 from cig_jax import cli
 from cig_jax.data import world
-from cig_jax.data.schema import Conversation, load_conversation, mentioned_names
+from cig_jax.data.schema import Conversation, mentioned_names
+from cig_jax.data.schema_io import load_conversation
+from cig_jax.eval import recall
+from cig_jax.eval.attributes import load_or_train_classifier
 from cig_jax.eval.clip_score import clip_t_score, round_clip_t  # noqa: F401 (part of this module's API)
-from cig_jax.eval.identity_score import (BACKEND_NOTES, EmbeddingCache, cosine,  # noqa: F401
+from cig_jax.eval.identity_score import (EmbeddingCache, cosine,  # noqa: F401
                                          drawn_identity_similarity, face_embedding, identity_similarity,
                                          round_identity_similarity)
 from cig_jax.eval.rounds import aligned, appearances, generated_images, intro_rounds, scale_box  # noqa: F401
+from cig_jax.faces import backends
 
 GROUPS = ("text", "image_only", "all")
 def chance_levels(attributes: Optional[dict] = None) -> dict:
@@ -203,7 +207,7 @@ def multi_round_consistency(truth: Sequence[Conversation], generated, embedder=N
         ok = [v for v in id_values if v is not None]
         out["identity"] = {"mean": float(np.mean(ok)) if ok else None, "n": len(ok), "pairs": len(id_values),
                            "detect_failures": failures, "appearances": n_appearances, "backend": embedder.name,
-                           "note": BACKEND_NOTES.get(embedder.name, "")}
+                           "note": backends.note(embedder.name)}
     if classifier is not None:
         out["attributes"] = {"agreement": agree / agree_n if agree_n else None, "n": agree_n}
     return out
@@ -217,8 +221,6 @@ def evaluate(truth: Sequence[Conversation], generated=None, *, classifier=None, 
     """One JSON-ready report: attribute accuracy and drawn-person identity (with `classifier`), identity
     similarity and consistency (with `embedder`), CLIP-T (with `clip_path`, else skipped). `generated=None`
     scores the ground truth against itself (the ceiling each metric can reach)."""
-    from cig_jax.eval import recall
-
     truth = list(truth)
     generated = None if generated is None else list(generated)
     report: dict = {"conversations": len(truth)}
@@ -285,10 +287,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--out", help="write the report here (JSON); it is printed either way")
     ap.add_argument("--cache", default="/tmp/cig_eval", help="where the attribute classifier is cached")
     ap.add_argument("--clip", help="local CLIP checkpoint folder for CLIP-T (skipped without one)")
-    ap.add_argument("--identity", default="auto", choices=("auto", "dlib", "insightface", "none"),
+    ap.add_argument("--identity", default="auto", choices=backends.choices(none=True),
                     help="face embedder for identity similarity (the 'face' extra)")
     args = ap.parse_args(argv)
-    from cig_jax.eval.attributes import load_or_train_classifier
 
     files = sorted(Path(args.truth).glob("*.json"))
     if not files:
@@ -304,9 +305,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         generated = [by_id[c.id] for c in truth]
     embedder = None
     if args.identity != "none":
-        from cig_jax.faces.identity import make_identity_embedder
-
-        embedder = make_identity_embedder(args.identity)
+        embedder = backends.make_identity_embedder(args.identity)
     classifier = load_or_train_classifier(args.cache, verbose=True)
     report = json_safe(evaluate(truth, generated, classifier=classifier, embedder=embedder, clip_path=args.clip))
     text = json.dumps(report, indent=1)

@@ -53,8 +53,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from cig_jax import cli
-from cig_jax.config import Config, load_config
+from cig_jax.config import Config
+from cig_jax.config_io import load_config
 from cig_jax.data import schema
+from cig_jax.data.pipeline import preprocess_image
+from cig_jax.eval import run as eval_run
+from cig_jax.eval.attributes import load_or_train_classifier
+from cig_jax.eval.metrics import evaluate, json_safe
+from cig_jax.eval.recall import format_recall
+from cig_jax.eval.run import format_table
+from cig_jax.faces import backends
+from cig_jax.models.mllm import pool_targets
+from cig_jax.sample.session import default_mesh, to_uint8
+from cig_jax.train import checkpoint as train_checkpoint, stages, trainer
+from cig_jax.train.stages import load_stage_records
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "bench" / "nonmarkov.yaml"
 STAGE1_CONFIG = CONFIG.with_name("nonmarkov_stage1.yaml")
@@ -121,16 +133,12 @@ def prefixes(conv: schema.Conversation) -> list:
 def bench_task(cfg: Config, records: Sequence[schema.Conversation]):
     """The configured stage's task reading `records` (drawn once for all runs): as they are, or with
     data.markov_view every round of every record through the Markov view."""
-    from cig_jax.train import stages
-
     rows = [p for c in records for p in prefixes(c)] if cfg.data.markov_view else list(records)
     return dataclasses.replace(stages.build_task(cfg),
                                make_dataset=lambda index, count: stages.conversation_dataset(cfg, rows, index, count))
 
 
 def train(cfg: Config, name: str, records: Sequence[schema.Conversation]) -> dict:
-    from cig_jax.train import trainer
-
     t = time.perf_counter()
     print(f"[nonmarkov] training {name}: {cfg.train.steps} steps, batch {cfg.data.global_batch_size}, "
           f"trainable {list(cfg.train.trainable) or 'the MLLM'}, workdir {cfg.train.workdir}", flush=True)
@@ -146,10 +154,6 @@ def reconstruct(model, cfg: Config, images: np.ndarray, seed: int = 0, num_steps
     """uint8 [n, H, W, 3] -> the detokenizer's drawing of each from the pooled ViT features of itself (the
     targets the MLLM regresses onto), without identity: uint8 [n, H, W, 3]."""
     from flax import nnx
-
-    from cig_jax.data.pipeline import preprocess_image
-    from cig_jax.models.mllm import pool_targets
-    from cig_jax.sample.session import to_uint8
 
     graphdef, state = nnx.split(model)
 
@@ -175,12 +179,8 @@ def reconstruct(model, cfg: Config, images: np.ndarray, seed: int = 0, num_steps
 def ceiling(checkpoint: str, convs: Sequence[schema.Conversation], classifier, num_steps=None) -> dict:
     """Scores of every ground-truth assistant image redrawn by the checkpoint's detokenizer from its own ViT
     features: the most that regression onto those features can give either model."""
-    from cig_jax.eval.metrics import evaluate
-    from cig_jax.sample.session import default_mesh
-    from cig_jax.train import trainer
-
-    cfg = trainer.saved_config(checkpoint)
-    model = trainer.load_trained(cfg, mesh=default_mesh(), workdir=checkpoint)
+    cfg = train_checkpoint.saved_config(checkpoint)
+    model = train_checkpoint.load_trained(cfg, mesh=default_mesh(), workdir=checkpoint)
     where = [(i, r) for i, c in enumerate(convs) for r, rnd in enumerate(c.rounds) if rnd.assistant_image is not None]
     drawn = reconstruct(model, cfg, np.stack([convs[i].rounds[r].assistant_image.pixels for i, r in where]),
                         num_steps=num_steps)
@@ -251,10 +251,6 @@ def verdict(reports: dict) -> dict:
 
 def run(workdir, budget: Budget = FULL, *, init: Optional[str] = None, overrides: Sequence[str] = (),
         classifier_cache: str = "/tmp/cig_eval", identity: str = "dlib", seed: int = 0) -> dict:
-    from cig_jax.eval import run as eval_run
-    from cig_jax.eval.attributes import load_or_train_classifier
-    from cig_jax.train import trainer
-
     workdir = Path(workdir)
     t0 = time.perf_counter()
     if init is not None and not (Path(init) / "checkpoints").is_dir():
@@ -279,7 +275,6 @@ def run(workdir, budget: Budget = FULL, *, init: Optional[str] = None, overrides
     reports["ceiling"] = ceiling(stage1_dir, convs, classifier, budget.num_steps)
     timings["ceiling"] = round(time.perf_counter() - t, 1)
     training = {}
-    from cig_jax.train.stages import load_stage_records
 
     records = load_stage_records(cfgs["history"])  # every run reads the same records (the configs' data)
     for name in MODELS:
@@ -302,7 +297,6 @@ def run(workdir, budget: Budget = FULL, *, init: Optional[str] = None, overrides
               "configs": {k: str(STAGE1_CONFIG if k == "stage1" else ADAPT_CONFIG if k.endswith("_adapt") else CONFIG)
                           for k in cfgs},
               "overrides": list(overrides), "reports": reports}
-    from cig_jax.eval.metrics import json_safe
 
     result = json_safe(result)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -313,9 +307,6 @@ def run(workdir, budget: Budget = FULL, *, init: Optional[str] = None, overrides
 
 
 def summary(result: dict) -> str:
-    from cig_jax.eval.recall import format_recall
-    from cig_jax.eval.run import format_table
-
     v = result["verdict"]
     pct = lambda x: "-" if x is None else f"{100 * x:.0f}%"  # noqa: E731
     lines = [f"Non-Markov benchmark: {result['num_eval']} held-out recall conversations (3-8 rounds, unseen names); "
@@ -337,7 +328,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--init", help="reuse this stage-1 (or later) checkpoint instead of training a detokenizer")
     ap.add_argument("--num-eval", type=int, help="held-out conversations (default: 48, --quick 4)")
     ap.add_argument("--cache", default="/tmp/cig_eval", help="where the attribute classifier is cached")
-    ap.add_argument("--identity", default="dlib", choices=("auto", "dlib", "insightface", "none"),
+    ap.add_argument("--identity", default="dlib", choices=backends.choices(none=True),
                     help="face embedder for identity similarity (the 'face' extra)")
     cli.add_overrides(ap, "override of configs/bench/nonmarkov.yaml for both MLLM runs (e.g. train.steps=3000); "
                           "data.*, model.* and diffusion.* entries also apply to the adaptation runs")

@@ -24,7 +24,7 @@ Does not own: generation (`eval/run.py`), the classifier (`eval/attributes.py`),
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, Sequence
 
 from cig_jax.data.recall import ProbePair, is_recall
 from cig_jax.data.schema import Conversation
@@ -163,15 +163,13 @@ def probe_score(pairs: Sequence[ProbePair], drawn: Sequence[tuple]) -> dict:
             "n": n, "chance": {"pairs": 0.25, "versions": 0.5}}
 
 
-def run_probe(session, pairs: Sequence[ProbePair], classifier, *, seed: int = 0,
-              generate: Optional[Callable] = None, **round_options) -> dict:
+def run_probe(session, pairs: Sequence[ProbePair], classifier, *, generate: Callable, seed: int = 0,
+              options=None) -> dict:
     """Generates the last round of both versions of every pair (ground-truth history), reads the drawn person
-    with `classifier` and scores them (`probe_score`)."""
-    from cig_jax.eval.run import generate_rounds
-
-    generate = generate or generate_rounds
+    with `classifier` and scores them (`probe_score`). `generate`: the generation protocol
+    (`cig_jax.eval.run.generate_rounds`, which calls this)."""
     convs = [c for p in pairs for c in p.conversations]
-    images = generate(session, convs, view="history", context="truth", seed=seed, only_last=True, **round_options)
+    images = generate(session, convs, view="history", context="truth", seed=seed, only_last=True, options=options)
     last = [g[-1] for g in images]
     preds = classifier.predict(last, [None] * len(last)) if last else []
     report = probe_score(pairs, [(preds[2 * i], preds[2 * i + 1]) for i in range(len(pairs))])

@@ -38,11 +38,19 @@ from PIL import Image as PILImage
 from PIL import ImageDraw, ImageFont
 
 from cig_jax import cli
+from cig_jax.config import override_config
 from cig_jax.data import names as name_pools
 from cig_jax.data import recall as recall_data
 from cig_jax.data import schema, sources
 from cig_jax.eval import metrics, probe_embeddings, recall
 from cig_jax.data.schema import Conversation
+from cig_jax.data.pipeline import markov_view
+from cig_jax.eval.attributes import load_or_train_classifier
+from cig_jax.faces import backends
+from cig_jax.sample.complete import complete_conversations, context_needed
+from cig_jax.sample.options import RoundOptions
+from cig_jax.sample.session import ChatSession
+from cig_jax.train.checkpoint import checkpoint_parts
 
 VIEWS = ("history", "markov")
 CONTEXTS = ("truth", "generated")
@@ -75,37 +83,52 @@ def load_conversations(data: str, *, data_dir: str = "workdir/demo/data", num: O
 # ----------------------------------------------------------------------------------------------------------
 # Generation
 # ----------------------------------------------------------------------------------------------------------
-def _round_inputs(conv: Conversation, r: int, view: str, previous: Optional[np.ndarray]) -> tuple:
-    """(text, user images) of round r as the model sees it: under the Markov view the previous round's image
-    (`previous`, uint8) comes first, as `pipeline.markov_view` places it."""
-    rnd = conv.rounds[r]
-    if view == "markov" and r > 0 and previous is not None:
-        from cig_jax.data.pipeline import markov_view
-
-        # bare pixels: no identity is read off the previous image
+def _ask(conv: Conversation, r: int, view: str, previous: Optional[np.ndarray]) -> Conversation:
+    """The conversation whose pending last round is round r as the model sees it under `view` (the history
+    policy): 'history': the ground-truth rounds before r, then round r; 'markov': round r alone, the previous
+    round's image (`previous`, uint8; bare pixels, so no identity is read off it) first among its user images, as
+    `pipeline.markov_view` places it."""
+    pending = dataclasses.replace(conv.rounds[r], assistant_text=None, assistant_image=None, metadata={})
+    if view == "history":
+        return dataclasses.replace(conv, rounds=list(conv.rounds[:r]) + [pending])
+    if r > 0 and previous is not None:
         prev = dataclasses.replace(conv.rounds[r - 1], assistant_image=schema.Image(pixels=previous))
-        pending = dataclasses.replace(rnd, assistant_text="", assistant_image=None)
-        rnd = markov_view(dataclasses.replace(conv, rounds=[prev, pending])).rounds[0]
-    return rnd.user_text, list(rnd.user_images)
+        pending = markov_view(dataclasses.replace(conv, rounds=[prev, pending])).rounds[0]
+    return dataclasses.replace(conv, rounds=[pending])
+
+
+def _pixels(image) -> Optional[np.ndarray]:
+    return None if image is None else image.pixels
+
+
+def _asks(conv: Conversation, view: str, context: str, only_last: bool) -> list:
+    """What `generate_rounds` completes for `conv` (previous images from the ground truth: to size the cache)."""
+    if view == "history" and context == "generated":
+        return [dataclasses.replace(conv, rounds=[_ask(conv, r, view, None).rounds[-1] for r in range(len(conv.rounds))])]
+    rounds = [len(conv.rounds) - 1] if only_last else range(len(conv.rounds))
+    return [_ask(conv, r, view, None if r == 0 else _pixels(conv.rounds[r - 1].assistant_image)) for r in rounds]
 
 
 def generate_rounds(session, convs: Sequence[Conversation], *, view: str = "history", context: str = "truth",
-                    seed: int = 0, on_batch=None, only_last: bool = False, texts: Optional[list] = None,
-                    **round_options) -> list:
+                    seed: int = 0, on_batch=None, only_last: bool = False,
+                    options: Optional[RoundOptions] = None, texts: Optional[list] = None) -> list:
     """Per conversation, per round, the generated image (uint8 [H, W, 3], or None): `len(convs)` lists. With
     `texts` (a list), also the answers' texts, appended per conversation in the same layout.
 
+    The generation protocol of sample.py (`complete_conversations`) under a history policy (`_ask`; see the
+    module docstring for `view` and `context`): conversation i completes from base seed `seed + 1000 i`
+    (`options.round_seed`: its round r samples with seed + 1000 i + r), every round with `force_image`.
     `session`: a `ChatSession`; its `batch_size` conversations of the same length are generated at once
     (conversations are grouped by length, the order of the result is that of `convs`; a short last batch is
     padded with copies). `only_last`: generate only each conversation's last round (ground-truth context; the
-    counterfactual probe). `round_options` go to `round_batch` (num_steps, visual_scale, ...); see the module
-    docstring for `view` and `context`."""
+    counterfactual probe). options: the round's knobs (None: the config's)."""
     if view not in VIEWS:
         raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
     if context not in CONTEXTS:
         raise ValueError(f"context must be one of {CONTEXTS}, got {context!r}")
     if only_last and context != "truth":
         raise ValueError("only_last needs context 'truth' (earlier rounds come from the ground truth)")
+    options = dataclasses.replace(session.options() if options is None else options, force_image=True)
     b = session.batch_size
     by_length: dict = {}
     for i, c in enumerate(convs):
@@ -119,31 +142,25 @@ def generate_rounds(session, convs: Sequence[Conversation], *, view: str = "hist
             chunk = [convs[i] for i in idx]
             n_real = len(chunk)
             chunk += [chunk[-1]] * (b - n_real)
+            bases = [seed + 1000 * (idx[i] if i < n_real else idx[-1] + i - n_real + 1) for i in range(b)]
             gen = [[None] * n_rounds for _ in chunk]
             answers = [[None] * n_rounds for _ in chunk]
             session.reset()
-            for r in range(n_rounds):
-                if only_last and r < n_rounds - 1:
-                    continue
-                if view == "history" and context == "truth":
-                    session.replay_batch([dataclasses.replace(c, rounds=c.rounds[:r]) for c in chunk])
-                elif view == "markov":
-                    session.reset()
-                prev = []
-                for i, c in enumerate(chunk):
-                    if r == 0:
-                        prev.append(None)
-                    elif context == "truth":
-                        im = c.rounds[r - 1].assistant_image
-                        prev.append(None if im is None else im.pixels)
-                    else:
-                        prev.append(gen[i][r - 1])
-                inputs = [_round_inputs(c, r, view, p) for c, p in zip(chunk, prev)]
-                seeds = [seed + 1000 * (idx[i] if i < n_real else idx[-1] + i - n_real + 1) + r for i in range(b)]
-                results = session.round_batch([t for t, _ in inputs], [ims for _, ims in inputs], seeds=seeds,
-                                              force_image=True, **round_options)
-                for i, res in enumerate(results):
-                    gen[i][r], answers[i][r] = res.image, res.text
+            if view == "history" and context == "generated":  # the model's own answers: one completion
+                filled = complete_conversations(session, [_asks(c, view, context, False)[0] for c in chunk],
+                                                seed=bases, options=options)
+                gen = [[_pixels(rnd.assistant_image) for rnd in c.rounds] for c in filled]
+                answers = [[rnd.assistant_text for rnd in c.rounds] for c in filled]
+            else:
+                for r in range(n_rounds - 1 if only_last else 0, n_rounds):
+                    prev = [None if r == 0 else gen[i][r - 1] if context == "generated" else
+                            _pixels(c.rounds[r - 1].assistant_image) for i, c in enumerate(chunk)]
+                    asks = [_ask(c, r, view, p) for c, p in zip(chunk, prev)]
+                    # a Markov context holds round r alone: its base seed moves on by r, as the round index would
+                    filled = complete_conversations(session, asks, options=options,
+                                                    seed=bases if view == "history" else [s + r for s in bases])
+                    for i, c in enumerate(filled):
+                        gen[i][r], answers[i][r] = _pixels(c.rounds[-1].assistant_image), c.rounds[-1].assistant_text
             for i, g, a in zip(idx, gen[:n_real], answers[:n_real]):
                 out[i], said[i] = g, a
             done += n_real
@@ -262,36 +279,24 @@ def make_embedder(identity: str):
     failures are counted in the report."""
     if identity == "none":
         return None
-    import importlib.util
-
-    if identity == "auto" and not any(importlib.util.find_spec(m) for m in ("dlib", "insightface")):
+    if identity == "auto" and not any(backends.installed(b) for b in backends.embedders()):
         print("[eval] identity similarity not computed: no face backend installed (pip install -e '.[face]')",
               flush=True)
         return None
-    cli.require("dlib" if identity in ("auto", "dlib") else "insightface", "face", f"--identity {identity}")
-    from cig_jax.faces.identity import make_identity_embedder
-
-    return make_identity_embedder(identity)
+    need = backends.BACKENDS[backends.embedders()[-1] if identity == "auto" else identity]  # auto falls back last
+    if need.module:
+        cli.require(need.module, need.extra, f"--identity {identity}")
+    return backends.make_identity_embedder(identity)
 
 
 def context_for(checkpoint, convs: Sequence[Conversation], batch_size: int, multiple: int = 256) -> int:
-    """KV-cache slots that hold any batch of `convs` whole, rounded up to `multiple`: what an evaluation sizes its
-    session to when not told. The rows of a batch share one write position, so each round takes the longest
-    row's tokens; each answer may run to the checkpoint's max_new_tokens (a generated history), and the last
-    round keeps its answer's room (`answer_slots`)."""
-    from cig_jax.sample.complete import checkpoint_parts
-    from cig_jax.sample.session import answer_slots
-
+    """KV-cache slots that hold any batch of `convs` under any view and context, rounded up to `multiple`: what an
+    evaluation sizes its session to when not told (`complete.context_needed` of every conversation
+    `generate_rounds` may complete, with the checkpoint's max_new_tokens)."""
     cfg, template = checkpoint_parts(checkpoint)
-    max_new = cfg.sample.max_new_tokens
-    per_round: dict = {}  # round -> the longest row's tokens in it
-    for c in convs:
-        prev = 0
-        for r in range(len(c.rounds)):
-            n = len(template.encode(dataclasses.replace(c, rounds=c.rounds[:r + 1]), add_generation_prompt=False))
-            per_round[r] = max(per_round.get(r, 0), n - prev + max_new)
-            prev = n
-    need = sum(per_round.values()) + answer_slots(max_new, cfg.model.mllm.num_image_tokens, batch_size)
+    asks = [a for c in convs for view, context in (("history", "generated"), ("history", "truth"), ("markov", "truth"))
+            for a in _asks(c, view, context, False)]
+    need = context_needed(template, asks, cfg.sample.max_new_tokens, batch_size)
     return -(-need // multiple) * multiple
 
 
@@ -307,11 +312,6 @@ def evaluate_checkpoint(checkpoint, data: str = "validation", out=None, *, data_
     loading from `data` (`names`: the name pool of a synthetic draw). With `probe` and recall conversations
     under the history view, also the counterfactual name probe (`eval/recall.py`). Returns the report (the JSON
     written). `overrides` (`--set KEY=VALUE`) change the checkpoint's config (sampling and diffusion settings)."""
-    from cig_jax.config import override_config
-    from cig_jax.eval.attributes import load_or_train_classifier
-    from cig_jax.sample.complete import checkpoint_parts
-    from cig_jax.sample.session import ChatSession
-
     say = print if verbose else (lambda *a, **k: None)
     t0 = time.perf_counter()
     cfg, _ = checkpoint_parts(checkpoint)  # a missing checkpoint or tokenizer stops here, before any work
@@ -330,7 +330,8 @@ def evaluate_checkpoint(checkpoint, data: str = "validation", out=None, *, data_
                                           identity_embedder=False)
     t_gen = time.perf_counter()
     texts: list = []
-    generated = generate_rounds(session, convs, view=view, context=context, seed=seed, num_steps=num_steps,
+    options = session.options(num_steps=num_steps, force_image=True)
+    generated = generate_rounds(session, convs, view=view, context=context, seed=seed, options=options,
                                 texts=texts,
                                 on_batch=lambda n, total: say(f"[eval] generated {n}/{total} conversations "
                                                               f"({time.perf_counter() - t_gen:.0f}s)", flush=True))
@@ -342,13 +343,14 @@ def evaluate_checkpoint(checkpoint, data: str = "validation", out=None, *, data_
     if probe and view == "history" and any(recall.is_recall(c) for c in convs):
         t_probe = time.perf_counter()
         pairs = recall_data.probe_pairs(convs)
-        report["probe"] = recall.run_probe(session, pairs, classifier, seed=seed, num_steps=num_steps)
+        report["probe"] = recall.run_probe(session, pairs, classifier, generate=generate_rounds, seed=seed,
+                                             options=options)
         report["probe"]["embeddings"] = probe_embeddings.run(session, pairs, batch_size)
         say(f"[eval] counterfactual name probe: {len(convs)} pairs ({time.perf_counter() - t_probe:.0f}s)")
     report["checkpoint"] = str(checkpoint)
     report["data"] = str(data)
     report["protocol"] = {"view": view, "context": context, "seed": seed, "kinds": list(kinds),
-                          "num_steps": num_steps or session.cfg.diffusion.num_steps, "force_image": True}
+                          "num_steps": options.num_steps, "force_image": True}
     report["timing_s"] = {"generate": round(t_score - t_gen, 1), "score": round(time.perf_counter() - t_score, 1),
                           "total": round(time.perf_counter() - t0, 1)}
     report = metrics.json_safe(report)
@@ -391,7 +393,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--cache", default="/tmp/cig_eval",
                     help="where the attribute classifier is cached (trained once on synthetic images, a few "
                          "minutes on CPU, the first time)")
-    ap.add_argument("--identity", default="auto", choices=("auto", "dlib", "insightface", "none"),
+    ap.add_argument("--identity", default="auto", choices=backends.choices(none=True),
                     help="face embedder for identity similarity (auto: dlib when the 'face' extra is installed, "
                          "else skipped)")
     args = ap.parse_args(argv)

@@ -1,7 +1,7 @@
 """Face identity embedders: detection, 5-point ArcFace alignment, identity embedding.
 
-Owns: the `Face` record, the `IdentityEmbedder` interface and its two backends,
-and `make_identity_embedder`, which picks one.
+Owns: the `Face` record, the `IdentityEmbedder` interface and its two backends' embedders and loaders
+(`load_insightface`, `load_dlib`, and `auto_backend`: which of the two 'auto' means).
 
 - insightface (real runs): an insightface model pack on local disk
   (`<model_root>/models/<pack>/*.onnx`, e.g. buffalo_l or antelopev2) gives
@@ -14,7 +14,8 @@ and `make_identity_embedder`, which picks one.
   package.
 
 Images are RGB uint8 [H, W, 3]; embeddings are float32 and L2-normalised.
-Does not own: alignment maths (`faces/align.py`), how identity embeddings become
+Does not own: the list of backends, their widths and extras, or picking one by name (`faces/backends.py`:
+`make_identity_embedder`); alignment maths (`faces/align.py`), how identity embeddings become
 DiT identity tokens (`models/dit.py`), identity-similarity metrics (`eval/`),
 face tracking in videos (`data/video.py`).
 """
@@ -386,8 +387,30 @@ def _load_face_analysis(pack_dir: Path, providers, ctx_id: int, det_size, det_th
     return app
 
 
-def make_identity_embedder(
-    backend: str = "auto",
+def auto_backend(model_root: str | Path | None = None, pack: str = "buffalo_l") -> str:
+    """What 'auto' means: 'insightface' when its pack has .onnx files, else 'dlib'. A pack misplaced under
+    model_root (see `pack_layout_mistake`) is an error the user can fix, not a fallback."""
+    if insightface_pack_present(model_root, pack):
+        return "insightface"
+    if model_root is not None and pack_layout_mistake(model_root, pack):
+        _require_pack(model_root, pack)
+    return "dlib"
+
+
+def _check_detector(detector) -> None:
+    if detector not in (None, "hog", "cnn"):
+        raise ValueError(f"detector must be None, 'hog' or 'cnn', got {detector!r}")
+
+
+def load_dlib(model_root: str | Path | None = None, pack: str = "buffalo_l", *, detector: str | None = None,
+              upsample: int = 1, dlib_model_dir: str | Path | None = None, **_) -> IdentityEmbedder:
+    """dlib's embedder (HOG or CNN detection, 128-d ResNet). model_root, pack and the insightface options are
+    ignored (every backend's loader takes the same keywords)."""
+    _check_detector(detector)
+    return DlibIdentityEmbedder(detector or "hog", upsample, dlib_model_dir)
+
+
+def load_insightface(
     model_root: str | Path | None = None,
     pack: str = "buffalo_l",
     *,
@@ -400,32 +423,16 @@ def make_identity_embedder(
     providers: Sequence[str] | None = None,
     dlib_model_dir: str | Path | None = None,
 ) -> IdentityEmbedder:
-    """Build an identity embedder; never downloads anything.
+    """An insightface embedder from the pack at `<model_root>/models/<pack>/` (model_root defaults to
+    ~/.insightface); never downloads anything.
 
-    backend: 'insightface' (pack at `<model_root>/models/<pack>/`; model_root
-      defaults to ~/.insightface), 'dlib', or 'auto' (insightface if that pack
-      has .onnx files, else dlib; a pack misplaced under model_root, see
-      `pack_layout_mistake`, is an error, not a fallback).
-    detector: None = the backend's own (SCRFD for insightface, HOG for dlib);
-      'hog' / 'cnn' = dlib's detector, which with insightface gives the
-      recognition-only setup (`recognition_model`, else the first ArcFace
-      model in the pack, embeds dlib-aligned crops).
+    detector: None = the pack's SCRFD; 'hog' / 'cnn' = dlib's detector, the recognition-only setup
+      (`recognition_model`, else the first ArcFace model in the pack, embeds dlib-aligned crops).
     recognition_model: ArcFace .onnx path (absolute, or relative to the pack dir).
     upsample: dlib detector upsampling (1 finds faces down to ~40 px).
     det_size, det_thresh, ctx_id, providers: passed to insightface (ctx_id < 0 forces CPU).
     """
-    if backend not in ("auto", "insightface", "dlib"):
-        raise ValueError(f"backend must be 'auto', 'insightface' or 'dlib', got {backend!r}")
-    if detector not in (None, "hog", "cnn"):
-        raise ValueError(f"detector must be None, 'hog' or 'cnn', got {detector!r}")
-    if backend == "auto":
-        present = insightface_pack_present(model_root, pack)
-        if not present and model_root is not None and pack_layout_mistake(model_root, pack):
-            _require_pack(model_root, pack)  # a misplaced pack the user meant to use: explain, don't fall back
-        backend = "insightface" if present else "dlib"
-    if backend == "dlib":
-        return DlibIdentityEmbedder(detector or "hog", upsample, dlib_model_dir)
-
+    _check_detector(detector)
     if recognition_model is not None and Path(recognition_model).expanduser().is_absolute():
         pack_dir = insightface_pack_dir(model_root, pack)  # the file alone is enough
     else:

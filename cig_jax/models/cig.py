@@ -17,7 +17,8 @@ from typing import Sequence
 
 from flax import nnx
 
-from cig_jax.config import ConfigError, ModelConfig
+from cig_jax.config_base import ConfigError
+from cig_jax.config_model import ModelConfig
 from cig_jax.models.detokenizer import Detokenizer
 from cig_jax.models.layers import LoRAParam
 from cig_jax.models.mllm import MLLM

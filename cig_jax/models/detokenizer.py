@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cig_jax.config import DiffusionConfig, DiTConfig, VAEConfig, validate_diffusion
+from cig_jax.config import DiffusionConfig, validate_diffusion
+from cig_jax.config_model import DiTConfig, VAEConfig
 from cig_jax.models.dit import DiT
 from cig_jax.models.vae import AutoencoderKL
 from cig_jax import diffusion

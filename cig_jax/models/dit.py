@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cig_jax.config import DiTConfig
+from cig_jax.config_model import DiTConfig
 from cig_jax.models import layers
 from cig_jax.models.id_encoder import IDEncoder
 from cig_jax.models.layers import dtype_of

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cig_jax.config import IDEncoderConfig
+from cig_jax.config_model import IDEncoderConfig
 from cig_jax.models import layers
 
 

@@ -14,6 +14,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from cig_jax.models import splash
+from cig_jax.models.cpu_attention import causal_blocked, full
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -179,8 +182,6 @@ def attention(q, k, v, *, mask=None, bias=None, is_causal: bool = False, scale: 
     if implementation == "splash":
         causal = is_causal or causal_block is not None
         if bias is None and (mask is None or causal or mask.shape[-2] == 1):
-            from cig_jax.models import splash
-
             return splash.attention(q, k, v, splash.key_validity(mask, q.shape[0], k.shape[1]), causal=causal,
                                     scale=scale)
         implementation = None  # other masks (a KV-cached chunk): the default path
@@ -200,15 +201,11 @@ def attention(q, k, v, *, mask=None, bias=None, is_causal: bool = False, scale: 
     s, kvh = k.shape[1], k.shape[2]
     scale = 1.0 / (d ** 0.5) if scale is None else scale
     if causal_block and t == s and t > causal_block and t % causal_block == 0 and bias is None:
-        from cig_jax.models.cpu_attention import causal_blocked
-
         if is_causal:
             causal = jnp.tril(jnp.ones((t, s), bool))
             mask = causal if mask is None else jnp.logical_and(mask, causal)
         return causal_blocked(q, k, v, mask, scale, causal_block)
     if bias is None:  # heads-major GEMMs with a hand-written backward (cig_jax.models.cpu_attention)
-        from cig_jax.models.cpu_attention import full
-
         if is_causal:
             causal = jnp.tril(jnp.ones((t, s), bool), k=s - t)
             mask = causal if mask is None else jnp.logical_and(mask, causal)

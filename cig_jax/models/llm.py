@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cig_jax.config import LLMConfig
+from cig_jax.config_model import LLMConfig
 from cig_jax.models import layers
 from cig_jax.models.layers import dtype_of
 

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cig_jax.config import MLLMConfig, ModelConfig, vit_feature_shape  # noqa: F401 (re-exported)
+from cig_jax.config_model import MLLMConfig, ModelConfig, vit_feature_shape
 from cig_jax.data.chat_template import IMAGE_QUERY, INPUT_IMAGE, TEXT  # role values
 from cig_jax.sharding import constrain
 from cig_jax.models import layers

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cig_jax.config import ResamplerConfig
+from cig_jax.config_model import ResamplerConfig
 from cig_jax.models import layers
 from cig_jax.models.layers import dtype_of
 

@@ -21,6 +21,7 @@ import math
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
+from cig_jax import sharding
 
 NUM_LANES = 128  # the kernel's kv blocks are multiples of this
 
@@ -76,8 +77,6 @@ def attention(q, k, v, key_valid=None, *, causal: bool, scale: float | None = No
     """q [b, t, h, d], k/v [b, s, kvh, d] (kvh divides h), key_valid [b, s] bool or None -> [b, t, h, d].
     causal: query i attends keys [0, i] (self-attention, t == s). interpret: run the kernel in Pallas interpret
     mode (default: when not on TPU, so CPU tests check the same kernel)."""
-    from cig_jax import sharding
-
     b, t, h, d = q.shape
     s = k.shape[1]
     if causal and t != s:

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cig_jax.config import ResamplerConfig, ViTConfig
+from cig_jax.config_model import ResamplerConfig, ViTConfig
 from cig_jax.models import layers
 from cig_jax.models.layers import dtype_of
 from cig_jax.models.resampler import CrossAttention, Resampler, resize_grid

@@ -227,11 +227,6 @@ class RowCache:
                     lambda new, old: jnp.where(has.reshape(-1, *(1,) * (new.ndim - 1)), new, old), out, drawn)
         return drawn
 
-    def step(self, chosen: np.ndarray, feed: np.ndarray) -> None:
-        """One decoding step from the host: text token chosen[i] goes into row i where feed[i]; `logits` then
-        follow them (`decode.decode_text` runs the whole loop on device instead)."""
-        self._append([[(int(t), TEXT, None)] if f else [] for t, f in zip(chosen, feed)], False, length=1)
-
     def record_fed(self, fed: list) -> None:
         """Host mirror of a device decode loop that fed text tokens fed[i] into row i, one a step from `index`
         (all rows together: the shared offset advances by the longest)."""

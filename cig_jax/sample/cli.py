@@ -32,7 +32,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cig_jax import cli
+from cig_jax import cli, sharding
+from cig_jax.config import override_config
+from cig_jax.config_io import load_config
+from cig_jax.data import schema, schema_io, sources
+from cig_jax.faces import backends
+from cig_jax.sample import complete as C, session as S
+from cig_jax.sample.identities import embedder_for_checkpoint
+from cig_jax.sample.options import RoundOptions, round_seed
+from cig_jax.sample.transcript import write_transcript
+from cig_jax.train import checkpoint as train_checkpoint
+from cig_jax.train.checkpoint import saved_config
 
 
 def _args(argv):
@@ -65,7 +75,7 @@ def _args(argv):
     ap.add_argument("--batch-size", type=int, default=8, help="conversations sampled together")
     ap.add_argument("--devices", type=int, help="devices of the mesh (default: all)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
-    ap.add_argument("--identity-backend", choices=("auto", "insightface", "dlib", "none"), default="auto",
+    ap.add_argument("--identity-backend", choices=backends.choices(none=True), default="auto",
                     help="face embedder for photos without a recorded identity (auto: insightface if its pack is "
                          "found, else dlib); its width must be the checkpoint's")
     ap.add_argument("--face-model-root", help="folder holding models/<pack>/*.onnx (default: ~/.insightface)")
@@ -80,16 +90,11 @@ def _args(argv):
 
 def _load_chats(path: Path) -> list:
     """(conversation, output file name) pairs from a JSON file, a directory of JSON files, or a JSONL file."""
-    from cig_jax.data import sources
-
     return sources.open_files(path)
 
 
 def _config(args):
     """The config to sample with: --config or the checkpoint's own, with --set overrides."""
-    from cig_jax.config import load_config, override_config
-    from cig_jax.train.trainer import saved_config
-
     if args.config:
         return load_config(args.config, args.overrides)
     if not Path(args.checkpoint).is_dir():
@@ -98,20 +103,17 @@ def _config(args):
                            f"checkpoint {args.checkpoint} + --set")
 
 
-def _round_options(args) -> dict:
-    opts = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                num_steps=args.num_steps, visual_scale=args.visual_scale, identity_scale=args.identity_scale)
-    opts = {k: v for k, v in opts.items() if v is not None}
-    if args.force_image:
-        opts["force_image"] = True
-    return opts
+def _round_options(args, cfg) -> RoundOptions:
+    """The flags' sampling knobs over the config's: resolved once, passed whole."""
+    return RoundOptions.resolve(cfg, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                top_p=args.top_p, num_steps=args.num_steps, visual_scale=args.visual_scale,
+                                identity_scale=args.identity_scale, force_image=args.force_image)
 
 
 def _save_one(out: Path, conv, name: str):
     """Writes one completed conversation into `out`: candidate PNGs, then the images and the JSON (last)."""
-    from cig_jax.data import schema
 
-    stem, png_text = schema._safe(conv.id), {}
+    stem, png_text = schema_io.safe_name(conv.id), {}
     for r, rnd in enumerate(conv.rounds):
         sample = rnd.metadata.get("sample") if isinstance(rnd.metadata, dict) else None
         if not isinstance(sample, dict):
@@ -122,11 +124,11 @@ def _save_one(out: Path, conv, name: str):
                 rel = f"images/{stem}_r{r}_a_c{k}.png"
                 made = {key: v for key, v in dict(sample, seed=cand["seed"], stop=cand["stop"]).items()
                         if key != "candidates"}
-                schema._atomic_write(out / rel, schema.encode_png(im.pixels, {"cig_jax": json.dumps(made)}))
+                schema_io.atomic_write(out / rel, schema.encode_png(im.pixels, {"cig_jax": json.dumps(made)}))
                 cand["image"] = rel
         made = {key: v for key, v in sample.items() if key != "candidates"}
         png_text[f"rounds[{r}].assistant_image"] = {"cig_jax": json.dumps(made)}
-    return schema.save_conversation(conv, out / name, png_text=png_text)
+    return schema_io.save_conversation(conv, out / name, png_text=png_text)
 
 
 def _write(out: Path, done: list) -> list:
@@ -138,24 +140,20 @@ def _write(out: Path, done: list) -> list:
 
 
 def _write_transcript(out: Path, saved: list) -> None:
-    from cig_jax.sample.transcript import write_transcript
-
     write_transcript(out / "transcript.html", saved, title=", ".join(c.id for c in saved) or "Transcript")
 
 
 def _existing(out: Path, name: str):
     """The complete conversation already saved as out/name, or None (missing, unreadable or pending rounds)."""
-    from cig_jax.data import schema
 
     try:
-        conv = schema.load_conversation(out / name)
+        conv = schema_io.load_conversation(out / name)
     except schema.SchemaError:
         return None
     return None if schema.pending_rounds(conv) else conv
 
 
 def _check_outputs(out: Path, chats: list) -> None:
-    from cig_jax.data import schema
 
     if out.exists() and not out.is_dir():
         raise schema.SchemaError(f"--out {out}: exists and is not a directory")
@@ -172,12 +170,6 @@ def main(argv=None) -> int:
     args = _args(argv)
     import jax
 
-    from cig_jax import sharding
-    from cig_jax.data import schema
-    from cig_jax.sample import complete as C
-    from cig_jax.sample import session as S
-    from cig_jax.sample.identities import embedder_for_checkpoint
-
     user_errors = (cli.UserError, FileNotFoundError)
     prog = cli.prog(script="sample.py", console="cig-sample")
     out = Path(args.out)
@@ -186,12 +178,12 @@ def main(argv=None) -> int:
         chats = _load_chats(Path(args.chat)) if args.chat else []
         _check_outputs(out, chats)
         cfg = _config(args)
-        _, template = C.checkpoint_parts(args.checkpoint, cfg)
-        max_new = args.max_new_tokens if args.max_new_tokens is not None else cfg.sample.max_new_tokens
+        _, template = train_checkpoint.checkpoint_parts(args.checkpoint, cfg)
+        options = _round_options(args, cfg)
         if args.overflow == "error":
             for batch in _batches(chats, args.batch_size):
                 for k in batch:
-                    C.check_context(template, chats[k][0], args.max_len, max_new,
+                    C.check_context(template, chats[k][0], args.max_len, options.max_new_tokens,
                                     batch_size=len(batch) * args.num_images)
         embedder = False
         if cfg.model.dit.identity_injection != "none":
@@ -204,7 +196,7 @@ def main(argv=None) -> int:
         # --- sampling: each conversation is written as soon as it is complete -----------------------------------
         seed = args.seed if args.seed is not None else cfg.sample.seed
         if args.interactive:
-            return _interactive(session, chats[0] if chats else None, out, seed, args)
+            return _interactive(session, chats[0] if chats else None, out, seed, options)
         kept = {}
         if args.skip_existing:
             kept = {k: conv for k, (_, name) in enumerate(chats) if (conv := _existing(out, name)) is not None}
@@ -212,7 +204,7 @@ def main(argv=None) -> int:
         if again:
             print(f"{prog}: {out} already holds {', '.join(again[:3])}{' ...' if len(again) > 3 else ''}: "
                   f"overwriting {len(again)} conversation(s) (--skip-existing keeps the complete ones)", flush=True)
-        sampled = _complete_all(session, chats, seed, args, kept, out)
+        sampled = _complete_all(session, chats, seed, args, kept, out, options)
     except user_errors as e:
         return cli.fail(prog, str(e))
     skipped = f" (kept {len(kept)} already complete)" if kept else ""
@@ -222,8 +214,6 @@ def main(argv=None) -> int:
 
 def _batches(chats: list, batch_size: int) -> list:
     """Indices into `chats`, in batches of at most `batch_size` conversations of the same shape."""
-    from cig_jax.sample import complete as C
-
     groups: dict = {}
     for k, (conv, _) in enumerate(chats):
         groups.setdefault(C.shape_of(conv), []).append(k)
@@ -231,13 +221,10 @@ def _batches(chats: list, batch_size: int) -> list:
     return [members[i:i + size] for members in groups.values() for i in range(0, len(members), size)]
 
 
-def _complete_all(first, chats: list, seed: int, args, kept: dict, out: Path) -> int:
+def _complete_all(first, chats: list, seed: int, args, kept: dict, out: Path, options: RoundOptions) -> int:
     """Completes every conversation not in `kept` (index -> saved conversation), batching those of the same shape,
     and writes each batch's conversations as soon as they are done (the transcript too, of all so far). Returns
     how many were sampled."""
-    from cig_jax.data import schema
-    from cig_jax.sample import complete as C
-
     todo = [k for k in range(len(chats)) if k not in kept]
     total = sum(len(schema.pending_rounds(chats[k][0])) for k in todo)
     bar = None
@@ -247,7 +234,6 @@ def _complete_all(first, chats: list, seed: int, args, kept: dict, out: Path) ->
         bar = tqdm(total=total, desc="rounds", unit="round")
     saved: dict = dict(kept)
     sessions = {1: first}
-    opts = _round_options(args)
     n = args.num_images
     for batch in _batches([chats[k] for k in todo], args.batch_size):
         batch = [todo[i] for i in batch]
@@ -256,7 +242,7 @@ def _complete_all(first, chats: list, seed: int, args, kept: dict, out: Path) ->
             sessions[b] = first.with_batch_size(b)
         convs = [chats[k][0] for k in batch]
         tick = (lambda r, res: bar.update(len(res))) if bar is not None else None
-        done = C.complete_conversations(sessions[b], convs, seed=seed, on_round=tick, num_images=n, **opts)
+        done = C.complete_conversations(sessions[b], convs, seed=seed, on_round=tick, num_images=n, options=options)
         for k, conv in zip(batch, done):
             saved[k] = _save_one(out, conv, chats[k][1])
         _write_transcript(out, [saved[k] for k in sorted(saved)])
@@ -271,18 +257,14 @@ INTERACTIVE_HELP = ("Type a message and press Enter; commands (never sent to the
                     "image to the next message, '/help' shows this, '/quit' ends (so does Ctrl-D).")
 
 
-def _interactive(session, chat, out: Path, seed: int, args) -> int:
+def _interactive(session, chat, out: Path, seed: int, options: RoundOptions) -> int:
     """A terminal chat, starting from `chat` ((conversation, name) or None). Saves the history, images and
     transcript into `out` after every round."""
     import dataclasses
 
-    from cig_jax.data import schema
-    from cig_jax.sample import complete as C
-
-    opts = _round_options(args)
     if chat is not None:
         conv, name = chat
-        conv = C.complete_conversation(session, conv, seed=seed, **opts)
+        conv = C.complete_conversation(session, conv, seed=seed, options=options)
         _write(out, [(conv, name)])
         for r, rnd in enumerate(conv.rounds):
             print(f"[{r + 1}] you> {rnd.user_text}\n[{r + 1}] assistant> {rnd.assistant_text or ''}")
@@ -314,7 +296,7 @@ def _interactive(session, chat, out: Path, seed: int, args) -> int:
             continue
         if not cmd and not attached:
             continue
-        result = session.round(line, attached, seed=seed + len(conv.rounds), **opts)
+        result = session.round(line, attached, seed=round_seed(seed, len(conv.rounds)), options=options)
         attached = []
         done = session.history.rounds[-1]  # user images keep their paths: saving copies the files
         conv.rounds.append(dataclasses.replace(

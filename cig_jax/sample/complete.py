@@ -1,83 +1,77 @@
-"""Whole conversations through a `ChatSession`: fill the pending rounds of histories, batched by shape.
+"""Whole conversations through a `ChatSession`: fill the pending rounds of histories, batched by shape: the one
+generation protocol (sample.py, the app's history import and the evaluation, which only chooses what history
+each generated round sees, all complete conversations here).
 
-Owns: `complete_conversation(s)` (what `sample.py`, the app's history import and the evaluation code call),
-`checkpoint_parts` (config + chat template of a run, no weights), `shape_of` (what conversations sharing a batch agree on) and `check_context` (the up-front check that a
-history's completion fits the cache). Does not own: a round itself (`session.py`), files (`sample.py`).
+Owns: `complete_conversation(s)`, `shape_of` (what conversations sharing a batch agree on), `context_needed` (the
+KV-cache slots completing a batch of histories can take: sample.py's up-front check and the evaluation's cache
+size) and `check_context`. Does not own: a round itself (`session.py`), the options and the seed rule
+(`options.py`), files (`sample.py`).
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
-from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
-from cig_jax.config import Config
 from cig_jax.data import schema
 from cig_jax.data.chat_template import ChatTemplate
+from cig_jax.sample.options import RoundOptions, round_seed
 from cig_jax.sample.session import ChatSession, ContextOverflowError, RoundResult, answer_slots
 
 
-def checkpoint_parts(directory, config: Optional[Config] = None) -> tuple[Config, ChatTemplate]:
-    """(config, chat template) of a training workdir, without loading weights. Raises FileNotFoundError for a
-    missing directory / checkpoint / tokenizer and CheckpointMismatchError when the tokenizer does not fit."""
-    from cig_jax.data.chat_template import load_tokenizer
-    from cig_jax.train.checkpoint import CheckpointMismatchError
-    from cig_jax.train.trainer import saved_config
-
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"{directory}: checkpoint directory not found")
-    cfg = config if config is not None else saved_config(directory, source="checkpoint")
-    if not (directory / "tokenizer").is_dir():
-        raise FileNotFoundError(f"{directory / 'tokenizer'}: no tokenizer saved with this run "
-                                "(MLLM stages save one)")
-    tokenizer = load_tokenizer(directory / "tokenizer")
-    if len(tokenizer) > cfg.model.llm.vocab_size:
-        raise CheckpointMismatchError(f"{directory / 'tokenizer'}: {len(tokenizer)} tokens do not fit "
-                                      f"model.llm.vocab_size {cfg.model.llm.vocab_size}")
-    return cfg, ChatTemplate(tokenizer, cfg.model.mllm.num_image_tokens, cfg.model.mllm.chat_format)
+def context_needed(template: ChatTemplate, convs: Sequence[schema.Conversation], max_new_tokens: int,
+                   batch_size: Optional[int] = None) -> int:
+    """KV-cache slots completing `convs` together (a batch of `batch_size` rows, default len(convs)) can need.
+    The rows share one write position, so each round counts its longest row: an answered round its tokens as a
+    sampling cache holds them, a pending round its user turn and room for the longest answer (`answer_slots`)."""
+    b = len(convs) if batch_size is None else batch_size
+    room = answer_slots(max_new_tokens, template.num_image_tokens, b)
+    per_round: dict = {}
+    for conv in convs:
+        pending = set(schema.pending_rounds(conv))
+        filled = [dataclasses.replace(r, assistant_text="") if i in pending else r for i, r in enumerate(conv.rounds)]
+        prev = 0
+        for r in range(len(filled)):
+            n = len(template.encode(dataclasses.replace(conv, rounds=filled[:r + 1]), add_generation_prompt=False,
+                                    end="round"))
+            per_round[r] = max(per_round.get(r, 0), n - prev + (room if r in pending else 0))
+            prev = n
+    return sum(per_round.values())
 
 
 def check_context(template: ChatTemplate, conv: schema.Conversation, max_len: int, max_new_tokens: int,
                   batch_size: int = 1) -> None:
     """Raises ContextOverflowError when completing `conv` (in a batch of `batch_size`) could need more than
-    `max_len` cache slots: its answered rounds, every pending user turn and, per pending round, room for the
-    longest answer (`answer_slots`)."""
-    pending = schema.pending_rounds(conv)
-    filled = dataclasses.replace(conv, rounds=[dataclasses.replace(r, assistant_text="") if i in pending else r
-                                               for i, r in enumerate(conv.rounds)])
-    need = len(template.encode(filled, add_generation_prompt=False, end="round"))  # what the cache holds
-    need += len(pending) * answer_slots(max_new_tokens, template.num_image_tokens, batch_size)
+    `max_len` cache slots (`context_needed`)."""
+    need = context_needed(template, [conv], max_new_tokens, batch_size)
     if need > max_len:
+        pending = schema.pending_rounds(conv)
         r = pending[0] if pending else len(conv.rounds) - 1
         raise ContextOverflowError(
-            f"{schema._label(conv)}: rounds[{r}]: completing the history needs up to {need} KV-cache slots (with "
+            f"{schema.conversation_label(conv)}: rounds[{r}]: completing the history needs up to {need} KV-cache slots (with "
             f"{max_new_tokens} new tokens and an image a round) but the context holds {max_len}; raise max_len "
             "(sample.py --max-len), lower max_new_tokens, or use overflow 'drop_oldest'")
 
 
 def complete_conversation(session: ChatSession, conv: schema.Conversation, *, seed: int = 0,
                           on_round: Optional[Callable[[int, RoundResult], None]] = None,
-                          **options) -> schema.Conversation:
+                          options: Optional[RoundOptions] = None) -> schema.Conversation:
     """Fills the pending rounds of `conv` (validated first) with `session` and returns the completed copy: its
     answered rounds are replayed into the cache, then every pending round is sampled in order, round r with
-    seed `seed + r`. The returned conversation keeps `conv`'s fields and image paths; generated images carry
-    pixels, and each sampled round's metadata["sample"] says how it was made. `options` go to `round`
-    (max_new_tokens, temperature, force_image, ...). on_round(r, result) is called after each round."""
+    seed `round_seed(seed, r)`. The returned conversation keeps `conv`'s fields and image paths; generated images
+    carry pixels, and each sampled round's metadata["sample"] says how it was made. options: the round's knobs
+    (None: the config's). on_round(r, result) is called after each round."""
     return complete_conversations(session, [conv], seed=seed, on_round=lambda r, res: on_round and on_round(r, res[0]),
-                                  **options)[0]
+                                  options=options)[0]
 
 
-CANDIDATE_SEEDS = 1_000_003  # candidate k of a round samples with seed + r + k * this
-
-
-def complete_conversations(session: ChatSession, convs: Sequence[schema.Conversation], *, seed: int = 0,
-                           on_round: Optional[Callable[[int, list], None]] = None, num_images: int = 1,
-                           **options) -> list:
+def complete_conversations(session: ChatSession, convs: Sequence[schema.Conversation], *,
+                           seed: Union[int, Sequence[int]] = 0, on_round: Optional[Callable[[int, list], None]] = None,
+                           num_images: int = 1, options: Optional[RoundOptions] = None) -> list:
     """`complete_conversation` for several conversations at once (`session.batch_size` = len(convs) x
     num_images rows). They must have the same shape: the same number of rounds and the same pending rounds (see
-    `shape_of`). With num_images N > 1 every round draws N candidates per conversation in one batch (candidate k
-    with seed `seed + r + k * CANDIDATE_SEEDS`); the history goes on with candidate 0, and the others are listed in
+    `shape_of`). seed: every conversation's base seed, or one per conversation. With num_images N > 1 every round
+    draws N candidates per conversation in one batch (candidate k with seed `round_seed(seed, r, k)`); the history goes on with candidate 0, and the others are listed in
     the round's metadata["sample"]["candidates"] ({"seed", "stop", "text", "image": a schema.Image with pixels or
     None}; sample.py writes the images and puts their paths there)."""
     n = int(num_images)
@@ -87,6 +81,10 @@ def complete_conversations(session: ChatSession, convs: Sequence[schema.Conversa
     shapes = {shape_of(c) for c in convs}
     if len(shapes) != 1:
         raise ValueError(f"conversations of different shapes cannot share a batch: {sorted(shapes)}")
+    bases = [int(seed)] * len(convs) if isinstance(seed, int) else [int(x) for x in seed]
+    if len(bases) != len(convs):
+        raise ValueError(f"{len(bases)} seeds for {len(convs)} conversations")
+    options = session.options() if options is None else options
     for c in convs:
         schema.validate(c)
     pending = schema.pending_rounds(convs[0])
@@ -95,10 +93,10 @@ def complete_conversations(session: ChatSession, convs: Sequence[schema.Conversa
     out = [copy.deepcopy(c) for c in convs]
     for r in pending:
         texts = [c.rounds[r].user_text for c in rows]
-        images = [[session.loaded(im, c, f"{schema._label(c)}: rounds[{r}].user_images[{j}]")
+        images = [[session.loaded(im, c, f"{schema.conversation_label(c)}: rounds[{r}].user_images[{j}]")
                    for j, im in enumerate(c.rounds[r].user_images)] for c in rows]
-        seeds = [seed + r + k * CANDIDATE_SEEDS for _ in convs for k in range(n)]
-        results = session.round_batch(texts, images, seeds=seeds, **options)
+        seeds = [round_seed(base, r, k) for base in bases for k in range(n)]
+        results = session.round_batch(texts, images, seeds=seeds, options=options)
         for j, c in enumerate(out):
             res, done = results[j * n], session.rows[j * n].conv.rounds[-1]
             c.rounds[r].assistant_text = res.text
@@ -122,4 +120,4 @@ def shape_of(conv: schema.Conversation) -> tuple:
     return (len(conv.rounds), tuple(schema.pending_rounds(conv)))
 
 
-__all__ = ["checkpoint_parts", "complete_conversation", "complete_conversations", "check_context", "shape_of", "RoundResult"]
+__all__ = ["complete_conversation", "complete_conversations", "check_context", "context_needed", "shape_of", "RoundResult"]

@@ -22,6 +22,7 @@ from flax import nnx
 
 from cig_jax.data.chat_template import TEXT
 from cig_jax.sample.cache import unview, view, view_len
+from cig_jax.sample.options import RoundOptions
 
 
 def choose_next(logits: jax.Array, key: jax.Array, temperature: float = 0.0, top_p: float = 1.0) -> jax.Array:
@@ -65,7 +66,7 @@ def _feed_text(model, kind: str, ids, valid, kv):
 
 
 @partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6), donate_argnums=(8,))
-def _decode_loop(graph, kind, n_view, max_new, temperature, top_p, marker, state, kv, logits, seeds, banned, eos,
+def decode_loop(graph, kind, n_view, max_new, temperature, top_p, marker, state, kv, logits, seeds, banned, eos,
                  boi):
     """The loop of `decode_text` on device. kv: the whole cache (donated); logits [b, V]; seeds [b].
     Returns (tokens [b, max_new], counts [b], stop codes [b] (index into STOPS), fed [b], logits [b, V], kv)."""
@@ -112,15 +113,16 @@ def _decode_loop(graph, kind, n_view, max_new, temperature, top_p, marker, state
     return out, n, stop, fed, logits, unview(kv, part)
 
 
-def decode_text(cache, *, seeds, banned, eos_id: int, boi_id: int, marker: Sequence[int], max_new: int,
-                temperature: float, top_p: float, kind: str = "mllm") -> tuple[list, list]:
+def decode_text(cache, *, seeds, banned, eos_id: int, boi_id: int, marker: Sequence[int], options: RoundOptions,
+                kind: str = "mllm") -> tuple[list, list]:
     """Decodes every row of `cache` (a `cache.RowCache` whose `logits` follow the prompt) on device. seeds [b]
-    (on the mesh), banned [V] bool. Returns (per row the chosen text ids, stop token excluded; per row the stop
+    (on the mesh), banned [V] bool; options: the round's (max_new_tokens, temperature, top_p). Returns (per row the chosen text ids, stop token excluded; per row the stop
     reason, one of STOPS). The fed tokens join the cache and its host mirror; `cache.logits` follow them."""
+    max_new, temperature, top_p = options.max_new_tokens, options.temperature, options.top_p
     if max_new <= 0:
         return [[] for _ in range(cache.batch_size)], ["max_new_tokens"] * cache.batch_size
     n_view = view_len(cache.index + max_new, cache.kv.max_len)
-    out, n, stop, fed, cache.logits, cache.kv = _decode_loop(
+    out, n, stop, fed, cache.logits, cache.kv = decode_loop(
         cache.graph, kind, n_view, int(max_new), float(temperature), float(top_p), tuple(int(t) for t in marker),
         cache.state, dataclasses.replace(cache.kv, index=jnp.asarray(cache.index, jnp.int32)), cache.logits, seeds,
         banned, jnp.int32(eos_id), jnp.int32(boi_id))

@@ -21,6 +21,8 @@ import numpy as np
 
 from cig_jax.cli import UserError
 from cig_jax.data import schema
+from cig_jax.faces import backends
+from cig_jax.faces import identity as F
 
 log = logging.getLogger(__name__)
 
@@ -155,9 +157,6 @@ def with_predicted(ident: np.ndarray, mask: np.ndarray, boxes: np.ndarray, recor
 # ----------------------------------------------------------------------------------------------------------
 # The face backend for a checkpoint (sample.py --identity-backend / --face-model-root)
 # ----------------------------------------------------------------------------------------------------------
-BACKEND_DIMS = {"insightface": 512, "dlib": 128}
-
-
 def embedder_for_checkpoint(backend: str, identity_dim: int, model_root=None, pack: str = "buffalo_l"):
     """The face embedder for photos whose record carries no identity, checked against the checkpoint's identity
     width before anything is sampled -> an IdentityEmbedder, or False for none. backend: 'none'; 'insightface'
@@ -165,16 +164,14 @@ def embedder_for_checkpoint(backend: str, identity_dim: int, model_root=None, pa
     'auto' (insightface when the pack is there, else dlib; with neither installed: none, with a warning).
     Raises IdentityDimensionError when the backend's width is not `identity_dim`, and
     `faces.identity.IdentityModelNotFoundError` (a FileNotFoundError) for missing or misplaced weights."""
-    if backend not in ("auto", "insightface", "dlib", "none"):
-        raise ValueError(f"identity backend must be auto, insightface, dlib or none, got {backend!r}")
+    if backend not in backends.choices(none=True):
+        raise ValueError(f"identity backend must be one of {', '.join(backends.choices(none=True))}, got {backend!r}")
     if backend == "none":
         return False
-    from cig_jax.faces import identity as F
-
     if backend == "auto" and not F.insightface_pack_present(model_root, pack) and not (
             model_root is not None and F.pack_layout_mistake(model_root, pack)):
         try:
-            embedder = F.make_identity_embedder("dlib")
+            embedder = backends.make_identity_embedder("dlib")
         except (ImportError, F.IdentityModelNotFoundError) as e:
             log.warning("no face backend (no insightface pack, dlib unavailable: %s): photos without a recorded "
                         "identity are drawn without one; pip install -e '.[face]' brings dlib (or give "
@@ -182,11 +179,11 @@ def embedder_for_checkpoint(backend: str, identity_dim: int, model_root=None, pa
             return False
     else:
         try:
-            embedder = F.make_identity_embedder(backend, model_root, pack)
+            embedder = backends.make_identity_embedder(backend, model_root, pack)
         except ImportError as e:
             raise F.IdentityModelNotFoundError(f"--identity-backend {backend}: {e}; pip install -e '.[face]'") from None
     if embedder.embedding_dim != identity_dim:
-        fits = [b for b, d in BACKEND_DIMS.items() if d == identity_dim]
+        fits = [b for b in backends.embedders() if backends.BACKENDS[b].dim == identity_dim]
         raise IdentityDimensionError(
             f"--identity-backend {backend}: {embedder.name} gives {embedder.embedding_dim}-d identity embeddings but "
             f"the checkpoint's identity branch takes {identity_dim}-d (model.dit.identity.embedding_dim); use "

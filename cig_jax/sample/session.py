@@ -11,7 +11,8 @@ conversations of one shape over the mesh.
 Does not own: keeping cache rows in step with token lists and the jitted model calls on them (`cache.py`), the
 token layout (`cig_jax/data/chat_template.py`), the models (`cig_jax/models/`), the diffusion samplers
 (`diffusion.py`), the text decoding loop (`decode.py`), the detokenizer call (`draw.py`), whole conversations
-(`complete.py`), files and the transcript (`sample.py`, `transcript.py`).
+(`complete.py`), the round's options and the seed rule (`options.py`), files and the transcript (`sample.py`,
+`transcript.py`).
 
 How the cache stays right. Each row of the cache (`cache.RowCache`) mirrors, token for token, the chat
 template's encoding of its history (`encode(..., end="round")`: without llama2's final `</s>`, which a round never
@@ -49,6 +50,7 @@ from cig_jax.sample.cache import RowCache
 from cig_jax.sample.decode import decode_text
 from cig_jax.sample.draw import detokenize, diffusion_bar
 from cig_jax.sample.identities import FaceReferences, round_identities, with_predicted
+from cig_jax.sample.options import RoundOptions
 
 log = logging.getLogger(__name__)
 
@@ -97,11 +99,11 @@ def _as_image(x, where: str) -> schema.Image:
     """A user image given as uint8 [H, W, 3] or a schema.Image -> a schema.Image carrying its pixels."""
     if isinstance(x, schema.Image):
         if x.pixels is not None:
-            schema._check_pixels(x.pixels, f"{where}.pixels")
+            schema.check_pixels(x.pixels, f"{where}.pixels")
             return x
         return dataclasses.replace(x, pixels=x.load(None, where=where))
     if isinstance(x, np.ndarray):
-        schema._check_pixels(x, where)
+        schema.check_pixels(x, where)
         return schema.Image(pixels=x)
     raise schema.SchemaError(f"{where}: expected a uint8 [H, W, 3] array or a schema.Image, got {type(x).__name__}")
 
@@ -148,8 +150,7 @@ class ChatSession:
         """A session over a training workdir (`DIR/checkpoints/<step>/`, `DIR/tokenizer/`). `config` overrides the
         config saved in the checkpoint (the model must match it: `CheckpointMismatchError` otherwise). A missing
         directory, checkpoint or tokenizer is a FileNotFoundError."""
-        from cig_jax.sample.complete import checkpoint_parts
-        from cig_jax.train.checkpoint import load_trained
+        from cig_jax.train.checkpoint import checkpoint_parts, load_trained
 
         cfg, template = checkpoint_parts(directory, config)
         mesh = mesh if mesh is not None else default_mesh()
@@ -195,7 +196,7 @@ class ChatSession:
             answered = [r for r in conv.rounds if not r.pending]
             rounds = []
             for r, rnd in enumerate(answered):
-                where = f"{schema._label(conv)}: rounds[{r}]"
+                where = f"{schema.conversation_label(conv)}: rounds[{r}]"
                 rounds.append(dataclasses.replace(
                     rnd, metadata=copy.deepcopy(rnd.metadata),
                     user_images=[self.loaded(im, conv, f"{where}.user_images[{j}]")
@@ -212,26 +213,22 @@ class ChatSession:
         self.cache.sync(targets)
         self._prune_images()
 
-    def round(self, text: str, images=(), *, seed: int = 0, max_new_tokens: Optional[int] = None,
-              temperature: Optional[float] = None, top_p: Optional[float] = None, num_steps: Optional[int] = None,
-              visual_scale: Optional[float] = None, identity_scale: Optional[float] = None,
-              force_image: bool = False) -> RoundResult:
+    def options(self, **given) -> RoundOptions:
+        """`RoundOptions.resolve(self.cfg, **given)`: the knobs given, the config's values for the rest."""
+        return RoundOptions.resolve(self.cfg, **given)
+
+    def round(self, text: str, images=(), *, seed: int = 0, options: Optional[RoundOptions] = None) -> RoundResult:
         """One user turn -> the assistant's answer (text, and an image when the model opens `<img>` or when
-        `force_image`). Options default to the config's `sample` / `diffusion` sections. The answer joins the
+        `options.force_image`). options: None = the config's (`self.options()`). The answer joins the
         history; the drawn image is written back into the cache as an input block, exactly as a user image, with
         the next feed (the next round's user turn: one model call for both, and not on the way to the image), so
         later rounds see it."""
         if self.batch_size != 1:
             raise ValueError(f"this session holds {self.batch_size} conversations: use .round_batch")
-        return self.round_batch([text], [images], seeds=[seed], max_new_tokens=max_new_tokens,
-                                temperature=temperature, top_p=top_p, num_steps=num_steps, visual_scale=visual_scale,
-                                identity_scale=identity_scale, force_image=force_image)[0]
+        return self.round_batch([text], [images], seeds=[seed], options=options)[0]
 
     def round_batch(self, texts: Sequence[str], images: Optional[Sequence] = None, *, seeds: Sequence[int] = (),
-                    max_new_tokens: Optional[int] = None, temperature: Optional[float] = None,
-                    top_p: Optional[float] = None, num_steps: Optional[int] = None,
-                    visual_scale: Optional[float] = None, identity_scale: Optional[float] = None,
-                    force_image: bool = False) -> list:
+                    options: Optional[RoundOptions] = None) -> list:
         """`round` for every conversation of the batch at once: texts [b], images [b] lists, seeds [b]."""
         b = self.batch_size
         images = list(images) if images is not None else [()] * b
@@ -239,37 +236,28 @@ class ChatSession:
         if not (len(texts) == len(images) == len(seeds) == b):
             raise ValueError(f"round_batch: need {b} texts, image lists and seeds, got {len(texts)}, {len(images)}, "
                              f"{len(seeds)}")
-        s, d = self.cfg.sample, self.cfg.diffusion
-        max_new = s.max_new_tokens if max_new_tokens is None else max_new_tokens
-        temperature = s.temperature if temperature is None else temperature
-        top_p = s.top_p if top_p is None else top_p
-        n_steps = num_steps or d.num_steps
+        options = self.options() if options is None else options
         before = [len(row.conv.rounds) for row in self.rows]
         try:
-            return self._round_batch(texts, images, seeds, max_new, float(temperature), float(top_p), n_steps,
-                                     visual_scale, identity_scale, force_image)
+            return self._round_batch(texts, images, seeds, options)
         except BaseException:  # the history stays as it was; the next sync repairs the cache
             for row, n in zip(self.rows, before):
                 del row.conv.rounds[n:]
             raise
 
-    def _round_batch(self, texts, images, seeds, max_new, temperature, top_p, n_steps, visual_scale, identity_scale,
-                     force_image) -> list:
+    def _round_batch(self, texts, images, seeds, options: RoundOptions) -> list:
         b, d = self.batch_size, self.cfg.diffusion
         results = [RoundResult("", None, None, False, []) for _ in range(b)]
-        params = dict(max_new_tokens=int(max_new), temperature=temperature, top_p=top_p, num_steps=int(n_steps),
-                      visual_scale=float(d.visual_guidance_scale if visual_scale is None else visual_scale),
-                      identity_scale=float(d.identity_guidance_scale if identity_scale is None else identity_scale),
-                      force_image=bool(force_image))  # how the round was made: saved with the history
+        max_new, n_steps = options.max_new_tokens, options.num_steps
 
         # --- the user turn -------------------------------------------------------------------------------
         r_index = len(self.rows[0].conv.rounds)
         for i, row in enumerate(self.rows):
-            where = f"{schema._label(row.conv)}: rounds[{r_index}]"
+            where = f"{schema.conversation_label(row.conv)}: rounds[{r_index}]"
             rnd = schema.Round(user_text=_user_text(texts[i]),
                                user_images=[_as_image(im, f"{where}.user_images[{j}]")
                                             for j, im in enumerate(images[i])],
-                               metadata={"sample": dict(params, seed=int(seeds[i]))})
+                               metadata={"sample": dict(options.as_metadata(), seed=int(seeds[i]))})
             if not rnd.user_text and not rnd.user_images:
                 raise schema.SchemaError(f"{where}: user turn is empty (needs text or images)")
             schema.user_segments(rnd)  # checks <image> markers against the images
@@ -287,13 +275,12 @@ class ChatSession:
         # --- text ----------------------------------------------------------------------------------------
         seeds_arr = self.cache.put(np.asarray(seeds, np.int32), ("batch",))
         tokens, stops = decode_text(self.cache, seeds=seeds_arr, banned=self._banned, eos_id=self.template.eos_id,
-                                    boi_id=self.template.boi_id, marker=self.template.turn_marker,
-                                    max_new=max_new, temperature=temperature, top_p=top_p)
+                                    boi_id=self.template.boi_id, marker=self.template.turn_marker, options=options)
         for res, toks, stop in zip(results, tokens, stops):
             res.tokens, res.stop = toks, stop
 
         # --- image queries -------------------------------------------------------------------------------
-        draw = [force_image or res.stop == "image" for res in results]
+        draw = [options.force_image or res.stop == "image" for res in results]
         for i, row in enumerate(self.rows):
             rnd = row.conv.rounds[-1]
             rnd.assistant_text = results[i].text = self.template.tokenizer.decode(results[i].tokens)
@@ -309,7 +296,7 @@ class ChatSession:
             with diffusion_bar(self.progress, n_steps, d.sampler):
                 pixels = detokenize(self.graph, self.state, seeds_arr, visual, identity,
                                     self.cache.put(on, ("batch", None)), self.cache.put(boxes, ("batch", None, None)),
-                                    jnp.float32(params["visual_scale"]), jnp.float32(params["identity_scale"]), d,
+                                    jnp.float32(options.visual_scale), jnp.float32(options.identity_scale), d,
                                     n_steps, self.progress)
             pixels = to_uint8(jax.device_get(pixels))
             vis_np = np.asarray(jax.device_get(visual))
@@ -372,7 +359,7 @@ class ChatSession:
                 row = self.rows[0]
                 r = len(row.conv.rounds) - 1
                 raise ContextOverflowError(
-                    f"{schema._label(row.conv)}: rounds[{r}]: the {what} needs {need} KV-cache slots (incl. {reserve} for the "
+                    f"{schema.conversation_label(row.conv)}: rounds[{r}]: the {what} needs {need} KV-cache slots (incl. {reserve} for the "
                     f"answer) but the context holds {self.max_len}; raise max_len (sample.py --max-len) or use "
                     "overflow 'drop_oldest'")
             progress = False
@@ -384,12 +371,12 @@ class ChatSession:
                         dropped_now[i].add(k)
                         progress = True
                         log.warning("%s: context full (%d > %d slots): rounds[%d] (text only) left out of the cache",
-                                    schema._label(row.conv), need, self.max_len, k)
+                                    schema.conversation_label(row.conv), need, self.max_len, k)
                         break
             if not progress:
                 row = self.rows[0]
                 raise ContextOverflowError(
-                    f"{schema._label(row.conv)}: rounds[{len(row.conv.rounds) - 1}]: the {what} needs {need} KV-cache slots "
+                    f"{schema.conversation_label(row.conv)}: rounds[{len(row.conv.rounds) - 1}]: the {what} needs {need} KV-cache slots "
                     f"but the context holds {self.max_len}, and no text-only round is left to drop; raise max_len")
             self.cache.clear()  # rebuilt from scratch: no holes left by the dropped rounds
 
@@ -407,7 +394,7 @@ class ChatSession:
             return None
         if self._embedder is None:
             try:
-                from cig_jax.faces.identity import make_identity_embedder
+                from cig_jax.faces.backends import make_identity_embedder
 
                 self._embedder = make_identity_embedder("auto")
             except Exception as e:  # noqa: BLE001 - no weights / no backend: only recorded identities
@@ -420,7 +407,7 @@ class ChatSession:
         """Remembers the identity of named one-person user images (face references) for later rounds."""
         if self._has_identity:
             row.identities.register(rnd, r, self._identity_dim, self._get_embedder,
-                                    f"{schema._label(row.conv)}: rounds[{r}]")
+                                    f"{schema.conversation_label(row.conv)}: rounds[{r}]")
 
     def _identities(self, results: list, draw: list, predicted=None):
         """Identities [b, P, De], which slots are used [b, P] and their regions [b, P, 4], with a note (and the
@@ -439,7 +426,7 @@ class ChatSession:
             if self._has_identity:
                 out[i], m, boxes[i], record = round_identities(row.conv.rounds[-1], row.identities, self._identity_dim,
                                                                p, self._get_embedder,
-                                                               f"{schema._label(row.conv)}: rounds[{r}]")
+                                                               f"{schema.conversation_label(row.conv)}: rounds[{r}]")
                 if predicted is not None:
                     out[i], m, boxes[i], record = with_predicted(out[i], m, boxes[i], record, predicted[i],
                                                                  row.conv.rounds[-1], [q.name for q in row.conv.people])

@@ -18,6 +18,7 @@ from typing import Sequence
 from PIL import Image as PILImage
 
 from cig_jax.data import schema
+from cig_jax.data import schema_io
 
 DISPLAY = 192  # target side of an image on the page, in CSS pixels (rounded to an integer multiple)
 
@@ -98,5 +99,5 @@ def transcript_html(convs: Sequence[schema.Conversation], folder, title: str = "
 def write_transcript(path, convs: Sequence[schema.Conversation], title: str = "Transcript") -> Path:
     """Writes `transcript_html` to `path` atomically; image paths resolve against path's folder."""
     path = Path(path)
-    schema._atomic_write(path, transcript_html(convs, path.parent, title).encode("utf-8"))
+    schema_io.atomic_write(path, transcript_html(convs, path.parent, title).encode("utf-8"))
     return path

@@ -10,6 +10,7 @@ Does not own: what the state contains (trainer) or how the iterator is built (da
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any, Optional
@@ -17,9 +18,13 @@ from typing import Any, Optional
 import jax
 import orbax.checkpoint as ocp
 
+from cig_jax import fs, sharding
 from cig_jax.cli import UserError
-from cig_jax import fs
-from cig_jax.config import Config, field_paths, to_dict
+from cig_jax.config import Config, field_paths
+from cig_jax.config_base import from_dict, to_dict
+from cig_jax.config_io import dump_yaml
+from cig_jax.data.chat_template import ChatTemplate, load_tokenizer
+from cig_jax.train.stages import build_task, stage_tokenizer
 
 
 class CheckpointMismatchError(UserError, ValueError):
@@ -221,9 +226,6 @@ def load_trained(cfg: Config, *, step: Optional[int] = None, mesh=None, task=Non
     trained and its frozen parameters. Checkpoints reshard: a run saved on 8 devices loads on 1."""
     from flax import nnx
 
-    from cig_jax import sharding
-    from cig_jax.train.stages import build_task
-
     mesh = mesh or sharding.make_mesh(cfg.mesh)
     task = task or build_task(cfg)
     graphdef, abstract = nnx.split(nnx.eval_shape(task.make_model))
@@ -247,3 +249,53 @@ def _latest_step(directory: Path) -> Optional[int]:
         return manager.latest_step()
     finally:
         manager.close()
+
+
+def saved_config(workdir: str | Path, source: str = "train.init_from") -> Config:
+    """The config a run wrote into its latest checkpoint."""
+    return from_dict(Config, read_config(fs.path(workdir) / "checkpoints"), source=f"{source} {workdir}")
+
+
+def check_init_from(workdir: str | Path, cfg: Config) -> Config:
+    """The config of the run under `workdir` (the previous stage, its train.workdir set to `workdir`), after
+    checking that its model is `cfg`'s (execution, adapter and objective fields aside); a `CheckpointMismatchError`
+    naming the differences if not."""
+    prev_cfg = saved_config(workdir)
+    diffs = model_config_diffs(to_dict_model(prev_cfg), to_dict_model(cfg), ignore_kinds=("adapter", "objective"))
+    if diffs:
+        raise CheckpointMismatchError(f"train.init_from {workdir}: its model differs from this config's: "
+                                      + "; ".join(diffs[:10]))
+    return dataclasses.replace(prev_cfg, train=dataclasses.replace(prev_cfg.train, workdir=str(workdir)))
+
+
+def to_dict_model(cfg: Config) -> dict:
+    return to_dict(cfg)["model"]
+
+
+def write_artifacts(cfg: Config, workdir) -> None:
+    """Written before step 1: <workdir>/config.yaml (the resolved config; `train.py --config` takes it again) and
+    what sampling needs beside the checkpoint: the tokenizer of MLLM stages, under <workdir>/tokenizer."""
+    (workdir / "config.yaml").write_text(dump_yaml(cfg))
+    if cfg.train.stage == "lm":
+        return
+    local = fs.local_cache(workdir, "tokenizer")  # Hugging Face writes local folders only
+    stage_tokenizer(cfg).save_pretrained(local)
+    if fs.is_remote(workdir):
+        fs.mirror(local, workdir / "tokenizer")
+
+
+def checkpoint_parts(directory, config: Optional[Config] = None) -> tuple[Config, ChatTemplate]:
+    """(config, chat template) of a training workdir, without loading weights. Raises FileNotFoundError for a
+    missing directory / checkpoint / tokenizer and CheckpointMismatchError when the tokenizer does not fit."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: checkpoint directory not found")
+    cfg = config if config is not None else saved_config(directory, source="checkpoint")
+    if not (directory / "tokenizer").is_dir():
+        raise FileNotFoundError(f"{directory / 'tokenizer'}: no tokenizer saved with this run "
+                                "(MLLM stages save one)")
+    tokenizer = load_tokenizer(directory / "tokenizer")
+    if len(tokenizer) > cfg.model.llm.vocab_size:
+        raise CheckpointMismatchError(f"{directory / 'tokenizer'}: {len(tokenizer)} tokens do not fit "
+                                      f"model.llm.vocab_size {cfg.model.llm.vocab_size}")
+    return cfg, ChatTemplate(tokenizer, cfg.model.mllm.num_image_tokens, cfg.model.mllm.chat_format)

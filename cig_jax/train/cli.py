@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from cig_jax import cli
-from cig_jax.config import ConfigError, dump_yaml, load_config
+from cig_jax.config_base import ConfigError
+from cig_jax.config_io import dump_yaml, load_config
 
 DESCRIPTION = """Train one stage, or a recipe of stages, from a YAML config.
 

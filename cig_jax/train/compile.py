@@ -16,7 +16,7 @@ import time
 import jax
 
 from cig_jax import sharding
-from cig_jax.config import ConfigError
+from cig_jax.config_base import ConfigError
 from cig_jax.train import trainer
 from cig_jax.train.flops import FORMULA, task_flops
 from cig_jax.train.stages import build_task

@@ -17,7 +17,11 @@ from pathlib import Path
 
 import yaml
 
-from cig_jax.config import ConfigError, apply_override, load_config
+from cig_jax import sharding
+from cig_jax.config_base import apply_override, ConfigError
+from cig_jax.config_io import load_config
+from cig_jax.train import trainer
+from cig_jax.data import synthetic
 
 _DATA_KEYS = {"dir", "num_train", "num_val", "size", "seed", "kinds"}
 
@@ -62,17 +66,13 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> tuple[dict, list
 
 
 def run_recipe(path: str | Path, overrides: list[str] = ()) -> dict:
-    from cig_jax.train import trainer
-
     import jax
-
-    from cig_jax import sharding
 
     data, stages = load_recipe(path, overrides)
     sharding.initialize_distributed()  # once for the whole recipe; every stage's trainer finds it started
     t0 = time.perf_counter()
     if data:
-        from cig_jax.data import synthetic, tfds_builder
+        from cig_jax.data import tfds_builder  # tensorflow-datasets only where array_record files are written
 
         t = time.perf_counter()
         if jax.process_index() == 0:  # one process draws (data.dir must be shared: a network disk or gs://)

@@ -35,13 +35,17 @@ import numpy as np
 from flax import nnx
 
 from cig_jax import fs
-from cig_jax.config import Config, ConfigError
+from cig_jax.config import Config
+from cig_jax.config_base import ConfigError
 from cig_jax.convert import gguf
 from cig_jax.convert.checkpoint_io import resolve_path
+from cig_jax.data import buckets, pipeline, sources
+from cig_jax.data.chat_template import ChatTemplate, add_mllm_tokens, build_tiny_tokenizer, load_tokenizer
 from cig_jax.data.lm_smoke import lm_smoke_dataset
 from cig_jax.models.cig import CIGModel, trainable_filter
 from cig_jax.models.llm import LLM, shifted_token_loss
 from cig_jax.models.mllm import mllm_loss, pool_targets, take_images, vit_feature_shape
+from cig_jax.train.flops import task_flops_per_example
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,8 +67,6 @@ class Task:
     def flops_per_example(self) -> float:
         """Model FLOPs of one example's forward + backward (for MFU), counted from the traced loss on first use:
         see `cig_jax.train.flops`."""
-        from cig_jax.train.flops import task_flops_per_example
-
         return task_flops_per_example(self)
 
 
@@ -117,8 +119,6 @@ def _lm_task(cfg: Config) -> Task:
 # ----------------------------------------------------------------------------------------------------------
 def load_stage_records(cfg: Config, default_kinds: Sequence[str] = ()) -> Sequence:
     """The conversations a stage reads (`cig_jax.data.sources.stage_records` of its data config)."""
-    from cig_jax.data import sources
-
     return sources.stage_records(cfg.data, default_kinds)
 
 
@@ -127,8 +127,6 @@ def stage_tokenizer(cfg: Config):
     tokens added) or
     the tiny tokenizer built locally; checked against `model.llm.vocab_size`. Saved under `<workdir>/tokenizer`
     by the trainer so sampling finds it."""
-    from cig_jax.data.chat_template import add_mllm_tokens, build_tiny_tokenizer, load_tokenizer
-
     if cfg.init_weights.tokenizer or cfg.data.tokenizer:
         path = resolve_path(cfg.init_weights.tokenizer or cfg.data.tokenizer)
         if gguf.is_gguf(path):
@@ -194,8 +192,6 @@ def conversation_loss(model: CIGModel, batch: dict, *, diffusion, detokenizer_we
 # MLLM-era stages
 # ----------------------------------------------------------------------------------------------------------
 def _system_task(cfg: Config) -> Task:
-    from cig_jax.data import pipeline
-
     stage, data, model_cfg = cfg.train.stage, cfg.data, cfg.model
     parts = list(cfg.train.trainable) or DEFAULT_TRAINABLE[stage]
     if stage != "detokenizer" and model_cfg.llm.lora_rank and "llm" in parts and not cfg.train.trainable:
@@ -254,8 +250,6 @@ IDENTITY_KEYS = ("image_identity", "image_identity_mask")  # with model.mllm.ide
 
 def pipeline_options(cfg: Config, process_index: int, process_count: int):
     """The data config as `pipeline.PipelineOptions` for this process's share of the global batch."""
-    from cig_jax.data import pipeline
-
     d = cfg.data
     return pipeline.PipelineOptions(seq_len=d.seq_len, max_images=d.max_images, image_size=cfg.model.vit.image_size,
                                     batch_size=d.global_batch_size // process_count, seed=d.seed,
@@ -268,16 +262,12 @@ def pipeline_options(cfg: Config, process_index: int, process_count: int):
 def conversation_dataset(cfg: Config, records: Sequence, process_index: int, process_count: int):
     """MLLM stages' batches of `records` (CONVERSATION_KEYS), this process's share ([batch, seq_len] tokens, or
     [batch, bucket] per batch with data.length_buckets)."""
-    from cig_jax.data import pipeline
-
-    ds = pipeline.make_dataset(records, _template(cfg), pipeline_options(cfg, process_index, process_count))
+    ds = buckets.make_dataset(records, _template(cfg), pipeline_options(cfg, process_index, process_count))
     keys = CONVERSATION_KEYS + (IDENTITY_KEYS if cfg.model.mllm.identity_dim else ())
     return ds.map(lambda ex: {k: ex[k] for k in keys})
 
 
 def _template(cfg: Config):
-    from cig_jax.data.chat_template import ChatTemplate
-
     return ChatTemplate(stage_tokenizer(cfg), cfg.model.mllm.num_image_tokens, cfg.model.mllm.chat_format)
 
 

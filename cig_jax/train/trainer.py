@@ -1,18 +1,18 @@
 """The training loop, one linear script in sections: mesh -> input -> model -> shard -> update step ->
 resume -> loop (with checkpoints and metrics).
 
-Owns: the optimizer (AdamW, warmup + cosine, clipping), the train state as explicit pytrees
-(trainable params, optimizer state, step), the jitted update step with in/out shardings, donation and
+Owns: the jitted update step with in/out shardings, donation and
 gradient accumulation, ahead-of-time compilation with a per-device memory print, auto-resume, and
 metrics (stdout, JSON lines, TensorBoard; tokens/s of non-padding tokens, examples/s and MFU), one compiled step
 per batch shape (a length bucket, `data.length_buckets`).
 
-Does not own: what a stage trains on (`stages.py`), the models, the data pipeline, the mesh rules
+Does not own: the optimizer and the train state with its shardings (`state.py`, imported here, never the
+reverse), the config and artifacts a run writes beside its checkpoints (`checkpoint.py`), what a stage trains on
+(`stages.py`), the models, the data pipeline, the mesh rules
 (`cig_jax/sharding.py`) or the checkpoint layout (`checkpoint.py`).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -25,12 +25,12 @@ import optax
 from flax import nnx
 
 from cig_jax import fs, sharding
-from cig_jax.config import Config, OptimizerConfig
-from cig_jax.train.checkpoint import Checkpointer, CheckpointMismatchError, abstract_like
-from cig_jax.train.checkpoint import load_trained  # noqa: F401  (parameters only; its home is checkpoint.py)
+from cig_jax.config import Config
+from cig_jax.train.checkpoint import Checkpointer, abstract_like, write_artifacts
 from cig_jax.train.preemption import PreemptionWatch
 from cig_jax.train.runtime import StepProfiler, use_compilation_cache
 from cig_jax.train.stages import Task, build_task
+from cig_jax.train.state import TrainState, learning_rate_schedule, setup_state
 
 # Dense bf16 peak FLOP/s per chip (vendor figures, no sparsity), for MFU.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v5p": 459.0, "TPU v5 lite": 197.0,
@@ -45,36 +45,11 @@ def known_peak_tflops() -> float | None:
 # ----------------------------------------------------------------------------------------------------------
 # Optimizer
 # ----------------------------------------------------------------------------------------------------------
-def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
-    decay = cfg.decay_steps or max(total_steps, cfg.warmup_steps + 1)
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=cfg.warmup_steps, decay_steps=decay,
-        end_value=cfg.learning_rate * cfg.end_learning_rate_ratio,
-    )
-
-
-def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
-    return optax.chain(
-        optax.clip_by_global_norm(cfg.grad_clip_norm) if cfg.grad_clip_norm > 0 else optax.identity(),
-        optax.adamw(learning_rate_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                    weight_decay=cfg.weight_decay),
-    )
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Train state and step
 # ----------------------------------------------------------------------------------------------------------
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class TrainState:
-    params: Any  # nnx.State of the trainable parameters
-    opt_state: Any  # optimizer state of those parameters only (frozen ones have none)
-    step: jax.Array  # [] int32
-    frozen: Any = None  # nnx.State of everything else (frozen params, buffers): a jit argument, never updated
-
-    def model_state(self):
-        """params and frozen together: the whole model's state (for `nnx.merge` / `nnx.update`)."""
-        return nnx.merge_state(self.params, self.frozen) if self.frozen is not None else self.params
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, loss_fn: Callable, accum_steps: int = 1,
@@ -167,44 +142,6 @@ def print_memory(compiled) -> dict:
     return stats
 
 
-def state_shardings(params_sds, tx, mesh, frozen_sds=None) -> TrainState:
-    """Shardings of the whole TrainState given sharded abstract params (and frozen state): each optimizer-state
-    leaf that mirrors a parameter (Adam's moments) takes that parameter's sharding, everything else (counts)
-    is replicated. (Not the compiled output shardings of `tx.init`: XLA replicates zeros that depend on no
-    input.)"""
-    params_shardings = jax.tree.map(lambda x: x.sharding, params_sds)
-    opt_shardings = optax.tree_map_params(tx, lambda _, sh: sh, jax.eval_shape(tx.init, params_sds),
-                                          params_shardings, transform_non_params=lambda _: sharding.replicated(mesh))
-    frozen = None if frozen_sds is None else jax.tree.map(lambda x: x.sharding, frozen_sds)
-    return TrainState(params_shardings, opt_shardings, sharding.replicated(mesh), frozen)
-
-
-def abstract_state(params_sds, tx, mesh, frozen_sds=None) -> tuple[TrainState, TrainState]:
-    """(ShapeDtypeStructs with shardings of the TrainState, its shardings) from sharded abstract params."""
-    shardings = state_shardings(params_sds, tx, mesh, frozen_sds)
-    opt = jax.eval_shape(tx.init, params_sds)
-    opt = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), opt, shardings.opt_state)
-    step = jax.ShapeDtypeStruct((), jnp.int32, sharding=shardings.step)
-    return TrainState(params_sds, opt, step, frozen_sds), shardings
-
-
-def init_state(params, tx, mesh, rules, frozen=None):
-    """Places params (and the frozen state) on the mesh and builds the optimizer state with matching shardings."""
-    params = jax.device_put(params, sharding.state_shardings(params, mesh, rules))
-    if frozen is not None:
-        frozen = jax.device_put(frozen, sharding.state_shardings(frozen, mesh, rules))
-    shardings = state_shardings(params, tx, mesh, frozen)
-    opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
-    state = TrainState(params, opt_state, jax.device_put(jnp.zeros((), jnp.int32), shardings.step), frozen)
-    return state, shardings
-
-
-def sharded_abstract(state, mesh, rules):
-    """ShapeDtypeStructs carrying the logical-rule NamedShardings of an (abstract) nnx.State."""
-    shard = sharding.state_shardings(state, mesh, rules)
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shard)
-
-
 def step_tokens(host_batch: dict, examples: int, task: Task, nproc: int) -> tuple[float, float]:
     """(real, padded) tokens of one global batch: real = the attention mask's ones (this process's rows x the
     process count: exact with one process), padded = examples x the batch's length. Batches without a mask
@@ -260,8 +197,6 @@ def run(cfg: Config, task: Task | None = None) -> dict:
 
     # --- model, shard and transfer ----------------------------------------------------------------------
     # a resumed run's checkpoint already holds its weights: only a fresh run reads init_from / init_weights
-    from cig_jax.train.state import setup_state
-
     setup = setup_state(cfg, mesh, task=task, load=start is None, say=say)
     graphdef, state, state_shardings, tx = setup.graphdef, setup.state, setup.shardings, setup.tx
     if setup.source != "init":
@@ -384,8 +319,6 @@ def restore_state(cfg: Config, mesh, *, step: Optional[int] = None, task: Option
     """(TrainState, graphdef, step) of run `cfg` restored in full (optimizer state included: for resuming; to
     sample or chain stages use `checkpoint.load_trained` / `restore_params`, which read parameters only) from
     its workdir onto `mesh`. Checkpoints reshard: a run saved on 8 devices loads on 1."""
-    from cig_jax.train.state import setup_state
-
     setup = setup_state(cfg, mesh, task=task, abstract=True, load=False)
     directory = fs.path(workdir or cfg.train.workdir) / "checkpoints"
     if not directory.is_dir():
@@ -397,50 +330,6 @@ def restore_state(cfg: Config, mesh, *, step: Optional[int] = None, task: Option
     state = ckpt.restore(step, setup.state, None, cfg)
     ckpt.close()
     return state, setup.graphdef, step
-
-
-def saved_config(workdir: str | Path, source: str = "train.init_from") -> Config:
-    """The config a run wrote into its latest checkpoint."""
-    from cig_jax.config import from_dict
-    from cig_jax.train.checkpoint import read_config
-
-    return from_dict(Config, read_config(fs.path(workdir) / "checkpoints"), source=f"{source} {workdir}")
-
-
-def check_init_from(workdir: str | Path, cfg: Config) -> Config:
-    """The config of the run under `workdir` (the previous stage, its train.workdir set to `workdir`), after
-    checking that its model is `cfg`'s (execution, adapter and objective fields aside); a `CheckpointMismatchError`
-    naming the differences if not."""
-    from cig_jax.train.checkpoint import model_config_diffs
-
-    prev_cfg = saved_config(workdir)
-    diffs = model_config_diffs(to_dict_model(prev_cfg), to_dict_model(cfg), ignore_kinds=("adapter", "objective"))
-    if diffs:
-        raise CheckpointMismatchError(f"train.init_from {workdir}: its model differs from this config's: "
-                                      + "; ".join(diffs[:10]))
-    return dataclasses.replace(prev_cfg, train=dataclasses.replace(prev_cfg.train, workdir=str(workdir)))
-
-
-def to_dict_model(cfg: Config) -> dict:
-    from cig_jax.config import to_dict
-
-    return to_dict(cfg)["model"]
-
-
-def write_artifacts(cfg: Config, workdir) -> None:
-    """Written before step 1: <workdir>/config.yaml (the resolved config; `train.py --config` takes it again) and
-    what sampling needs beside the checkpoint: the tokenizer of MLLM stages, under <workdir>/tokenizer."""
-    from cig_jax.config import dump_yaml
-
-    (workdir / "config.yaml").write_text(dump_yaml(cfg))
-    if cfg.train.stage == "lm":
-        return
-    from cig_jax.train.stages import stage_tokenizer
-
-    local = fs.local_cache(workdir, "tokenizer")  # Hugging Face writes local folders only
-    stage_tokenizer(cfg).save_pretrained(local)
-    if fs.is_remote(workdir):
-        fs.mirror(local, workdir / "tokenizer")
 
 
 def _tensorboard(workdir):
