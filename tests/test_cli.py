@@ -60,7 +60,8 @@ def test_print_config_loads_back_to_an_equal_config(tmp_path):
     assert r.returncode == 0, r.stderr
     docs = list(yaml.safe_load_all(r.stdout))
     assert [d["train"]["stage"] for d in docs] == ["detokenizer", "personalize", "multiround"]
-    for i, (d, name) in enumerate(zip(docs, ("stage1_detokenizer", "stage2_personalize", "stage3_multiround"))):
+    stages = ("stage1_detokenizer_smollm2", "stage2_personalize_smollm2", "stage3_multiround_smollm2")
+    for i, (d, name) in enumerate(zip(docs, stages)):
         (tmp_path / f"s{i}.yaml").write_text(yaml.safe_dump(d))
         assert load_config(tmp_path / f"s{i}.yaml") == load_config(REPO / f"configs/{name}.yaml")
     assert list(p.name for p in tmp_path.iterdir() if p.is_dir()) == []

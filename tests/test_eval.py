@@ -690,8 +690,9 @@ def test_names_copied_counts_answers_that_write_every_requested_name_intact():
     truth = Conversation(id="t", people=cast, rounds=[
         Round(user_text="Draw Zoë and Łukasz in the park.", assistant_text="Here are Zoë and Łukasz."),
         Round(user_text="Show Łukasz at the beach.", assistant_text="Here is Łukasz."),
-        Round(user_text="Thanks!", assistant_text="You're welcome.")])  # names nobody: not counted
-    answers = ["Here are Zoë and Lukasz in the park.", "Here is Łukasz at the beach.", "Sure."]
+        Round(user_text="Thanks!", assistant_text="You're welcome."),  # names nobody: not counted
+        Round(user_text="Give Zoë a hat.", assistant_text="Done.")])  # the reference answer names nobody either
+    answers = ["Here are Zoë and Lukasz in the park.", "Here is Łukasz at the beach.", "Sure.", "Done."]
     generated = Conversation(id="t", people=cast, rounds=[Round(user_text=r.user_text, assistant_text=a)
                                                           for r, a in zip(truth.rounds, answers)])
     out = names_copied([truth], [generated])

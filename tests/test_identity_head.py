@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cig_jax.config import ConfigError, check, load_config
+from cig_jax.config import check
+from cig_jax.config_base import ConfigError
+from cig_jax.config_io import load_config
 from cig_jax.data.chat_template import IMAGE_QUERY, ChatTemplate, build_tiny_tokenizer, pad_to
 from cig_jax.data.pipeline import shown_identities
 from cig_jax.data.schema import Conversation, Image, Person, PersonIdentity, Round
@@ -116,3 +118,16 @@ def test_identity_width_must_match_the_detokenizer():
         cfg.model, mllm=dataclasses.replace(cfg.model.mllm, identity_dim=cfg.model.dit.identity.embedding_dim + 1)))
     with pytest.raises(ConfigError, match="identity_dim"):
         check(bad)
+
+
+def test_a_checkpoint_written_before_the_head_existed_is_the_same_model_without_one():
+    from cig_jax.config_base import to_dict
+    from cig_jax.train.checkpoint import model_config_diffs
+
+    model = load_config(ROOT / "configs" / "model" / "tiny.yaml").model
+    saved = to_dict(model)
+    for key in ("identity_dim", "identity_weight", "image_token_rms"):  # fields newer than the checkpoint
+        del saved["mllm"][key]
+    assert model_config_diffs(saved, to_dict(model)) == []
+    with_head = dataclasses.replace(model, mllm=dataclasses.replace(model.mllm, identity_dim=8))
+    assert model_config_diffs(saved, to_dict(with_head)) == ["model.mllm.identity_dim: checkpoint 0 vs config 8"]

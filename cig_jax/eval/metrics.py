@@ -246,8 +246,9 @@ def evaluate(truth: Sequence[Conversation], generated=None, *, classifier=None, 
 
 def names_copied(truth: Sequence[Conversation], generated: Sequence[Conversation]) -> dict:
     """Does the answer write the names the user wrote? Over generated rounds whose user text names people of the
-    cast (`Conversation.people`), the fraction whose answer holds every such name intact (as a whole word, the
-    same characters: a name garbled by the tokenizer or the model does not count), and a few misses to read."""
+    cast (`Conversation.people`) that the reference answer names too (an edit's "Done." names nobody), the fraction
+    whose answer holds every such name intact (as a whole word, the same characters: a name garbled by the
+    tokenizer or the model does not count), and a few misses to read."""
     n = ok = 0
     misses = []
     for t, g in zip(truth, generated):
@@ -255,7 +256,7 @@ def names_copied(truth: Sequence[Conversation], generated: Sequence[Conversation
             continue
         cast = [p.name for p in t.people]
         for r, (tr, gr) in enumerate(zip(t.rounds, g.rounds)):
-            asked = mentioned_names(tr.user_text, cast)
+            asked = mentioned_names(tr.assistant_text or "", mentioned_names(tr.user_text, cast))
             if not asked:
                 continue
             n += 1

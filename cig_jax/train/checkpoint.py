@@ -20,7 +20,7 @@ import orbax.checkpoint as ocp
 
 from cig_jax import fs, sharding
 from cig_jax.cli import UserError
-from cig_jax.config import Config, field_paths
+from cig_jax.config import Config, ModelConfig, field_paths
 from cig_jax.config_base import from_dict, to_dict
 from cig_jax.config_io import dump_yaml
 from cig_jax.data.chat_template import ChatTemplate, load_tokenizer
@@ -88,7 +88,7 @@ class Checkpointer:
 
     def check_config(self, step: int, cfg: Config) -> None:
         saved = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-        diffs = _diff(saved.get("model", {}), to_dict(cfg)["model"], "model", field_paths("execution"))
+        diffs = model_config_diffs(saved.get("model", {}), to_dict(cfg)["model"])
         if diffs:
             raise CheckpointMismatchError(
                 f"{self.directory / str(step)}: checkpoint was written with a different model config: "
@@ -123,7 +123,18 @@ def model_config_diffs(saved: dict, current: dict, ignore_kinds: tuple = ()) -> 
     """Differences between two `model` config dicts, execution fields (and those of `ignore_kinds`, see
     `cig_jax.config.field_paths`) aside."""
     ignore = frozenset().union(*(field_paths(k) for k in ("execution",) + tuple(ignore_kinds)))
-    return _diff(saved, current, "model", ignore)
+    return _diff(_with_defaults(saved, to_dict(ModelConfig())), current, "model", ignore)
+
+
+def _with_defaults(saved: Any, defaults: Any) -> Any:
+    """A saved config dict with the fields it predates filled in at their defaults: a checkpoint written before a
+    field existed was made with the default behaviour (e.g. a later model.mllm.identity_dim, 0 = none)."""
+    if not (isinstance(saved, dict) and isinstance(defaults, dict)):
+        return saved
+    out = {k: _with_defaults(v, defaults.get(k)) for k, v in saved.items()}
+    for k, v in defaults.items():
+        out.setdefault(k, v)
+    return out
 
 
 def _diff(saved: Any, current: Any, prefix: str, ignore: frozenset = frozenset()) -> list[str]:
@@ -210,8 +221,7 @@ def restore_params(directory: str | Path, abstract: Any, step: Optional[int] = N
 def check_model_config(directory: str | Path, step: int, cfg: Config) -> None:
     """A `CheckpointMismatchError` if checkpoint `step` under `directory` was written with another model config
     (execution fields aside)."""
-    diffs = _diff(read_config(directory, step).get("model", {}), to_dict(cfg)["model"], "model",
-                  field_paths("execution"))
+    diffs = model_config_diffs(read_config(directory, step).get("model", {}), to_dict(cfg)["model"])
     if diffs:
         raise CheckpointMismatchError(
             f"{Path(directory) / str(step)}: checkpoint was written with a different model config: "
