@@ -109,9 +109,9 @@ def test_no_private_names_across_modules():
     assert found == [], "\n".join(found)
 
 
-# Issue 32: 206 such imports at 468e18e, 6 left (three statements), all in sample/session.py and eval/probe_embeddings.py (free to
-# move to the top, the graph has no cycle; left for after the identity-head work there). May only go down; 0 is the goal.
-IN_FUNCTION_IMPORTS_LEFT = 6
+# Issue 32: 206 such imports at 468e18e, 0 now (only optional extras and the listed front doors import inside a
+# function).
+IN_FUNCTION_IMPORTS_LEFT = 0
 
 
 def test_project_imports_inside_functions_only_for_optional_extras_and_front_doors():

@@ -25,6 +25,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from cig_jax.data.pipeline import PipelineOptions, SkipCounter, encode_record
 from cig_jax.models.mllm import pool_targets, take_images
 
 
@@ -48,8 +49,6 @@ def score(pred_a: np.ndarray, pred_b: np.ndarray, target_a: np.ndarray, target_b
 
 def _examples(session, convs: Sequence) -> dict:
     """The conversations as one batch of training examples (`pipeline.encode_record`), padded to the longest."""
-    from cig_jax.data.pipeline import PipelineOptions, SkipCounter, encode_record
-
     outs = [session.template.encode(c, add_generation_prompt=False) for c in convs]
     opts = PipelineOptions(seq_len=max(len(o) for o in outs), max_images=max(len(o.images) for o in outs),
                            image_size=session.image_size)

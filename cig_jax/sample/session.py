@@ -41,16 +41,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cig_jax.cli import UserError
 from cig_jax import sharding
+from cig_jax.cli import UserError
 from cig_jax.config import Config, MeshConfig
 from cig_jax.data import schema
 from cig_jax.data.chat_template import BOI, IMAGE_QUERY, INPUT_IMAGE, ChatTemplate, mllm_special_tokens
+from cig_jax.faces.backends import make_identity_embedder
 from cig_jax.sample.cache import RowCache
 from cig_jax.sample.decode import decode_text
 from cig_jax.sample.draw import detokenize, diffusion_bar
 from cig_jax.sample.identities import FaceReferences, round_identities, with_predicted
 from cig_jax.sample.options import RoundOptions
+from cig_jax.train.checkpoint import checkpoint_parts, load_trained
 
 log = logging.getLogger(__name__)
 
@@ -150,8 +152,6 @@ class ChatSession:
         """A session over a training workdir (`DIR/checkpoints/<step>/`, `DIR/tokenizer/`). `config` overrides the
         config saved in the checkpoint (the model must match it: `CheckpointMismatchError` otherwise). A missing
         directory, checkpoint or tokenizer is a FileNotFoundError."""
-        from cig_jax.train.checkpoint import checkpoint_parts, load_trained
-
         cfg, template = checkpoint_parts(directory, config)
         mesh = mesh if mesh is not None else default_mesh()
         model = load_trained(cfg, step=step, mesh=mesh, workdir=directory)
@@ -394,8 +394,6 @@ class ChatSession:
             return None
         if self._embedder is None:
             try:
-                from cig_jax.faces.backends import make_identity_embedder
-
                 self._embedder = make_identity_embedder("auto")
             except Exception as e:  # noqa: BLE001 - no weights / no backend: only recorded identities
                 log.warning("no face identity embedder (%s): photos without a recorded identity get none", e)
