@@ -17,11 +17,12 @@ import torch
 from flax import nnx
 from qwen_vl_reference import QwenVisual, jitter
 
-from cig_jax.config import Config, MeshConfig, ModelConfig, ResamplerConfig, ViTConfig
+from cig_jax.config import Config, MeshConfig
+from cig_jax.config_model import ModelConfig, ResamplerConfig, ViTConfig
 from cig_jax.convert.init import load_abstract
 from cig_jax.models.vit import VisionTransformer
 from cig_jax.sharding import make_mesh
-from cig_jax.train.trainer import sharded_abstract
+from cig_jax.train.state import sharded_abstract
 
 # Every width differs and every attention has several heads, so a transposed or mis-split tensor cannot pass.
 VIT = ViTConfig(image_size=28, patch_size=7, hidden_size=24, intermediate_size=40, num_layers=2, num_heads=3,

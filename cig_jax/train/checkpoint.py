@@ -20,9 +20,10 @@ import orbax.checkpoint as ocp
 
 from cig_jax import fs, sharding
 from cig_jax.cli import UserError
-from cig_jax.config import Config, ModelConfig, field_paths
+from cig_jax.config import Config, field_paths
 from cig_jax.config_base import from_dict, to_dict
 from cig_jax.config_io import dump_yaml
+from cig_jax.config_model import ModelConfig
 from cig_jax.data.chat_template import ChatTemplate, load_tokenizer
 from cig_jax.train.stages import build_task, stage_tokenizer
 
