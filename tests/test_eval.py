@@ -693,10 +693,8 @@ def test_names_copied_counts_answers_that_write_every_requested_name_intact():
         Round(user_text="Thanks!", assistant_text="You're welcome."),  # names nobody: not counted
         Round(user_text="Give Zoë a hat.", assistant_text="Done.")])  # the reference answer names nobody either
     answers = ["Here are Zoë and Lukasz in the park.", "Here is Łukasz at the beach.", "Sure.", "Done."]
-    generated = Conversation(id="t", people=cast, rounds=[Round(user_text=r.user_text, assistant_text=a)
-                                                          for r, a in zip(truth.rounds, answers)])
-    out = names_copied([truth], [generated])
+    out = names_copied([truth], [answers])
     assert out["rounds"] == 2 and out["intact"] == 0.5  # "Lukasz" is not "Łukasz"
     assert out["misses"] == [{"conversation": "t", "round": 0, "names": ["Zoë", "Łukasz"],
                               "answer": "Here are Zoë and Lukasz in the park."}]
-    assert names_copied([truth], [truth])["intact"] == 1.0
+    assert names_copied([truth], [[r.assistant_text for r in truth.rounds]])["intact"] == 1.0

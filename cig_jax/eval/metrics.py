@@ -239,31 +239,30 @@ def evaluate(truth: Sequence[Conversation], generated=None, *, classifier=None, 
         report["consistency"] = multi_round_consistency(truth, generated, embedder, classifier)
     report["clip_t"] = round_clip_t(truth, generated, clip_path)
     report["clip_t"].pop("scores")
-    if generated is not None:
-        report["names"] = names_copied(truth, generated)
+    if generated is not None and all(isinstance(g, Conversation) for g in generated):  # images alone: no answers
+        report["names"] = names_copied(truth, [[r.assistant_text for r in g.rounds] for g in generated])
     return report
 
 
-def names_copied(truth: Sequence[Conversation], generated: Sequence[Conversation]) -> dict:
-    """Does the answer write the names the user wrote? Over generated rounds whose user text names people of the
-    cast (`Conversation.people`) that the reference answer names too (an edit's "Done." names nobody), the fraction
-    whose answer holds every such name intact (as a whole word, the same characters: a name garbled by the
-    tokenizer or the model does not count), and a few misses to read."""
+def names_copied(truth: Sequence[Conversation], answers: Sequence[Sequence[Optional[str]]]) -> dict:
+    """Does the answer write the names the user wrote? answers[c][r]: the generated answer text of conversation c's
+    round r (None: not generated). Over rounds whose user text names people of the cast (`Conversation.people`)
+    that the reference answer names too (an edit's "Done." names nobody), the fraction whose answer holds every
+    such name intact (as a whole word, the same characters: a name garbled by the tokenizer or the model does not
+    count), and a few misses to read."""
     n = ok = 0
     misses = []
-    for t, g in zip(truth, generated):
-        if not isinstance(g, Conversation):  # images only: no answers to read
-            continue
+    for t, said in zip(truth, answers):
         cast = [p.name for p in t.people]
-        for r, (tr, gr) in enumerate(zip(t.rounds, g.rounds)):
+        for r, (tr, answer) in enumerate(zip(t.rounds, said)):
             asked = mentioned_names(tr.assistant_text or "", mentioned_names(tr.user_text, cast))
             if not asked:
                 continue
             n += 1
-            if set(mentioned_names(gr.assistant_text or "", asked)) == set(asked):
+            if set(mentioned_names(answer or "", asked)) == set(asked):
                 ok += 1
             elif len(misses) < 5:
-                misses.append({"conversation": t.id, "round": r, "names": asked, "answer": gr.assistant_text})
+                misses.append({"conversation": t.id, "round": r, "names": asked, "answer": answer})
     return {"rounds": n, "intact": ok / n if n else None, "misses": misses}
 
 

@@ -337,9 +337,7 @@ def evaluate_checkpoint(checkpoint, data: str = "validation", out=None, *, data_
                                                               f"({time.perf_counter() - t_gen:.0f}s)", flush=True))
     t_score = time.perf_counter()
     report = metrics.evaluate(convs, generated, classifier=classifier, embedder=embedder)
-    report["names"] = metrics.names_copied(convs, [
-        dataclasses.replace(c, rounds=[dataclasses.replace(r, assistant_text=a or "") for r, a in zip(c.rounds, t)])
-        for c, t in zip(convs, texts)])
+    report["names"] = metrics.names_copied(convs, texts)
     if probe and view == "history" and any(recall.is_recall(c) for c in convs):
         t_probe = time.perf_counter()
         pairs = recall_data.probe_pairs(convs)

@@ -245,6 +245,12 @@ class MLLM(nnx.Module):
 # ----------------------------------------------------------------------------------------------------------
 # Loss
 # ----------------------------------------------------------------------------------------------------------
+def unit_vectors(v: jax.Array) -> jax.Array:
+    """v / |v| along the last axis (v / 1e-12 where |v| < 1e-12), with a finite gradient at v = 0 (a zero
+    prediction: a missing block's identity is exactly the head's zero bias)."""
+    return v * jax.lax.rsqrt(jnp.maximum(jnp.sum(v * v, axis=-1, keepdims=True), 1e-24))
+
+
 def regression_loss(pred: jax.Array, target: jax.Array, valid: jax.Array, kind: str = "mse") -> jax.Array:
     """pred/target [batch, blocks, Q, D], valid [batch, blocks]. 'mse': mean squared error over the elements of
     valid blocks (torch F.mse_loss); 'mse_position': the same with each slot's squared error divided by the
@@ -262,8 +268,7 @@ def regression_loss(pred: jax.Array, target: jax.Array, valid: jax.Array, kind: 
             var = jnp.sum(jnp.mean(jnp.square(target - mean), axis=-1) * w, axis=(0, 1)) / n  # [Q]
             per_token = per_token / jax.lax.stop_gradient(jnp.maximum(var, 1e-6))
     else:
-        unit = lambda v: v / jnp.maximum(jnp.linalg.norm(v, axis=-1, keepdims=True), 1e-12)  # noqa: E731
-        per_token = 1.0 - jnp.sum(unit(pred) * unit(target), axis=-1)
+        per_token = 1.0 - jnp.sum(unit_vectors(pred) * unit_vectors(target), axis=-1)
     return jnp.sum(per_token * w) / jnp.maximum(tokens, 1.0)
 
 
@@ -273,9 +278,7 @@ def identity_loss(pred: jax.Array, identity: jax.Array, mask: jax.Array, target_
     shows one person with an identity, that number of blocks)."""
     target = take_images(identity, target_image)  # [batch, blocks, De]
     w = take_images(mask, target_image) * (target_image >= 0)  # [batch, blocks]
-    # v / |v| with a finite gradient at v = 0 (a missing block's prediction is exactly the head's zero bias)
-    unit = lambda v: v * jax.lax.rsqrt(jnp.maximum(jnp.sum(v * v, axis=-1, keepdims=True), 1e-24))  # noqa: E731
-    cos = jnp.sum(unit(pred.astype(jnp.float32)) * unit(target.astype(jnp.float32)), axis=-1)
+    cos = jnp.sum(unit_vectors(pred.astype(jnp.float32)) * unit_vectors(target.astype(jnp.float32)), axis=-1)
     n = jnp.sum(w)
     return jnp.sum((1.0 - cos) * w) / jnp.maximum(n, 1.0), n
 

@@ -200,7 +200,7 @@ class RowCache:
         depth = max(len(p) for p in new)
         return max(kept) + sum(max((len(p[k]) for p in new if k < len(p)), default=0) for k in range(depth))
 
-    def sync(self, targets: list, want_visual: bool = False) -> Optional[jax.Array]:
+    def sync(self, targets: list, want_visual: bool = False) -> Optional[tuple]:
         """Makes row i hold targets[i] (lists of (id, role, image key)): keeps the common prefix, retracts the
         rest, feeds what is missing. Afterwards `logits` [b, V] are each row's next-token logits. Returns the visual
         embeddings [b, Q, D_vit] of each row's last query block fed now and the identity head's output for it [b, De]

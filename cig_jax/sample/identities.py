@@ -151,7 +151,7 @@ def with_predicted(ident: np.ndarray, mask: np.ndarray, boxes: np.ndarray, recor
     who = named[0] if named else None
     return ident, mask, boxes, {"identity": f"identity: {who or 'the person'} as the MLLM predicted (no face "
                                             "reference)", "identities": [{"name": who, "source": "predicted",
-                                                                          "box": [0.0, 0.0, 1.0, 1.0]}]}
+                                                                          "box": boxes[0].tolist()}]}
 
 
 # ----------------------------------------------------------------------------------------------------------
