@@ -78,3 +78,11 @@ def save_tiny_checkpoint(workdir, extra=()):
 def tiny_run(tmp_path_factory):
     """A tiny multiround run saved as the trainer saves one (random weights, nothing trained or compiled)."""
     return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny_run") / "run")
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory):
+    """The tiny byte-level tokenizer's chat template with 4 image tokens a block (configs/model/tiny.yaml's)."""
+    from cig_jax.data.chat_template import ChatTemplate, build_tiny_tokenizer
+
+    return ChatTemplate(build_tiny_tokenizer(tmp_path_factory.mktemp("tokenizer")), num_image_tokens=4)

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from cig_jax.data import schema, synthetic
-from cig_jax.data.chat_template import ChatTemplate, build_tiny_tokenizer
 from cig_jax.data.buckets import make_dataset
 from cig_jax.data.pipeline import PipelineOptions, SkipCounter
 
@@ -18,11 +17,6 @@ BUCKETS = (256, 384, 512, 768)
 # max_images 6: the 7- and 8-image recall chats are skipped (and counted), so windows lose records
 OPTS = PipelineOptions(seq_len=768, max_images=6, image_size=8, batch_size=4, seed=5, length_buckets=BUCKETS,
                        bucket_window=4)
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory):
-    return ChatTemplate(build_tiny_tokenizer(tmp_path_factory.mktemp("tok")), num_image_tokens=4)
 
 
 @pytest.fixture(scope="module")

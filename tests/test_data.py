@@ -6,18 +6,12 @@ import pytest
 
 from cig_jax.data import schema, synthetic
 from cig_jax.data import schema_io
-from cig_jax.data.chat_template import ChatTemplate, build_tiny_tokenizer
 from cig_jax.data.pipeline import PipelineOptions, SkipCounter, make_dataset, markov_view
 from cig_jax.data.tfds_builder import build_dataset, load_records
 
 from batch_checks import assert_same, take
 
 OPTS = PipelineOptions(seq_len=384, max_images=8, image_size=16, batch_size=4, seed=3)
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory):
-    return ChatTemplate(build_tiny_tokenizer(tmp_path_factory.mktemp("tok")), num_image_tokens=4)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from flax import nnx
 from cig_jax.config import check
 from cig_jax.config_base import ConfigError
 from cig_jax.config_io import load_config
-from cig_jax.data.chat_template import IMAGE_QUERY, ChatTemplate, build_tiny_tokenizer, pad_to
+from cig_jax.data.chat_template import IMAGE_QUERY, pad_to
 from cig_jax.data.pipeline import shown_identities
 from cig_jax.data.schema import Conversation, Image, Person, PersonIdentity, Round
 from cig_jax.models.mllm import MLLM, identity_loss, mllm_loss
@@ -28,11 +28,6 @@ def _ident(seed, dim=DE):
 
 def _img(seed, people=()):
     return Image(pixels=np.random.default_rng(seed).integers(0, 255, (8, 8, 3), dtype=np.uint8), people=list(people))
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory):
-    return ChatTemplate(build_tiny_tokenizer(tmp_path_factory.mktemp("tokenizer")), num_image_tokens=Q)
 
 
 @pytest.fixture(scope="module")

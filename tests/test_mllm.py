@@ -11,7 +11,7 @@ from flax import nnx
 from cig_jax.config import check
 from cig_jax.config_base import ConfigError
 from cig_jax.config_io import load_config
-from cig_jax.data.chat_template import IMAGE_QUERY, INPUT_IMAGE, ChatTemplate, build_tiny_tokenizer, pad_to
+from cig_jax.data.chat_template import IMAGE_QUERY, INPUT_IMAGE, pad_to
 from cig_jax.data.schema import Conversation, Image, Round
 from cig_jax.models.llm import KVCache
 from cig_jax.models.mllm import MLLM, mllm_loss, pool_targets, regression_loss
@@ -42,11 +42,6 @@ def _conv_three_images():
               assistant_text="Nice to meet Leo."),
         Round(user_text="Draw Leo and Nora in the snow.", assistant_image=_img(4)),
     ])
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory):
-    return ChatTemplate(build_tiny_tokenizer(tmp_path_factory.mktemp("tokenizer")), num_image_tokens=Q)
 
 
 @pytest.fixture(scope="module")
