@@ -34,7 +34,7 @@ from cig_jax.config_model import ModelConfig
 # Record kinds (= cig_jax.data.schema.KNOWN_KINDS; tests/test_config.py checks they agree).
 RecordKind = Literal["chat", "name_based", "single_turn", "rollback", "markov_edit", "video", "recall", "recall_describe", "recall_text"]
 # What `train.trainable` may name (= cig_jax.models.cig.PARTS).
-Part = Literal["vit", "input_resampler", "llm", "llm_adapters", "llm_embed", "output_resampler", "patch_pos_embed", "identity_head", "dit",
+Part = Literal["vit", "input_resampler", "llm", "llm_adapters", "llm_embed", "output_resampler", "patch_pos_embed", "identity_head", "person_retrieval", "dit",
                "id_encoder", "vae"]
 Stage = Literal["lm", "detokenizer", "personalize", "multiround"]
 DataSource = Literal["random_tokens", "synthetic", "tfds"]

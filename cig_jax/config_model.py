@@ -320,9 +320,19 @@ class MLLMConfig(Section):
     # round has no face reference of its own. It is how a person who was only ever *drawn* keeps their face.
     identity_dim: int = 0
     identity_weight: float = objective_field(1.0)
+    # Person slots (`cig_jax/data/persons.py`): after each image, "Name<person>" per named person with a box, the
+    # slot filled with the summary of the person's crop; before a drawn image's queries, "Name<person>" per person
+    # it shows, where the identity head reads (instead of the query block's mean). A later mention of the name
+    # then finds the person's look in one hop. Needs identity_dim > 0.
+    person_slots: bool = adapter_field(False)  # a later stage may add them (and their retrieval head)
+    person_key_dim: int = adapter_field(64)  # the retrieval head's query / key width
+    # weight of the retrieval loss: a person query's attention onto the earlier slots showing its person
+    retrieval_weight: float = objective_field(1.0)
 
     def check(self, key: str) -> None:
         need(self.identity_dim >= 0, f"'{key}.identity_dim' must be >= 0, got {self.identity_dim}")
+        need(not self.person_slots or self.identity_dim > 0,
+             f"'{key}.person_slots' needs '{key}.identity_dim' > 0 (the identity head reads the slots)")
         need(self.image_token_rms >= 0.0, f"'{key}.image_token_rms' must be >= 0, got {self.image_token_rms}")
         need(0 < self.num_image_tokens <= 100,
               f"'{key}.num_image_tokens' must be in 1..100, got {self.num_image_tokens}")

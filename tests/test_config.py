@@ -151,7 +151,8 @@ def test_field_kinds_name_what_may_differ_between_stages():
     assert {"model.llm.scan_layers", "model.llm.remat_policy", "model.vit.attn_pool.dtype", "model.dit.dtype",
             "model.llm.attention_impl"} <= execution
     assert "model.llm.param_dtype" not in execution and "model.llm.hidden_size" in field_paths("architecture")
-    assert field_paths("adapter") == {f"model.llm.lora_{k}" for k in ("rank", "alpha", "dropout", "targets")}
+    assert field_paths("adapter") == ({f"model.llm.lora_{k}" for k in ("rank", "alpha", "dropout", "targets")}
+                                      | {"model.mllm.person_slots", "model.mllm.person_key_dim"})
     assert {"model.mllm.reg_loss", "model.mllm.reg_weight", "model.mllm.lm_weight"} <= field_paths("objective")
     kinds = [field_paths(k) for k in config_base.KINDS]
     assert sum(map(len, kinds)) == len(frozenset().union(*kinds))  # each field has one kind

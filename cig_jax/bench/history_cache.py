@@ -84,7 +84,8 @@ def main(argv=None) -> None:
     llm_params = sum(x.size for x in jax.tree.leaves(nnx.state(model.mllm.llm, nnx.Param)))
     tokenizer = build_tiny_tokenizer(Path(tempfile.gettempdir()) / "cig_jax_tokenizer",
                                      chat_format=cfg.model.mllm.chat_format)
-    template = ChatTemplate(tokenizer, cfg.model.mllm.num_image_tokens, cfg.model.mllm.chat_format)
+    template = ChatTemplate(tokenizer, cfg.model.mllm.num_image_tokens, cfg.model.mllm.chat_format,
+                        cfg.model.mllm.person_slots)
     session = ChatSession(model, template, cfg, max_len=a.max_len, mesh=mesh, identity_embedder=False)
     del model
     turns = conversation(a.rounds, cfg.model.vit.image_size)

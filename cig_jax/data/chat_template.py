@@ -23,6 +23,11 @@ An image block is `<img>` + num_image_tokens slot tokens `<img_00000>`..`<img_00
     generated image exactly as they see a user image. Sampling does the same: generate the query block, make
     the image, write it back as an input block.
 
+With person slots (`person_slots=True`, `persons.py`): after an image block, " Name<person>" for each named,
+boxed person of the image (role PERSON_SLOT, image_index: the person's crop, appended to `images`); a query
+block opens with " Name<person>" for each person it draws (role PERSON_QUERY, image_index: that person's crop in
+the answer's image, -1 while sampling), then its queries.
+
 Loss mask (marks *targets*: position t is 1 when token t must be predicted from position t-1): 1 on assistant
 text, on the `<img>` that opens a query block, and on the final `</s>`; 0 on user turns, on every image slot,
 on `</img>`, and on the write-back input block. A round that is not the last ends without `</s>` (as in
@@ -60,6 +65,7 @@ import numpy as np
 
 from cig_jax.data import chat_formats, schema, world
 from cig_jax.data.chat_formats import LLAMA2
+from cig_jax.data.persons import PERSON, person_crop, slotted_people
 from cig_jax.data.schema import user_segments
 
 BOI, EOI = "<img>", "</img>"
@@ -74,8 +80,11 @@ BOX_START, BOX_END = "<box_start>", "<box_end>"
 
 ENDS = ("conversation", "round", "answer")  # where `encode` ends a conversation whose last round is answered
 
-# role values (the MLLM's `role` input: cig_jax.models.mllm reads them from here)
-TEXT, INPUT_IMAGE, IMAGE_QUERY = 0, 1, 2
+# role values (the MLLM's `role` input: cig_jax.models.mllm reads them from here). With person slots
+# (`persons.py`): PERSON_SLOT, a history image's person, filled with the summary of that person's crop
+# (image_index: the crop); PERSON_QUERY, a person of the image being drawn (image_index: the crop of the
+# target image's person where the record has it, for the identity head's loss; -1 when sampling).
+TEXT, INPUT_IMAGE, IMAGE_QUERY, PERSON_SLOT, PERSON_QUERY = 0, 1, 2, 3, 4
 
 
 def mllm_special_tokens() -> list[str]:
@@ -245,14 +254,18 @@ class ChatTemplate:
     in it: a ValueError says so otherwise).
     num_image_tokens: slots per image block (config `model.mllm.num_image_tokens`, 64 for SEED-X).
     chat_format: a name in `chat_formats.FORMATS` (config `model.mllm.chat_format`).
+    person_slots: a named person's slot after each image and before each drawn image's queries (`persons.py`;
+    config `model.mllm.person_slots`); adds the `<person>` token to the tokenizer.
     """
 
-    def __init__(self, tokenizer, num_image_tokens: int = 64, chat_format: str = "llama2"):
+    def __init__(self, tokenizer, num_image_tokens: int = 64, chat_format: str = "llama2", person_slots: bool = False):
         if not 0 < num_image_tokens <= NUM_IMG_TOKENS:
             raise ValueError(f"num_image_tokens must be in 1..{NUM_IMG_TOKENS}, got {num_image_tokens}")
         self.format = fmt = chat_formats.chat_format(chat_format)
         add_mllm_tokens(tokenizer)
-        self.tokenizer, self.num_image_tokens = tokenizer, num_image_tokens
+        if person_slots and PERSON not in tokenizer.get_vocab():
+            tokenizer.add_special_tokens({"additional_special_tokens": [PERSON]}, replace_extra_special_tokens=False)
+        self.tokenizer, self.num_image_tokens, self.person_slots = tokenizer, num_image_tokens, person_slots
         self._memo: collections.OrderedDict = collections.OrderedDict()  # segment text -> ids (`_ids`)
         self._lock = threading.Lock()
         tid = tokenizer.convert_tokens_to_ids
@@ -270,7 +283,10 @@ class ChatTemplate:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
         if self.bos_id is None or self.eos_id is None:
             raise ValueError("the tokenizer needs bos and eos tokens (<s>, </s>)")
+        self.person_id = tid(PERSON) if person_slots else None
         layout = {self.bos_id, self.eos_id, self.boi_id, self.eoi_id, *self.slot_ids.tolist()}
+        if person_slots:
+            layout.add(self.person_id)
         self._strings = {i: tokenizer.convert_ids_to_tokens(i) for i in layout}  # layout token id -> its string
         self._layout = {k: [_Part(ids=(self.bos_id,)) if p == "{bos}" else
                             _Part(ids=(self.eos_id,), loss=int(k in fmt.TARGETS)) if p == "{eos}" else _Part(p)
@@ -302,10 +318,37 @@ class ChatTemplate:
         return _Part(ids=tuple(self.image_block()), role=(TEXT,) + (INPUT_IMAGE,) * n + (TEXT,),
                      image=(-1,) + (image,) * n + (-1,), rnd=rnd)
 
-    def _query_block(self, image: int, rnd: int) -> _Part:
+    def _query_block(self, image: int, rnd: int, people: tuple = ()) -> list:
+        """`<img>` (a target: it draws), with person slots each drawn person's name + `<person>` (people:
+        (name, index of the person's crop or -1)), then the queries and `</img>`."""
         n = self.num_image_tokens
-        return _Part(ids=tuple(self.image_block()), role=(TEXT,) + (IMAGE_QUERY,) * n + (TEXT,),
-                     image=(-1,) + (image,) * n + (-1,), loss=(1,) + (0,) * (n + 1), rnd=rnd)  # <img>: it draws
+        if not people:
+            return [_Part(ids=tuple(self.image_block()), role=(TEXT,) + (IMAGE_QUERY,) * n + (TEXT,),
+                          image=(-1,) + (image,) * n + (-1,), loss=(1,) + (0,) * (n + 1), rnd=rnd)]
+        parts = [_Part(ids=(self.boi_id,), loss=1, rnd=rnd)]
+        for name, crop in people:
+            parts += [_Part(" " + name, rnd=rnd), _Part(ids=(self.person_id,), role=PERSON_QUERY, image=crop, rnd=rnd)]
+        return parts + [_Part(ids=(*self.slot_ids.tolist(), self.eoi_id), role=(IMAGE_QUERY,) * n + (TEXT,),
+                              image=(image,) * n + (-1,), rnd=rnd)]
+
+    def _person_crops(self, image, images: list) -> list:
+        """(name, index of its crop in `images` or -1) for each slotted person of `image`, appending the crops
+        (an image without pixels gets no crops: its slots keep the `<person>` embedding)."""
+        if not self.person_slots:
+            return []
+        out = []
+        for p in slotted_people(image):
+            k = -1
+            if image.pixels is not None:
+                k = len(images)
+                images.append(person_crop(image, p))
+            out.append((p.name, k))
+        return out
+
+    def _person_slots(self, people: list, rnd: int) -> list:
+        """A history image's person slots: name + `<person>` filled with the crop's summary."""
+        return [q for name, crop in people for q in
+                (_Part(" " + name, rnd=rnd), _Part(ids=(self.person_id,), role=PERSON_SLOT, image=crop, rnd=rnd))]
 
     def render(self, conv, *, add_generation_prompt: bool = True, end: str = "conversation") -> str:
         """The conversation as the one string that `encode` tokenizes (image blocks as token strings); for a
@@ -335,6 +378,7 @@ class ChatTemplate:
                 else:
                     parts.append(self._input_block(len(images), r))
                     images.append(seg)
+                    parts += self._person_slots(self._person_crops(seg, images), r)
             parts += self._at("user_close", r)
             last_answered = not pending
             if pending:
@@ -344,8 +388,12 @@ class ChatTemplate:
             if rnd.assistant_image is not None:
                 k = len(images)
                 images.append(rnd.assistant_image)
-                parts.append(self._query_block(k, r))
+                people = self._person_crops(rnd.assistant_image, images)
+                drawn = people or ([(p.name, -1) for p in rnd.assistant_image.people if p.name]
+                                   if self.person_slots else [])  # a drawing being sampled: names, no crops yet
+                parts += self._query_block(k, r, tuple(drawn))
                 parts.append(self._input_block(k, r))  # the drawn image, written back for later rounds
+                parts += self._person_slots(people, r)
             closing = self._at("round_end", r)
         if last_answered and end != "answer":
             parts += closing

@@ -119,6 +119,12 @@ def checked_encoding(conv: schema.Conversation, index: int, template: ChatTempla
         return None
     if opts.markov_view:
         conv = markov_view(conv)
+    if template.person_slots:  # person slots crop the images: they need their pixels now
+        try:
+            conv = schema.with_pixels(conv)
+        except (schema.SchemaError, OSError, ValueError) as e:
+            skips.skip("missing image", index, str(e))
+            return None
     try:
         out = template.encode(conv, add_generation_prompt=False)
     except schema.SchemaError as e:  # a text holding the chat layout's token strings (<img>, </s>...)

@@ -26,7 +26,8 @@ import numpy as np
 from flax import nnx
 
 from cig_jax.data.pipeline import PipelineOptions, SkipCounter, encode_record
-from cig_jax.models.mllm import pool_targets, take_images
+from cig_jax.models.mllm import pool_targets
+from cig_jax.models.person_retrieval import take_images
 
 
 def score(pred_a: np.ndarray, pred_b: np.ndarray, target_a: np.ndarray, target_b: np.ndarray) -> dict:
@@ -51,12 +52,13 @@ def _examples(session, convs: Sequence) -> dict:
     """The conversations as one batch of training examples (`pipeline.encode_record`), padded to the longest."""
     outs = [session.template.encode(c, add_generation_prompt=False) for c in convs]
     opts = PipelineOptions(seq_len=max(len(o) for o in outs), max_images=max(len(o.images) for o in outs),
-                           image_size=session.image_size)
+                           image_size=session.image_size, identity_dim=session.cfg.model.mllm.identity_dim)
     skips = SkipCounter()
     rows = [encode_record(c, i, session.template, opts, skips) for i, c in enumerate(convs)]
     if skips.counts:
         raise ValueError(f"probe conversations could not be encoded: {dict(skips.counts)}")
     keys = ("input_ids", "role", "image_index", "attention_mask", "images")
+    keys += ("image_identity", "image_identity_mask") if opts.identity_dim else ()
     return {k: np.stack([r[k] for r in rows]) for k in keys}
 
 
@@ -76,24 +78,28 @@ def identity_score(pred_a: np.ndarray, pred_b: np.ndarray, ident_a: np.ndarray, 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _forward(graph, state, batch: dict):
-    """-> (visual embeddings, targets) [batch, blocks, Q, D], the target image of each block [batch, blocks] and
-    the identity head's output [batch, blocks, De] (None without one)."""
+    """-> (visual embeddings, targets) [batch, blocks, Q, D], the target image of each block [batch, blocks], the
+    identity head's output [batch, blocks, De] (None without one; person slots: [batch, M, De], one per person
+    query) and which person queries exist [batch, M] (None without person slots)."""
     mllm = nnx.merge(graph, state).mllm
     feats = mllm.encode_images(batch["images"])  # [batch, N, K, D_vit]
+    known = (batch["image_identity"], batch["image_identity_mask"]) if "image_identity" in batch else None
     out = mllm(batch["input_ids"], batch["role"], batch["image_index"], image_features=feats,
-               attention_mask=batch["attention_mask"], return_logits=False)
+               attention_mask=batch["attention_mask"], return_logits=False, slot_identity=known)
     targets = pool_targets(take_images(feats, out.query_image_index), mllm.cfg.num_image_tokens,
                            mllm.cfg.reg_target_pool)
-    return out.visual_embeddings, targets, out.query_image_index, out.identity
+    return out.visual_embeddings, targets, out.query_image_index, out.identity, out.identity_valid
 
 
 def _last_blocks(session, convs: Sequence) -> tuple:
     """(predicted visual embeddings, targets) [len(convs), Q, D] of each conversation's last query block, and
     its predicted identity [len(convs), De] (None without an identity head)."""
-    pred, target, index, ident = _forward(session.graph, session.state, _examples(session, convs))
+    pred, target, index, ident, persons = _forward(session.graph, session.state, _examples(session, convs))
     pred, target, index = np.asarray(pred), np.asarray(target), np.asarray(index)
     last = [int(np.flatnonzero(row >= 0)[-1]) for row in index]
-    ident = None if ident is None else np.stack([np.asarray(ident)[i, j] for i, j in enumerate(last)])
+    if ident is not None:  # the last block's, or with person slots the last person query's (a solo answer)
+        at = last if persons is None else [int(np.flatnonzero(row)[-1]) for row in np.asarray(persons)]
+        ident = np.stack([np.asarray(ident)[i, j] for i, j in enumerate(at)])
     return (np.stack([pred[i, j] for i, j in enumerate(last)]), np.stack([target[i, j] for i, j in enumerate(last)]),
             ident)
 

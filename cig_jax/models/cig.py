@@ -43,10 +43,18 @@ PARTS = {
     "output_resampler": _under("mllm", "output_resampler"),
     "patch_pos_embed": _under("mllm", "patch_pos_embed"),
     "identity_head": _under("mllm", "identity_head"),  # model.mllm.identity_dim > 0
+    "person_retrieval": lambda path, value: any(_under("mllm", n)(path, value) for n in
+                                                ("person_query", "person_key", "person_to_queries", "person_none")),  # person_slots
     "dit": _under("detokenizer", "dit"),  # includes the identity encoder
     "id_encoder": _under("detokenizer", "dit", "id_encoder"),
     "vae": _under("detokenizer", "vae"),
 }
+
+
+def added_by_later_stage(path, value) -> bool:
+    """Parameters a stage may add to its previous stage's model (they start from their initialisation): LoRA
+    adapters (`model.llm.lora_rank`) and the person-slot retrieval head (`model.mllm.person_slots`)."""
+    return isinstance(value, LoRAParam) or PARTS["person_retrieval"](path, value)
 
 
 def trainable_filter(parts: Sequence[str]):

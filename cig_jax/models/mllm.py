@@ -5,6 +5,13 @@ Owns: `MLLM` (the four parts wired together), filling a token sequence's input-i
 an image's visual embeddings on a KV cache (`generate_image`), the training loss (`mllm_loss`: next-token
 cross-entropy on the loss mask + regression of visual embeddings onto pooled ViT features).
 
+Person slots (`model.mllm.person_slots`, layout in `cig_jax/data/persons.py`): a history slot's embedding is
+the summary of its person's crop; each person query of a drawn image attends once (the retrieval head:
+`person_query` / `person_key` over the LLM's final states, plus a learned 'no one') to the earlier slots and takes
+the found slot's summary (added to the drawn image's query states) and identity (what the detokenizer draws
+with; none when it finds no one). A sampling cache keeps the slots it fed as a `PersonMemory`. `retrieval_loss`
+trains the head onto the slots that show the person as the answer draws them.
+
 Does not own: the token layout and masks (`cig_jax/data/chat_template.py`: role 0 text, 1 input-image slot,
 2 image-query slot, `image_index` = which image of the example fills / is the target of a slot), the parts
 themselves (`llm.py`, `vit.py`, `resampler.py`), checkpoint names (`cig_jax/convert/seedx.py`), decoding loops
@@ -29,10 +36,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from cig_jax.config_model import MLLMConfig, ModelConfig, vit_feature_shape
-from cig_jax.data.chat_template import IMAGE_QUERY, INPUT_IMAGE, TEXT  # role values
+from cig_jax.data.chat_template import IMAGE_QUERY, INPUT_IMAGE, PERSON_SLOT, TEXT  # role values
 from cig_jax.sharding import constrain
 from cig_jax.models import layers
 from cig_jax.models.llm import LLM, KVCache, selected_token_loss, shifted_token_loss
+from cig_jax.models.person_retrieval import (PersonMemory, retrieval_loss, retrieve, slot_memory, slot_values,
+                                             take_images, unit_vectors)
 from cig_jax.models.resampler import Resampler
 from cig_jax.models.vit import VisionTransformer
 
@@ -85,15 +94,6 @@ def query_block_selection(role: jax.Array, image_index: jax.Array, num_blocks: i
     return select, jnp.where(valid, target, -1).astype(jnp.int32)
 
 
-def take_images(values: jax.Array, index: jax.Array) -> jax.Array:
-    """values [batch, N, ...] at index [batch, M] (clipped to [0, N)) -> [batch, M, ...], as a one-hot einsum
-    (exact: one term per output), so it partitions along the batch."""
-    onehot = jax.nn.one_hot(jnp.clip(index, 0, values.shape[1] - 1), values.shape[1], dtype=values.dtype)
-    flat = values.reshape(*values.shape[:2], -1)
-    out = jnp.einsum("bmn,bnf->bmf", onehot, flat, precision=jax.lax.Precision.HIGHEST)
-    return out.reshape(*index.shape, *values.shape[2:])
-
-
 # ----------------------------------------------------------------------------------------------------------
 # The model
 # ----------------------------------------------------------------------------------------------------------
@@ -105,7 +105,15 @@ class MLLMOutput:
     visual_embeddings: Optional[jax.Array]  # [batch, num_blocks, Q, D_vit] (None without query blocks)
     query_image_index: Optional[jax.Array]  # [batch, num_blocks] image each block generates; -1 = no block
     cache: Optional[KVCache]
-    identity: Optional[jax.Array] = None  # [batch, num_blocks, De] the identity head's output (None without one)
+    identity: Optional[jax.Array] = None  # [batch, num_blocks, De] the identity head's output (None without one);
+    # with person slots [batch, M, De], one per person query (M = PEOPLE_PER_BLOCK x num_blocks)
+    identity_image_index: Optional[jax.Array] = None  # [batch, M] (person slots) the crop each person query's
+    # identity is scored against; -1 = none (no such query, or a query without a crop)
+    identity_valid: Optional[jax.Array] = None  # [batch, M] bool (person slots): the row has that person query
+    person_attention: Optional[tuple] = None  # (person slots) each person query's retrieval over this call's
+    # positions [batch, M, len] (the memory's part left out) and where it may attend (earlier slots), bool
+    person_slots: Optional[tuple] = None  # with `return_person_slots`: (PersonMemory of this call's first
+    # SLOTS_PER_CALL person slots, their positions [batch, SLOTS_PER_CALL] in the call, -1 = none)
 
 
 class MLLM(nnx.Module):
@@ -123,6 +131,18 @@ class MLLM(nnx.Module):
         self.identity_head = (layers.Dense(d, de, ("embed", None), rngs=rngs, use_bias=True,
                                            param_dtype=layers.dtype_of(cfg.llm.param_dtype),
                                            kernel_init=nnx.initializers.normal(d ** -0.5)) if de else None)
+        # Person slots' retrieval head: each person query of a drawn image attends (one head, over the LLM's
+        # final states) to the history's person slots and takes the slot's content (the crop's summary), which
+        # the identity head reads and which joins the drawn image's query states (zero at the start).
+        ps, dp = cfg.mllm.person_slots, cfg.mllm.person_key_dim
+        dense = lambda i, o, names, init: layers.Dense(i, o, names, rngs=rngs, use_bias=False,  # noqa: E731
+                                                      param_dtype=layers.dtype_of(cfg.llm.param_dtype), kernel_init=init)
+        self.person_query = dense(d, dp, ("embed", None), nnx.initializers.normal(d ** -0.5)) if ps else None
+        self.person_key = dense(d, dp, ("embed", None), nnx.initializers.normal(d ** -0.5)) if ps else None
+        self.person_to_queries = dense(d, d, ("embed", None), nnx.initializers.zeros) if ps else None
+        # the key of 'no one': what a person query retrieves (nothing) when no earlier slot shows its person
+        self.person_none = (layers.param(rngs, nnx.initializers.normal(dp ** -0.5), (dp,), (None,),
+                                         layers.dtype_of(cfg.llm.param_dtype)) if ps else None)
         self.patch_pos_embed = (layers.param(rngs, nnx.initializers.normal(d ** -0.5), (4, d), (None, "embed"),
                                              layers.dtype_of(cfg.llm.param_dtype))
                                 if cfg.mllm.add_patch_pos else None)
@@ -186,7 +206,18 @@ class MLLM(nnx.Module):
         idx = jnp.clip(image_index, 0, n - 1) * q + jnp.clip(slot_positions(role), 0, q - 1)  # [batch, len]
         onehot = jax.nn.one_hot(jnp.where(role == INPUT_IMAGE, idx, -1), n * q, dtype=x.dtype)  # -1: all zero
         filled = jnp.einsum("btk,bkd->btd", onehot, flat, precision=jax.lax.Precision.HIGHEST)  # [batch, len, D_llm]
-        return jnp.where((role == INPUT_IMAGE)[..., None], filled, x)
+        x = jnp.where((role == INPUT_IMAGE)[..., None], filled, x)
+        if not self.cfg.person_slots:
+            return x
+        # person slots: the mean of the crop's image tokens, at the image tokens' own scale (RMS)
+        t = image_tokens.astype(jnp.float32)
+        summary = jnp.mean(t, axis=2)  # [batch, N, D_llm]
+        rms = jnp.sqrt(jnp.mean(jnp.square(t), axis=(2, 3)))[..., None]  # [batch, N, 1]
+        summary = summary * jax.lax.rsqrt(jnp.mean(jnp.square(summary), axis=-1, keepdims=True) + 1e-12) * rms
+        slot = (role == PERSON_SLOT) & (image_index >= 0)
+        onehot = jax.nn.one_hot(jnp.where(slot, image_index, -1), n, dtype=x.dtype)
+        filled = jnp.einsum("btn,bnd->btd", onehot, summary.astype(x.dtype), precision=jax.lax.Precision.HIGHEST)
+        return jnp.where(slot[..., None], filled, x)
 
     def predict_identity(self, states: jax.Array) -> Optional[jax.Array]:
         """Query-block final hidden states [..., Q, D_llm] -> identity [..., De] (None without an identity head)."""
@@ -194,18 +225,24 @@ class MLLM(nnx.Module):
             return None
         return self.identity_head(jnp.mean(states.astype(jnp.float32), axis=-2))
 
-    def visual_embeddings(self, hidden: jax.Array, role: jax.Array, image_index: jax.Array, num_blocks: int):
+    def visual_embeddings(self, hidden: jax.Array, role: jax.Array, image_index: jax.Array, num_blocks: int,
+                          retrieved: Optional[jax.Array] = None):
         """Final hidden states [batch, len, D_llm] at the first `num_blocks` query blocks -> output resampler.
-        Returns (visual_embeddings [batch, num_blocks, Q, D_vit], target image [batch, num_blocks], -1 = none,
-        identity [batch, num_blocks, De] or None)."""
+        retrieved [batch, num_blocks, P, D_llm] (person slots): the blocks' retrieved people, added (through
+        `person_to_queries`, their mean) to every query state of the block. Returns (visual_embeddings
+        [batch, num_blocks, Q, D_vit], target image [batch, num_blocks], -1 = none, identity [batch, num_blocks,
+        De] or None (with person slots the identity comes from the retrieval instead))."""
         q = self.num_image_tokens
         select, target = query_block_selection(role, image_index, num_blocks, q)
         b = hidden.shape[0]
         states = jnp.einsum("bkt,btd->bkd", select.astype(hidden.dtype), hidden,
                             precision=jax.lax.Precision.HIGHEST)  # [batch, num_blocks * Q, D_llm]
         states = states.reshape(b * num_blocks, q, -1)
+        if retrieved is not None:
+            extra = self.person_to_queries(jnp.mean(retrieved.astype(jnp.float32), axis=2))  # [batch, blocks, D_llm]
+            states = states + extra.reshape(b * num_blocks, 1, -1).astype(states.dtype)
         emb = self.output_resampler(states)  # [batch * num_blocks, Q, D_vit]
-        ident = self.predict_identity(states)
+        ident = None if self.cfg.person_slots else self.predict_identity(states)
         ident = None if ident is None else ident.reshape(b, num_blocks, -1)
         return emb.reshape(b, num_blocks, q, -1), target, ident
 
@@ -215,10 +252,13 @@ class MLLM(nnx.Module):
                  image_tokens: Optional[jax.Array] = None, image_positions: Optional[jax.Array] = None,
                  attention_mask: Optional[jax.Array] = None, cache: Optional[KVCache] = None,
                  num_query_blocks: Optional[int] = None, return_logits: bool = True,
-                 dropout_rng: Optional[jax.Array] = None) -> MLLMOutput:
+                 dropout_rng: Optional[jax.Array] = None, person_memory: Optional[PersonMemory] = None,
+                 return_person_slots: bool = False, slot_identity: Optional[tuple] = None) -> MLLMOutput:
         """input_ids / role / image_index / attention_mask [batch, len] (a chunk when `cache` is given; its
         image_index refers to the images passed with it). num_query_blocks: how many query blocks to gather
-        (static; default: the number of images passed, an upper bound; 0 = none)."""
+        (static; default: the number of images passed, an upper bound; 0 = none). person_memory: the person
+        slots of earlier calls (sampling); return_person_slots: hand this call's slots back (`person_slots`);
+        slot_identity: (identity [batch, N, De], mask [batch, N]) of the images passed (`slot_values`)."""
         x = self.embed_sequence(input_ids, role, image_index, images=images, image_features=image_features,
                                 image_tokens=image_tokens, image_positions=image_positions)
         x = constrain(x, ("batch", "activation_length", "activation_embed"))  # [batch, len, D_llm]
@@ -227,10 +267,31 @@ class MLLM(nnx.Module):
         if num_query_blocks is None:
             given = next((a for a in (images, image_features, image_tokens) if a is not None), None)
             num_query_blocks = 0 if given is None else given.shape[1]
-        vis = target = ident = None
+        vis = target = ident = crops = valid = retrieved = attn = None
         if num_query_blocks:
-            vis, target, ident = self.visual_embeddings(out.hidden_states, role, image_index, num_query_blocks)
-        return MLLMOutput(out.logits, out.hidden_states, vis, target, out.cache, ident)
+            if self.cfg.person_slots:
+                values = slot_values(x, role, image_index, slot_identity, self.cfg.identity_dim)
+                retrieved, crops, valid, attn, allowed = retrieve(
+                    self.person_query, self.person_key, self.person_none[...], values, out.hidden_states, role,
+                    image_index, num_query_blocks, self.num_image_tokens, person_memory)
+                n = role.shape[1]  # 'no one' and this call's positions
+                attn = tuple(jnp.concatenate([a[..., :1], a[..., a.shape[-1] - n:]], axis=-1) for a in (attn, allowed))
+                d = x.shape[-1]
+                retrieved, found, has = retrieved[..., :d], retrieved[..., d:-1], retrieved[..., -1:]
+            vis, target, ident = self.visual_embeddings(out.hidden_states, role, image_index, num_query_blocks,
+                                                        retrieved)
+            if retrieved is not None:  # [batch, blocks * P, De]: one per person query
+                # the attended slots' identities (their weighted mean); zero (none) where most attention is on
+                # 'no one' or on slots of no known identity
+                b = role.shape[0]
+                ident = jnp.where(has > 0.5, found / jnp.maximum(has, 1e-6), 0.0)
+                ident = ident.reshape(b, -1, ident.shape[-1])
+                crops, valid = crops.reshape(b, -1), valid.reshape(b, -1)
+        slots = None
+        if return_person_slots:
+            slots = slot_memory(self.person_key, slot_values(x, role, image_index, slot_identity, self.cfg.identity_dim),
+                                out.hidden_states, role, image_index)
+        return MLLMOutput(out.logits, out.hidden_states, vis, target, out.cache, ident, crops, valid, attn, slots)
 
     def generate_image(self, cache: KVCache, query_ids: jax.Array) -> tuple[jax.Array, KVCache]:
         """Appends one query block (the Q image-query tokens `query_ids` [Q], e.g. `ChatTemplate.query_ids`)
@@ -245,12 +306,6 @@ class MLLM(nnx.Module):
 # ----------------------------------------------------------------------------------------------------------
 # Loss
 # ----------------------------------------------------------------------------------------------------------
-def unit_vectors(v: jax.Array) -> jax.Array:
-    """v / |v| along the last axis (v / 1e-12 where |v| < 1e-12), with a finite gradient at v = 0 (a zero
-    prediction: a missing block's identity is exactly the head's zero bias)."""
-    return v * jax.lax.rsqrt(jnp.maximum(jnp.sum(v * v, axis=-1, keepdims=True), 1e-24))
-
-
 def regression_loss(pred: jax.Array, target: jax.Array, valid: jax.Array, kind: str = "mse") -> jax.Array:
     """pred/target [batch, blocks, Q, D], valid [batch, blocks]. 'mse': mean squared error over the elements of
     valid blocks (torch F.mse_loss); 'mse_position': the same with each slot's squared error divided by the
@@ -298,8 +353,9 @@ def mllm_loss(model: MLLM, batch: dict, *, dropout_rng: Optional[jax.Array] = No
         feats = model.encode_images(batch["images"])  # [batch, N, K, D_vit], no gradient
     ids, mask = batch["input_ids"], batch.get("attention_mask")
     select = cfg.lm_head_fraction > 0 and not return_output
+    known = (batch["image_identity"], batch["image_identity_mask"]) if "image_identity" in batch else None
     out = model(ids, batch["role"], batch["image_index"], image_features=feats, attention_mask=mask,
-                dropout_rng=dropout_rng, return_logits=not select)
+                dropout_rng=dropout_rng, return_logits=not select, slot_identity=known)
     labels = batch.get("labels", ids)
     weights = batch["loss_mask"] if mask is None else batch["loss_mask"] * mask
     extra = {}
@@ -316,10 +372,18 @@ def mllm_loss(model: MLLM, batch: dict, *, dropout_rng: Optional[jax.Array] = No
     reg = regression_loss(out.visual_embeddings, targets, valid, cfg.reg_loss)
     loss = cfg.lm_weight * lm + cfg.reg_weight * reg
     if out.identity is not None and "image_identity" in batch:
+        scored = out.query_image_index if out.identity_image_index is None else out.identity_image_index
         ident_loss, extra["identity_blocks"] = identity_loss(out.identity, batch["image_identity"],
-                                                             batch["image_identity_mask"], out.query_image_index)
+                                                             batch["image_identity_mask"], scored)
         extra["identity_loss"] = ident_loss
-        loss = loss + cfg.identity_weight * ident_loss
+        if not cfg.person_slots:  # with person slots the identity is what the retrieval found (its own loss)
+            loss = loss + cfg.identity_weight * ident_loss
+        if out.person_attention is not None and cfg.retrieval_weight:
+            ret, extra["retrieval_queries"], extra["retrieval_top1"] = retrieval_loss(*out.person_attention, out.identity_image_index,
+                                                             batch["role"], batch["image_index"],
+                                                             batch["image_identity"], batch["image_identity_mask"])
+            extra["retrieval_loss"] = ret
+            loss = loss + cfg.retrieval_weight * ret
     metrics = {"lm_loss": lm, "reg_loss": reg, "loss_tokens": count, "query_blocks": jnp.sum(valid), **extra}
     return (loss, metrics, out) if return_output else (loss, metrics)
 

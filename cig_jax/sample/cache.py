@@ -28,9 +28,10 @@ import numpy as np
 from flax import nnx
 
 from cig_jax import sharding
-from cig_jax.data.chat_template import IMAGE_QUERY, TEXT
+from cig_jax.data.chat_template import IMAGE_QUERY, PERSON_SLOT, TEXT
 from cig_jax.data.pipeline import preprocess_image
 from cig_jax.models.llm import KVCache
+from cig_jax.models.person_retrieval import PersonMemory
 
 CHUNK = 256  # most tokens fed in one call
 MIN_CHUNK = 16  # chunks pad to a power of two >= this
@@ -65,21 +66,27 @@ def unview(cache: KVCache, part: KVCache) -> KVCache:
                    lengths=part.lengths, index=part.index)
 
 
-@partial(jax.jit, static_argnums=(0, 7, 9), donate_argnums=(6,))
-def _append(graph, state, ids, role, image_index, valid, cache, num_query_blocks, image_tokens, n_view):
+@partial(jax.jit, static_argnums=(0, 7, 9, 11), donate_argnums=(6,))
+def _append(graph, state, ids, role, image_index, valid, cache, num_query_blocks, image_tokens, n_view, memory,
+            slots_out, known):
     """Feeds a chunk ([b, T]; `valid` marks real tokens, right-padded; image_tokens [b, n, Q, D_llm] for the chunk's
-    `image_index`) into the cache, reading and writing only its first n_view slots. Returns (logits of each row's
-    last real token [b, V], (visual embeddings [b, Q, D_vit], identity [b, De] or None) of the chunk's first query
-    block or None, cache)."""
+    `image_index`) into the cache, reading and writing only its first n_view slots. memory: the person slots fed
+    before (a PersonMemory, or None without person slots); known: (identity [b, n, De], mask [b, n]) of the chunk's
+    images (person slots) or None. Returns (logits of each row's last real token [b, V],
+    (visual embeddings [b, Q, D_vit], identity [b, De], or with person slots [b, P, De], or None) of the chunk's
+    first query block or None, cache, the chunk's person slots (`MLLMOutput.person_slots`) with `slots_out`)."""
     mllm = nnx.merge(graph, state).mllm
     out = mllm(ids, role, image_index, image_tokens=image_tokens, attention_mask=valid, cache=view(cache, n_view),
-               num_query_blocks=num_query_blocks, return_logits=False)
+               num_query_blocks=num_query_blocks, return_logits=False, person_memory=memory,
+               return_person_slots=slots_out, slot_identity=known)
     last = jnp.maximum(jnp.sum(valid, axis=1) - 1, 0)
     hidden = jnp.take_along_axis(out.hidden_states, last[:, None, None], axis=1)  # [b, 1, D_llm]
     vis = None
     if num_query_blocks:
-        vis = (out.visual_embeddings[:, 0], None if out.identity is None else out.identity[:, 0])
-    return mllm.llm.logits(hidden)[:, 0], vis, unview(cache, out.cache)
+        ident = out.identity  # person slots: [b, M, De], one per person query; else [b, blocks, De]
+        vis = (out.visual_embeddings[:, 0],
+               None if ident is None else ident if out.identity_image_index is not None else ident[:, 0])
+    return mllm.llm.logits(hidden)[:, 0], vis, unview(cache, out.cache), out.person_slots
 
 
 @partial(jax.jit, donate_argnums=(0,))
@@ -142,6 +149,7 @@ class RowCache:
         self.image_size = cfg.vit.image_size
         self.q, self.d_llm = cfg.mllm.num_image_tokens, cfg.llm.hidden_size
         self.image_tokens: dict = {}  # image key -> [Q, D_llm] device array
+        self.identities: dict = {}  # image key -> the identity [De] of the one person it shows, where known
         self.pixels: dict = {}  # image key -> uint8 pixels, until encoded and while in use
         self._no_images: dict = {}  # shape -> zero image-token block on the devices (text-only chunks)
         self.clear()
@@ -156,6 +164,8 @@ class RowCache:
         self.index = 0  # next slot to write (host mirror of the shared write offset)
         self.logits = self.put(jnp.zeros((b, self.cfg.llm.vocab_size), jnp.float32), ("batch", None))
         self.tokens = [[] for _ in range(b)]  # per row: (id, role, image key or None) per filled slot, in order
+        # per row, with person slots: {token position in the row: (retrieval key [Dp], content [D_llm])}
+        self.people = [{} for _ in range(b)]
         self.slots = [[] for _ in range(b)]  # per row: the cache slot of each token
 
     def put(self, x, names):
@@ -164,16 +174,19 @@ class RowCache:
         return jax.device_put(x, sharding.logical_sharding(names, self.mesh, self.rules, x.shape))
 
     # -- images ----------------------------------------------------------------------------------------------
-    def add_image(self, pixels: np.ndarray) -> str:
-        """Registers an image (uint8 [H, W, 3]) for feeding; returns its key."""
+    def add_image(self, pixels: np.ndarray, identity: Optional[np.ndarray] = None) -> str:
+        """Registers an image (uint8 [H, W, 3]) for feeding, with the identity [De] of the one person it shows
+        where known (a person slot's crop: what a person query retrieves); returns its key."""
         key = image_key(pixels)
+        if identity is not None:
+            self.identities[key] = np.asarray(identity, np.float32)
         if key not in self.image_tokens:
             self.pixels.setdefault(key, pixels)
         return key
 
     def keep_images(self, used: set) -> None:
         """Forgets encoded images whose keys are not in `used`."""
-        for d in (self.image_tokens, self.pixels):
+        for d in (self.image_tokens, self.pixels, self.identities):
             for key in [k for k in d if k not in used]:
                 del d[key]
 
@@ -211,8 +224,10 @@ class RowCache:
             keep_slot = np.asarray([s[k] if k < len(s) else 0 for k, s in zip(keep, self.slots)], np.int32)
             self.kv = _retract(self.kv, self.put(keep_slot, ("batch",)),
                                self.put(np.asarray(keep, np.int32), ("batch",)), self.put(rows, ("batch",)))
-            for k, tokens, slots in zip(keep, self.tokens, self.slots):
+            for k, tokens, slots, people in zip(keep, self.tokens, self.slots, self.people):
                 del tokens[k:], slots[k:]
+                for pos in [p for p in people if p >= k]:
+                    del people[pos]
             self.index = max([s[-1] + 1 for s in self.slots if s], default=0)
         new = [t[k:] for k, t in zip(keep, targets)]
         self._encode_missing({t[2] for toks in new for t in toks if t[2] is not None})
@@ -226,6 +241,19 @@ class RowCache:
                 drawn = out if drawn is None else jax.tree.map(
                     lambda new, old: jnp.where(has.reshape(-1, *(1,) * (new.ndim - 1)), new, old), out, drawn)
         return drawn
+
+    def _memory(self) -> PersonMemory:
+        """The person slots in the rows now, as a PersonMemory padded to a power of two (at least 16) slots."""
+        b, n = self.batch_size, bucket(max((len(p) for p in self.people), default=0), least=16)
+        dk, dv = self.cfg.mllm.person_key_dim, self.d_llm + self.cfg.mllm.identity_dim + 1
+        keys, values = np.zeros((b, n, dk), np.float32), np.zeros((b, n, dv), np.float32)
+        valid = np.zeros((b, n), bool)
+        for i, people in enumerate(self.people):
+            for j, pos in enumerate(sorted(people)):
+                keys[i, j], values[i, j] = people[pos]
+                valid[i, j] = True
+        return PersonMemory(self.put(keys, ("batch", None, None)), self.put(values, ("batch", None, None)),
+                            self.put(valid, ("batch", None)))
 
     def record_fed(self, fed: list) -> None:
         """Host mirror of a device decode loop that fed text tokens fed[i] into row i, one a step from `index`
@@ -259,12 +287,29 @@ class RowCache:
                 self._no_images[shape] = self.put(np.zeros(shape, np.float32), ("batch", None, None, None))
             images = self._no_images[shape]
         queries = bool(want_visual and (role == IMAGE_QUERY).any())
-        logits, vis, self.kv = _append(
+        persons = self.cfg.mllm.person_slots
+        known = None
+        if persons:  # the identity of each of the chunk's images that shows one known person
+            ident = np.zeros((*shape[:2], self.cfg.mllm.identity_dim), np.float32)
+            has = np.zeros(shape[:2], np.float32)
+            for i, keys in enumerate(local):
+                for j, key in enumerate(keys):
+                    if key in self.identities:
+                        ident[i, j], has[i, j] = self.identities[key], 1.0
+            known = (self.put(ident, ("batch", None, None)), self.put(has, ("batch", None)))
+        slots_out = bool(persons and (role == PERSON_SLOT).any())
+        logits, vis, self.kv, fed_slots = _append(
             self.graph, self.state, self.put(ids, ("batch", None)), self.put(role, ("batch", None)),
             self.put(index, ("batch", None)), self.put(valid, ("batch", None)),
             dataclasses.replace(self.kv, index=jnp.asarray(self.index, jnp.int32)), 1 if queries else 0,
-            images, view_len(self.index + t_len, self.kv.max_len))
+            images, view_len(self.index + t_len, self.kv.max_len), self._memory() if persons and queries else None,
+            slots_out, known)
         self.logits = jnp.where(self.put(valid.any(axis=1), ("batch",))[:, None], logits, self.logits)
+        if slots_out:
+            mem, at = jax.device_get(fed_slots)
+            for i in range(b):
+                for s in np.flatnonzero(at[i] >= 0):
+                    self.people[i][len(self.tokens[i]) + int(at[i, s])] = (mem.keys[i, s], mem.values[i, s])
         for i, c in enumerate(chunk):
             self.tokens[i] += c
             self.slots[i] += range(self.index, self.index + len(c))

@@ -134,24 +134,40 @@ def round_identities(rnd: schema.Round, refs: FaceReferences, dim: int, max_iden
     return ident, mask, boxes, {"identity": "identity: " + "; ".join(c.how for c in chosen), "identities": used}
 
 
+def drawn_names(rnd: schema.Round, cast: list, most: int) -> list:
+    """Who a drawing round shows, first on the left (person slots): the cast names the user text names, in
+    the order it names them, else those the answer names; at most `most`."""
+    return (_in_text_order(rnd.user_text, cast) or _in_text_order(rnd.assistant_text or "", cast))[:most]
+
+
 def with_predicted(ident: np.ndarray, mask: np.ndarray, boxes: np.ndarray, record: dict, predicted: np.ndarray,
-                   rnd: schema.Round, cast: list) -> tuple:
-    """A round with no face reference draws with the identity the MLLM's identity head predicted for its query
-    block ([De], made unit norm), over the whole image, when the round names at most one person of the cast
-    (the head learns the identity of one-person images; a pair has no one identity). Else unchanged."""
+                   rnd: schema.Round, cast: list, drawn: Optional[list] = None) -> tuple:
+    """A round with no face reference draws with the identity the MLLM's identity head predicted (made unit
+    norm). Without person slots, predicted [De] is the query block's, used over the whole image when the round
+    names at most one person of the cast (a pair has no one identity). With person slots, predicted [M, De]
+    holds one per drawn person (`drawn`, the names of the query block's person queries, left to right; zero for
+    one the MLLM found no earlier image of), laid out as `layout_boxes`. Else unchanged."""
     if mask.any():
         return ident, mask, boxes, record
-    named = schema.mentioned_names(f"{rnd.user_text} {rnd.assistant_text or ''}", cast)
-    if len(named) > 1:
-        return ident, mask, boxes, dict(record, identity=record["identity"] + f"; {len(named)} people named, so "
-                                        "not the identity head's prediction")
+    if drawn is None:
+        named = schema.mentioned_names(f"{rnd.user_text} {rnd.assistant_text or ''}", cast)
+        if len(named) > 1:
+            return ident, mask, boxes, dict(record, identity=record["identity"] + f"; {len(named)} people named, so "
+                                            "not the identity head's prediction")
+        drawn, predicted = named[:1] or [None], predicted[None]
+    drawn = drawn[:min(len(predicted), len(ident))]
+    found = [k for k in range(len(drawn)) if np.linalg.norm(predicted[k]) > 1e-6]  # zero: the MLLM found no one
+    if not found:
+        return ident, mask, boxes, record
     ident, mask, boxes = ident.copy(), mask.copy(), boxes.copy()
-    ident[0] = predicted / max(float(np.linalg.norm(predicted)), 1e-12)
-    mask[0], boxes[0] = 1.0, layout_boxes(1)[0]
-    who = named[0] if named else None
-    return ident, mask, boxes, {"identity": f"identity: {who or 'the person'} as the MLLM predicted (no face "
-                                            "reference)", "identities": [{"name": who, "source": "predicted",
-                                                                          "box": boxes[0].tolist()}]}
+    lay = layout_boxes(len(drawn))
+    for k in found:
+        ident[k] = predicted[k] / max(float(np.linalg.norm(predicted[k])), 1e-12)
+        mask[k], boxes[k] = 1.0, lay[k]
+    who = ", ".join(drawn[k] or "the person" for k in found)
+    return ident, mask, boxes, {"identity": f"identity: {who} as the MLLM predicted (no face reference)",
+                                "identities": [{"name": drawn[k], "source": "predicted", "box": boxes[k].tolist()}
+                                               for k in found]}
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -45,12 +45,14 @@ from cig_jax import sharding
 from cig_jax.cli import UserError
 from cig_jax.config import Config, MeshConfig
 from cig_jax.data import schema
-from cig_jax.data.chat_template import BOI, IMAGE_QUERY, INPUT_IMAGE, ChatTemplate, mllm_special_tokens
+from cig_jax.data.chat_template import BOI, IMAGE_QUERY, INPUT_IMAGE, PERSON_SLOT, ChatTemplate, mllm_special_tokens
+from cig_jax.data.persons import DRAWN_LAYOUT, PERSON, drawn_people
+from cig_jax.faces import backends
 from cig_jax.faces.backends import make_identity_embedder
 from cig_jax.sample.cache import RowCache
 from cig_jax.sample.decode import decode_text
 from cig_jax.sample.draw import detokenize, diffusion_bar
-from cig_jax.sample.identities import FaceReferences, round_identities, with_predicted
+from cig_jax.sample.identities import FaceReferences, drawn_names, round_identities, with_predicted
 from cig_jax.sample.options import RoundOptions
 from cig_jax.train.checkpoint import checkpoint_parts, load_trained
 
@@ -281,10 +283,13 @@ class ChatSession:
 
         # --- image queries -------------------------------------------------------------------------------
         draw = [options.force_image or res.stop == "image" for res in results]
+        names = [[] for _ in self.rows]  # with person slots: who each drawing shows, left to right
         for i, row in enumerate(self.rows):
             rnd = row.conv.rounds[-1]
             rnd.assistant_text = results[i].text = self.template.tokenizer.decode(results[i].tokens)
-            rnd.assistant_image = _PENDING_IMAGE if draw[i] else None
+            if self.template.person_slots:
+                names[i] = drawn_names(rnd, [q.name for q in row.conv.people], max(DRAWN_LAYOUT))
+            rnd.assistant_image = _pending(names[i]) if draw[i] else None
         # what the model wrote (a chatml round's end goes in with the next feed, with the next user turn)
         drawn = self.cache.sync([self._target(row, upto="queries" if draw[i] else "answer")
                                  for i, row in enumerate(self.rows)], want_visual=any(draw))
@@ -292,7 +297,7 @@ class ChatSession:
 
         # --- the image -----------------------------------------------------------------------------------
         if any(draw):
-            identity, on, boxes = self._identities(results, draw, predicted)
+            identity, on, boxes = self._identities(results, draw, predicted, names)
             with diffusion_bar(self.progress, n_steps, d.sampler):
                 pixels = detokenize(self.graph, self.state, seeds_arr, visual, identity,
                                     self.cache.put(on, ("batch", None)), self.cache.put(boxes, ("batch", None, None)),
@@ -300,10 +305,15 @@ class ChatSession:
                                     n_steps, self.progress)
             pixels = to_uint8(jax.device_get(pixels))
             vis_np = np.asarray(jax.device_get(visual))
+            used = np.asarray(jax.device_get(identity)) if identity is not None else None
             for i, row in enumerate(self.rows):
                 if draw[i]:
                     results[i].image, results[i].visual_embeddings = pixels[i], vis_np[i]
-                    row.conv.rounds[-1].assistant_image = schema.Image(pixels=pixels[i])
+                    people = drawn_people(names[i], pixels.shape[1])
+                    for k, person in enumerate(people):  # drawn with this identity: what a later slot carries
+                        if used is not None and k < len(on[i]) and on[i][k]:
+                            person.identity = self._drawn_identity(used[i, k])
+                    row.conv.rounds[-1].assistant_image = schema.Image(pixels=pixels[i], people=people)
         # The drawn image is now in the history; its write-back input block (and any re-tokenized text) goes
         # into the cache with the next feed, in the same model call as the next user turn (`flush` does it now).
         for i, row in enumerate(self.rows):
@@ -326,7 +336,10 @@ class ChatSession:
         hit = self._keys.get(id(image))
         if hit is not None and hit[0] is image:
             return hit[1]
-        key = self.cache.add_image(image.pixels)
+        known = None  # a person slot's crop: the identity of the person it shows, where the history has it
+        if self.template.person_slots and len(image.people) == 1 and image.people[0].identity is not None:
+            known = image.people[0].identity.for_width(self.cfg.model.mllm.identity_dim, "a person's identity")
+        key = self.cache.add_image(image.pixels, known)
         self._keys[id(image)] = (image, key)
         return key
 
@@ -341,9 +354,10 @@ class ChatSession:
         n = len(enc)
         if upto == "queries":
             n = int(np.flatnonzero(enc.role == IMAGE_QUERY)[-1]) + 1
-        keys = [self._key(im) if im is not _PENDING_IMAGE else None for im in enc.images]
+        keys = [None if _is_pending(im) else self._key(im) for im in enc.images]
         ids, role, ii = enc.input_ids[:n].tolist(), enc.role[:n].tolist(), enc.image_index[:n].tolist()
-        return [(t, r, keys[k] if r == INPUT_IMAGE else None) for t, r, k in zip(ids, role, ii)]
+        return [(t, r, keys[k] if r in (INPUT_IMAGE, PERSON_SLOT) and k >= 0 else None)
+                for t, r, k in zip(ids, role, ii)]
 
     def _fit(self, *, reserve: int, prompt: bool, what: str) -> tuple[list, list]:
         """Applies the overflow policy before the history (`prompt`: up to the generation prompt) goes into the
@@ -383,7 +397,7 @@ class ChatSession:
     def _prune_images(self) -> None:
         """Drops encoded images no row's history uses any more."""
         used = {self._key(im) for row in self.rows for _, im in schema.iter_images(row.conv)
-                if im is not _PENDING_IMAGE}
+                if not _is_pending(im)}
         self.cache.keep_images(used)
         self._keys = {k: v for k, v in self._keys.items() if v[1] in used}
 
@@ -401,16 +415,23 @@ class ChatSession:
                 return None
         return self._embedder
 
+    def _drawn_identity(self, vector: np.ndarray) -> schema.PersonIdentity:
+        """The identity a person was drawn with, as its backend writes it (a synthetic code: its own width)."""
+        backend = self.cfg.model.dit.identity.backend or "synthetic"  # no backend named: the synthetic codes
+        width = backends.BACKENDS[backend].dim
+        return schema.PersonIdentity.of(backend, vector[:width] if width else vector)
+
     def _register_identities(self, row: _Row, rnd: schema.Round, r: int) -> None:
         """Remembers the identity of named one-person user images (face references) for later rounds."""
         if self._has_identity:
             row.identities.register(rnd, r, self._identity_dim, self._get_embedder,
                                     f"{schema.conversation_label(row.conv)}: rounds[{r}]")
 
-    def _identities(self, results: list, draw: list, predicted=None):
+    def _identities(self, results: list, draw: list, predicted=None, names=None):
         """Identities [b, P, De], which slots are used [b, P] and their regions [b, P, 4], with a note (and the
         list of identities used) per drawing row: see `identities.round_identities`; a row with none takes the
-        identity head's prediction (predicted [b, De], `identities.with_predicted`)."""
+        identity head's prediction (predicted [b, De], or [b, M, De] for the drawn people `names[i]` with person
+        slots: `identities.with_predicted`)."""
         predicted = None if predicted is None else np.asarray(jax.device_get(predicted))
         b, p = self.batch_size, self.cfg.model.dit.identity.max_identities
         out = np.zeros((b, p, self._identity_dim), np.float32)
@@ -426,8 +447,9 @@ class ChatSession:
                                                                p, self._get_embedder,
                                                                f"{schema.conversation_label(row.conv)}: rounds[{r}]")
                 if predicted is not None:
-                    out[i], m, boxes[i], record = with_predicted(out[i], m, boxes[i], record, predicted[i],
-                                                                 row.conv.rounds[-1], [q.name for q in row.conv.people])
+                    out[i], m, boxes[i], record = with_predicted(
+                        out[i], m, boxes[i], record, predicted[i], row.conv.rounds[-1], [q.name for q in row.conv.people],
+                        drawn=names[i] if self.template.person_slots else None)
                 on[i] = m > 0
             results[i].identity_used = bool(on[i].any())
             results[i].notes.append(record["identity"])
@@ -446,7 +468,14 @@ def _user_text(text) -> str:
     return text
 
 
-_PENDING_IMAGE = schema.Image()  # stands for the image being drawn while its query block is encoded
+def _pending(names: list) -> schema.Image:
+    """Stands for the image being drawn while its query block is encoded (no pixels, no path), showing
+    `names` (the person queries of a template with person slots)."""
+    return schema.Image(people=[schema.Person(n) for n in names])
+
+
+def _is_pending(image: schema.Image) -> bool:
+    return image.pixels is None and image.path is None
 
 
 def banned_ids(template: ChatTemplate, vocab: int) -> np.ndarray:
@@ -456,6 +485,7 @@ def banned_ids(template: ChatTemplate, vocab: int) -> np.ndarray:
     banned = np.zeros((vocab,), bool)
     tok = template.tokenizer
     special = [t for t in mllm_special_tokens() if t != BOI] + [tok.bos_token, tok.pad_token, tok.unk_token]
+    special += [PERSON] if template.person_slots else []
     for i in [tok.convert_tokens_to_ids(t) for t in special if t is not None] + [template.bos_id]:
         if i is not None and 0 <= i < vocab:
             banned[i] = True

@@ -309,4 +309,5 @@ def checkpoint_parts(directory, config: Optional[Config] = None) -> tuple[Config
     if len(tokenizer) > cfg.model.llm.vocab_size:
         raise CheckpointMismatchError(f"{directory / 'tokenizer'}: {len(tokenizer)} tokens do not fit "
                                       f"model.llm.vocab_size {cfg.model.llm.vocab_size}")
-    return cfg, ChatTemplate(tokenizer, cfg.model.mllm.num_image_tokens, cfg.model.mllm.chat_format)
+    return cfg, ChatTemplate(tokenizer, cfg.model.mllm.num_image_tokens, cfg.model.mllm.chat_format,
+                        cfg.model.mllm.person_slots)

@@ -21,8 +21,9 @@ from cig_jax.config_io import dump_yaml, load_config
 DESCRIPTION = """Train one stage, or a recipe of stages, from a YAML config.
 
 configs it can take (paths are relative to the repository):
-  configs/demo.yaml                    the tiny 3-stage recipe on CPU (README command 1)
-  configs/stage1_detokenizer.yaml      one stage of the demo (also stage2_personalize, stage3_multiround)
+  configs/demo.yaml                    the 3-stage recipe on CPU from SmolLM2-135M (README command 1)
+  configs/stage1_detokenizer_smollm2.yaml  one stage of it (also stage2_personalize_, stage3_multiround_smollm2)
+  configs/demo_tiny.yaml               the same recipe on a tiny LLM trained from nothing (no names found)
   configs/*_13b.yaml, configs/*_1b.yaml  full-size stages (SEED-X 13B / 1.1B sizes)
   configs/smoke.yaml                   a 10-second LLM-only job
 

@@ -44,7 +44,8 @@ from cig_jax.data.chat_template import ChatTemplate, add_mllm_tokens, build_tiny
 from cig_jax.data.lm_smoke import lm_smoke_dataset
 from cig_jax.models.cig import CIGModel, trainable_filter
 from cig_jax.models.llm import LLM, shifted_token_loss
-from cig_jax.models.mllm import mllm_loss, pool_targets, take_images, vit_feature_shape
+from cig_jax.models.mllm import mllm_loss, pool_targets, vit_feature_shape
+from cig_jax.models.person_retrieval import take_images
 from cig_jax.train.flops import task_flops_per_example
 
 
@@ -268,7 +269,8 @@ def conversation_dataset(cfg: Config, records: Sequence, process_index: int, pro
 
 
 def _template(cfg: Config):
-    return ChatTemplate(stage_tokenizer(cfg), cfg.model.mllm.num_image_tokens, cfg.model.mllm.chat_format)
+    return ChatTemplate(stage_tokenizer(cfg), cfg.model.mllm.num_image_tokens, cfg.model.mllm.chat_format,
+                        cfg.model.mllm.person_slots)
 
 
 STAGES = {"lm": _lm_task, "detokenizer": _system_task, "personalize": _system_task, "multiround": _system_task}

@@ -25,7 +25,7 @@ from flax import nnx
 from cig_jax import fs, sharding
 from cig_jax.config import Config, OptimizerConfig
 from cig_jax.convert import init as pretrained
-from cig_jax.models.layers import LoRAParam
+from cig_jax.models.cig import added_by_later_stage
 from cig_jax.train.checkpoint import CheckpointMismatchError, check_init_from, restore_params
 from cig_jax.train.stages import Task, build_task
 
@@ -103,14 +103,14 @@ def model_from(make: Callable[[], nnx.Module], workdir: str, mesh, rules) -> nnx
     params = nnx.filter_state(abstract, nnx.Param)
     restored, step, missing = restore_params(fs.path(workdir) / "checkpoints",
                                              sharded_abstract(params, mesh, rules))
-    lora = {".".join(map(str, p)) for p, v in nnx.to_flat_state(params) if isinstance(v, LoRAParam)}
-    wrong = [m for m in missing if m not in lora]
+    added = {".".join(map(str, p)) for p, v in nnx.to_flat_state(params) if added_by_later_stage(p, v)}
+    wrong = [m for m in missing if m not in added]
     if wrong:
         raise CheckpointMismatchError(f"train.init_from {workdir} (step {step}): parameters missing from its "
                                       f"checkpoint: {wrong[:20]}" + (f" (+{len(wrong) - 20} more)" if len(wrong) > 20 else ""))
     read = [(p, v) for p, v in nnx.to_flat_state(restored) if ".".join(map(str, p)) not in missing]
     done = {p for p, _ in read}
-    fresh = [p for p, _ in nnx.to_flat_state(abstract) if p not in done]  # new LoRA adapters, non-parameter state
+    fresh = [p for p, _ in nnx.to_flat_state(abstract) if p not in done]  # new adapters / heads, non-parameter state
     if fresh:
         read += list(nnx.to_flat_state(sharding.init_sharded(make, mesh, rules, fresh)[1]))
     return nnx.merge(graphdef, nnx.from_flat_state(read))
