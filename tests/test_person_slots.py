@@ -16,7 +16,8 @@ from cig_jax.data.pipeline import preprocess_image, shown_identities
 from cig_jax.data.schema import Conversation, Image, Person, PersonIdentity, Round
 from cig_jax.models.llm import KVCache
 from cig_jax.models.mllm import MLLM
-from cig_jax.models.person_retrieval import retrieval_loss
+from cig_jax.models.person_retrieval import NAME_TOKENS, retrieval_loss
+from cig_jax.sample.cache import pieces
 from cig_jax.sample import session as session_module
 from cig_jax.sample.session import ChatSession
 from conftest import save_tiny_checkpoint
@@ -178,3 +179,14 @@ def test_session_draws_named_people_with_what_one_pass_retrieves(session, monkey
                 slot_identity=(jnp.asarray(known[0])[None], jnp.asarray(known[1])[None]))
     np.testing.assert_allclose(seen[0][0][:2], np.asarray(full.identity[0, :2]), atol=2e-4)  # round 1: Maya, Julian
     np.testing.assert_allclose(seen[1][0][0], np.asarray(full.identity[0, 2]), atol=2e-4)  # round 2: Maya
+
+
+def test_cache_chunks_keep_a_name_with_its_slot():
+    """A chunk boundary never falls between a person slot and the name tokens before it (its key reads them)."""
+    tokens = [(1, 0, None)] * 300
+    for at in (254, 255, 256, 257):
+        row = list(tokens)
+        row[at] = (7, PERSON_SLOT, "crop")
+        cuts = np.cumsum([len(p) for p in pieces(row, 256)])[:-1]
+        assert all(not (at - NAME_TOKENS < c <= at) for c in cuts), (at, cuts)
+        assert sum(len(p) for p in pieces(row, 256)) == 300

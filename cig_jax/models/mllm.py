@@ -40,8 +40,8 @@ from cig_jax.data.chat_template import IMAGE_QUERY, INPUT_IMAGE, PERSON_SLOT, TE
 from cig_jax.sharding import constrain
 from cig_jax.models import layers
 from cig_jax.models.llm import LLM, KVCache, selected_token_loss, shifted_token_loss
-from cig_jax.models.person_retrieval import (PersonMemory, retrieval_loss, retrieve, slot_memory, slot_values,
-                                             take_images, unit_vectors)
+from cig_jax.models.person_retrieval import (NAME_TOKENS, PersonMemory, key_features, name_match_init, retrieval_loss,
+                                             retrieve, slot_memory, slot_values, take_images, unit_vectors)
 from cig_jax.models.resampler import Resampler
 from cig_jax.models.vit import VisionTransformer
 
@@ -137,8 +137,12 @@ class MLLM(nnx.Module):
         ps, dp = cfg.mllm.person_slots, cfg.mllm.person_key_dim
         dense = lambda i, o, names, init: layers.Dense(i, o, names, rngs=rngs, use_bias=False,  # noqa: E731
                                                       param_dtype=layers.dtype_of(cfg.llm.param_dtype), kernel_init=init)
-        self.person_query = dense(d, dp, ("embed", None), nnx.initializers.normal(d ** -0.5)) if ps else None
-        self.person_key = dense(d, dp, ("embed", None), nnx.initializers.normal(d ** -0.5)) if ps else None
+        # Query and key start equal, reading only the name's tokens (`name_match_init`): a query first finds the
+        # slots written beside the same name; training adds what the final states say.
+        dk = (1 + NAME_TOKENS) * d  # the final state and the name's input embeddings (`key_features`)
+        init = name_match_init(d, dp, cfg.mllm.image_token_rms or 0.134)
+        self.person_query = dense(dk, dp, (None, None), init) if ps else None
+        self.person_key = dense(dk, dp, (None, None), init) if ps else None
         self.person_to_queries = dense(d, d, ("embed", None), nnx.initializers.zeros) if ps else None
         # the key of 'no one': what a person query retrieves (nothing) when no earlier slot shows its person
         self.person_none = (layers.param(rngs, nnx.initializers.normal(dp ** -0.5), (dp,), (None,),
@@ -272,8 +276,9 @@ class MLLM(nnx.Module):
             if self.cfg.person_slots:
                 values = slot_values(x, role, image_index, slot_identity, self.cfg.identity_dim)
                 retrieved, crops, valid, attn, allowed = retrieve(
-                    self.person_query, self.person_key, self.person_none[...], values, out.hidden_states, role,
-                    image_index, num_query_blocks, self.num_image_tokens, person_memory)
+                    self.person_query, self.person_key, self.person_none[...], values,
+                    key_features(x, out.hidden_states), role, image_index, num_query_blocks, self.num_image_tokens,
+                    person_memory)
                 n = role.shape[1]  # 'no one' and this call's positions
                 attn = tuple(jnp.concatenate([a[..., :1], a[..., a.shape[-1] - n:]], axis=-1) for a in (attn, allowed))
                 d = x.shape[-1]
@@ -290,7 +295,7 @@ class MLLM(nnx.Module):
         slots = None
         if return_person_slots:
             slots = slot_memory(self.person_key, slot_values(x, role, image_index, slot_identity, self.cfg.identity_dim),
-                                out.hidden_states, role, image_index)
+                                key_features(x, out.hidden_states), role, image_index)
         return MLLMOutput(out.logits, out.hidden_states, vis, target, out.cache, ident, crops, valid, attn, slots)
 
     def generate_image(self, cache: KVCache, query_ids: jax.Array) -> tuple[jax.Array, KVCache]:

@@ -1,5 +1,5 @@
 """Person slots' retrieval: each person query of a drawn image finds, among the history's person slots, the one
-that shows the person it names, in one attention step over the LLM's final states.
+that shows the person it names, in one attention step over the LLM's final states and the name's tokens.
 
 Owns: what a slot offers (`slot_values`: its crop's summary, the identity of the person it shows and whether it
 has one), the retrieval (`retrieve`: the person queries of each drawn image, at most PEOPLE_PER_BLOCK, attend to
@@ -73,7 +73,36 @@ def slot_values(x: jax.Array, role: jax.Array, image_index: jax.Array, slot_iden
         ident = unit_vectors(take_images(slot_identity[0].astype(jnp.float32), at)) * has[..., None]
     return jnp.concatenate([x.astype(jnp.float32), ident, has[..., None]], axis=-1)
 
-def slot_memory(person_key, values: jax.Array, hidden: jax.Array, role: jax.Array, image_index: jax.Array):
+NAME_TOKENS = 2  # the tokens before a slot or query whose input embeddings join its key / query (its name)
+
+
+def key_features(x: jax.Array, hidden: jax.Array) -> jax.Array:
+    """What a slot's key and a person query's query are made of, at every position [batch, len, (1 +
+    NAME_TOKENS) x D_llm]: the LLM's final state there and the input embeddings of the NAME_TOKENS tokens
+    before it (the name written beside the slot: " Maya<person>")."""
+    x = x.astype(jnp.float32)
+    before = [jnp.pad(x, ((0, 0), (k, 0), (0, 0)))[:, :x.shape[1]] for k in range(1, NAME_TOKENS + 1)]
+    return jnp.concatenate([hidden.astype(jnp.float32), *before], axis=-1)
+
+
+def name_match_init(d: int, dp: int, token_rms: float, margin: float = 6.0, seed: int = 0):
+    """An initializer for the query and key projections [(1 + NAME_TOKENS) x d, dp] that makes them equal and
+    blind to the final state: each name token's embedding goes through its own fixed random projection (rows
+    N(0, 1/d), scaled), so at the start a query's score for a slot is about `margin` higher where the slot's name
+    tokens are the query's (identical tokens give identical projections) than where they are unrelated ones
+    (near-orthogonal embeddings of RMS `token_rms`). Deterministic: both calls return the same matrix."""
+    per_token = token_rms ** 2 * d * dp / d  # E|P e|^2 for a token embedding e of RMS token_rms
+    scale = (margin * math.sqrt(dp) / (NAME_TOKENS * per_token)) ** 0.5
+
+    def init(key, shape, dtype=jnp.float32):
+        del key  # the same matrix for the query and the key
+        rng = jax.random.PRNGKey(seed)
+        names = jax.random.normal(rng, (NAME_TOKENS * d, dp), jnp.float32) * (scale / math.sqrt(d))
+        return jnp.concatenate([jnp.zeros((d, dp), jnp.float32), names], axis=0).astype(dtype)
+    return init
+
+
+def slot_memory(person_key, values: jax.Array, features: jax.Array, role: jax.Array, image_index: jax.Array):
     """The first SLOTS_PER_CALL person slots of each row as a PersonMemory, and their positions [batch, S]
     (-1 = none): what a sampling cache keeps for later calls."""
     t = jnp.arange(role.shape[1], dtype=jnp.int32)
@@ -82,16 +111,16 @@ def slot_memory(person_key, values: jax.Array, hidden: jax.Array, role: jax.Arra
     select = (rank[:, None, :] == jnp.arange(SLOTS_PER_CALL)[None, :, None]) & slots[:, None, :]  # [b, S, len]
     sel = select.astype(jnp.float32)
     hi = jax.lax.Precision.HIGHEST
-    keys = person_key(jnp.einsum("bst,btd->bsd", sel, hidden.astype(jnp.float32), precision=hi))
+    keys = person_key(jnp.einsum("bst,btd->bsd", sel, features, precision=hi))
     values = jnp.einsum("bst,btd->bsd", sel, values, precision=hi)
     valid = jnp.any(select, axis=-1)
     return PersonMemory(keys, values, valid), jnp.where(valid, jnp.sum(jnp.where(select, t, 0), -1), -1)
 
-def retrieve(person_query, person_key, none_key: jax.Array, values: jax.Array, hidden: jax.Array, role: jax.Array,
+def retrieve(person_query, person_key, none_key: jax.Array, values: jax.Array, features: jax.Array, role: jax.Array,
              image_index: jax.Array, num_blocks: int, num_queries: int, memory: Optional[PersonMemory] = None):
     """The person queries of the first `num_blocks` drawn images, at most PEOPLE_PER_BLOCK each, and what
     they retrieve from the history's person slots. values [batch, len, D_llm + De + 1] (`slot_values`),
-    hidden [batch, len, D_llm] the final states. Returns (retrieved [batch, blocks, P, D_llm + De + 1], the crop each query is scored against [batch, blocks, P] (-1: none), which queries exist
+    features [batch, len, F] (`key_features`). Returns (retrieved [batch, blocks, P, D_llm + De + 1], the crop each query is scored against [batch, blocks, P] (-1: none), which queries exist
     [batch, blocks, P] bool, the attention over 'no one', the memory's slots and then the positions [batch,
     blocks * P, 1 + S + len], and which of those it may attend to ('no one' and earlier slots), the same
     shape). memory: earlier calls' slots (a sampling cache), all before this call's tokens."""
@@ -104,8 +133,8 @@ def retrieve(person_query, person_key, none_key: jax.Array, values: jax.Array, h
     rank = block * p + count - before - 1  # [batch, len]: block * P + the query's place in its block
     select = (rank[:, None, :] == jnp.arange(num_blocks * p)[None, :, None]) & is_q[:, None, :]  # [b, M, len]
     where = jnp.sum(jnp.where(select, t, 0), axis=-1)  # [b, M] the query's position
-    states = jnp.einsum("bmt,btd->bmd", select.astype(hidden.dtype), hidden, precision=jax.lax.Precision.HIGHEST)
-    keys = person_key(hidden.astype(jnp.float32))  # [b, len, Dp]
+    states = jnp.einsum("bmt,btd->bmd", select.astype(features.dtype), features, precision=jax.lax.Precision.HIGHEST)
+    keys = person_key(features)  # [b, len, Dp]
     scores = jnp.einsum("bmk,btk->bmt", person_query(states.astype(jnp.float32)), keys) / math.sqrt(keys.shape[-1])
     slots = (role == PERSON_SLOT) & (image_index >= 0)
     allowed = slots[:, None, :] & (t[None, None, :] < where[:, :, None])  # [b, M, len]: earlier slots

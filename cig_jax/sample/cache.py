@@ -28,10 +28,10 @@ import numpy as np
 from flax import nnx
 
 from cig_jax import sharding
-from cig_jax.data.chat_template import IMAGE_QUERY, PERSON_SLOT, TEXT
+from cig_jax.data.chat_template import IMAGE_QUERY, PERSON_QUERY, PERSON_SLOT, TEXT
 from cig_jax.data.pipeline import preprocess_image
 from cig_jax.models.llm import KVCache
-from cig_jax.models.person_retrieval import PersonMemory
+from cig_jax.models.person_retrieval import NAME_TOKENS, PersonMemory
 
 CHUNK = 256  # most tokens fed in one call
 MIN_CHUNK = 16  # chunks pad to a power of two >= this
@@ -111,11 +111,15 @@ def chunk_len(n: int) -> int:
 
 
 def pieces(tokens: list, limit: int = CHUNK) -> list:
-    """Splits tokens into runs of at most `limit`, never inside an image block."""
+    """Splits tokens into runs of at most `limit`, never inside an image block, nor within NAME_TOKENS tokens
+    before a person slot or query (a slot's key reads its name's tokens in the same call)."""
     out, start = [], 0
+    person = lambda k: any(tokens[j][1] in (PERSON_SLOT, PERSON_QUERY)  # noqa: E731
+                           for j in range(k, min(k + NAME_TOKENS, len(tokens))))
     while start < len(tokens):
         end = min(start + limit, len(tokens))
-        while end < len(tokens) and end > start and tokens[end][1] != TEXT and tokens[end - 1][1] == tokens[end][1]:
+        while end < len(tokens) and end > start and (
+                (tokens[end][1] != TEXT and tokens[end - 1][1] == tokens[end][1]) or person(end)):
             end -= 1
         if end == start:
             raise ValueError(f"an image block is longer than the chunk limit {limit}")

@@ -100,7 +100,8 @@ def complete_conversations(session: ChatSession, convs: Sequence[schema.Conversa
         for j, c in enumerate(out):
             res, done = results[j * n], session.rows[j * n].conv.rounds[-1]
             c.rounds[r].assistant_text = res.text
-            c.rounds[r].assistant_image = None if res.image is None else schema.Image(pixels=res.image)
+            c.rounds[r].assistant_image = None if res.image is None else schema.Image(
+                pixels=res.image, people=copy.deepcopy(done.assistant_image.people))  # who it shows (person slots)
             sample = dict(done.metadata["sample"], stop=res.stop)
             if n > 1:
                 sample["candidates"] = [
