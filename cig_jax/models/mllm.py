@@ -110,8 +110,8 @@ class MLLMOutput:
     identity_image_index: Optional[jax.Array] = None  # [batch, M] (person slots) the crop each person query's
     # identity is scored against; -1 = none (no such query, or a query without a crop)
     identity_valid: Optional[jax.Array] = None  # [batch, M] bool (person slots): the row has that person query
-    person_attention: Optional[tuple] = None  # (person slots) each person query's retrieval over this call's
-    # positions [batch, M, len] (the memory's part left out) and where it may attend (earlier slots), bool
+    person_attention: Optional[tuple] = None  # (person slots) each person query's retrieval over 'no one' and
+    # this call's positions [batch, M, 1 + len] (the memory's part left out) and where it may attend, bool
     person_slots: Optional[tuple] = None  # with `return_person_slots`: (PersonMemory of this call's first
     # SLOTS_PER_CALL person slots, their positions [batch, SLOTS_PER_CALL] in the call, -1 = none)
 
@@ -131,9 +131,9 @@ class MLLM(nnx.Module):
         self.identity_head = (layers.Dense(d, de, ("embed", None), rngs=rngs, use_bias=True,
                                            param_dtype=layers.dtype_of(cfg.llm.param_dtype),
                                            kernel_init=nnx.initializers.normal(d ** -0.5)) if de else None)
-        # Person slots' retrieval head: each person query of a drawn image attends (one head, over the LLM's
-        # final states) to the history's person slots and takes the slot's content (the crop's summary), which
-        # the identity head reads and which joins the drawn image's query states (zero at the start).
+        # Person slots' retrieval head: each person query of a drawn image attends (one head) to 'no one' and the
+        # history's person slots and takes the slot's identity (what the detokenizer draws with) and content (the
+        # crop's summary, which joins the drawn image's query states through person_to_queries, zero at the start).
         ps, dp = cfg.mllm.person_slots, cfg.mllm.person_key_dim
         dense = lambda i, o, names, init: layers.Dense(i, o, names, rngs=rngs, use_bias=False,  # noqa: E731
                                                       param_dtype=layers.dtype_of(cfg.llm.param_dtype), kernel_init=init)
@@ -272,13 +272,14 @@ class MLLM(nnx.Module):
             given = next((a for a in (images, image_features, image_tokens) if a is not None), None)
             num_query_blocks = 0 if given is None else given.shape[1]
         vis = target = ident = crops = valid = retrieved = attn = None
+        if self.cfg.person_slots and (num_query_blocks or return_person_slots):  # what slots offer, keyed by
+            values = slot_values(x, role, image_index, slot_identity, self.cfg.identity_dim)
+            features = key_features(x, out.hidden_states)
         if num_query_blocks:
             if self.cfg.person_slots:
-                values = slot_values(x, role, image_index, slot_identity, self.cfg.identity_dim)
                 retrieved, crops, valid, attn, allowed = retrieve(
-                    self.person_query, self.person_key, self.person_none[...], values,
-                    key_features(x, out.hidden_states), role, image_index, num_query_blocks, self.num_image_tokens,
-                    person_memory)
+                    self.person_query, self.person_key, self.person_none[...], values, features, role, image_index,
+                    num_query_blocks, self.num_image_tokens, person_memory)
                 n = role.shape[1]  # 'no one' and this call's positions
                 attn = tuple(jnp.concatenate([a[..., :1], a[..., a.shape[-1] - n:]], axis=-1) for a in (attn, allowed))
                 d = x.shape[-1]
@@ -294,8 +295,7 @@ class MLLM(nnx.Module):
                 crops, valid = crops.reshape(b, -1), valid.reshape(b, -1)
         slots = None
         if return_person_slots:
-            slots = slot_memory(self.person_key, slot_values(x, role, image_index, slot_identity, self.cfg.identity_dim),
-                                key_features(x, out.hidden_states), role, image_index)
+            slots = slot_memory(self.person_key, values, features, role, image_index)
         return MLLMOutput(out.logits, out.hidden_states, vis, target, out.cache, ident, crops, valid, attn, slots)
 
     def generate_image(self, cache: KVCache, query_ids: jax.Array) -> tuple[jax.Array, KVCache]:

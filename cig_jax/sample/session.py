@@ -395,9 +395,11 @@ class ChatSession:
             self.cache.clear()  # rebuilt from scratch: no holes left by the dropped rounds
 
     def _prune_images(self) -> None:
-        """Drops encoded images no row's history uses any more."""
+        """Drops encoded images no row's history uses any more (the person crops the cache holds count as used:
+        they are encoded once, not again every round)."""
         used = {self._key(im) for row in self.rows for _, im in schema.iter_images(row.conv)
                 if not _is_pending(im)}
+        used |= {t[2] for tokens in self.cache.tokens for t in tokens if t[2] is not None}
         self.cache.keep_images(used)
         self._keys = {k: v for k, v in self._keys.items() if v[1] in used}
 
