@@ -263,6 +263,11 @@ class DiTConfig(Section):
     # projection, so a PixArt checkpoint starts unchanged): spatial conditioning as in SR3 / cascaded
     # diffusion, beside the cross-attention. For grid-pooled visual embeddings (mllm.reg_target_pool: grid).
     visual_grid_injection: bool = False
+    # True: each person's identity embedding, through a small MLP (zero-initialised output), is also added to the
+    # patch tokens of that person's region (the whole image for one identity [b, De]), scaled by id_scale: a
+    # direct path beside the identity tokens' attention, which a small DiT trained briefly learns (the
+    # attention alone is bypassed while the visual embeddings carry the face). Needs identity_injection.
+    identity_grid_injection: bool = False
     identity_every: int = 1  # parallel: an identity cross-attention after every N blocks
     identity: IDEncoderConfig = dataclasses.field(default_factory=IDEncoderConfig)
     scan_layers: bool = execution_field(True)
@@ -282,6 +287,8 @@ class DiTConfig(Section):
               f"'{key}' micro-conditions need num_heads * head_dim divisible by 3")
         need(not self.visual_grid_injection or self.caption_channels is not None,
               f"'{key}.visual_grid_injection' needs '{key}.caption_channels' (the projected condition)")
+        need(not self.identity_grid_injection or self.identity_injection != "none",
+             f"'{key}.identity_grid_injection' needs '{key}.identity_injection' ('concat' or 'parallel')")
         need(self.sample_size % self.patch_size == 0,
               f"'{key}.sample_size' ({self.sample_size}) must be a multiple of '{key}.patch_size' ({self.patch_size})")
 

@@ -174,3 +174,36 @@ def test_several_identities_bind_to_regions_and_one_person_is_the_single_path(tm
                                      identity_boxes=boxes(left, right), id_scale=0.0), want, atol=1e-4, rtol=1e-4)
     np.testing.assert_allclose(_ours(ours, inputs, identity_embeddings=pair, identity_mask=jnp.zeros((2, 2))), want,
                                atol=1e-4, rtol=1e-4)
+
+
+def test_identity_grid_injection_starts_as_a_noop_then_adds_each_identity_to_its_box_only(tmp_path):
+    """identity_grid_injection: zero-initialised, the DiT computes what it computes without it; once its output
+    layer is non-zero, each person's projected identity is added to exactly the patches of their box (the sum
+    where boxes overlap), one identity [b, De] covers the whole image, and id_scale 0 switches it off."""
+    ref, path = _tiny_pixart_dir(tmp_path, "plain")
+    inputs = _inputs(ref, (8, 8))
+    plain = load_pixart(path, identity_injection="concat", identity=ID)
+    ours = load_pixart(path, identity_injection="concat", identity=ID, identity_grid_injection=True)
+    e = jax.random.normal(jax.random.key(0), (2, 2, ID.embedding_dim))
+    left, right = [0.0, 0.0, 0.5, 1.0], [0.25, 0.0, 1.0, 1.0]  # overlapping in the second patch column
+    kw = dict(identity_embeddings=e, identity_mask=jnp.ones((2, 2)), identity_boxes=jnp.asarray([[left, right]] * 2))
+    np.testing.assert_allclose(_ours(ours, inputs, **kw), _ours(plain, inputs, **kw), atol=1e-6, rtol=1e-6)
+
+    out = ours.identity_grid_proj.linear_2.kernel
+    out[...] = jax.random.normal(jax.random.key(3), out[...].shape)
+    scale = jnp.ones((2, 1, 1))
+    regions = ours.person_regions(kw["identity_mask"], kw["identity_boxes"], scale, 2, 2, 4, 4)  # [b, 16, 2]
+    got = np.asarray(ours.identity_grid(e, regions, scale))  # [b, 16, d]
+    unit = e / jnp.linalg.norm(e, axis=-1, keepdims=True)
+    proj = np.asarray(ours.identity_grid_proj(unit))  # [b, 2, d]
+    for j in range(4):  # patch columns: 0 left only, 1 both, 2-3 right only
+        want = proj[:, 0] * (j <= 1) + proj[:, 1] * (j >= 1)
+        for i in range(4):
+            np.testing.assert_allclose(got[:, i * 4 + j], want, atol=1e-5, rtol=1e-5)
+    assert np.abs(_ours(ours, inputs, **kw) - _ours(plain, inputs, **kw)).max() > 1e-3
+    np.testing.assert_allclose(_ours(ours, inputs, **kw, id_scale=0.0), _ours(plain, inputs, **kw, id_scale=0.0),
+                               atol=1e-5, rtol=1e-5)
+    single = _ours(ours, inputs, identity_embeddings=e[:, 0])
+    whole = _ours(ours, inputs, identity_embeddings=e, identity_mask=jnp.asarray([[1, 0]] * 2),
+                  identity_boxes=jnp.asarray([[[0.0, 0.0, 1.0, 1.0], left]] * 2))
+    np.testing.assert_allclose(whole, single, atol=1e-5, rtol=1e-5)

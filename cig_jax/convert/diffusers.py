@@ -249,9 +249,9 @@ def load_pixart(path: str | Path, *, seed: int = 0, **overrides):
     cfg = dit_config_from_diffusers(read_config(path), **overrides)
     model = DiT(cfg, rngs=nnx.Rngs(seed))
     load_params(model, read_tensors(path), renames=RENAMES_PIXART, stacked=["transformer_blocks"],
-                new=["id_encoder", "id_attn", "visual_grid_proj"], what=f"PixArt checkpoint {path}")
+                new=list(DIT_NEW), what=f"PixArt checkpoint {path}")
     return model
 
 
 # DiT branches PixArt has no weights for: they keep their initialisation
-DIT_NEW = ("id_encoder", "id_attn", "visual_grid_proj")
+DIT_NEW = ("id_encoder", "id_attn", "visual_grid_proj", "identity_grid_proj")

@@ -283,7 +283,7 @@ def export_detokenizer(model, cfg, out: Path, *, vae: bool = True, dit: bool = T
         "with `diffusers.PixArtTransformer2DModel.from_pretrained` (the identity branch off).\n"
         f"`{EXTRA}` holds what diffusers has no class for, named by cig_jax parameter path: `id_encoder.*` (the "
         "identity encoder: face embedding -> identity tokens), `id_attn.*` (parallel identity cross-attention), "
-        "`visual_grid_proj.*` (grid injection); its metadata `model_dit` is the cig_jax DiT config "
+        "`visual_grid_proj.*` (grid injection), `identity_grid_proj.*` (identity grid injection); its metadata `model_dit` is the cig_jax DiT config "
         f"(identity_injection: {cfg.model.dit.identity_injection!r}). `init_weights.dit` reads this folder back; "
         "the extra file is read by `cig_jax.convert.export.load_extra`.\n")
     written.append("dit")

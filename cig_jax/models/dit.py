@@ -9,7 +9,8 @@ tokens appended to the condition sequence) or 'parallel' (zero-initialised cross
 tokens after every N blocks, scaled by `id_scale`, PuLID-FLUX style), for one identity per image [b, De] or
 several [b, P, De], each bound to its person's region: a patch reads only the identity tokens of the people
 whose box it overlaps (`person_identities`; region-masked attention as in FastComposer / UniPortrait); optionally (`visual_grid_injection`)
-the projected visual embeddings, read as a spatial grid, added to the patch tokens of their region. With
+the projected visual embeddings, read as a spatial grid, added to the patch tokens of their region, and
+(`identity_grid_injection`) each person's projected identity added to the patch tokens of their region. With
 `identity_injection='none'` and no grid injection it is number-for-number diffusers `PixArtTransformer2DModel`.
 
 Does not own: noise schedules and samplers (`cig_jax/diffusion.py`), checkpoint loading
@@ -74,11 +75,12 @@ def _layer_norm(x, eps: float):
 class MLP2(nnx.Module):
     """linear_1 -> act -> linear_2 (timestep embedders: SiLU; caption projection: GELU-tanh)."""
 
-    def __init__(self, din: int, dhid: int, dout: int, act, names, *, rngs, dtype, param_dtype):
+    def __init__(self, din: int, dhid: int, dout: int, act, names, *, rngs, dtype, param_dtype, zero_out: bool = False):
         kw = dict(rngs=rngs, use_bias=True, dtype=dtype, param_dtype=param_dtype)
         self.act = act
         self.linear_1 = layers.Dense(din, dhid, names[0], **kw)
-        self.linear_2 = layers.Dense(dhid, dout, names[1], **kw)
+        out_init = dict(kernel_init=nnx.initializers.zeros_init()) if zero_out else {}
+        self.linear_2 = layers.Dense(dhid, dout, names[1], **out_init, **kw)
 
     def __call__(self, x):
         return self.linear_2(self.act(self.linear_1(x)))
@@ -240,6 +242,10 @@ class DiT(nnx.Module):
             return IdentityAttention(cfg, id_dim, rngs=rngs)
 
         self.id_attn = make_id_attn(rngs) if mode == "parallel" else None  # [num_layers // identity_every, ...]
+        # zero-init output: a model with identity grid injection starts as the same model without it
+        de = cfg.identity.embedding_dim
+        self.identity_grid_proj = (MLP2(de, d, d, _gelu_tanh, ((None, "mlp"), ("mlp", "embed")), zero_out=True, **kw)
+                                   if cfg.identity_grid_injection else None)
 
     # -- pieces ----------------------------------------------------------------------------------------------
     def patchify(self, latents):  # [b, H, W, C] -> tokens [b, (H/p)(W/p), d] with positions added
@@ -287,6 +293,13 @@ class DiT(nnx.Module):
         tokens = self.identity_tokens(identity_embeddings.reshape(b * n_p, de), feats)  # [b*P, K, id_dim]
         k = tokens.shape[1]
         tokens = tokens.reshape(b, n_p * k, tokens.shape[-1])  # [b, P*K, id_dim]
+        sees = self.person_regions(identity_mask, identity_boxes, scale, b, n_p, gh, gw)  # [b, n, P]
+        return tokens, jnp.repeat(sees, k, axis=-1)  # [b, n, P*K]
+
+    @staticmethod
+    def person_regions(identity_mask, identity_boxes, scale, b: int, n_p: int, gh: int, gw: int):
+        """Which patch belongs to which used identity slot: [b, gh*gw, P] bool (row-major patches). A patch
+        belongs to every person whose box (fractions; None: the whole image) it overlaps."""
         on = jnp.ones((b, n_p), bool) if identity_mask is None else identity_mask > 0
         on = on & (scale[:, :, 0] != 0)  # [b, P]
         if identity_boxes is None:
@@ -297,8 +310,16 @@ class DiT(nnx.Module):
             in_x = (bx[:, None, :, 0] < (xs[None, :, None] + 1) / gw) & (bx[:, None, :, 2] > xs[None, :, None] / gw)
             in_y = (bx[:, None, :, 1] < (ys[None, :, None] + 1) / gh) & (bx[:, None, :, 3] > ys[None, :, None] / gh)
             region = (in_y[:, :, None, :] & in_x[:, None, :, :]).reshape(b, gh * gw, n_p)  # [b, n, P], row-major
-        sees = region & on[:, None, :]  # [b, n, P]
-        return tokens, jnp.repeat(sees, k, axis=-1)  # [b, n, P*K]
+        return region & on[:, None, :]  # [b, n, P]
+
+    def identity_grid(self, identity_embeddings, regions, scale):
+        """The additive identity path: embeddings [b, P, De], regions [b, n, P] bool, scale [b, 1, 1] ->
+        [b, n, d], each patch the sum of its people's projected identities."""
+        e = identity_embeddings.astype(jnp.float32)
+        if self.cfg.identity.normalize_embedding:
+            e = e / jnp.maximum(jnp.linalg.norm(e, axis=-1, keepdims=True), 1e-6)
+        h = self.identity_grid_proj(e.astype(dtype_of(self.cfg.dtype)))  # [b, P, d]
+        return jnp.einsum("bnp,bpd->bnd", regions.astype(h.dtype), h) * scale
 
     def _run_blocks(self, x, condition, mask, t6, id_tokens, id_scale, id_mask=None, id_gate=None):
         cfg = self.cfg
@@ -366,6 +387,9 @@ class DiT(nnx.Module):
             scale = jnp.broadcast_to(scale, (b, 1, 1))
             id_tokens, sees = self.person_identities(identity_embeddings, identity_mask, identity_boxes, scale, gh, gw,
                                                      identity_features)  # [b, P*K, id_dim], [b, n, P*K]
+            if self.identity_grid_proj is not None:
+                regions = self.person_regions(identity_mask, identity_boxes, scale, b, identity_embeddings.shape[1], gh, gw)
+                x = x + self.identity_grid(identity_embeddings, regions, scale)  # [b, n, d]
             if cfg.identity_injection == "concat":
                 vis = jnp.ones(condition.shape[:2], bool) if mask is None else mask  # [b, Nc]
                 vis = jnp.broadcast_to(vis[:, None, :], (b, sees.shape[1], vis.shape[1]))
@@ -377,6 +401,9 @@ class DiT(nnx.Module):
                 id_gate = jnp.any(sees, axis=-1, keepdims=True).astype(dt)  # [b, n, 1]: patches of no person get 0
         elif identity_embeddings is not None:
             id_tokens = self.identity_tokens(identity_embeddings, identity_features)  # [b, K, id_dim]
+            if self.identity_grid_proj is not None:  # one identity: the whole image
+                x = x + self.identity_grid(identity_embeddings[:, None], jnp.ones((b, gh * gw, 1), bool),
+                                           jnp.broadcast_to(scale, (b, 1, 1)))  # [b, n, d]
             if cfg.identity_injection == "concat":
                 if mask is None:
                     mask = jnp.ones(condition.shape[:2], bool)
