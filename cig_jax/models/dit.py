@@ -31,7 +31,7 @@ from flax import nnx
 
 from cig_jax.config_model import DiTConfig
 from cig_jax.models import layers
-from cig_jax.models.id_encoder import IDEncoder
+from cig_jax.models.id_encoder import IDEncoder, embedding_input
 from cig_jax.models.layers import dtype_of
 
 # ----------------------------------------------------------------------------------------------------------
@@ -286,7 +286,7 @@ class DiT(nnx.Module):
         FastComposer / UniPortrait style): identity_embeddings [b, P, De], identity_mask [b, P] (1: slot used),
         identity_boxes [b, P, 4] (x0, y0, x1, y1 as fractions of the image; None: the whole image), scale
         [b or 1, 1, 1] (0 switches a row's identities off). -> (identity tokens [b, P*K, id_dim], which patch
-        sees which token [b, gh*gw, P*K] bool). A patch sees the K tokens of every person whose box it overlaps;
+        sees which token [b, gh*gw, P*K] bool, which patch belongs to which person [b, gh*gw, P] bool). A patch sees the K tokens of every person whose box it overlaps;
         one person with the whole image is exactly the single-identity path (the other slots masked out)."""
         b, n_p, de = identity_embeddings.shape
         feats = None if identity_features is None else identity_features.reshape(b * n_p, *identity_features.shape[2:])
@@ -294,7 +294,7 @@ class DiT(nnx.Module):
         k = tokens.shape[1]
         tokens = tokens.reshape(b, n_p * k, tokens.shape[-1])  # [b, P*K, id_dim]
         sees = self.person_regions(identity_mask, identity_boxes, scale, b, n_p, gh, gw)  # [b, n, P]
-        return tokens, jnp.repeat(sees, k, axis=-1)  # [b, n, P*K]
+        return tokens, jnp.repeat(sees, k, axis=-1), sees  # [b, n, P*K], [b, n, P]
 
     @staticmethod
     def person_regions(identity_mask, identity_boxes, scale, b: int, n_p: int, gh: int, gw: int):
@@ -315,9 +315,7 @@ class DiT(nnx.Module):
     def identity_grid(self, identity_embeddings, regions, scale):
         """The additive identity path: embeddings [b, P, De], regions [b, n, P] bool, scale [b, 1, 1] ->
         [b, n, d], each patch the sum of its people's projected identities."""
-        e = identity_embeddings.astype(jnp.float32)
-        if self.cfg.identity.normalize_embedding:
-            e = e / jnp.maximum(jnp.linalg.norm(e, axis=-1, keepdims=True), 1e-6)
+        e = embedding_input(identity_embeddings, self.cfg.identity)
         h = self.identity_grid_proj(e.astype(dtype_of(self.cfg.dtype)))  # [b, P, d]
         return jnp.einsum("bnp,bpd->bnd", regions.astype(h.dtype), h) * scale
 
@@ -385,10 +383,10 @@ class DiT(nnx.Module):
         scale = jnp.asarray(id_scale, dt).reshape(-1, 1, 1)  # [b or 1, 1, 1]
         if identity_embeddings is not None and identity_embeddings.ndim == 3:  # several people, bound by region
             scale = jnp.broadcast_to(scale, (b, 1, 1))
-            id_tokens, sees = self.person_identities(identity_embeddings, identity_mask, identity_boxes, scale, gh, gw,
-                                                     identity_features)  # [b, P*K, id_dim], [b, n, P*K]
+            id_tokens, sees, regions = self.person_identities(
+                identity_embeddings, identity_mask, identity_boxes, scale, gh, gw,
+                identity_features)  # [b, P*K, id_dim], [b, n, P*K], [b, n, P]
             if self.identity_grid_proj is not None:
-                regions = self.person_regions(identity_mask, identity_boxes, scale, b, identity_embeddings.shape[1], gh, gw)
                 x = x + self.identity_grid(identity_embeddings, regions, scale)  # [b, n, d]
             if cfg.identity_injection == "concat":
                 vis = jnp.ones(condition.shape[:2], bool) if mask is None else mask  # [b, Nc]

@@ -21,6 +21,15 @@ from cig_jax.config_model import IDEncoderConfig
 from cig_jax.models import layers
 
 
+def embedding_input(identity_embeddings: jax.Array, cfg: IDEncoderConfig) -> jax.Array:
+    """What the identity branches read of an embedding [..., De]: float32, L2-normalised with
+    `cfg.normalize_embedding`."""
+    e = identity_embeddings.astype(jnp.float32)
+    if cfg.normalize_embedding:
+        e = e / jnp.maximum(jnp.linalg.norm(e, axis=-1, keepdims=True), 1e-6)
+    return e
+
+
 class PerceiverLayer(nnx.Module):
     def __init__(self, cfg: IDEncoderConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         w = cfg.width
@@ -70,10 +79,7 @@ class IDEncoder(nnx.Module):
     def __call__(self, identity_embeddings: jax.Array, identity_features: Optional[jax.Array] = None) -> jax.Array:
         """identity_embeddings [b, De], identity_features [b, Nf, Df] or None -> identity_tokens [b, K, out_dim]."""
         cfg = self.cfg
-        e = identity_embeddings.astype(jnp.float32)
-        if cfg.normalize_embedding:
-            e = e / jnp.maximum(jnp.linalg.norm(e, axis=-1, keepdims=True), 1e-6)
-        e = e.astype(self.dtype)
+        e = embedding_input(identity_embeddings, cfg).astype(self.dtype)
         b = e.shape[0]
         context = self.embedding_out(jax.nn.gelu(self.embedding_in(e), approximate=True))
         context = context.reshape(b, cfg.num_embedding_tokens, cfg.width)  # [b, M, w]
