@@ -126,3 +126,26 @@ def test_a_checkpoint_written_before_the_head_existed_is_the_same_model_without_
     assert model_config_diffs(saved, to_dict(model)) == []
     with_head = dataclasses.replace(model, mllm=dataclasses.replace(model.mllm, identity_dim=8))
     assert model_config_diffs(saved, to_dict(with_head)) == ["model.mllm.identity_dim: checkpoint 0 vs config 8"]
+
+
+def test_person_slots_draw_a_photographed_and_a_described_person_each_in_their_strip():
+    """'This is Maya [photo]. Draw Maya and Julian.': Maya's reference goes to the left strip, Julian (only
+    described: no reference) to the right with the MLLM's prediction; without a prediction his strip stays
+    empty and Maya stays left. A reference of someone not drawn keeps the references as chosen."""
+    rnd = Round(user_text="This is Maya. Draw Maya and Julian together.", assistant_text="Here are Maya and Julian.")
+    maya, julian = _ident(1).vector(), _ident(2).vector()
+    chosen = (np.stack([maya, np.zeros(DE, np.float32)]), np.array([1.0, 0.0], np.float32),
+              np.array([[0, 0, 1, 1], [0, 0, 0, 0]], np.float32),
+              {"identity": "identity: Maya (photo)",
+               "identities": [{"name": "Maya", "source": "Maya (photo)", "box": [0.0, 0.0, 1.0, 1.0]}]})
+    pred = np.stack([np.zeros(DE, np.float32), 3 * julian])  # Maya: found a face (the reference wins); Julian: read
+    ident, mask, boxes, record = with_predicted(*chosen, pred, rnd, ["Maya", "Julian"], drawn=["Maya", "Julian"])
+    np.testing.assert_allclose(ident, np.stack([maya, julian]), rtol=1e-5)
+    assert mask.tolist() == [1.0, 1.0] and boxes.tolist() == [[0, 0, 0.5, 1], [0.5, 0, 1, 1]]
+    assert [(u["name"], u["source"]) for u in record["identities"]] == [("Maya", "Maya (photo)"), ("Julian", "predicted")]
+    assert "Julian as the MLLM predicted" in record["identity"]
+    ident, mask, boxes, _ = with_predicted(*chosen, np.zeros_like(pred), rnd, ["Maya", "Julian"],
+                                           drawn=["Maya", "Julian"])
+    assert mask.tolist() == [1.0, 0.0] and boxes[0].tolist() == [0, 0, 0.5, 1]
+    np.testing.assert_allclose(ident[0], maya)
+    assert with_predicted(*chosen, pred, rnd, ["Maya", "Julian"], drawn=["Julian"])[3] is chosen[3]

@@ -142,32 +142,50 @@ def drawn_names(rnd: schema.Round, cast: list, most: int) -> list:
 
 def with_predicted(ident: np.ndarray, mask: np.ndarray, boxes: np.ndarray, record: dict, predicted: np.ndarray,
                    rnd: schema.Round, cast: list, drawn: Optional[list] = None) -> tuple:
-    """A round with no face reference draws with the identity the MLLM's identity head predicted (made unit
-    norm). Without person slots, predicted [De] is the query block's, used over the whole image when the round
-    names at most one person of the cast (a pair has no one identity). With person slots, predicted [M, De]
-    holds one per drawn person (`drawn`, the names of the query block's person queries, left to right; zero for
-    one the MLLM found no earlier image of), laid out as `layout_boxes`. Else unchanged."""
-    if mask.any():
-        return ident, mask, boxes, record
+    """The round's identities completed with what the MLLM predicted (made unit norm).
+
+    Without person slots, predicted [De] is the query block's, used over the whole image for a round with no face
+    reference that names at most one person of the cast (a pair has no one identity). With person slots,
+    predicted [M, De] holds one per drawn person (`drawn`, the names of the query block's person queries, left to
+    right; zero for one the MLLM found nothing of): each drawn person takes their face reference of this round or
+    an earlier one where `round_identities` chose one, else the prediction, in the strips of `layout_boxes`
+    (len(drawn)), so a photographed person and one only described are each drawn in their own place. A
+    reference of someone not drawn (or unnamed) keeps the references as they were. Else unchanged."""
     if drawn is None:
+        if mask.any():
+            return ident, mask, boxes, record
         named = schema.mentioned_names(f"{rnd.user_text} {rnd.assistant_text or ''}", cast)
         if len(named) > 1:
             return ident, mask, boxes, dict(record, identity=record["identity"] + f"; {len(named)} people named, so "
                                             "not the identity head's prediction")
         drawn, predicted = named[:1] or [None], predicted[None]
     drawn = drawn[:min(len(predicted), len(ident))]
-    found = [k for k in range(len(drawn)) if np.linalg.norm(predicted[k]) > 1e-6]  # zero: the MLLM found no one
-    if not found:
+    chosen = {u["name"]: (k, u) for k, u in enumerate(record["identities"])}
+    if not drawn or any(name not in drawn for name in chosen):
         return ident, mask, boxes, record
-    ident, mask, boxes = ident.copy(), mask.copy(), boxes.copy()
-    lay = layout_boxes(len(drawn))
-    for k in found:
-        ident[k] = predicted[k] / max(float(np.linalg.norm(predicted[k])), 1e-12)
-        mask[k], boxes[k] = 1.0, lay[k]
-    who = ", ".join(drawn[k] or "the person" for k in found)
-    return ident, mask, boxes, {"identity": f"identity: {who} as the MLLM predicted (no face reference)",
-                                "identities": [{"name": drawn[k], "source": "predicted", "box": boxes[k].tolist()}
-                                               for k in found]}
+    found = [k for k in range(len(drawn)) if drawn[k] not in chosen and np.linalg.norm(predicted[k]) > 1e-6]
+    if not found and not chosen:
+        return ident, mask, boxes, record
+    out = np.zeros_like(ident), np.zeros_like(mask), np.zeros_like(boxes)
+    lay, used = layout_boxes(len(drawn)), []
+    for k, name in enumerate(drawn):
+        if name in chosen:
+            j, u = chosen[name]
+            vec, how = ident[j], u["source"]
+        elif k in found:
+            vec, how = predicted[k] / max(float(np.linalg.norm(predicted[k])), 1e-12), "predicted"
+        else:
+            continue
+        out[0][k], out[1][k], out[2][k] = vec, 1.0, lay[k]
+        used.append({"name": name, "source": how, "box": [round(float(v), 4) for v in lay[k]]})
+    if found:
+        who = ", ".join(drawn[k] or "the person" for k in found)
+        note = f"{who} as the MLLM predicted (no face reference)"
+        note = note if not chosen else record["identity"].removeprefix("identity: ") + "; " + note
+        record = {"identity": f"identity: {note}", "identities": used}
+    else:
+        record = dict(record, identities=used)
+    return (*out, record)
 
 
 # ----------------------------------------------------------------------------------------------------------
