@@ -335,17 +335,11 @@ class MLLMConfig(Section):
     person_key_dim: int = adapter_field(64)  # the retrieval head's query / key width
     # weight of the retrieval loss: a person query's attention onto the earlier slots showing its person
     retrieval_weight: float = objective_field(1.0)
-    # With person slots: the identity head reads each person query's final state, trained (identity_weight) onto
-    # the identity of every drawn person, and is what the person is drawn with where the retrieval finds no slot
-    # with a face (a person the history only describes in text). False: no identity there.
-    person_identity_head: bool = adapter_field(False)
 
     def check(self, key: str) -> None:
         need(self.identity_dim >= 0, f"'{key}.identity_dim' must be >= 0, got {self.identity_dim}")
         need(not self.person_slots or self.identity_dim > 0,
              f"'{key}.person_slots' needs '{key}.identity_dim' > 0 (the identity head reads the slots)")
-        need(not self.person_identity_head or self.person_slots,
-             f"'{key}.person_identity_head' needs '{key}.person_slots' (it reads the person queries)")
         need(self.image_token_rms >= 0.0, f"'{key}.image_token_rms' must be >= 0, got {self.image_token_rms}")
         need(0 < self.num_image_tokens <= 100,
               f"'{key}.num_image_tokens' must be in 1..100, got {self.num_image_tokens}")

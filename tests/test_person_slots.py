@@ -15,7 +15,7 @@ from cig_jax.data.persons import drawn_people
 from cig_jax.data.pipeline import preprocess_image, shown_identities
 from cig_jax.data.schema import Conversation, Image, Person, PersonIdentity, Round
 from cig_jax.models.llm import KVCache
-from cig_jax.models.mllm import MLLM, mllm_loss
+from cig_jax.models.mllm import MLLM
 from cig_jax.models.person_retrieval import NAME_TOKENS, retrieval_loss
 from cig_jax.sample.cache import pieces
 from cig_jax.sample import session as session_module
@@ -190,36 +190,3 @@ def test_cache_chunks_keep_a_name_with_its_slot():
         cuts = np.cumsum([len(p) for p in pieces(row, 256)])[:-1]
         assert all(not (at - NAME_TOKENS < c <= at) for c in cuts), (at, cuts)
         assert sum(len(p) for p in pieces(row, 256)) == 300
-
-
-def test_identity_head_draws_the_people_the_retrieval_finds_nowhere(template, model):
-    """With model.mllm.person_identity_head, a person query that finds no slot with a face (round 0's Maya and
-    Leo: nothing earlier) takes the identity head's reading of its own final state, unit norm; one that finds
-    a slot (round 1's Leo) keeps exactly what it retrieved. The head is trained on every drawn person."""
-    cfg = dataclasses.replace(model.cfg, person_identity_head=True)
-    graph, state = nnx.split(model)
-    head = nnx.merge(graph, state)
-    head.cfg = cfg
-    out = template.encode(_conversation(), add_generation_prompt=False)
-    pixels = jnp.asarray(np.stack([preprocess_image(im.pixels, model.vit.cfg.image_size) for im in out.images]))[None]
-    ids, role, ii = (jnp.asarray(a)[None] for a in (out.input_ids, out.role, out.image_index))
-    known = tuple(jnp.asarray(a)[None] for a in shown_identities(out.images, DE, len(out.images), "test"))
-    plain = model(ids, role, ii, images=pixels, num_query_blocks=2, slot_identity=known)
-    read = head(ids, role, ii, images=pixels, num_query_blocks=2, slot_identity=known)
-    assert float(jnp.abs(plain.identity[0, :2]).max()) == 0.0  # without the head: found no one, no identity
-    at = np.flatnonzero(out.role == PERSON_QUERY)  # Maya, Leo (round 0), Leo (round 1)
-    want = np.array(head.identity_head(read.hidden_states[0, at[:2]]))
-    want /= np.linalg.norm(want, axis=-1, keepdims=True)
-    np.testing.assert_allclose(np.asarray(read.identity[0, :2]), want, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(read.identity[0, 2]), np.asarray(plain.identity[0, 2]), atol=1e-6)
-    assert float(jnp.abs(read.identity[0, 3]).max()) == 0.0  # no fourth query: nothing
-    batch = dict(input_ids=ids, role=role, image_index=ii, images=pixels, loss_mask=jnp.asarray(out.loss_mask)[None],
-                 image_identity=known[0], image_identity_mask=known[1])
-
-    def loss(m):
-        return mllm_loss(m, batch)[0]
-    _, metrics = mllm_loss(head, batch)
-    assert float(metrics["described_queries"]) == 3.0 and float(metrics["described_identity_loss"]) > 0.0
-    grads = nnx.grad(loss)(head)
-    assert float(jnp.abs(grads.identity_head.kernel.value).max()) > 0.0
-    assert "described_queries" not in mllm_loss(model, batch)[1]

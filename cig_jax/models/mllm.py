@@ -114,8 +114,6 @@ class MLLMOutput:
     # this call's positions [batch, M, 1 + len] (the memory's part left out) and where it may attend, bool
     person_slots: Optional[tuple] = None  # with `return_person_slots`: (PersonMemory of this call's first
     # SLOTS_PER_CALL person slots, their positions [batch, SLOTS_PER_CALL] in the call, -1 = none)
-    described_identity: Optional[jax.Array] = None  # [batch, M, De] (person slots with
-    # `person_identity_head`) the identity head's reading of each person query's final state, unit norm
 
 
 class MLLM(nnx.Module):
@@ -273,13 +271,13 @@ class MLLM(nnx.Module):
         if num_query_blocks is None:
             given = next((a for a in (images, image_features, image_tokens) if a is not None), None)
             num_query_blocks = 0 if given is None else given.shape[1]
-        vis = target = ident = crops = valid = retrieved = attn = described = None
+        vis = target = ident = crops = valid = retrieved = attn = None
         if self.cfg.person_slots and (num_query_blocks or return_person_slots):  # what slots offer, keyed by
             values = slot_values(x, role, image_index, slot_identity, self.cfg.identity_dim)
             features = key_features(x, out.hidden_states)
         if num_query_blocks:
             if self.cfg.person_slots:
-                retrieved, crops, valid, attn, allowed, qfeat = retrieve(
+                retrieved, crops, valid, attn, allowed = retrieve(
                     self.person_query, self.person_key, self.person_none[...], values, features, role, image_index,
                     num_query_blocks, self.num_image_tokens, person_memory)
                 n = role.shape[1]  # 'no one' and this call's positions
@@ -295,15 +293,10 @@ class MLLM(nnx.Module):
                 ident = jnp.where(has > 0.5, found / jnp.maximum(has, 1e-6), 0.0)
                 ident = ident.reshape(b, -1, ident.shape[-1])
                 crops, valid = crops.reshape(b, -1), valid.reshape(b, -1)
-                if self.cfg.person_identity_head:  # a person found nowhere with a face: read off the query's
-                    # final state (what the history says of them, e.g. a description), [batch, M, De]
-                    described = unit_vectors(self.identity_head(qfeat[..., :d])) * valid[..., None]
-                    ident = jnp.where(has.reshape(b, -1, 1) > 0.5, ident, described)
         slots = None
         if return_person_slots:
             slots = slot_memory(self.person_key, values, features, role, image_index)
-        return MLLMOutput(out.logits, out.hidden_states, vis, target, out.cache, ident, crops, valid, attn, slots,
-                          described)
+        return MLLMOutput(out.logits, out.hidden_states, vis, target, out.cache, ident, crops, valid, attn, slots)
 
     def generate_image(self, cache: KVCache, query_ids: jax.Array) -> tuple[jax.Array, KVCache]:
         """Appends one query block (the Q image-query tokens `query_ids` [Q], e.g. `ChatTemplate.query_ids`)
@@ -390,11 +383,6 @@ def mllm_loss(model: MLLM, batch: dict, *, dropout_rng: Optional[jax.Array] = No
         extra["identity_loss"] = ident_loss
         if not cfg.person_slots:  # with person slots the identity is what the retrieval found (its own loss)
             loss = loss + cfg.identity_weight * ident_loss
-        if out.described_identity is not None:  # the head reads every drawn person (used where none is found)
-            described, extra["described_queries"] = identity_loss(
-                out.described_identity, batch["image_identity"], batch["image_identity_mask"], scored)
-            extra["described_identity_loss"] = described
-            loss = loss + cfg.identity_weight * described
         if out.person_attention is not None and cfg.retrieval_weight:
             ret, extra["retrieval_queries"], extra["retrieval_top1"] = retrieval_loss(*out.person_attention, out.identity_image_index,
                                                              batch["role"], batch["image_index"],

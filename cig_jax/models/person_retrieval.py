@@ -120,11 +120,10 @@ def retrieve(person_query, person_key, none_key: jax.Array, values: jax.Array, f
              image_index: jax.Array, num_blocks: int, num_queries: int, memory: Optional[PersonMemory] = None):
     """The person queries of the first `num_blocks` drawn images, at most PEOPLE_PER_BLOCK each, and what
     they retrieve from the history's person slots. values [batch, len, D_llm + De + 1] (`slot_values`),
-    features [batch, len, F] (`key_features`). Returns (retrieved [batch, blocks, P, D_llm + De + 1], the
-    crop each query is scored against [batch, blocks, P] (-1: none), which queries exist [batch, blocks, P]
-    bool, the attention over 'no one', the memory's slots and then the positions [batch, blocks * P, 1 + S +
-    len], which of those it may attend to ('no one' and earlier slots), the same shape, and each query's
-    features [batch, blocks * P, F]). memory: earlier calls' slots (a sampling cache), all before this call's tokens."""
+    features [batch, len, F] (`key_features`). Returns (retrieved [batch, blocks, P, D_llm + De + 1], the crop each query is scored against [batch, blocks, P] (-1: none), which queries exist
+    [batch, blocks, P] bool, the attention over 'no one', the memory's slots and then the positions [batch,
+    blocks * P, 1 + S + len], and which of those it may attend to ('no one' and earlier slots), the same
+    shape). memory: earlier calls' slots (a sampling cache), all before this call's tokens."""
     p, t = PEOPLE_PER_BLOCK, jnp.arange(role.shape[1], dtype=jnp.int32)
     is_q = role == PERSON_QUERY
     block = jnp.cumsum(role == IMAGE_QUERY, axis=1) // num_queries  # the drawn image a query opens
@@ -158,7 +157,7 @@ def retrieve(person_query, person_key, none_key: jax.Array, values: jax.Array, f
     crop = jnp.where(valid & (crop >= 0), crop, -1).astype(jnp.int32)
     b = role.shape[0]
     return (retrieved.reshape(b, num_blocks, p, -1), crop.reshape(b, num_blocks, p),
-            valid.reshape(b, num_blocks, p), attn, allowed, states)
+            valid.reshape(b, num_blocks, p), attn, allowed)
 
 
 def retrieval_loss(attn: jax.Array, allowed: jax.Array, crops: jax.Array, role: jax.Array, image_index: jax.Array,
