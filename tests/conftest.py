@@ -83,6 +83,7 @@ def tiny_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def template(tmp_path_factory):
     """The tiny byte-level tokenizer's chat template with 4 image tokens a block (configs/model/tiny.yaml's)."""
-    from cig_jax.data.chat_template import ChatTemplate, build_tiny_tokenizer
+    from cig_jax.data.chat_template import ChatTemplate
+    from cig_jax.data.tiny_tokenizer import build_tiny_tokenizer
 
     return ChatTemplate(build_tiny_tokenizer(tmp_path_factory.mktemp("tokenizer")), num_image_tokens=4)

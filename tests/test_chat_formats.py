@@ -15,7 +15,8 @@ from cig_jax.convert import gguf
 from cig_jax.convert.checkpoint_io import resolve_path
 from cig_jax.data import schema
 from cig_jax.data.chat_formats import CHATML, LLAMA2, SMOLLM2_SYSTEM
-from cig_jax.data.chat_template import ChatTemplate, build_tiny_tokenizer
+from cig_jax.data.chat_template import ChatTemplate
+from cig_jax.data.tiny_tokenizer import build_tiny_tokenizer
 from cig_jax.data.schema import Round
 from cig_jax.data.synthetic import generate
 from cig_jax.sample.session import ChatSession, banned_ids

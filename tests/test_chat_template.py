@@ -11,7 +11,8 @@ import pytest
 import transformers
 
 from cig_jax.convert.export import CHAT_TEMPLATE
-from cig_jax.data.chat_template import ChatTemplate, build_tiny_tokenizer, load_tokenizer
+from cig_jax.data.chat_template import ChatTemplate, load_tokenizer
+from cig_jax.data.tiny_tokenizer import build_tiny_tokenizer
 from cig_jax.data.schema import IMAGE_PLACEHOLDER, Conversation, Round, SchemaError
 from cig_jax.data.synthetic import generate
 from test_pretrained import sentencepiece_tokenizer

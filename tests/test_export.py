@@ -121,7 +121,8 @@ def test_jinja_chat_template_renders_text_only_conversations_as_chat_template_py
     for the run's SentencePiece LLaMA-2-style tokenizer and for the tiny byte-level BPE, saved and reloaded."""
     import transformers
 
-    from cig_jax.data.chat_template import ChatTemplate, build_tiny_tokenizer, load_tokenizer
+    from cig_jax.data.chat_template import ChatTemplate, load_tokenizer
+    from cig_jax.data.tiny_tokenizer import build_tiny_tokenizer
     from cig_jax.data.schema import IMAGE_PLACEHOLDER, Conversation, Round
     from cig_jax.data.synthetic import generate
 

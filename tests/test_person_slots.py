@@ -10,7 +10,8 @@ import pytest
 from flax import nnx
 
 from cig_jax.config_io import load_config
-from cig_jax.data.chat_template import PERSON_QUERY, PERSON_SLOT, ChatTemplate, build_tiny_tokenizer
+from cig_jax.data.chat_template import PERSON_QUERY, PERSON_SLOT, ChatTemplate
+from cig_jax.data.tiny_tokenizer import build_tiny_tokenizer
 from cig_jax.data.persons import drawn_people
 from cig_jax.data.pipeline import preprocess_image, shown_identities
 from cig_jax.data.schema import Conversation, Image, Person, PersonIdentity, Round

@@ -60,7 +60,7 @@ def sentencepiece_tokenizer(path: Path, vocab: int = 300) -> Path:
     """A LLaMA-2-style tokenizer folder with only tokenizer.model (SentencePiece BPE) + tokenizer_config.json."""
     import sentencepiece as spm
 
-    from cig_jax.data.chat_template import tiny_corpus
+    from cig_jax.data.tiny_tokenizer import tiny_corpus
 
     path.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()

@@ -100,7 +100,7 @@ def test_held_out_names_never_occur_in_the_training_pool(plans):
 
 
 def test_unseen_names_encode_and_decode_with_the_tiny_tokenizer(tmp_path):
-    from cig_jax.data.chat_template import build_tiny_tokenizer
+    from cig_jax.data.tiny_tokenizer import build_tiny_tokenizer
 
     tok = build_tiny_tokenizer(tmp_path)
     held = name_pool.draw_names(np.random.default_rng(0), 40, "heldout")

@@ -32,7 +32,8 @@ from cig_jax import cli, sharding
 from cig_jax.bench.common import NotEqualWork, perturbation, ratio_stats
 from cig_jax.config_io import load_config
 from cig_jax.data import synthetic
-from cig_jax.data.chat_template import ChatTemplate, build_tiny_tokenizer
+from cig_jax.data.chat_template import ChatTemplate
+from cig_jax.data.tiny_tokenizer import build_tiny_tokenizer
 from cig_jax.models.cig import CIGModel
 from cig_jax.sample.session import ChatSession, default_mesh
 

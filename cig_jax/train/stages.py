@@ -31,7 +31,6 @@ from typing import Any, Callable, Optional, Sequence
 import grain
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from cig_jax import fs
@@ -40,11 +39,12 @@ from cig_jax.config_base import ConfigError
 from cig_jax.convert import gguf
 from cig_jax.convert.checkpoint_io import resolve_path
 from cig_jax.data import buckets, pipeline, sources
-from cig_jax.data.chat_template import ChatTemplate, add_mllm_tokens, build_tiny_tokenizer, load_tokenizer
+from cig_jax.data.chat_template import ChatTemplate, add_mllm_tokens, load_tokenizer
 from cig_jax.data.lm_smoke import lm_smoke_dataset
+from cig_jax.data.tiny_tokenizer import build_tiny_tokenizer
 from cig_jax.models.cig import CIGModel, trainable_filter
 from cig_jax.models.llm import LLM, shifted_token_loss
-from cig_jax.models.mllm import mllm_loss, pool_targets, vit_feature_shape
+from cig_jax.models.mllm import mllm_loss, pool_targets
 from cig_jax.models.person_retrieval import take_images
 from cig_jax.train.flops import task_flops_per_example
 
