@@ -19,7 +19,8 @@ from cig_jax.data.chat_template import ChatTemplate
 from cig_jax.data.tiny_tokenizer import build_tiny_tokenizer
 from cig_jax.data.schema import Round
 from cig_jax.data.synthetic import generate
-from cig_jax.sample.session import ChatSession, banned_ids
+from cig_jax.sample.decode import banned_ids
+from cig_jax.sample.session import ChatSession
 from conftest import save_tiny_checkpoint
 from test_chat_template import _text_only, round_targets
 from test_session import Recompute, _cache_ids, _picture

@@ -1,6 +1,6 @@
 """Text decoding on the device: a round's whole text decode is one jitted `lax.while_loop` over the KV cache.
 
-Owns: the next-token choice (`choose_next`, per row with its own seed: `choose_rows`) and `decode_text`: from the
+Owns: what assistant text may contain (`banned_ids`), the next-token choice (`choose_next`, per row with its own seed: `choose_rows`) and `decode_text`: from the
 logits after the prompt, each iteration chooses every row's token (banned ids masked), stops a row on EOS, `<img>`,
 the chat's turn marker (llama2's; a chatml round ends at EOS) or `max_new_tokens`, and feeds the rows still active
 (one token each) into the cache, until no row is active. The loop runs over a view of the cache cut to the slots the round can reach (a power-of-two
@@ -18,9 +18,11 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from cig_jax.data.chat_template import TEXT
+from cig_jax.data.chat_template import BOI, TEXT, ChatTemplate, mllm_special_tokens
+from cig_jax.data.persons import PERSON
 from cig_jax.sample.cache import unview, view, view_len
 from cig_jax.sample.options import RoundOptions
 
@@ -129,3 +131,19 @@ def decode_text(cache, *, seeds, banned, eos_id: int, boi_id: int, marker: Seque
     out, n, stop, fed = jax.device_get((out, n, stop, fed))  # the host sees the round's tokens once
     cache.record_fed([out[i, :fed[i]].tolist() for i in range(len(fed))])
     return [out[i, :n[i]].tolist() for i in range(len(n))], [STOPS[int(c)] for c in stop]
+
+
+def banned_ids(template: ChatTemplate, vocab: int) -> np.ndarray:
+    """[vocab] bool: what assistant text may not contain: the markup of images (`<img>` aside: it starts a
+    drawing) and of the chat (bos, which opens a turn; pad and unk), and the embedding rows the tokenizer never
+    produces. Never eos, which ends the round (SmolLM2's pad is its eos)."""
+    banned = np.zeros((vocab,), bool)
+    tok = template.tokenizer
+    special = [t for t in mllm_special_tokens() if t != BOI] + [tok.bos_token, tok.pad_token, tok.unk_token]
+    special += [PERSON] if template.person_slots else []
+    for i in [tok.convert_tokens_to_ids(t) for t in special if t is not None] + [template.bos_id]:
+        if i is not None and 0 <= i < vocab:
+            banned[i] = True
+    banned[template.eos_id] = False
+    banned[len(tok):] = True  # rows of the embedding the tokenizer never produces
+    return banned

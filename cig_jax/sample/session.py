@@ -45,12 +45,12 @@ from cig_jax import sharding
 from cig_jax.cli import UserError
 from cig_jax.config import Config, MeshConfig
 from cig_jax.data import schema
-from cig_jax.data.chat_template import BOI, IMAGE_QUERY, INPUT_IMAGE, PERSON_SLOT, ChatTemplate, mllm_special_tokens
-from cig_jax.data.persons import DRAWN_LAYOUT, PERSON, drawn_people
+from cig_jax.data.chat_template import IMAGE_QUERY, INPUT_IMAGE, PERSON_SLOT, ChatTemplate
+from cig_jax.data.persons import DRAWN_LAYOUT, drawn_people
 from cig_jax.faces import backends
 from cig_jax.faces.backends import make_identity_embedder
 from cig_jax.sample.cache import RowCache
-from cig_jax.sample.decode import decode_text
+from cig_jax.sample.decode import banned_ids, decode_text
 from cig_jax.sample.draw import detokenize, diffusion_bar
 from cig_jax.sample.identities import FaceReferences, drawn_names, round_identities, with_predicted
 from cig_jax.sample.options import RoundOptions
@@ -480,22 +480,6 @@ def _is_pending(image: schema.Image) -> bool:
     return image.pixels is None and image.path is None
 
 
-def banned_ids(template: ChatTemplate, vocab: int) -> np.ndarray:
-    """[vocab] bool: what assistant text may not contain: the markup of images (`<img>` aside: it starts a
-    drawing) and of the chat (bos, which opens a turn; pad and unk), and the embedding rows the tokenizer never
-    produces. Never eos, which ends the round (SmolLM2's pad is its eos)."""
-    banned = np.zeros((vocab,), bool)
-    tok = template.tokenizer
-    special = [t for t in mllm_special_tokens() if t != BOI] + [tok.bos_token, tok.pad_token, tok.unk_token]
-    special += [PERSON] if template.person_slots else []
-    for i in [tok.convert_tokens_to_ids(t) for t in special if t is not None] + [template.bos_id]:
-        if i is not None and 0 <= i < vocab:
-            banned[i] = True
-    banned[template.eos_id] = False
-    banned[len(tok):] = True  # rows of the embedding the tokenizer never produces
-    return banned
-
-
 # ----------------------------------------------------------------------------------------------------------
 # The answer's room in the cache
 # ----------------------------------------------------------------------------------------------------------
@@ -506,5 +490,5 @@ def answer_slots(max_new_tokens: int, num_image_tokens: int, batch_size: int = 1
     return (2 if batch_size > 1 else 1) * max_new_tokens + 2 * num_image_tokens + 4
 
 
-__all__ = ["ChatSession", "RoundResult", "ContextOverflowError", "answer_slots", "banned_ids", "to_uint8",
+__all__ = ["ChatSession", "RoundResult", "ContextOverflowError", "answer_slots", "to_uint8",
            "default_mesh", "OVERFLOW_POLICIES"]
