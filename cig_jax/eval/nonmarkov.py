@@ -2,7 +2,7 @@
 images showed them, in any round, at any distance, in either naming order, where a Markov model (previous image
 only) cannot?
 
-    python -m cig_jax.eval.nonmarkov              # full: SmolLM2 with person slots, ~1 h on 2 CPU cores
+    python -m cig_jax.eval.nonmarkov              # full: SmolLM2 with person slots, ~40 min on 2 CPU cores
     python -m cig_jax.eval.nonmarkov --llm tiny   # the same with the 4-layer LLM trained from nothing
     python -m cig_jax.eval.nonmarkov --quick      # a few minutes: the same pipeline end to end, tiny budgets
     python -m cig_jax.eval.nonmarkov --init workdir/demo/stage1   # reuse a trained detokenizer (read only)
