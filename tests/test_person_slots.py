@@ -191,3 +191,26 @@ def test_cache_chunks_keep_a_name_with_its_slot():
         cuts = np.cumsum([len(p) for p in pieces(row, 256)])[:-1]
         assert all(not (at - NAME_TOKENS < c <= at) for c in cuts), (at, cuts)
         assert sum(len(p) for p in pieces(row, 256)) == 300
+
+
+def test_adaptation_draws_with_the_identities_the_retrieval_found_laid_out_as_sampling_does():
+    """The detokenizer adapting to the MLLM's predictions (train.trainable [dit]) is given what sampling gives it:
+    each person query's retrieved identity (zero: none), two people in the left / right halves, one over the
+    whole image (identities.layout_boxes); without person slots, nothing."""
+    from types import SimpleNamespace
+
+    from cig_jax.sample.identities import layout_boxes
+    from cig_jax.train.stages import drawn_identities
+    a, b = np.eye(DE, dtype=np.float32)[:2]
+    # two blocks of P = 2 queries: block 0 draws A and B (B found no one), block 1 draws A alone
+    ident = jnp.asarray(np.stack([a, np.zeros(DE, np.float32), a, np.zeros(DE, np.float32)])[None])
+    out = SimpleNamespace(identity=ident, identity_image_index=jnp.asarray([[1, 2, 3, -1]]),
+                          identity_valid=jnp.asarray([[True, True, True, False]]))
+    got, on, boxes = drawn_identities(out, 2, 2)
+    np.testing.assert_array_equal(np.asarray(got[0, 0]), a)
+    assert np.asarray(on).tolist() == [[1.0, 0.0], [1.0, 0.0]]
+    np.testing.assert_allclose(np.asarray(boxes[0]), layout_boxes(2))
+    np.testing.assert_allclose(np.asarray(boxes[1, 0]), layout_boxes(1)[0])
+    out.identity = ident.at[0, 1].set(jnp.asarray(b))  # B found: both on
+    assert np.asarray(drawn_identities(out, 2, 2)[1]).tolist() == [[1.0, 1.0], [1.0, 0.0]]
+    assert drawn_identities(SimpleNamespace(identity=None, identity_image_index=None), 2, 2) == (None, None, None)

@@ -361,7 +361,7 @@ def test_frozen_parameters_are_bitwise_unchanged_by_a_stage(overfit_runs, stage,
     assert not changed, f"{stage}: frozen leaves changed: {changed[:10]}"
     trained_after = run["final_params"]
     unchanged = [name(p) for p in trained_after if _bitwise_equal(trained_after[p], initial[p])]
-    if stage == "adapt":  # drawn from predicted embeddings alone: the identity branches get no input, no gradient
+    if stage == "adapt":  # no person slots here, so no identity is drawn with: the identity branches get no gradient
         unchanged = [p for p in unchanged if not p.startswith(("detokenizer/dit/id_encoder/",
                                                                "detokenizer/dit/identity_grid_proj/"))]
     assert not unchanged, f"{stage}: trainable leaves that did not move: {unchanged[:10]}"

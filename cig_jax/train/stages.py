@@ -185,8 +185,29 @@ def conversation_loss(model: CIGModel, batch: dict, *, diffusion, detokenizer_we
     vis = out.visual_embeddings.reshape(b * blocks, *out.visual_embeddings.shape[2:])
     if not train_dit:
         diffusion = dataclasses.replace(diffusion, p_drop_visual=0.0, p_drop_identity=0.0)
-    dit = model.detokenizer.loss(k_dit, target, vis, None, diffusion, weights=valid.astype(jnp.float32))
+    dit_model = model.detokenizer.dit
+    ident, on, boxes = (drawn_identities(out, b * blocks, dit_model.cfg.identity.max_identities)
+                        if dit_model.id_encoder is not None else (None, None, None))
+    dit = model.detokenizer.loss(k_dit, target, vis, ident, diffusion, identity_mask=on, identity_boxes=boxes,
+                                 weights=valid.astype(jnp.float32))
     return loss + detokenizer_weight * dit, dict(metrics, detokenizer_loss=dit)
+
+
+def drawn_identities(out, n: int, most: int) -> tuple:
+    """What sampling draws each target image with, from an MLLM output with person slots: the identities its
+    person queries retrieved (no gradient), those found (non-zero) switched on, laid out as sampling lays them
+    out (`sample.identities.layout_boxes`: two people in the left / right halves, one over the whole image)
+    -> (identity [n, P, De], mask [n, P], boxes [n, P, 4]); (None, None, None) without person slots."""
+    if out.identity_image_index is None or out.identity is None:
+        return None, None, None
+    ident = jax.lax.stop_gradient(out.identity.astype(jnp.float32)).reshape(n, -1, out.identity.shape[-1])[:, :most]
+    on = (jnp.sum(ident * ident, axis=-1) > 1e-12) & out.identity_valid.reshape(n, -1)[:, :most]  # [n, P]
+    pair = jnp.sum(out.identity_valid.reshape(n, -1), axis=-1) > 1  # the image shows two people
+    p = ident.shape[1]
+    strips = jnp.asarray([[k / p, 0.0, (k + 1) / p, 1.0] for k in range(p)], jnp.float32)
+    whole = jnp.broadcast_to(jnp.asarray([0.0, 0.0, 1.0, 1.0], jnp.float32), (p, 4))
+    boxes = jnp.where(pair[:, None, None], strips[None], whole[None])
+    return ident, on.astype(jnp.float32), boxes
 
 
 # ----------------------------------------------------------------------------------------------------------
