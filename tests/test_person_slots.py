@@ -196,10 +196,10 @@ def test_cache_chunks_keep_a_name_with_its_slot():
 def test_adaptation_draws_with_the_identities_the_retrieval_found_laid_out_as_sampling_does():
     """The detokenizer adapting to the MLLM's predictions (train.trainable [dit]) is given what sampling gives it:
     each person query's retrieved identity (zero: none), two people in the left / right halves, one over the
-    whole image (identities.layout_boxes); without person slots, nothing."""
+    whole image (persons.layout_boxes); without person slots, nothing."""
     from types import SimpleNamespace
 
-    from cig_jax.sample.identities import layout_boxes
+    from cig_jax.data.persons import layout_boxes
     from cig_jax.train.stages import drawn_identities
     a, b = np.eye(DE, dtype=np.float32)[:2]
     # two blocks of P = 2 queries: block 0 draws A and B (B found no one), block 1 draws A alone

@@ -58,3 +58,10 @@ def drawn_people(names: Sequence[str], size: int) -> list:
     if layout is None:
         return []
     return [schema.Person(n, box=tuple(int(round(v * size)) for v in frac)) for n, frac in zip(names, layout)]
+
+
+def layout_boxes(n: int) -> np.ndarray:
+    """Regions for n identities as fractions (x0, y0, x1, y1): the whole image for one, else n vertical strips."""
+    if n <= 1:
+        return np.array([[0.0, 0.0, 1.0, 1.0]] * max(n, 1), np.float32)
+    return np.array([[k / n, 0.0, (k + 1) / n, 1.0] for k in range(n)], np.float32)

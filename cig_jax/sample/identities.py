@@ -21,6 +21,7 @@ import numpy as np
 
 from cig_jax.cli import UserError
 from cig_jax.data import schema
+from cig_jax.data.persons import layout_boxes
 from cig_jax.faces import backends
 from cig_jax.faces import identity as F
 
@@ -86,13 +87,6 @@ class FaceReferences:
                 refs, _ = image_references(im, dim, get_embedder, f"{where}.user_images[{j}]")
                 if refs:
                     self.by_name[im.people[0].name] = (refs[0].embedding, r)
-
-
-def layout_boxes(n: int) -> np.ndarray:
-    """Regions for n identities as fractions (x0, y0, x1, y1): the whole image for one, else n vertical strips."""
-    if n <= 1:
-        return np.array([[0.0, 0.0, 1.0, 1.0]] * max(n, 1), np.float32)
-    return np.array([[k / n, 0.0, (k + 1) / n, 1.0] for k in range(n)], np.float32)
 
 
 def _in_text_order(text: str, names: list) -> list:

@@ -41,6 +41,7 @@ from cig_jax.convert.checkpoint_io import resolve_path
 from cig_jax.data import buckets, pipeline, sources
 from cig_jax.data.chat_template import ChatTemplate, add_mllm_tokens, load_tokenizer
 from cig_jax.data.lm_smoke import lm_smoke_dataset
+from cig_jax.data.persons import layout_boxes
 from cig_jax.data.tiny_tokenizer import build_tiny_tokenizer
 from cig_jax.models.cig import CIGModel, trainable_filter
 from cig_jax.models.llm import LLM, shifted_token_loss
@@ -196,7 +197,7 @@ def conversation_loss(model: CIGModel, batch: dict, *, diffusion, detokenizer_we
 def drawn_identities(out, n: int, most: int) -> tuple:
     """What sampling draws each target image with, from an MLLM output with person slots: the identities its
     person queries retrieved (no gradient), those found (non-zero) switched on, laid out as sampling lays them
-    out (`sample.identities.layout_boxes`: two people in the left / right halves, one over the whole image)
+    out (`data.persons.layout_boxes`: two people in the left / right halves, one over the whole image)
     -> (identity [n, P, De], mask [n, P], boxes [n, P, 4]); (None, None, None) without person slots."""
     if out.identity_image_index is None or out.identity is None:
         return None, None, None
@@ -204,9 +205,8 @@ def drawn_identities(out, n: int, most: int) -> tuple:
     on = (jnp.sum(ident * ident, axis=-1) > 1e-12) & out.identity_valid.reshape(n, -1)[:, :most]  # [n, P]
     pair = jnp.sum(out.identity_valid.reshape(n, -1), axis=-1) > 1  # the image shows two people
     p = ident.shape[1]
-    strips = jnp.asarray([[k / p, 0.0, (k + 1) / p, 1.0] for k in range(p)], jnp.float32)
-    whole = jnp.broadcast_to(jnp.asarray([0.0, 0.0, 1.0, 1.0], jnp.float32), (p, 4))
-    boxes = jnp.where(pair[:, None, None], strips[None], whole[None])
+    whole = jnp.broadcast_to(jnp.asarray(layout_boxes(1)), (p, 4))
+    boxes = jnp.where(pair[:, None, None], jnp.asarray(layout_boxes(p))[None], whole[None])
     return ident, on.astype(jnp.float32), boxes
 
 
